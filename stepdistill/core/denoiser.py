@@ -1,0 +1,124 @@
+"""Denoisers: a diffusers UNet read as x0 and eps whatever it predicts, optionally under one LoRA adapter, and CFG."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .param import x0_eps_from_output
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class Cond:
+    """Conditioning for one batch: text embeddings and, for SDXL, added_cond_kwargs (text_embeds, time_ids)."""
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict | None = None
+
+    def __len__(self):
+        return self.encoder_hidden_states.shape[0]
+
+    def cat(self, other: "Cond") -> "Cond":
+        """Stack two conditionings along the batch (for one batched CFG call)."""
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: torch.cat([v, other.added_cond_kwargs[k]]) for k, v in self.added_cond_kwargs.items()}
+        return Cond(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added)
+
+    def index(self, idx) -> "Cond":
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: v[idx] for k, v in self.added_cond_kwargs.items()}
+        return Cond(self.encoder_hidden_states[idx], added)
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: v.to(device=device, dtype=dtype) for k, v in self.added_cond_kwargs.items()}
+        return Cond(self.encoder_hidden_states.to(device=device, dtype=dtype), added)
+
+
+@dataclass
+class DenoiserOut:
+    x0: torch.Tensor  # float64
+    eps: torch.Tensor  # float64
+
+
+@contextmanager
+def active_adapter(unet, name: str | None):
+    """Run `unet` as base + adapter `name`, or as the bare base when name is None (the teacher).
+
+    Switches PEFT layers' active adapter directly instead of peft's set_adapter(), which also flips
+    requires_grad and so would change which parameters an optimizer sees in the middle of a step.
+    """
+    layers = [m for m in unet.modules() if hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters")]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    try:
+        for m in layers:
+            if name is None:
+                m._disable_adapters = True
+            else:
+                m._active_adapter = [name] if name in m.lora_A else []
+                m._disable_adapters = False
+        yield unet
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+class Denoiser:
+    """D(x_t, t, cond) -> (x0, eps) for a UNet under a named adapter (None = teacher, the frozen base)."""
+
+    def __init__(self, unet, schedule: NoiseSchedule, adapter: str | None = None, dtype=None):
+        self.unet, self.schedule, self.adapter = unet, schedule, adapter
+        self.dtype = dtype  # autocast / input dtype of the network; None = the network's own
+
+    def raw(self, x_t, t, cond: Cond) -> torch.Tensor:
+        """The network's own output (eps, v or x0 by prediction_type)."""
+        dtype = self.dtype or next(self.unet.parameters()).dtype
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        cond = cond.to(x_t.device, dtype)
+        with active_adapter(self.unet, self.adapter):
+            out = self.unet(
+                x_t.to(dtype), t, encoder_hidden_states=cond.encoder_hidden_states,
+                added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
+            )[0]
+        return out
+
+    def __call__(self, x_t, t, cond: Cond) -> DenoiserOut:
+        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t).to(x_t.device).reshape(-1).expand(x_t.shape[0]), x_t.ndim)
+        x0, eps = x0_eps_from_output(self.raw(x_t, t, cond), x_t, alpha, sigma, self.schedule.prediction_type)
+        return DenoiserOut(x0, eps)
+
+
+def cfg_combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans eq. 6): uncond + w (cond - uncond); w = 1 is the conditional model."""
+    return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+
+class GuidedDenoiser:
+    """CFG on x0 and eps, conditional and unconditional halves run in one batched call.
+
+    x0_w = x0_u + w (x0_c - x0_u), and eps_w likewise; since x0 and eps are affine in the network output
+    at fixed t, this equals guiding the raw output (diffusers' convention) exactly.
+    """
+
+    def __init__(self, denoiser: Denoiser, uncond: Cond, guidance_scale: float):
+        self.denoiser, self.uncond, self.guidance_scale = denoiser, uncond, guidance_scale
+
+    def __call__(self, x_t, t, cond: Cond, guidance_scale: float | torch.Tensor | None = None) -> DenoiserOut:
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        if isinstance(w, (int, float)) and w == 1.0:
+            return self.denoiser(x_t, t, cond)
+        n = x_t.shape[0]
+        uncond = self.uncond.index([0] * n) if len(self.uncond) != n else self.uncond
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(n)
+        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))
+        if torch.is_tensor(w):
+            w = w.double().reshape(-1, *([1] * (x_t.ndim - 1)))
+        x0 = cfg_combine(both.x0[:n], both.x0[n:], w)
+        eps = cfg_combine(both.eps[:n], both.eps[n:], w)
+        return DenoiserOut(x0, eps)

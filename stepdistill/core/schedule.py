@@ -1,0 +1,63 @@
+"""Discrete noise schedule of a DDPM-trained teacher: q(x_t | x0) = N(alpha_t x0, sigma_t^2 I)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """alpha_bar over the teacher's training timesteps, kept in float64 on the CPU."""
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}: "
+                "fix the teacher's scheduler_config.json"
+            )
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (beta_start, beta_end, beta_schedule, ...)."""
+        config = dict(config)
+        T = int(config.get("num_train_timesteps", 1000))
+        beta_start = float(config.get("beta_start", 0.00085))
+        beta_end = float(config.get("beta_end", 0.012))
+        kind = config.get("beta_schedule", "scaled_linear")
+        if config.get("trained_betas") is not None:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        elif kind == "linear":
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+        else:
+            raise ValueError(f"beta_schedule {kind!r} is not supported: use 'linear' or 'scaled_linear'")
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        return cls(alphas_cumprod, config.get("prediction_type", "epsilon"))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    def alpha_sigma(self, t: torch.Tensor, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), float64, shaped to broadcast over x.
+
+        t = -1 stands for clean data (alpha 1, sigma 0): the end of every sampler.
+        """
+        t = torch.as_tensor(t).reshape(-1).long()
+        abar = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
+        abar = torch.where(t < 0, torch.ones_like(abar), abar)
+        shape = (-1,) + (1,) * (ndim - 1)
+        return abar.sqrt().reshape(shape), (1.0 - abar).sqrt().reshape(shape)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t eps (DDPM eq. 4)."""
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return (alpha * x0.double() + sigma * eps.double()).to(x0.dtype)

@@ -1,0 +1,68 @@
+"""Timestep grids, segment boundaries and DDIM / consistency steps as pure functions.
+
+Timesteps are integers in [0, T); t = -1 means clean data (alpha = 1). Grids follow diffusers'
+DDIMScheduler so a sampler here and a diffusers pipeline visit the same timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .param import x0_eps_from_output  # noqa: F401  (re-exported for solvers' users)
+
+
+def leading_timesteps(n: int, T: int = 1000, steps_offset: int = 1) -> list[int]:
+    """DDIM 'leading' spacing: (0, T/n, 2T/n, ...) + offset, descending."""
+    ratio = T // n
+    return [i * ratio + steps_offset for i in reversed(range(n))]
+
+
+def trailing_timesteps(n: int, T: int = 1000) -> list[int]:
+    """DDIM 'trailing' spacing: round(T - j T/n) - 1 for j = 0..n-1 (always starts at T - 1)."""
+    return [int(round(T - j * T / n)) - 1 for j in range(n)]
+
+
+def lcm_origin_timesteps(original_steps: int = 50, T: int = 1000) -> list[int]:
+    """LCM's skipping grid: (1..N) * (T // N) - 1, descending (LCMScheduler, original_inference_steps=N)."""
+    ratio = T // original_steps
+    return [i * ratio - 1 for i in range(original_steps, 0, -1)]
+
+
+def lcm_inference_timesteps(n: int, original_steps: int = 50, T: int = 1000) -> list[int]:
+    """The n timesteps LCMScheduler picks from its skipping grid (evenly by index, descending)."""
+    origin = lcm_origin_timesteps(original_steps, T)
+    idx = [int(math.floor(i * len(origin) / n)) for i in range(n)]
+    return [origin[i] for i in idx]
+
+
+def segment_boundaries(k: int, T: int = 1000) -> list[int]:
+    """Start timesteps of k equal segments of [0, T): 0, T/k, 2T/k, ... (Hyper-SD sec. 3.1)."""
+    if k < 1 or T % k:
+        raise ValueError(f"k={k} must be a positive divisor of T={T}")
+    return [j * (T // k) for j in range(k)]
+
+
+def segment_start(t: torch.Tensor, k: int, T: int = 1000) -> torch.Tensor:
+    """t_b = floor(t / (T/k)) * (T/k): the lower edge of the segment holding t; -1 for the first segment.
+
+    The first segment ends at clean data, so its start is reported as -1 (alpha = 1, the x0 end point),
+    matching trailing DDIM at k steps, whose last step lands on x0.
+    """
+    width = T // k
+    start = torch.div(t, width, rounding_mode="floor") * width
+    return torch.where(start == 0, torch.full_like(start, -1), start - 1)
+
+
+def ddim_step(x0, eps, alpha_next, sigma_next):
+    """Deterministic DDIM (eta = 0): x_next = alpha_next x0 + sigma_next eps (Song et al. eq. 12)."""
+    return alpha_next * x0 + sigma_next * eps
+
+
+def lcm_boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """c_skip, c_out of LCM (Luo et al. eq. 6; diffusers LCMScheduler): f = c_skip x_t + c_out x0_hat."""
+    s = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s / (s**2 + sigma_data**2).sqrt()
+    return c_skip, c_out

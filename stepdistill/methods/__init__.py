@@ -1,0 +1,3 @@
+"""Built-in methods; importing a module registers it."""
+
+from . import consistency  # noqa: F401

@@ -1,0 +1,151 @@
+"""`stepdistill` command line: thin commands, each calling one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(args):
+    from .config import dump_config, load_config
+    from .train.loop import train
+
+    cfg = load_config(args.config, args.set, validate=not args.dry_run)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return
+    out = args.output_dir or f"runs/{cfg.method.name}"
+    final = train(cfg, out)
+    print(f"done: LoRA and recipe in {final}")
+
+
+def _generate(args):
+    from .generate import generate_image
+
+    path = generate_image(args.lora, args.prompt, args.out, base=args.base, steps=args.steps, seed=args.seed)
+    print(f"wrote {path}")
+
+
+def _export(args):
+    from .export import export_run
+
+    out = export_run(args.run, args.format, args.out)
+    print(f"wrote {out}")
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    out = run_demo(args.output_dir, quick=args.quick, method=args.method)
+    print(f"demo report: {out}")
+
+
+def _toy_teacher(args):
+    from .train.teacher import train_toy_teacher
+
+    train_toy_teacher(args.out, family=args.family, steps=args.steps, seed=args.seed)
+
+
+def _toy_judge(args):
+    from .metrics.judge import train_judge
+
+    train_judge(args.out, steps=args.steps, seed=args.seed)
+
+
+def _eval_toy(args):
+    from eval.toy import run_eval_toy
+
+    run_eval_toy(lora=args.lora, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
+                 guidance_scale=args.guidance_scale, family=args.family)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepdistill", description="Distil diffusion teachers into few-step LoRA students.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student (resumes when rerun on the same output dir)")
+    t.add_argument("--config", required=True, help="YAML preset, e.g. configs/toy/dmd_1step.yaml")
+    t.add_argument("--output-dir", help="run directory (default runs/<method>)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="generate an image with an exported LoRA and its recipe")
+    g.add_argument("--lora", required=True, help="folder with pytorch_lora_weights.safetensors and stepdistill.json")
+    g.add_argument("--base", help="base model folder or hub id (default: the recipe's)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--steps", type=int, help="inference steps (default: the recipe's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="output PNG")
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser("export", help="export a run's student LoRA in another format")
+    e.add_argument("--run", required=True, help="training run directory")
+    e.add_argument("--format", required=True, choices=["diffusers", "kohya", "merged"])
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
+
+    d = sub.add_parser("demo", help="distil the built-in toy teacher on CPU and write a report")
+    d.add_argument("--output-dir", default="demo_out")
+    d.add_argument("--quick", action="store_true", help="a tiny budget (tests)")
+    d.add_argument("--method", default=None, help="method to demo (default: the best one-step method)")
+    d.set_defaults(func=_demo)
+
+    toy = sub.add_parser("toy", help="the built-in toy world").add_subparsers(dest="toy_command", required=True)
+    tt = toy.add_parser("train-teacher", help="retrain a toy teacher pipeline")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    tt.add_argument("--steps", type=int, default=None)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.set_defaults(func=_toy_teacher)
+    tj = toy.add_parser("train-judge", help="retrain the toy judge")
+    tj.add_argument("--out", required=True)
+    tj.add_argument("--steps", type=int, default=None)
+    tj.add_argument("--seed", type=int, default=0)
+    tj.set_defaults(func=_toy_judge)
+
+    ev = sub.add_parser("eval", help="evaluate: fid | clip | toy | generate | report").add_subparsers(
+        dest="eval_command", required=True)
+    et = ev.add_parser("toy", help="toy FID, alignment and images/s with the toy judge")
+    et.add_argument("--lora", help="student LoRA folder")
+    et.add_argument("--teacher", action="store_true", help="evaluate the toy teacher instead")
+    et.add_argument("--steps", type=int, default=None)
+    et.add_argument("--n", type=int, default=500)
+    et.add_argument("--guidance-scale", type=float, default=None)
+    et.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    et.add_argument("--out", required=True, help="metrics JSON")
+    et.set_defaults(func=_eval_toy)
+    _optional_commands(ev, "eval.cli", "add_eval_commands")
+
+    bench = sub.add_parser("bench", help="benchmarks: infer | train").add_subparsers(dest="bench_command", required=True)
+    _optional_commands(bench, "eval.bench_infer", "add_bench_infer_command")
+    _optional_commands(bench, "stepdistill.train.bench", "add_bench_train_command")
+    return p
+
+
+def _optional_commands(subparsers, module: str, fn: str):
+    import importlib
+
+    try:
+        getattr(importlib.import_module(module), fn)(subparsers)
+    except (ImportError, AttributeError):
+        pass
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import USER_ERRORS
+
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Typed configuration: dataclass defaults < YAML file < `--set dotted.key=value`, with errors that say what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Any problem with a configuration; the message says which key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local diffusers folder or hub id
+    family: str = "auto"  # auto | sd15 | sdxl
+    resolution: int = 0  # pixels; 0 = the model's own sample size
+    dtype: str = "auto"  # frozen base weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    attention: str = "auto"  # auto | sdpa | xformers | triton | math
+    gradient_checkpointing: bool = False
+
+    def validate(self):
+        _choice("model.family", self.family, ("auto", "sd15", "sdxl"))
+        _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
+        _at_least("model.resolution", self.resolution, 0)
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""  # text file, one prompt per line
+    batch_size: int = 4  # per process and micro-step
+    max_prompt_words: int = 0  # 0 = no limit (the tokenizer truncates to its own length anyway)
+    images: str = ""  # optional folder of real images (+ captions) for GAN / regression terms
+
+    def validate(self):
+        _at_least("data.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 64
+    alpha: float = 0.0  # 0 = alpha equals rank (scale 1)
+    targets: str = "full"  # preset name (attn | full) or comma-separated module names
+    critic_rank: int = 0  # rank of the fake-score / auxiliary adapters; 0 = same as rank
+
+    def validate(self):
+        _at_least("lora.rank", self.rank, 1)
+        _at_least("lora.alpha", self.alpha, 0)
+        _at_least("lora.critic_rank", self.critic_rank, 0)
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha or self.rank)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    critic_lr: float = 0.0  # 0 = same as lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0  # max global grad norm; 0 = off
+    warmup_steps: int = 0
+
+    def validate(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0 (got {self.lr})")
+        _at_least("optim.critic_lr", self.critic_lr, 0)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {self.betas})")
+        _at_least("optim.grad_clip", self.grad_clip, 0)
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000  # student updates
+    grad_accum: int = 1
+    log_every: int = 10
+    sample_every: int = 0  # write a sample grid every N steps; 0 = off
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16
+    max_nonfinite_in_a_row: int = 20
+    progress: bool = True
+
+    def validate(self):
+        _at_least("loop.max_steps", self.max_steps, 1)
+        _at_least("loop.grad_accum", self.grad_accum, 1)
+        _at_least("loop.log_every", self.log_every, 1)
+        _at_least("loop.sample_every", self.sample_every, 0)
+        _at_least("loop.checkpoint_every", self.checkpoint_every, 1)
+        _at_least("loop.keep_last", self.keep_last, 1)
+        _at_least("loop.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
+        _choice("loop.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["diffusers", "kohya"])
+
+    def validate(self):
+        for f in self.formats:
+            _choice("export.formats", f, ("diffusers", "kohya", "merged"))
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's typed options; `name` selects the method in the registry."""
+
+    name: str = ""
+
+
+@dataclass
+class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        if not self.model.path:
+            raise ConfigError("model.path is empty: pass --set model.path=DIR (a local diffusers folder or a hub id)")
+        if not self.data.prompts:
+            raise ConfigError("data.prompts is empty: pass --set data.prompts=FILE (a text file, one prompt per line)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)} (got {value!r})")
+
+
+def _at_least(key, value, low):
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low} (got {value})")
+
+
+# ---- building dataclasses from plain dicts, with type checks and close-match hints ----------------------------
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, prefix + f.name + ".")
+    return keys
+
+
+def _unknown_key(key: str, cls, prefix: str) -> ConfigError:
+    full = prefix + key
+    candidates = _all_keys(cls, prefix)
+    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(key, [c.rsplit(".", 1)[-1] for c in candidates], n=1, cutoff=0.6)
+        close = [c for c in candidates if c.endswith("." + close[0]) or c == close[0]][:1] if close else []
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {sorted(f.name for f in dataclasses.fields(cls))}"
+    return ConfigError(f"unknown config key {full!r}{hint}")
+
+
+def _coerce(value, tp, key):
+    """Check (and gently convert: int -> float, scalar -> list) a YAML value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (typing.Any,)
+        if isinstance(value, str) and item_tp is not str:
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v if not isinstance(v, str) or item_tp is str else yaml.safe_load(v), item_tp, key) for v in value]
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer (got {value!r})")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string (got {value!r})")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from a nested dict; unknown keys are errors naming the closest valid key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), cls, prefix)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are read as YAML scalars."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set loop.max_steps=100)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = tree
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}: pass --config FILE (presets are in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections (got {type(data).__name__})")
+    return data
+
+
+def build_config(data: dict, validate: bool = True) -> Config:
+    """Turn a merged dict into a typed Config; the method section is typed by the registered method."""
+    from .registry import get_method
+
+    data = dict(data)
+    method = data.pop("method", None)
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or not method.get("name"):
+        raise ConfigError("method.name is missing: set method: {name: lcm|tscd|dmd|disback, ...} in the config")
+    try:
+        spec = get_method(str(method["name"]))
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    cfg = from_dict(Config, data)
+    cfg.method = from_dict(spec.config_cls, method, "method.")
+    if hasattr(cfg.method, "validate"):
+        cfg.method.validate()
+    if validate:
+        cfg.validate()
+    return cfg
+
+
+def load_config(path=None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """defaults < YAML at `path` < `--set` overrides."""
+    data = read_yaml(path) if path else {}
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    data = _merge(data, parse_overrides(overrides or []))
+    return build_config(data, validate=validate)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

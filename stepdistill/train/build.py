@@ -1,0 +1,117 @@
+"""The one place that loads models and attaches adapters (DESIGN.md sec. 2).
+
+Memory model: one frozen base UNet serves as the teacher (adapters disabled), the student (adapter "student")
+and every critic (adapters "fake_score", "target", ...). Gradient synchronisation across processes is done by
+the loop over each phase's own parameters (see loop.sync_gradients), not by wrapping the UNet in DDP: DDP
+assumes every parameter of the wrapped module takes part in every backward, which is false when the student
+and the fake score, two adapters of one module, are updated in separate phases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from ..core.denoiser import Denoiser, GuidedDenoiser
+from ..core.lora import add_adapter, resolve_targets
+from ..core.schedule import NoiseSchedule
+from ..data.prompts import PromptData, read_prompts
+from ..methods.base import Nets
+from ..registry import get_method
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Built:
+    cfg: Config
+    family: object  # stepdistill.models.FamilyModel
+    nets: Nets
+    distiller: object
+    data: PromptData
+    params: dict  # phase -> list of trainable parameters
+    targets: list[str]
+
+
+def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[cfg.model.dtype]
+
+
+def adapter_parameters(unet, name: str) -> list[torch.nn.Parameter]:
+    """Every LoRA tensor of adapter `name` (peft names them ...lora_A.<name>.weight)."""
+    return [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True) -> Built:
+    from ..models import load_family
+
+    spec = get_method(cfg.method.name)
+    dtype = base_dtype(cfg, device)
+    family = load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
+    unet = family.unet
+    unet.requires_grad_(False)
+    _set_attention(unet, cfg.model.attention, device)
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    targets = resolve_targets(cfg.lora.targets)
+    rank_critic = cfg.lora.critic_rank or cfg.lora.rank
+    add_adapter(unet, "student", cfg.lora.rank, cfg.lora.effective_alpha, targets)
+    for name in spec.distiller_cls.extra_adapters:
+        # A target mirrors the student (EMA / stop-grad copies); critics get their own rank.
+        if name == "target":
+            add_adapter(unet, name, cfg.lora.rank, cfg.lora.effective_alpha, targets)
+        else:
+            add_adapter(unet, name, rank_critic, float(rank_critic), targets)
+    # LoRA tensors train in fp32 even when the frozen base is bf16 (fp32 master weights).
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+
+    schedule = NoiseSchedule.from_scheduler_config(family.scheduler_config)
+    resolution = cfg.model.resolution or family.resolution
+    uncond = family.empty_cond(1)
+    run_dtype = dtype if dtype != torch.float32 else None
+    teacher = GuidedDenoiser(Denoiser(unet, schedule, None, run_dtype), uncond, getattr(cfg.method, "guidance_scale", 1.0))
+    nets = Nets(
+        unet=unet, schedule=schedule, teacher=teacher,
+        student=Denoiser(unet, schedule, "student", run_dtype),
+        fake_score=Denoiser(unet, schedule, "fake_score", run_dtype) if "fake_score" in spec.distiller_cls.extra_adapters else None,
+        target=Denoiser(unet, schedule, "target", run_dtype) if "target" in spec.distiller_cls.extra_adapters else None,
+        device=device,
+    )
+    nets.extra["latent_shape"] = family.latent_shape(1, resolution)[1:]
+    nets.extra["uncond"] = uncond
+
+    distiller = spec.distiller_cls(cfg.method, schedule)
+    distiller.setup(nets)
+
+    params = {}
+    for phase, adapters in spec.distiller_cls.trainable.items():
+        ps = [p for a in adapters for p in adapter_parameters(unet, a)]
+        ps += list(distiller.parameters(phase)) if hasattr(distiller, "parameters") else []
+        for p in ps:
+            p.requires_grad_(True)
+        params[phase] = ps
+    for a in spec.distiller_cls.extra_adapters:
+        if not any(a in adapters for adapters in spec.distiller_cls.trainable.values()):
+            for p in adapter_parameters(unet, a):
+                p.requires_grad_(False)
+
+    prompts, _ = read_prompts(cfg.data.prompts, cfg.data.max_prompt_words)
+    data = PromptData.from_family(family, prompts, cfg.data.batch_size, cfg.seed, rank, world, progress=progress and rank == 0)
+    return Built(cfg, family, nets, distiller, data, params, targets)
+
+
+def _set_attention(unet, backend: str, device):
+    try:
+        from ..core.attention import set_attention_backend
+    except ImportError:  # attention backends not available in this build
+        if backend not in ("auto", "math", "sdpa"):
+            raise
+        return
+    set_attention_backend(unet, backend, device=device)

@@ -1,0 +1,351 @@
+"""The one training loop: every method runs through here (DESIGN.md sec. 3).
+
+One iteration = one student update followed by `critic_updates_per_student_update` critic updates, each over
+`grad_accum` micro-batches. The loop owns reduction, gradient synchronisation across processes, clipping,
+non-finite skipping, checkpoints and export; a method only returns per-sample losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config, dump_config
+from . import checkpoint as ckpt
+from .build import Built, build
+from .faults import maybe_kill
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message names the last good checkpoint."""
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+class Dist:
+    """Process group facts and the few collectives the loop needs (no-ops in a single process)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group(backend)
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_mean_(self, tensor):
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+
+
+def sync_gradients(params, dist: Dist) -> None:
+    """Average this phase's gradients over processes in one flat all-reduce (every parameter, none skipped)."""
+    if dist.world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_mean_(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
+
+# ---- one update ----------------------------------------------------------------------------------------------
+
+def make_optimizer(params, lr, cfg: Config):
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=fused)
+
+
+def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
+    return base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
+
+
+def apply_update(params, optimizer, loss_finite: bool, cfg: Config, dist: Dist) -> tuple[bool, float]:
+    """Sync, check, clip and step. Returns (stepped, grad_norm); a non-finite step changes nothing."""
+    sync_gradients(params, dist)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")) if params else torch.tensor(0.0)
+    finite = loss_finite and bool(torch.isfinite(grad_norm))
+    finite = not dist.any(not finite)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, float(grad_norm)
+
+
+class Trainer:
+    """Holds the run's state; `run()` trains to loop.max_steps, resuming from the latest checkpoint."""
+
+    def __init__(self, cfg: Config, output_dir, dist: Dist | None = None):
+        self.cfg, self.out = cfg, Path(output_dir)
+        self.dist = dist or Dist()
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.last_checkpoint: Path | None = None
+
+    # -- set-up --
+    def setup(self):
+        cfg, dist = self.cfg, self.dist
+        if dist.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "resolved_config.yaml").write_text(dump_config(cfg))
+        _seed_everything(cfg.seed + dist.rank)
+        self.built: Built = build(cfg, dist.device, dist.rank, dist.world, progress=cfg.loop.progress)
+        self.ratio = int(getattr(cfg.method, "critic_updates_per_student_update", 1))
+        lr_critic = cfg.optim.critic_lr or cfg.optim.lr
+        self.optimizers = {
+            phase: make_optimizer(ps, cfg.optim.lr if phase == "student" else lr_critic, cfg)
+            for phase, ps in self.built.params.items() if ps
+        }
+        self.base_lrs = {phase: opt.param_groups[0]["lr"] for phase, opt in self.optimizers.items()}
+        self.built.nets.extra["export_lora"] = self.export_stage
+        self.built.nets.extra["max_steps"] = cfg.loop.max_steps
+        self.autocast = _autocast(cfg, dist.device)
+        self._resume()
+
+    def _resume(self):
+        found = ckpt.load_latest(self.out / "checkpoints", self.dist.rank, self.dist.world)
+        if found is None:
+            return
+        shared, per_rank, path = found
+        b = self.built
+        lora = {n: p for n, p in b.nets.unet.named_parameters() if "lora_" in n}
+        missing = set(lora) - set(shared["lora"])
+        if missing:
+            raise TrainingError(f"checkpoint {path} does not match this model ({len(missing)} adapter tensors missing)")
+        with torch.no_grad():
+            for n, p in lora.items():
+                p.copy_(shared["lora"][n])
+        for phase, opt in self.optimizers.items():
+            opt.load_state_dict(shared["optimizers"][phase])
+        b.distiller.load_state_dict(shared["distiller"])
+        self.step = shared["step"]
+        self.nonfinite_total = shared["nonfinite_total"]
+        self.nonfinite_in_a_row = shared["nonfinite_in_a_row"]
+        b.data.load_state_dict(per_rank["data"])
+        ckpt.set_rng_state(per_rank["rng"])
+        self.last_checkpoint = path
+        if self.dist.rank == 0:
+            log.info("resumed from %s (step %d)", path, self.step)
+
+    # -- one iteration --
+    def _phase(self, phase: str, loss_fn, batches):
+        """Accumulate `loss_fn` over micro-batches, then one optimizer step for `phase`."""
+        cfg, logs, outs, finite = self.cfg, {}, [], True
+        for batch in batches:
+            with self.autocast:
+                out = loss_fn(batch)
+            if out is None:
+                return None, {}
+            loss = out.loss.float().mean() / len(batches)
+            finite &= bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+            outs.append(out)
+            for k, v in out.logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
+        opt = self.optimizers.get(phase)
+        if opt is None:
+            return outs, logs
+        for g in opt.param_groups:
+            g["lr"] = warmup_lr(self.base_lrs[phase], self.step, cfg.optim.warmup_steps)
+        stepped, gnorm = apply_update(self.built.params[phase], opt, finite, cfg, self.dist)
+        logs[f"{phase}_grad_norm"] = gnorm
+        if not stepped:
+            logs[f"{phase}_skipped"] = 1.0
+        return outs, logs
+
+    def _batches(self):
+        from ..methods.base import Batch
+
+        b = self.built
+        out = []
+        for _ in range(self.cfg.loop.grad_accum):
+            prompts, cond, uncond = b.data.next(self.dist.device)
+            shape = (len(prompts), *b.nets.extra["latent_shape"])
+            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape))
+        return out
+
+    def iteration(self) -> dict:
+        b, step = self.built, self.step
+        batches = self._batches()
+        outs, logs = self._phase("student", lambda batch: b.distiller.student_loss(b.nets, batch, step), batches)
+        skipped = "student_skipped" in logs
+        # Critic updates: the first reuses the student's (detached) samples, later ones draw fresh batches.
+        for i in range(self.ratio):
+            pairs = list(zip(batches, [o.samples for o in outs])) if i == 0 else [(bt, None) for bt in self._batches()]
+            it = iter(pairs)
+            _, clogs = self._phase("critic", lambda batch: b.distiller.critic_loss(b.nets, *next(it)), [p[0] for p in pairs])
+            skipped |= "critic_skipped" in clogs
+            for k, v in clogs.items():
+                logs[k] = logs.get(k, 0.0) + v / self.ratio
+        b.distiller.after_step(b.nets, step)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        self.nonfinite_total += int(skipped)
+        logs["nonfinite_steps"] = self.nonfinite_total
+        return logs
+
+    # -- the run --
+    def run(self) -> Path:
+        self.setup()
+        cfg, dist = self.cfg, self.dist
+        log_file = self.out / "log.jsonl"
+        bar = tqdm(total=cfg.loop.max_steps, initial=self.step, desc=f"train {cfg.method.name}",
+                   disable=not (cfg.loop.progress and dist.rank == 0), dynamic_ncols=True)
+        t0, steps0 = time.perf_counter(), self.step
+        while self.step < cfg.loop.max_steps:
+            logs = self.iteration()
+            self.step += 1
+            maybe_kill("step", self.step)
+            if self.nonfinite_in_a_row >= cfg.loop.max_nonfinite_in_a_row:
+                raise TrainingError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}; last good checkpoint: "
+                    f"{self.last_checkpoint or 'none'}. Lower optim.lr or check the data."
+                )
+            rate = (self.step - steps0) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", it_s=f"{rate:.2f}")
+            if dist.rank == 0 and (self.step % cfg.loop.log_every == 0 or self.step == cfg.loop.max_steps):
+                with open(log_file, "a") as f:
+                    f.write(json.dumps({"step": self.step, "it_per_s": rate, **_jsonable(logs)}) + "\n")
+            if cfg.loop.sample_every and self.step % cfg.loop.sample_every == 0 and dist.rank == 0:
+                self.write_samples()
+            if self.step % cfg.loop.checkpoint_every == 0 or self.step == cfg.loop.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        final = self.export_stage("final", None)
+        dist.barrier()
+        return final
+
+    def save_checkpoint(self):
+        b = self.built
+        shared = {
+            "step": self.step,
+            "lora": {n: p.detach().cpu().clone() for n, p in b.nets.unet.named_parameters() if "lora_" in n},
+            "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()},
+            "distiller": b.distiller.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+        per_rank = {"data": b.data.state_dict(), "rng": ckpt.rng_state()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.out / "checkpoints", self.step, shared, per_rank, self.dist.rank, self.dist.world,
+            self.dist.barrier, self.cfg.loop.keep_last,
+        )
+
+    def export_stage(self, name: str, recipe_overrides: dict | None) -> Path:
+        """Write DIR/<name>/ (LoRA files + recipe) atomically from the current student adapter."""
+        from ..core.lora import adapter_state_dict
+        from ..core.recipe import Recipe
+        from ..export import KOHYA_WEIGHT_NAME, save_diffusers_lora, save_kohya_lora
+
+        out = self.out / name
+        if self.dist.rank != 0:
+            return out
+        cfg, b = self.cfg, self.built
+        state = {k: v.detach().float().cpu() for k, v in adapter_state_dict(b.nets.unet, "student").items()}
+        tmp = self.out / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        rank, alpha = cfg.lora.rank, cfg.lora.effective_alpha
+        # The diffusers file is always written: it is what `stepdistill export` converts from.
+        save_diffusers_lora(state, tmp, rank, alpha, b.targets)
+        if "kohya" in cfg.export.formats:
+            save_kohya_lora(state, tmp / KOHYA_WEIGHT_NAME, rank, alpha)
+        fields = b.distiller.recipe(b.family)
+        fields.update(recipe_overrides or {})
+        Recipe(
+            base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
+            lora_rank=rank, lora_alpha=alpha, training_steps=self.step, **fields,
+        ).save(tmp)
+        maybe_kill("export", self.step)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+        if "merged" in cfg.export.formats:
+            from ..export import export_lora
+
+            export_lora(out, "merged", out / "merged")
+        return out
+
+    @torch.no_grad()
+    def write_samples(self, n: int = 4):
+        """samples/step-NNNNNN.png: the student on the run's first prompts and fixed noise, watched over training."""
+        from torchvision.utils import save_image
+
+        b = self.built
+        idx = list(range(min(n, len(b.data.prompts))))
+        cond = b.data.cond.index(torch.tensor(idx)).to(self.dist.device)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        x_T = torch.randn((len(idx), *b.nets.extra["latent_shape"]), generator=g).to(self.dist.device)
+        latents = b.distiller.sample(b.nets, cond, x_T, generator=g)
+        images = b.family.decode(latents).float().clamp(-1, 1) * 0.5 + 0.5
+        (self.out / "samples").mkdir(exist_ok=True)
+        save_image(images.cpu(), self.out / "samples" / f"step-{self.step:06d}.png", nrow=len(idx))
+
+    def close(self):
+        if self.dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _jsonable(logs: dict) -> dict:
+    return {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in logs.items()
+            if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _seed_everything(seed: int):
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(cfg: Config, device):
+    import contextlib
+
+    mp = cfg.loop.mixed_precision
+    if mp == "bf16" or (mp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: Config, output_dir) -> Path:
+    """Train (or resume) the run in `output_dir`; returns the final export folder."""
+    trainer = Trainer(cfg, output_dir)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

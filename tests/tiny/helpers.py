@@ -1,0 +1,48 @@
+"""Shared helpers for the tiny end-to-end tests: run the CLI in a subprocess, compare LoRA files, rebuild a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_env(**extra) -> dict:
+    # One thread everywhere: runs that must be bit-identical must also reduce in the same order.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("STEPDISTILL_KILL_AT", None)
+    env.update({k: v for k, v in extra.items()})
+    return env
+
+
+def run_cli(args, check=True, **env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from stepdistill.cli import main; sys.exit(main())", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stepdistill {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_args(config, out, model, prompts, *sets):
+    args = ["train", "--config", ROOT / config, "--output-dir", out, "--set", f"model.path={model}",
+            "--set", f"data.prompts={prompts}", "--set", "loop.progress=false"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def lora_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "pytorch_lora_weights.safetensors"))
+
+
+def assert_same_lora(a, b):
+    ta, tb = lora_tensors(a), lora_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs"

@@ -37,7 +37,7 @@ class DataConfig:
     prompts: str = ""  # text file, one prompt per line
     batch_size: int = 4  # per process and micro-step
     max_prompt_words: int = 0  # 0 = no limit (the tokenizer truncates to its own length anyway)
-    images: str = ""  # optional folder of real images (+ captions) for GAN / regression terms
+    images: str = ""  # image-caption pairs (folder, or toy:N); when set, captions are the prompts
 
     def validate(self):
         _at_least("data.batch_size", self.batch_size, 1)
@@ -136,8 +136,9 @@ class Config:
                 section.validate()
         if not self.model.path:
             raise ConfigError("model.path is empty: pass --set model.path=DIR (a local diffusers folder or a hub id)")
-        if not self.data.prompts:
-            raise ConfigError("data.prompts is empty: pass --set data.prompts=FILE (a text file, one prompt per line)")
+        if not self.data.prompts and not self.data.images:
+            raise ConfigError("data.prompts is empty: pass --set data.prompts=FILE (a text file, one prompt per line), "
+                              "or data.images=DIR for image-caption pairs")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -68,13 +68,14 @@ class PromptData:
     index from r, so W processes together see the same prompts as one process with a W-times larger batch.
     """
 
-    def __init__(self, prompts, cond: Cond, uncond: Cond, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.prompts, self.cond, self.uncond = prompts, cond, uncond
+    def __init__(self, prompts, cond: Cond, uncond: Cond, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 latents: torch.Tensor | None = None):
+        self.prompts, self.cond, self.uncond, self.latents = prompts, cond, uncond, latents
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch, self.position = 0, 0  # position counts global samples consumed in this epoch
 
     @classmethod
-    def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False):
+    def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False, latents=None):
         from tqdm.auto import tqdm
 
         parts = []
@@ -83,7 +84,7 @@ class PromptData:
         cond = parts[0]
         for p in parts[1:]:
             cond = cond.cat(p)
-        return cls(prompts, cond, family.empty_cond(1).to("cpu"), batch_size, seed, rank, world)
+        return cls(prompts, cond, family.empty_cond(1).to("cpu"), batch_size, seed, rank, world, latents)
 
     def _permutation(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
@@ -103,10 +104,12 @@ class PromptData:
         return out[self.rank :: self.world]
 
     def next(self, device=None):
+        """(prompts, cond, uncond, latents or None) of this process's next micro-batch."""
         idx = self.next_indices()
         cond = _cond_rows(self.cond, idx).to(device)
         uncond = _cond_rows(self.uncond, [0] * len(idx)).to(device)
-        return [self.prompts[i] for i in idx], cond, uncond
+        latents = self.latents[torch.as_tensor(idx)].to(device) if self.latents is not None else None
+        return [self.prompts[i] for i in idx], cond, uncond, latents
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}

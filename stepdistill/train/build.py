@@ -102,9 +102,24 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
             for p in adapter_parameters(unet, a):
                 p.requires_grad_(False)
 
-    prompts, _ = read_prompts(cfg.data.prompts, cfg.data.max_prompt_words)
-    data = PromptData.from_family(family, prompts, cfg.data.batch_size, cfg.seed, rank, world, progress=progress and rank == 0)
+    data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
     return Built(cfg, family, nets, distiller, data, params, targets)
+
+
+def build_data(cfg: Config, family, resolution: int, rank: int, world: int, progress: bool) -> PromptData:
+    """Prompts alone, or image-caption pairs (captions become the prompts; images are cached as latents)."""
+    if not cfg.data.images:
+        prompts, _ = read_prompts(cfg.data.prompts, cfg.data.max_prompt_words)
+        return PromptData.from_family(family, prompts, cfg.data.batch_size, cfg.seed, rank, world, progress=progress)
+    from ..data.images import encode_latents, read_image_folder, read_toy_images
+
+    if cfg.data.images.startswith("toy:"):
+        images, captions = read_toy_images(cfg.data.images, resolution, cfg.seed)
+    else:
+        images, captions, _ = read_image_folder(cfg.data.images, resolution)
+    latents = encode_latents(family, images, progress=progress)
+    return PromptData.from_family(family, captions, cfg.data.batch_size, cfg.seed, rank, world,
+                                  progress=progress, latents=latents)
 
 
 def _set_attention(unet, backend: str, device):

@@ -190,9 +190,9 @@ class Trainer:
         b = self.built
         out = []
         for _ in range(self.cfg.loop.grad_accum):
-            prompts, cond, uncond = b.data.next(self.dist.device)
+            prompts, cond, uncond, latents = b.data.next(self.dist.device)
             shape = (len(prompts), *b.nets.extra["latent_shape"])
-            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape))
+            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=latents))
         return out
 
     def iteration(self) -> dict:

@@ -1,0 +1,111 @@
+"""Image-caption sets: real latents for consistency distillation and GAN terms.
+
+Sources: a folder (image files with same-stem .txt captions, or a metadata.jsonl of {"file_name", "text"}),
+or `toy:N`, N images of the built-in toy world. Images are centre-cropped and resized to the model's
+resolution, encoded once by the VAE and cached with their caption embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .prompts import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ImageReport:
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)  # "file: reason"
+
+
+def _folder_items(root: Path) -> list[tuple[Path, str]]:
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        items = []
+        for i, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines()):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    items.append((root / row["file_name"], str(row["text"])))
+                except (json.JSONDecodeError, KeyError):
+                    log.warning("%s line %d is not {\"file_name\": ..., \"text\": ...}; skipped", meta, i + 1)
+        return items
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
+             if p.with_suffix(".txt").is_file() else "")
+            for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _load_image(path: Path, resolution: int) -> torch.Tensor:
+    """Centre crop to a square, resize (bicubic) to resolution, as float [-1, 1] [3, H, W]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def read_image_folder(root, resolution: int) -> tuple[torch.Tensor, list[str], ImageReport]:
+    """All usable (image, caption) pairs; corrupt, missing or uncaptioned images are skipped and counted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"no image folder at {root}: pass --set data.images=DIR (images with .txt captions or a "
+                        "metadata.jsonl), or data.images=toy:N for the toy world")
+    report, images, captions = ImageReport(), [], []
+    for path, caption in _folder_items(root):
+        if not caption:
+            report.skipped.append(f"{path.name}: no caption")
+            continue
+        try:
+            images.append(_load_image(path, resolution))
+            captions.append(caption)
+        except (OSError, ValueError) as e:
+            report.skipped.append(f"{path.name}: {type(e).__name__}")
+    report.kept = len(images)
+    if report.skipped:
+        log.warning("%s: kept %d images, skipped %d (e.g. %s)", root, report.kept, len(report.skipped),
+                    "; ".join(report.skipped[:3]))
+    if not images:
+        raise DataError(f"{root} has no usable image-caption pairs ({len(report.skipped)} skipped): each image needs "
+                        "a readable file and a non-empty caption")
+    return torch.stack(images), captions, report
+
+
+def read_toy_images(spec: str, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """`toy:N`: N toy-world images with their captions, deterministic in the run's seed."""
+    from .toy import ToyWorld
+
+    try:
+        n = int(spec.split(":", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"data.images={spec!r}: write toy:N, e.g. toy:20000") from None
+    images, captions, _ = ToyWorld().sample(n, seed=seed, as_float=True)
+    if images.shape[-1] != resolution:
+        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+    return images, captions
+
+
+@torch.no_grad()
+def encode_latents(family, images: torch.Tensor, chunk: int = 64, progress: bool = False) -> torch.Tensor:
+    """VAE latents (scaled) of all images, on the CPU; the VAE's posterior mean keeps the cache deterministic."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(images), chunk), desc="encoding images", disable=not progress):
+        x = images[i : i + chunk].to(family.device, family.vae.dtype)
+        out.append(family.encode_images(x).float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,233 @@
+"""Inference recipes: base model + stepdistill LoRA + stepdistill.json -> a ready diffusers pipeline.
+
+    pipe = pipelines.load(None, "runs/dmd_sd15/final")          # base from the recipe
+    recipe = Recipe.load("runs/dmd_sd15/final")
+    images = pipelines.generate(pipe, recipe, ["a photo of a cat"], seed=0)
+
+This package consumes exported artifacts only (DESIGN.md sec. 2): it never imports stepdistill.train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from stepdistill.core.recipe import Recipe
+from stepdistill.export import dtype_kwargs
+
+from . import sd15, sdxl
+
+FAMILIES = {"sd15": sd15, "sdxl": sdxl}
+ADAPTER_NAME = "stepdistill"
+
+# Log or warning text that means LoRA weights were dropped or left at their init while loading.
+_DROPPED_WEIGHTS = ("unexpected", "missing", "inconsistency", "not found")
+
+__all__ = ["FAMILIES", "Recipe", "check_lora_fits", "family_of", "generate", "load"]
+
+
+def family_of(base, recipe: Recipe | None = None) -> str:
+    """The family of a base model: from its model_index.json when it is a local folder, else from the recipe."""
+    index = Path(base) / "model_index.json"
+    if index.is_file():
+        class_name = json.loads(index.read_text()).get("_class_name")
+        for family, module in FAMILIES.items():
+            if class_name in module.PIPELINE_CLASS_NAMES:
+                if recipe is not None and recipe.family != family:
+                    raise ValueError(
+                        f"this LoRA was trained for {recipe.family} ({recipe.base_model}), but {base} is a {class_name} "
+                        f"({family}): pass the {recipe.family} base model it was trained on"
+                    )
+                return family
+        raise ValueError(
+            f"{base} holds a {class_name}, which stepdistill cannot load: use a base of family "
+            f"{sorted(FAMILIES)} ({[n for m in FAMILIES.values() for n in m.PIPELINE_CLASS_NAMES]})"
+        )
+    if recipe is None:
+        raise ValueError(f"cannot tell the family of {base!r} without a recipe: pass a local diffusers folder")
+    return recipe.family
+
+
+def _unet_lora_shapes(pipe, lora_dir) -> dict[str, dict[str, tuple]]:
+    """module path -> {"A": shape, "B": shape} for the UNet part of a LoRA file, whatever its key style."""
+    state = pipe.lora_state_dict(str(lora_dir))[0]
+    modules: dict[str, dict[str, tuple]] = {}
+    for key, value in state.items():
+        if not key.startswith("unet."):
+            continue
+        key = key.removeprefix("unet.")
+        module = key.split(".lora")[0]
+        kind = "A" if (".lora_A." in key or ".lora.down." in key) else "B" if (".lora_B." in key or ".lora.up." in key) else None
+        if kind is not None:
+            modules.setdefault(module, {})[kind] = tuple(value.shape)
+    return modules
+
+
+def check_lora_fits(pipe, lora_dir, recipe: Recipe, base) -> None:
+    """Raise when a LoRA's UNet modules are absent from the base UNet or have other shapes (another architecture)."""
+    modules = _unet_lora_shapes(pipe, lora_dir)
+    where = f"this LoRA was trained for {recipe.family} ({recipe.base_model}) and does not fit {base}"
+    if not modules:
+        raise ValueError(f"{lora_dir} has no UNet LoRA weights: export it again with `stepdistill export`")
+    layers = dict(pipe.unet.named_modules())
+    absent = sorted(m for m in modules if m not in layers)
+    if absent:
+        raise ValueError(f"{where}: its UNet has no modules {absent[:3]} ({len(absent)} in all); use the base it was trained on")
+    for module, shapes in modules.items():
+        weight = getattr(layers[module], "weight", None)
+        if weight is None or set(shapes) != {"A", "B"}:
+            raise ValueError(f"{where}: cannot apply the LoRA to {module}")
+        delta_shape = (shapes["B"][0], *shapes["A"][1:])
+        if delta_shape != tuple(weight.shape):
+            raise ValueError(
+                f"{where}: {module} has weight {tuple(weight.shape)} but the LoRA updates {delta_shape}; "
+                "use the base it was trained on"
+            )
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+class _DropTextEncoderNotes(logging.Filter):
+    """Our LoRAs are UNet-only by design, so diffusers' note that a text encoder got no LoRA keys is noise."""
+
+    def __init__(self, family: str):
+        super().__init__()
+        self.notes = tuple(f"found with the prefix='{name}'" for name in FAMILIES[family].TEXT_ENCODERS)
+
+    def filter(self, record):
+        return not any(note in record.getMessage() for note in self.notes)
+
+
+@contextmanager
+def _strict_lora_loading(family: str, what: str):
+    """Turn diffusers/PEFT warnings about dropped LoRA weights into an error; a partly loaded LoRA is a wrong model."""
+    handler, notes = _Records(), _DropTextEncoderNotes(family)
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    # The note is logged by diffusers.loaders.lora_base; a logger's filters only see its own records.
+    note_logger = logging.getLogger("diffusers.loaders.lora_base")
+    note_logger.addFilter(notes)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logger.removeHandler(handler)
+        note_logger.removeFilter(notes)
+    problems = [m for m in handler.messages + [str(w.message) for w in caught]
+                if any(s in m.lower() for s in _DROPPED_WEIGHTS)]
+    if problems:
+        raise ValueError(f"{what} did not load completely into the base UNet: {problems[0][:500]}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _load_vae(vae, dtype):
+    """A VAE module, or a folder with an AutoencoderTiny / AutoencoderKL config (e.g. taesd, sdxl-vae-fp16-fix)."""
+    if isinstance(vae, torch.nn.Module):
+        return vae.to(dtype=dtype)
+    import diffusers
+
+    config = Path(vae) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no VAE config at {config}: pass a diffusers VAE folder (e.g. a local copy of taesd)")
+    class_name = json.loads(config.read_text()).get("_class_name", "")
+    if class_name not in ("AutoencoderTiny", "AutoencoderKL"):
+        raise ValueError(f"{vae} holds a {class_name!r}: pass an AutoencoderTiny or AutoencoderKL folder")
+    return getattr(diffusers, class_name).from_pretrained(vae, **dtype_kwargs(dtype))
+
+
+def _is_merged(lora_dir: Path) -> bool:
+    """A `stepdistill export --format merged` folder: a full UNet instead of LoRA weights."""
+    return (lora_dir / "unet" / "config.json").is_file() and not any(lora_dir.glob("*.safetensors"))
+
+
+def _load_extra(pipe, item, index: int) -> tuple[str, float]:
+    """Load one extra LoRA ((path, ratio) or path; a folder or a .safetensors file) under its own adapter name."""
+    path, ratio = (item, 1.0) if isinstance(item, (str, Path)) else item
+    path, name = Path(path), f"extra_{index}"
+    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+    with warnings.catch_warnings():
+        # Several adapters on one UNet is what the caller asked for.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    return name, float(ratio)
+
+
+def load(base, lora_dir, device="cpu", dtype=torch.float32, fuse: bool = False, lora_scale: float | None = None,
+         extra_loras: Sequence = (), vae=None):
+    """A diffusers pipeline for a stepdistill export: base weights, the recipe's scheduler, the LoRA at its scale.
+
+    base: local folder or hub id; None takes recipe.base_model. lora_scale: None takes recipe.lora_scale.
+    extra_loras: (path, ratio) pairs (or paths, ratio 1) loaded beside ours, e.g. a style LoRA.
+    fuse: bake all LoRAs into the weights (faster sampling; no more switching). vae: a replacement VAE
+    (an AutoencoderTiny for fast previews), as a module or a local folder.
+    """
+    lora_dir = Path(lora_dir)
+    recipe = Recipe.load(lora_dir)
+    base = base or recipe.base_model
+    family = family_of(base, recipe)
+    pipe = FAMILIES[family].from_pretrained(base, dtype).to(device)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    recipe.call_kwargs(pipe.scheduler)  # fail now, not at the first prompt, if the scheduler cannot take the timesteps
+
+    names, weights = [], []
+    if _is_merged(lora_dir):
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(lora_dir, subfolder="unet", **dtype_kwargs(dtype))
+        if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+            raise ValueError(f"the merged UNet in {lora_dir} was trained for {recipe.family} ({recipe.base_model}), not {base}")
+        pipe.unet = unet.to(device)
+    else:
+        check_lora_fits(pipe, lora_dir, recipe, base)
+        try:
+            with _strict_lora_loading(family, f"the LoRA in {lora_dir}"):
+                pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"this LoRA was trained for {recipe.family} ({recipe.base_model}) and does not load "
+                             f"into {base}: {e}") from e
+        names.append(ADAPTER_NAME)
+        weights.append(recipe.lora_scale if lora_scale is None else lora_scale)
+    for i, item in enumerate(extra_loras):
+        name, ratio = _load_extra(pipe, item, i)
+        names.append(name)
+        weights.append(ratio)
+
+    if names:
+        # A scalar weight per adapter scales every LoRA layer, convs included (consistency.md sec. 4.3).
+        pipe.set_adapters(names, adapter_weights=weights)
+        if fuse:
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pipe.unload_lora_weights()
+    if vae is not None:
+        pipe.vae = _load_vae(vae, dtype).to(device)
+    return pipe
+
+
+def generate(pipe, recipe: Recipe, prompts, seed: int, output_type: str = "pil", latents=None, generator=None):
+    """Sample with the recipe's steps or timesteps, guidance and eta; returns PIL images or latents.
+
+    The default generator is a CPU torch.Generator seeded with `seed`, so a seed gives the same noise on every device.
+    """
+    if output_type not in ("pil", "latent", "pt", "np"):
+        raise ValueError(f"output_type {output_type!r} is not supported: use 'pil', 'latent', 'pt' or 'np'")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(prompt=prompts, generator=generator, latents=latents, output_type=output_type,
+               **recipe.call_kwargs(pipe.scheduler))
+    return out.images

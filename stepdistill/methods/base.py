@@ -11,6 +11,29 @@ from ..core.denoiser import Cond, Denoiser, GuidedDenoiser
 from ..core.schedule import NoiseSchedule
 
 
+class NoiseSource:
+    """Random draws for the global batch, sliced to this process's rows.
+
+    W processes with batch B draw exactly what one process with batch W*B would (rows rank::W, the same rows the
+    data order gives this process), so multi-process training matches single-process training sample for sample.
+    """
+
+    def __init__(self, generator: torch.Generator, rank: int = 0, world: int = 1, device=None):
+        self.generator, self.rank, self.world, self.device = generator, rank, world, device
+
+    def _rows(self, x):
+        return x[self.rank :: self.world].to(self.device)
+
+    def randn(self, n: int, *shape) -> torch.Tensor:
+        return self._rows(torch.randn((n * self.world, *shape), generator=self.generator))
+
+    def rand(self, n: int, *shape) -> torch.Tensor:
+        return self._rows(torch.rand((n * self.world, *shape), generator=self.generator))
+
+    def randint(self, low: int, high: int, n: int) -> torch.Tensor:
+        return self._rows(torch.randint(low, high, (n * self.world,), generator=self.generator))
+
+
 @dataclass
 class Batch:
     """One micro-batch: encoded prompts, their unconditional twin, and real latents when the method wants data."""
@@ -20,10 +43,26 @@ class Batch:
     prompts: list[str]
     latent_shape: tuple[int, ...]  # (B, C, h, w) of the student's samples
     latents: torch.Tensor | None = None  # real VAE latents (GAN head, regression), when configured
+    noise: NoiseSource | None = None  # set by the loop; methods draw ALL randomness through the helpers below
 
     @property
     def size(self) -> int:
         return len(self.prompts)
+
+    def _source(self, device):
+        return self.noise or NoiseSource(torch.default_generator, device=device)
+
+    def randn(self, *shape, device=None) -> torch.Tensor:
+        """Standard normal [B, *shape] (per-sample rows of the global batch)."""
+        return self._source(device).randn(self.size, *shape).to(device)
+
+    def rand(self, device=None) -> torch.Tensor:
+        """Uniform [0, 1) per sample, shape [B]."""
+        return self._source(device).rand(self.size).to(device)
+
+    def randint(self, low: int, high: int, device=None) -> torch.Tensor:
+        """Integers in [low, high) per sample, shape [B]."""
+        return self._source(device).randint(low, high, self.size).to(device)
 
 
 @dataclass

@@ -135,17 +135,17 @@ class ConsistencyDistiller:
         k = cfg.segments[self.stage(step, nets.extra["max_steps"])]
         n = batch.size
         x0_data = self._data_x0(nets, batch)
-        t = self.grid[torch.randint(len(self.grid), (n,))].to(device)
+        t = self.grid[batch.randint(0, len(self.grid))].to(device)
         t_b = segment_start(t, k, self.T)
         t_prev = torch.maximum(t - self.delta, t_b)
         if cfg.end_point == "random":
-            u = torch.rand(n, device=device)
+            u = batch.rand(device)
             t_end = t_b + torch.floor(u * (t_prev - t_b + 1).double()).long()
         else:
             t_end = t_b
-        eps = torch.randn_like(x0_data)
+        eps = batch.randn(*x0_data.shape[1:], device=device).to(x0_data.dtype)
         x_t = self.schedule.add_noise(x0_data, eps, t)
-        w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(n, device=device)
+        w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * batch.rand(device)
 
         with torch.no_grad():
             teacher = nets.teacher(x_t, t, batch.cond, guidance_scale=w)
@@ -175,7 +175,7 @@ class ConsistencyDistiller:
 
     @torch.no_grad()
     def _teacher_x0(self, nets: Nets, batch: Batch):
-        x_T = torch.randn(batch.latent_shape, device=nets.device)
+        x_T = batch.randn(*batch.latent_shape[1:], device=nets.device)
         mean_w = 0.5 * (self.cfg.guidance_min + self.cfg.guidance_max)
         return ddim_sample(_Guided(nets.teacher, mean_w), x_T, trailing_timesteps(8, self.T), batch.cond, self.schedule)
 

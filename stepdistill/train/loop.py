@@ -130,6 +130,8 @@ class Trainer:
         self.built.nets.extra["export_lora"] = self.export_stage
         self.built.nets.extra["max_steps"] = cfg.loop.max_steps
         self.autocast = _autocast(cfg, dist.device)
+        # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
+        self.noise_generator = torch.Generator().manual_seed(cfg.seed)
         self._resume()
 
     def _resume(self):
@@ -152,6 +154,7 @@ class Trainer:
         self.nonfinite_total = shared["nonfinite_total"]
         self.nonfinite_in_a_row = shared["nonfinite_in_a_row"]
         b.data.load_state_dict(per_rank["data"])
+        self.noise_generator.set_state(per_rank["noise"])
         ckpt.set_rng_state(per_rank["rng"])
         self.last_checkpoint = path
         if self.dist.rank == 0:
@@ -185,14 +188,15 @@ class Trainer:
         return outs, logs
 
     def _batches(self):
-        from ..methods.base import Batch
+        from ..methods.base import Batch, NoiseSource
 
         b = self.built
+        noise = NoiseSource(self.noise_generator, self.dist.rank, self.dist.world, self.dist.device)
         out = []
         for _ in range(self.cfg.loop.grad_accum):
             prompts, cond, uncond, latents = b.data.next(self.dist.device)
             shape = (len(prompts), *b.nets.extra["latent_shape"])
-            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=latents))
+            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=latents, noise=noise))
         return out
 
     def iteration(self) -> dict:
@@ -256,7 +260,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
-        per_rank = {"data": b.data.state_dict(), "rng": ckpt.rng_state()}
+        per_rank = {"data": b.data.state_dict(), "rng": ckpt.rng_state(), "noise": self.noise_generator.get_state()}
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out / "checkpoints", self.step, shared, per_rank, self.dist.rank, self.dist.world,
             self.dist.barrier, self.cfg.loop.keep_last,

@@ -1,0 +1,143 @@
+"""The inference recipe saved next to a trained LoRA (stepdistill.json): how to sample with it in plain diffusers.
+
+A few-step LoRA is only correct with the scheduler, timesteps, guidance and eta it was distilled for
+(consistency.md TL;DR 4: e.g. trailing DDIM, and TCD's eta overridden to 0 by the pipelines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPE_FILE = "stepdistill.json"
+FORMAT_VERSION = 1
+FAMILIES = ("sd15", "sdxl")
+
+
+@dataclass
+class Recipe:
+    """Everything a pipeline needs besides the weights: base model, scheduler, steps, guidance, LoRA scale."""
+
+    base_model: str
+    family: str
+    method: str
+    scheduler_class: str = "DDIMScheduler"
+    scheduler_config: dict = field(default_factory=dict)  # overrides of the base model's scheduler config
+    timesteps: list[int] | None = None  # explicit timesteps; when set, they fix num_inference_steps
+    num_inference_steps: int = 4
+    guidance_scale: float = 1.0  # diffusers' convention: <= 1 runs without CFG
+    eta: float = 0.0
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    training_steps: int = 0
+    lora_scale: float = 1.0
+    notes: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"recipe family {self.family!r} is unknown: use one of {FAMILIES}")
+        if self.timesteps is not None:
+            self.timesteps = [int(t) for t in self.timesteps]
+            if not self.timesteps:
+                raise ValueError("recipe timesteps is an empty list: give the timesteps or null")
+            self.num_inference_steps = len(self.timesteps)
+        if self.num_inference_steps < 1:
+            raise ValueError(f"recipe num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        scheduler_class(self.scheduler_class)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory) -> Path:
+        """Write DIR/stepdistill.json atomically (a crash leaves the old file or the new one, never half)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / RECIPE_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory) -> Recipe:
+        """Read DIR/stepdistill.json (or the file itself); refuses newer formats and unknown keys."""
+        path = Path(directory)
+        if path.is_dir():
+            path = path / RECIPE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {RECIPE_FILE} at {path}: pass the folder a stepdistill run exported (e.g. RUN/final), "
+                f"or write one with stepdistill.core.recipe.Recipe(...).save(folder)"
+            )
+        data = json.loads(path.read_text())
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has recipe format {version}, newer than this stepdistill reads ({FORMAT_VERSION}): "
+                "upgrade stepdistill"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{path}: unknown recipe key {key!r}{hint}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def make_scheduler(self, base_scheduler_config):
+        """The recipe's scheduler: its class, built from the base model's config plus the recipe's overrides.
+
+        Keys the class does not take (PNDM's skip_prk_steps in SD's config, say) are dropped here, as
+        from_config would drop them, but without a warning on every load.
+        """
+        cls = scheduler_class(self.scheduler_class)
+        accepted = inspect.signature(cls.__init__).parameters
+        config = {k: v for k, v in dict(base_scheduler_config).items() if k in accepted or k.startswith("_")}
+        return cls.from_config(config, **self.scheduler_config)
+
+    def call_kwargs(self, scheduler=None) -> dict:
+        """Keyword arguments of a diffusers text-to-image call: steps or timesteps, guidance, eta."""
+        kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
+        if self.timesteps is not None:
+            if scheduler is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"the recipe gives explicit timesteps but {type(scheduler).__name__} cannot take them: "
+                    "use num_inference_steps with timestep_spacing in scheduler_config, or a scheduler with "
+                    "custom timesteps (e.g. TCDScheduler, LCMScheduler, EulerDiscreteScheduler)"
+                )
+            kwargs["timesteps"] = list(self.timesteps)
+        else:
+            kwargs["num_inference_steps"] = self.num_inference_steps
+        return kwargs
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called `name`, or an error naming the closest ones."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not (inspect.isclass(cls) and issubclass(cls, diffusers.SchedulerMixin)):
+        names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ValueError(
+            f"unknown scheduler class {name!r} in the recipe: use a diffusers scheduler class name"
+            + (f", e.g. {close}" if close else "") + " (or upgrade diffusers if it is newer than this version)"
+        )
+    return cls
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temp file in the same folder, then os.replace it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,205 @@
+"""Write a trained adapter in the formats other tools load: diffusers (PEFT keys + metadata), kohya, merged UNet.
+
+Every writer takes a canonical adapter state dict (stepdistill.core.lora.adapter_state_dict) and writes one
+key style only, so the pitfalls measured in consistency.md sec. 4.7 cannot happen: no `base_model.model.`
+prefix, no mix of `lora.down` and `lora_A` keys, and alpha always stored (metadata or `.alpha` tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .core.lora import check_canonical_keys, resolve_targets
+from .core.recipe import Recipe
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for first
+KOHYA_WEIGHT_NAME = "stepdistill_lora_kohya.safetensors"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+UNET_PREFIX = "unet"
+FORMATS = ("diffusers", "kohya", "merged")
+
+
+def dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """from_pretrained's dtype keyword: `dtype` where diffusers has it (recent releases), else the older `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """The module paths a canonical state dict adapts, sorted."""
+    return sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
+
+
+def _check_state(state: dict[str, torch.Tensor], rank: int, targets: Sequence[str] | str | None) -> None:
+    """Canonical keys, one rank throughout, and (when given) every module covered by a target suffix."""
+    check_canonical_keys(state)
+    for k, v in state.items():
+        dim = v.shape[0] if k.endswith(".lora_A.weight") else v.shape[1]
+        if dim != rank:
+            raise ValueError(f"{k} has rank {dim}, but rank={rank} was given: pass the adapter's rank")
+    if targets is not None:
+        suffixes = resolve_targets(targets)
+        stray = [m for m in lora_modules(state) if not any(m == t or m.endswith("." + t) for t in suffixes)]
+        if stray:
+            raise ValueError(f"LoRA modules {stray[:3]} match none of the targets {suffixes}: pass the adapter's targets")
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """save_file to a temp name in the same folder, then os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cast(v: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return v if dtype is None else v.to(dtype)
+
+
+def diffusers_lora_metadata(state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
+    """safetensors metadata as diffusers' save_lora_weights(..., unet_lora_adapter_metadata=) writes it.
+
+    diffusers rebuilds LoraConfig(**metadata) on load; without it alpha falls back to rank (sec. 4.7 case B).
+    Exact module paths as target_modules make PEFT's config and the state dict agree, so loading warns nothing.
+    """
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": lora_modules(state)}
+    packed = {f"{UNET_PREFIX}.{k}": v for k, v in config.items()}
+    return {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+
+
+def save_diffusers_lora(state: dict[str, torch.Tensor], out_dir, rank: int, alpha: float,
+                        targets: Sequence[str] | str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """out_dir/pytorch_lora_weights.safetensors: `unet.<module>.lora_A.weight` / `lora_B` keys + alpha metadata."""
+    _check_state(state, rank, targets)
+    tensors = {f"{UNET_PREFIX}.{k}": _cast(v, dtype) for k, v in state.items()}
+    return _save_safetensors(tensors, Path(out_dir) / DIFFUSERS_WEIGHT_NAME, diffusers_lora_metadata(state, rank, alpha))
+
+
+def load_diffusers_lora(path) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Read a file written by save_diffusers_lora back into (canonical state, rank, alpha)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at {path}: pass a folder that save_diffusers_lora wrote (e.g. RUN/final)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k.removeprefix(f"{UNET_PREFIX}."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata, so its alpha is unknown: re-export it with stepdistill")
+    config = json.loads(metadata[METADATA_KEY])
+    rank, alpha = int(config[f"{UNET_PREFIX}.r"]), float(config[f"{UNET_PREFIX}.lora_alpha"])
+    _check_state(state, rank, None)
+    return state, rank, alpha
+
+
+def kohya_module_name(module: str) -> str:
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (consistency.md 4.5)."""
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def save_kohya_lora(state: dict[str, torch.Tensor], path, rank: int, alpha: float,
+                    dtype: torch.dtype | None = None) -> Path:
+    """One kohya file: `lora_unet_<module>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` for every module."""
+    _check_state(state, rank, None)
+    tensors = {}
+    for module in lora_modules(state):
+        name = kohya_module_name(module)
+        tensors[f"{name}.lora_down.weight"] = _cast(state[f"{module}.lora_A.weight"], dtype)
+        tensors[f"{name}.lora_up.weight"] = _cast(state[f"{module}.lora_B.weight"], dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+    metadata = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha))}
+    return _save_safetensors(tensors, Path(path), metadata)
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Delta W = (alpha / r) B A (LoRA, Hu et al. eq. 3); for a conv, A holds the kernel and B is 1x1."""
+    delta = lora_B.flatten(1).float() @ lora_A.flatten(1).float()
+    return scale * delta.reshape(lora_B.shape[0], *lora_A.shape[1:])
+
+
+@torch.no_grad()
+def merge_into_unet(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, lora_scale: float = 1.0):
+    """Add the LoRA into the weights of a plain diffusers UNet, in place; returns the UNet."""
+    _check_state(state, rank, None)
+    for module in lora_modules(state):
+        try:
+            layer = unet.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"the UNet has no module {module!r}: this LoRA was trained for another architecture")
+        if hasattr(layer, "base_layer"):
+            raise ValueError(f"{module} already carries a PEFT adapter: merge into a freshly loaded UNet")
+        delta = lora_delta(state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"], lora_scale * alpha / rank)
+        if delta.shape != layer.weight.shape:
+            raise ValueError(
+                f"{module}: LoRA gives a {tuple(delta.shape)} update for a {tuple(layer.weight.shape)} weight: "
+                "this LoRA was trained for another architecture"
+            )
+        layer.weight.copy_((layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype))
+    return unet
+
+
+def save_merged_unet(unet, state: dict[str, torch.Tensor], out_dir, rank: int, alpha: float,
+                     lora_scale: float = 1.0) -> Path:
+    """Merge the LoRA into `unet` (in place) and save it as a diffusers UNet folder, swapped in atomically."""
+    merge_into_unet(unet, state, rank, alpha, lora_scale)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old `dst` is moved aside first and deleted only afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Convert a run's final folder (diffusers LoRA + stepdistill.json) to `fmt` in out_dir, recipe included.
+
+    `merged` loads the base UNet (from `base` or the recipe's base_model) and writes out_dir/unet.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: use one of {FORMATS}")
+    recipe = Recipe.load(lora_dir)
+    state, rank, alpha = load_diffusers_lora(lora_dir)
+    out_dir = Path(out_dir)
+    if fmt == "diffusers":
+        save_diffusers_lora(state, out_dir, rank, alpha, dtype=dtype)
+    elif fmt == "kohya":
+        save_kohya_lora(state, out_dir / KOHYA_WEIGHT_NAME, rank, alpha, dtype=dtype)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(base or recipe.base_model, subfolder="unet", **dtype_kwargs(dtype))
+        save_merged_unet(unet, state, out_dir / "unet", rank, alpha, recipe.lora_scale)
+    recipe.save(out_dir)
+    return out_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,12 +25,17 @@ class ModelConfig:
     dtype: str = "auto"  # frozen base weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     attention: str = "auto"  # auto | sdpa | xformers | triton | math
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (compiles once per adapter and shape: minutes at start)
+    channels_last: bool = False  # NHWC UNet weights: the fast cuDNN convolution layout on tensor cores
 
     def validate(self):
         _choice("model.family", self.family, ("auto", "sd15", "sdxl"))
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
         _at_least("model.resolution", self.resolution, 0)
+        if self.resolution % 8:
+            raise ConfigError(f"model.resolution must be a multiple of 8, the VAE's downsampling (got {self.resolution}); "
+                              "0 uses the model's own size")
 
 
 @dataclass
@@ -41,6 +47,7 @@ class DataConfig:
 
     def validate(self):
         _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.max_prompt_words", self.max_prompt_words, 0)
 
 
 @dataclass
@@ -54,6 +61,9 @@ class LoraSettings:
         _at_least("lora.rank", self.rank, 1)
         _at_least("lora.alpha", self.alpha, 0)
         _at_least("lora.critic_rank", self.critic_rank, 0)
+        from .core.lora import LORA_TARGETS
+
+        _choice("lora.targets", self.targets, tuple(LORA_TARGETS))
 
     @property
     def effective_alpha(self) -> float:
@@ -66,6 +76,7 @@ class OptimConfig:
     critic_lr: float = 0.0  # 0 = same as lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 10.0  # max global grad norm; 0 = off
     warmup_steps: int = 0
 
@@ -73,9 +84,12 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0 (got {self.lr})")
         _at_least("optim.critic_lr", self.critic_lr, 0)
+        _at_least("optim.weight_decay", self.weight_decay, 0)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {self.betas})")
         _at_least("optim.grad_clip", self.grad_clip, 0)
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0 (got {self.eps})")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
 
 
@@ -134,6 +148,8 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32) (got {self.seed})")
         if not self.model.path:
             raise ConfigError("model.path is empty: pass --set model.path=DIR (a local diffusers folder or a hub id)")
         if not self.data.prompts and not self.data.images:
@@ -196,7 +212,8 @@ def _coerce(value, tp, key):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
-        return [_coerce(v if not isinstance(v, str) or item_tp is str else yaml.safe_load(v), item_tp, key) for v in value]
+        return [_coerce(v if not isinstance(v, str) or item_tp is str else _yaml_scalar(v, key), item_tp, key)
+                for v in value]
     if tp is typing.Any:
         return value
     if tp is bool:
@@ -204,9 +221,18 @@ def _coerce(value, tp, key):
             return value
         raise ConfigError(f"{key} must be true or false (got {value!r})")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number (got {value!r})")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        # NaN passes every `x < low` check, and inf is never a sensible rate, scale or weight.
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -249,7 +275,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not KEY=VALUE (e.g. --set loop.max_steps=100)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_scalar(raw, f"--set {key}") if raw != "" else ""
         node = tree
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -258,6 +284,16 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"--set {item!r}: {p!r} is a value, not a section")
         node[parts[-1]] = value
     return tree
+
+
+def _yaml_scalar(raw: str, key: str):
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot read {raw!r} as a YAML value ({type(e).__name__}); quote strings, "
+                          "e.g. --set key='text'") from None
+    except RecursionError:
+        raise ConfigError(f"{key}: the value is nested too deeply") from None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -273,8 +309,12 @@ def read_yaml(path) -> dict:
         raise ConfigError(f"no config file at {path}: pass --config FILE (presets are in configs/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections (got {type(data).__name__})")
     return data
@@ -284,6 +324,9 @@ def build_config(data: dict, validate: bool = True) -> Config:
     """Turn a merged dict into a typed Config; the method section is typed by the registered method."""
     from .registry import get_method
 
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections such as method:, model:, data: (got "
+                          f"{type(data).__name__})")
     data = dict(data)
     method = data.pop("method", None)
     if isinstance(method, str):

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, dump_config
+from ..config import Config, ConfigError, dump_config
+from ..data.prompts import collect_reports, summarize_reports
+from ..errors import TrainingError
 from . import checkpoint as ckpt
 from .build import Built, build
 from .faults import maybe_kill
 
 log = logging.getLogger(__name__)
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message names the last good checkpoint."""
+__all__ = ["Trainer", "TrainingError", "train"]
+CHECKPOINT_MARGIN_BYTES = 64 * 2**20  # RNG and data states, pickle overhead, the recipe: small, but not nothing
 
 
 # ---- processes ---------------------------------------------------------------------------------------------
@@ -56,12 +57,51 @@ class Dist:
             tensor /= self.world
         return tensor
 
+    def mean_logs(self, logs: dict) -> dict:
+        """Average scalar logs over processes, so log.jsonl describes the global batch, not rank 0's share."""
+        if self.world == 1 or not logs:
+            return logs
+        keys = sorted(logs)
+        values = self.all_mean_(torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return dict(zip(keys, values.tolist()))
+
     def any(self, flag: bool) -> bool:
         if self.world == 1:
             return flag
         t = torch.tensor([float(flag)], device=self.device)
         torch.distributed.all_reduce(t)
         return bool(t.item() > 0)
+
+
+def check_launcher(environ, cfg: Config) -> None:
+    """Refuse launcher settings this loop would otherwise ignore silently (`accelerate launch` only starts processes).
+
+    The loop does its own data-parallel gradient sync of the LoRA tensors and never wraps a model, so an
+    accelerate config asking for FSDP, DeepSpeed or Megatron would run as plain data parallelism; its
+    mixed-precision and dynamo settings would not apply either. docs/scaling.md says what to use instead.
+    """
+    def on(key):
+        return environ.get(key, "").lower() in ("1", "true", "yes")
+
+    for key, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if on(key):
+            raise ConfigError(
+                f"this accelerate config asks for {what}, which stepdistill does not use: the frozen base is replicated "
+                "and only LoRA tensors train, their gradients averaged by the loop itself. Launch with "
+                "configs/accelerate/multi_gpu.yaml (or multi_node.yaml) instead; see docs/scaling.md"
+            )
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("no", "bf16") or (precision == "bf16" and cfg.loop.mixed_precision == "no"):
+        raise ConfigError(
+            f"accelerate mixed_precision={precision} is not applied by stepdistill: launch with --mixed_precision no "
+            "and set loop.mixed_precision (bf16 autocast) and model.dtype (frozen base) in the config"
+        )
+    if environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no":
+        raise ConfigError(
+            "accelerate's dynamo_backend is not applied by stepdistill: launch with --dynamo_backend no and set "
+            "model.compile=true in the config"
+        )
 
 
 def sync_gradients(params, dist: Dist) -> None:
@@ -82,7 +122,8 @@ def sync_gradients(params, dist: Dist) -> None:
 
 def make_optimizer(params, lr, cfg: Config):
     fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                             eps=cfg.optim.eps, fused=fused)
 
 
 def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
@@ -106,6 +147,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, output_dir, dist: Dist | None = None):
         self.cfg, self.out = cfg, Path(output_dir)
+        check_launcher(os.environ, cfg)
         self.dist = dist or Dist()
         self.step = 0
         self.nonfinite_total = 0
@@ -113,13 +155,20 @@ class Trainer:
         self.last_checkpoint: Path | None = None
 
     # -- set-up --
-    def setup(self):
+    def setup(self, built: Built | None = None):
+        """Build (or take `built`, models already in memory: the training benchmark) and resume."""
         cfg, dist = self.cfg, self.dist
         if dist.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "resolved_config.yaml").write_text(dump_config(cfg))
-        _seed_everything(cfg.seed + dist.rank)
-        self.built: Built = build(cfg, dist.device, dist.rank, dist.world, progress=cfg.loop.progress)
+        # The same seed on every process: adapters must start identical everywhere; per-sample randomness is
+        # drawn for the global batch and sliced per process (NoiseSource), so nothing needs a per-rank seed.
+        _seed_everything(cfg.seed)
+        with collect_reports() as self.data_reports:
+            self.built: Built = built or build(cfg, dist.device, dist.rank, dist.world, progress=cfg.loop.progress)
+        if dist.rank == 0:
+            (self.out / "data_report.json").write_text(json.dumps(self.data_reports, indent=1) + "\n")
+        self._check_disk_space()
         self.ratio = int(getattr(cfg.method, "critic_updates_per_student_update", 1))
         lr_critic = cfg.optim.critic_lr or cfg.optim.lr
         self.optimizers = {
@@ -133,6 +182,27 @@ class Trainer:
         # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
         self.noise_generator = torch.Generator().manual_seed(cfg.seed)
         self._resume()
+
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint needs on disk: every LoRA tensor, plus AdamW's two moments per trainable tensor."""
+        b = self.built
+        lora = {id(p): p for n, p in b.nets.unet.named_parameters() if "lora_" in n}
+        trainable = {id(p): p for ps in b.params.values() for p in ps}
+        # Trainable tensors that are not LoRA (a GAN head) are saved as weights too.
+        saved = {**lora, **trainable}
+        return (sum(_nbytes(p) for p in saved.values()) + 2 * sum(_nbytes(p) for p in trainable.values())
+                + CHECKPOINT_MARGIN_BYTES)
+
+    def _check_disk_space(self):
+        # Refuse now rather than hours later, when the first checkpoint would fail to write.
+        need = self.checkpoint_bytes()
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise TrainingError(
+                f"not enough free disk space for checkpoints in {self.out}: {free / 2**20:.0f} MiB free, one "
+                f"checkpoint needs about {need / 2**20:.0f} MiB. Free some space or pass --output-dir on a larger "
+                "disk (a smaller lora.rank also shrinks checkpoints)."
+            )
 
     def _resume(self):
         found = ckpt.load_latest(self.out / "checkpoints", self.dist.rank, self.dist.world)
@@ -203,6 +273,7 @@ class Trainer:
         b, step = self.built, self.step
         batches = self._batches()
         outs, logs = self._phase("student", lambda batch: b.distiller.student_loss(b.nets, batch, step), batches)
+        maybe_kill("mid-step", step + 1)
         skipped = "student_skipped" in logs
         # Critic updates: the first reuses the student's (detached) samples, later ones draw fresh batches.
         for i in range(self.ratio):
@@ -212,7 +283,10 @@ class Trainer:
             skipped |= "critic_skipped" in clogs
             for k, v in clogs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.ratio
+        # The update is done: count it before after_step, so a stage export made there records this step.
+        self.step = step + 1
         b.distiller.after_step(b.nets, step)
+        logs = self.dist.mean_logs(logs)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         self.nonfinite_total += int(skipped)
         logs["nonfinite_steps"] = self.nonfinite_total
@@ -220,6 +294,25 @@ class Trainer:
 
     # -- the run --
     def run(self) -> Path:
+        try:
+            return self._run()
+        except torch.cuda.OutOfMemoryError as e:
+            raise TrainingError(self._oom_message(e)) from e
+
+    def _oom_message(self, err) -> str:
+        cfg = self.cfg
+        first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+        return (
+            f"out of GPU memory at step {self.step + 1} ({first[:200]}). To use less memory: "
+            f"data.batch_size={max(1, cfg.data.batch_size // 2)} (now {cfg.data.batch_size}) with "
+            f"loop.grad_accum={cfg.loop.grad_accum * 2} to keep the effective batch, "
+            f"model.gradient_checkpointing=true (now {str(cfg.model.gradient_checkpointing).lower()}), "
+            f"lora.rank={max(1, cfg.lora.rank // 2)} (now {cfg.lora.rank}), or a smaller model.resolution "
+            f"(now {cfg.model.resolution or 'the model default'}). Last good checkpoint: "
+            f"{self.last_checkpoint or 'none'}; rerunning the same command resumes from it."
+        )
+
+    def _run(self) -> Path:
         self.setup()
         cfg, dist = self.cfg, self.dist
         log_file = self.out / "log.jsonl"
@@ -228,12 +321,13 @@ class Trainer:
         t0, steps0 = time.perf_counter(), self.step
         while self.step < cfg.loop.max_steps:
             logs = self.iteration()
-            self.step += 1
             maybe_kill("step", self.step)
             if self.nonfinite_in_a_row >= cfg.loop.max_nonfinite_in_a_row:
                 raise TrainingError(
-                    f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}; last good checkpoint: "
-                    f"{self.last_checkpoint or 'none'}. Lower optim.lr or check the data."
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row (loss or gradients NaN/inf) up to step "
+                    f"{self.step}; last good checkpoint: {self.last_checkpoint or 'none (no checkpoint yet)'}. "
+                    "Lower optim.lr, set optim.grad_clip, or check the data, then rerun the same command to resume "
+                    "from that checkpoint."
                 )
             rate = (self.step - steps0) / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
@@ -248,7 +342,15 @@ class Trainer:
         bar.close()
         final = self.export_stage("final", None)
         dist.barrier()
+        if dist.rank == 0:
+            self._report_data()
         return final
+
+    def _report_data(self):
+        """Repeat at the end what the data readers skipped or cut: the warnings at the start have scrolled away."""
+        problems = ("skipped_count", "empty_lines", "undecodable_lines", "truncated", "truncated_by_tokenizer")
+        if any(r.get(k) for r in self.data_reports for k in problems):
+            log.warning("data: %s (details in %s)", summarize_reports(self.data_reports), self.out / "data_report.json")
 
     def save_checkpoint(self):
         b = self.built
@@ -261,10 +363,17 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
         per_rank = {"data": b.data.state_dict(), "rng": ckpt.rng_state(), "noise": self.noise_generator.get_state()}
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.out / "checkpoints", self.step, shared, per_rank, self.dist.rank, self.dist.world,
-            self.dist.barrier, self.cfg.loop.keep_last,
-        )
+        try:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.out / "checkpoints", self.step, shared, per_rank, self.dist.rank, self.dist.world,
+                self.dist.barrier, self.cfg.loop.keep_last,
+            )
+        except OSError as e:
+            raise TrainingError(
+                f"could not write the checkpoint of step {self.step} ({type(e).__name__}: {e}); last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Free disk space (or fix the output folder), then rerun the same "
+                "command to resume from it."
+            ) from e
 
     def export_stage(self, name: str, recipe_overrides: dict | None) -> Path:
         """Write DIR/<name>/ (LoRA files + recipe) atomically from the current student adapter."""
@@ -320,6 +429,10 @@ class Trainer:
     def close(self):
         if self.dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _jsonable(logs: dict) -> dict:

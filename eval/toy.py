@@ -1,0 +1,165 @@
+"""Toy-world evaluation: toy FID, prompt alignment and speed of a teacher or a distilled student, on CPU.
+
+    stepdistill eval toy --teacher --steps 25 --out teacher.json
+    stepdistill eval toy --lora runs/dmd_toy/final --out student.json
+
+Toy FID is the Frechet distance between judge features (stepdistill.metrics.judge, penultimate layer) of the
+generated images and of real toy images, computed with the same FeatureStats / frechet_distance as the real
+harness (eval/fid.py). Alignment is the fraction of images whose judged layout, shapes, colours and sizes all
+match their prompt. Prompts and seeds are fixed by `seed`, so two models evaluated with the same arguments
+see the same prompts and the same initial noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stepdistill.data.toy import ToyWorld, to_float, toy_asset_path, toy_prompts
+from stepdistill.metrics.fid import FeatureStats
+from stepdistill.metrics.judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
+
+# Guidance of the shipped teachers at their evaluation setting (DDIM, 25 steps); see docs/toy_world.md.
+TEACHER_GUIDANCE_SCALE = 4.0
+TEACHER_STEPS = 25
+REF_STATS_FILE = "judge_ref_stats.npz"
+REF_N, REF_SEED = 10_000, 1_000_000  # real images for the reference statistics; a seed no prompt set uses
+
+GenerateFn = Callable[[list[str], list[int]], object]
+
+
+def as_images(images) -> torch.Tensor:
+    """What a generate_fn returns (PIL list, uint8 / float numpy, tensor) -> float [N, 3, 32, 32] in [-1, 1]."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8:
+            return to_float(images)
+        images = torch.from_numpy(images)
+        if images.shape[-1] == 3:  # diffusers' output_type="np": float [N, H, W, 3] in [0, 1]
+            return images.permute(0, 3, 1, 2).float() * 2 - 1
+    return images.float()
+
+
+def _judge_id(judge_dir: Path) -> str:
+    return hashlib.sha256((judge_dir / JUDGE_WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
+def reference_stats(judge: ToyJudge | None = None, judge_dir=None, cache: bool = True) -> FeatureStats:
+    """Judge-feature statistics of REF_N real toy images, cached beside the judge and keyed by its weights."""
+    judge_dir = Path(judge_dir) if judge_dir is not None else toy_asset_path()
+    judge = judge or load_judge(judge_dir)
+    path = judge_dir / REF_STATS_FILE
+    key = {"judge": _judge_id(judge_dir), "n": REF_N, "seed": REF_SEED}
+    if path.is_file():
+        stats = FeatureStats.load(path)
+        if stats.meta == key:
+            return stats
+    stats = FeatureStats()
+    for start in range(0, REF_N, 1000):
+        images, _, _ = ToyWorld().sample(1000, seed=REF_SEED + start)
+        stats.update(judge.features(images))
+    stats.meta = key
+    if cache:
+        stats.save(path)
+    return stats
+
+
+def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None, seed: int = 0,
+                 batch_size: int = 50, judge: ToyJudge | None = None, progress: bool = True) -> dict:
+    """Generate n images for toy prompts and score them.
+
+    Args:
+        generate_fn: (prompts, seeds) -> images (float [-1, 1] [B, 3, 32, 32], uint8 arrays or PIL images);
+            image i must depend only on prompts[i] and seeds[i].
+        steps: recorded in the result (the generate_fn already uses it).
+    Returns dict(toy_fid, alignment, images_per_s, n, steps, seed).
+    """
+    from tqdm.auto import tqdm
+
+    judge = judge or load_judge()
+    prompts = toy_prompts(n, seed)
+    seeds = [seed * 1_000_003 + i for i in range(n)]
+    stats, aligned, seconds = FeatureStats(), 0, 0.0
+    for start in tqdm(range(0, n, batch_size), desc="toy eval", disable=not progress):
+        batch = slice(start, start + batch_size)
+        tick = time.perf_counter()
+        images = as_images(generate_fn(prompts[batch], seeds[batch]))
+        seconds += time.perf_counter() - tick
+        stats.update(judge.features(images))
+        aligned += int(matches(judge.predict(images), prompts[batch]).sum())
+    return {
+        "toy_fid": stats.fid(reference_stats(judge)),
+        "alignment": aligned / n,
+        "images_per_s": n / seconds,
+        "n": n,
+        "steps": steps,
+        "seed": seed,
+    }
+
+
+def teacher_pipeline(family: str = "sd15", device="cpu"):
+    """The shipped toy teacher (assets/toy/<family>) as a diffusers pipeline with its DDIM scheduler."""
+    from diffusers import DiffusionPipeline
+
+    path = toy_asset_path(family)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"no toy teacher at {path}: train it with `stepdistill toy train-teacher --family {family}`")
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: int = 500, out=None,
+                 guidance_scale: float | None = None, family: str = "sd15", seed: int = 0, batch_size: int = 50,
+                 base=None, device="cpu", progress: bool = True) -> dict:
+    """Evaluate the shipped toy teacher (teacher=True) or a student LoRA folder on the toy world; write JSON to out.
+
+    Teacher: DDIM at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE_SCALE).
+    Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
+    """
+    from eval.generate import student_generate_fn, teacher_generate_fn
+
+    if teacher == (lora is not None):
+        raise ValueError("evaluate either the teacher (--teacher) or a student (--lora DIR), not both or neither")
+    if teacher:
+        steps = steps or TEACHER_STEPS
+        guidance_scale = TEACHER_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        generate_fn = teacher_generate_fn(teacher_pipeline(family, device), steps, guidance_scale)
+        model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": "DDIMScheduler",
+                 "guidance_scale": guidance_scale}
+    else:
+        import dataclasses
+
+        import pipelines
+        from pipelines import Recipe
+
+        recipe = Recipe.load(lora)
+        changes = {}
+        if steps is not None and steps != recipe.num_inference_steps:
+            if recipe.timesteps is not None:
+                raise ValueError(f"the recipe in {lora} fixes its timesteps {recipe.timesteps}: drop --steps")
+            changes["num_inference_steps"] = steps
+        if guidance_scale is not None:
+            changes["guidance_scale"] = guidance_scale
+        recipe = dataclasses.replace(recipe, **changes)
+        pipe = pipelines.load(base, lora, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        generate_fn = student_generate_fn(pipe, recipe)
+        steps = recipe.num_inference_steps
+        model = {"lora": str(lora), "base": str(base or recipe.base_model), "family": recipe.family,
+                 "guidance_scale": recipe.guidance_scale}
+    with torch.no_grad():
+        result = evaluate_toy(generate_fn, n=n, steps=steps, seed=seed, batch_size=batch_size, progress=progress)
+    result.update(model)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,307 @@
+"""Train the toy world's teachers: real diffusers SD1.5- and SDXL-architecture pipelines, small enough for a CPU.
+
+The recipe is Stable Diffusion's, scaled down: an AutoencoderKL (downsampling 4: 32x32 RGB <-> 8x8x4 latents)
+trained first for reconstruction, its latents scaled to unit variance (SD's scaling_factor), then the UNet and
+text encoder(s) trained together with the eps-prediction loss on SD's noise schedule (scaled_linear
+0.00085..0.012, 1000 steps) and 10% caption dropout, so classifier-free guidance works. The result is saved
+with save_pretrained and loads with StableDiffusion(XL)Pipeline.from_pretrained like any SD checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.ema import ema_update_
+from ..core.schedule import NoiseSchedule
+from ..data.toy import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
+from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
+from ..models.tokenizer import save_word_tokenizer
+
+LATENT_SIZE = 8  # 32x32 pixels / VAE downsampling 4
+MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
+
+# Architecture overrides of models.tiny's defaults. The VAE (3 blocks: downsampling 4) is shared by both
+# families; the UNets keep their family's block layout (SDXL: no attention in the first block, text_time
+# added embedding) at the width a CPU can train in minutes.
+_VAE = {"block_out_channels": (8, 16, 32), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
+TOY_ARCH = {
+    "sd15": {
+        "unet": {
+            "block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 16, "attention_head_dim": 8,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        },
+        "vae": _VAE,
+        "text_encoder": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "projection_dim": 64,
+        },
+    },
+    "sdxl": {
+        "unet": {
+            "block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 16, "attention_head_dim": 8,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        },
+        "vae": _VAE,
+        # SDXL reads the penultimate hidden states, so each encoder gets one layer more than SD1.5's.
+        "text_encoder": {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "projection_dim": 32,
+        },
+        "text_encoder_2": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "projection_dim": 32,
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruction MSE + kl_weight * KL(q(z|x) || N(0, I)) per latent element (the VAE's ELBO, reweighted)."""
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    mse = F.mse_loss(recon, x)
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    return mse + kl_weight * kl, mse
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
+              progress: bool) -> float:
+    """Fit the AutoencoderKL to the toy images; returns the final reconstruction MSE (in [-1, 1] units)."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    mse = torch.tensor(float("nan"))
+    bar = tqdm(range(steps), desc="vae", disable=not progress)
+    for step in bar:
+        x = to_float(images[torch.randint(0, len(images), (batch_size,), generator=gen).numpy()])
+        loss, mse = vae_loss(vae, x, kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            bar.set_postfix(mse=f"{mse.item():.5f}")
+    vae.eval().requires_grad_(False)
+    return float(mse)
+
+
+@torch.no_grad()
+def encode_posterior(vae, images: np.ndarray, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every uint8 image: latents are re-sampled from them at each step, as SD trains."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        dist = vae.encode(to_float(images[i:i + batch_size])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text conditioning, with gradients (the pipelines' encode_prompt runs without them)
+
+
+def encode_text(pipe, family: str, input_ids: list[torch.Tensor], drop: torch.Tensor):
+    """Conditioning as the family's pipeline builds it: (encoder_hidden_states, added_cond_kwargs or None).
+
+    SD1.5 reads the last hidden state; dropped captions were tokenized as "" (the pipeline's negative prompt).
+    SDXL concatenates both encoders' penultimate hidden states, adds encoder 2's pooled projection and the size
+    ids; a dropped caption is all zeros, the pipeline's force_zeros_for_empty_prompt unconditional input.
+    """
+    if family == "sd15":
+        return pipe.text_encoder(input_ids[0]).last_hidden_state, None
+    hidden, pooled = [], None
+    for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = getattr(out, "text_embeds", pooled)
+    keep = (~drop).to(pooled.dtype)
+    hidden = torch.cat(hidden, dim=-1) * keep[:, None, None]
+    pooled = pooled * keep[:, None]
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=pooled.dtype)
+    return hidden, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# UNet + text encoder(s)
+
+
+def denoising_loss(unet, schedule: NoiseSchedule, x0, t, eps, encoder_hidden_states, added_cond_kwargs):
+    """The eps-prediction loss E |eps_theta(x_t, t, c) - eps|^2 (DDPM eq. 14), x_t = alpha_t x0 + sigma_t eps."""
+    x_t = schedule.add_noise(x0, eps, t)
+    eps_hat = unet(x_t, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    return F.mse_loss(eps_hat, eps)
+
+
+def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], steps: int,
+                   batch_size: int, lr: float, caption_dropout: float, ema_decay: float, seed: int,
+                   progress: bool, snapshot=None, snapshot_every: int = 0) -> float:
+    """Train UNet and text encoder(s) jointly; the EMA of their weights is written back at the end.
+
+    snapshot(step), when given, is called every snapshot_every steps with the EMA weights swapped in (to save
+    and inspect a teacher before training ends).
+    """
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    modules = {"unet": pipe.unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders)}}
+    params = {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
+    for m in modules.values():
+        m.train().requires_grad_(True)
+    ids = [tokenize(tok, captions) for tok in tokenizers]
+    empty_ids = [tokenize(tok, [""]) for tok in tokenizers]
+    latent_mean, latent_std = latents
+    scale = pipe.vae.config.scaling_factor
+
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03,
+                                                final_div_factor=10.0)
+    ema = [p.detach().clone() for p in params.values()]
+    loss_avg = None
+    bar = tqdm(range(steps), desc=f"{family} unet", disable=not progress)
+    for step in bar:
+        # Draw a batch: latents re-sampled from each image's posterior, scaled to unit variance.
+        idx = torch.randint(0, len(captions), (batch_size,), generator=gen)
+        noise = torch.randn(latent_mean[idx].shape, generator=gen)
+        x0 = (latent_mean[idx] + latent_std[idx] * noise) * scale
+        # Caption dropout teaches the unconditional model that classifier-free guidance subtracts.
+        drop = torch.rand(batch_size, generator=gen) < caption_dropout
+        batch_ids = [torch.where(drop[:, None], e, i[idx]) for i, e in zip(ids, empty_ids)]
+        hidden, added = encode_text(pipe, family, batch_ids, drop)
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        loss = denoising_loss(pipe.unet, schedule, x0, t, eps, hidden, added)
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        opt.step()
+        sched.step()
+        # Warm the decay up so that early snapshots do not average in the random initial weights.
+        ema_update_(ema, list(params.values()), min(ema_decay, (1 + step) / (10 + step)))
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            _swap_(list(params.values()), ema)
+            snapshot(step + 1)
+            _swap_(list(params.values()), ema)
+    _swap_(list(params.values()), ema)
+    for m in modules.values():
+        m.eval().requires_grad_(False)
+    return float(loss_avg)
+
+
+@torch.no_grad()
+def _swap_(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """Exchange the values of two parameter lists in place (live weights <-> their EMA)."""
+    for x, y in zip(a, b, strict=True):
+        tmp = x.detach().clone()
+        x.copy_(y)
+        y.copy_(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole recipe
+
+
+def train_toy_teacher(
+    out_dir,
+    family: str = "sd15",
+    steps: int = 3000,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    vae_steps: int = 1500,
+    vae_batch_size: int = 64,
+    vae_lr: float = 2e-3,
+    kl_weight: float = 1e-3,
+    num_images: int = 50_000,
+    caption_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    vae_from=None,
+    snapshot_every: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train a toy teacher pipeline on the toy world and save it to out_dir (diffusers format).
+
+    Args:
+        out_dir: folder for the pipeline (created; loads with StableDiffusion(XL)Pipeline.from_pretrained).
+        family: "sd15" or "sdxl" (architecture and conditioning of the real family, at toy size).
+        steps: UNet + text encoder optimisation steps.
+        seed: seeds the data, the initial weights and every random draw: same arguments, same teacher.
+        vae_from: a toy pipeline folder whose VAE to reuse instead of training one (e.g. SDXL-toy reusing
+            SD1.5-toy's), so the two teachers share a latent space and the VAE's CPU time is spent once.
+        snapshot_every: also save the pipeline (EMA weights) to out_dir every this many steps (0: only at the end).
+    Records the recipe and CPU seconds in out_dir/toy_teacher.json.
+    """
+    from diffusers import AutoencoderKL
+
+    if family not in TOY_ARCH:
+        raise ValueError(f"family {family!r} is not supported: use one of {sorted(TOY_ARCH)}")
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    start = time.process_time()
+    pipe = build_tiny_pipeline(family, seed, words=list(TOY_WORDS), sample_size=LATENT_SIZE, arch=TOY_ARCH[family],
+                               scheduler="ddim", model_max_length=MAX_TOKENS)
+    images, captions, _ = ToyWorld().sample(num_images, seed=seed)  # uint8: 3 KB an image
+    record = {"family": family, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
+              "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}
+
+    # Stage 1: the autoencoder, and SD's scaling factor 1 / std(latents) so the UNet sees unit-variance data.
+    if vae_from is not None:
+        pipe.vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval().requires_grad_(False)
+        record["vae_from"] = str(vae_from)
+    else:
+        record["vae_mse"] = train_vae(pipe.vae, images, vae_steps, vae_batch_size, vae_lr, kl_weight, seed, progress)
+        record.update(vae_steps=vae_steps, vae_batch_size=vae_batch_size, vae_lr=vae_lr, kl_weight=kl_weight)
+    latent_mean, latent_std = encode_posterior(pipe.vae, images)
+    if vae_from is None:
+        scaling_factor = float(1.0 / latent_mean.std())
+        pipe.vae.register_to_config(scaling_factor=round(scaling_factor, 5))
+    record["vae_seconds"] = round(time.process_time() - start, 1)
+
+    # Stage 2: UNet and text encoder(s) on the eps loss with caption dropout.
+    def save(step: int, loss: float | None = None) -> None:
+        save_toy_pipeline(pipe, out_dir, family)
+        done = {**record, "steps_done": step, "cpu_seconds": round(time.process_time() - start, 1)}
+        if loss is not None:
+            done["final_loss"] = loss
+        (out_dir / "toy_teacher.json").write_text(json.dumps(done, indent=2) + "\n")
+
+    loss = train_denoiser(pipe, family, (latent_mean, latent_std), captions, steps, batch_size, lr, caption_dropout,
+                          ema_decay, seed + 1, progress, snapshot=save, snapshot_every=snapshot_every)
+    save(steps, loss)
+    return out_dir
+
+
+def save_toy_pipeline(pipe, out_dir: Path, family: str) -> None:
+    """save_pretrained, plus tokenizer vocab.json/merges.txt so every transformers version reads them."""
+    pipe.scheduler = type(pipe.scheduler).from_config(SD_SCHEDULER_CONFIG)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+        save_word_tokenizer(out_dir / sub, list(TOY_WORDS), MAX_TOKENS)
+

@@ -1,0 +1,137 @@
+"""The toy world: deterministic data, shipped teachers that load and generate, a judge that reads images, toy FID."""
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.data.toy import (
+    COLOURS,
+    LABEL_FIELDS,
+    SHAPES,
+    TOY_WORDS,
+    ToyWorld,
+    caption_from_label,
+    parse_caption,
+    to_float,
+    to_uint8,
+    toy_asset_path,
+    toy_prompts,
+)
+from stepdistill.metrics.fid import FeatureStats
+from stepdistill.metrics.judge import load_judge, matches
+
+
+@pytest.fixture(scope="module")
+def judge():
+    torch.set_num_threads(1)
+    return load_judge()
+
+
+@pytest.fixture(scope="module")
+def real():
+    return ToyWorld().sample(300, seed=123)
+
+
+def test_generator_is_deterministic_and_seeded():
+    world = ToyWorld()
+    a, caps_a, labels_a = world.sample(32, seed=7)
+    b, caps_b, labels_b = world.sample(32, seed=7)
+    c, _, _ = world.sample(32, seed=8)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 32, 3)
+    assert np.array_equal(a, b) and caps_a == caps_b and np.array_equal(labels_a, labels_b)
+    assert not np.array_equal(a, c)
+    x, caps_x, _ = world.sample(32, seed=7, as_float=True)
+    assert x.shape == (32, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert caps_x == caps_a and np.array_equal(to_uint8(x), a)
+
+
+def test_world_covers_shapes_colours_layouts_and_backgrounds():
+    images, captions, labels = ToyWorld().sample(500, seed=0)
+    assert set(labels[:, 1]) == set(range(len(SHAPES))) and set(labels[:, 2]) == set(range(len(COLOURS)))
+    assert len(COLOURS) >= 6 and {"circle", "square", "triangle"} <= set(SHAPES)
+    assert set(labels[:, 0]) == set(range(7))
+    singles = labels[:, 0] < 5
+    assert 0.3 < singles.mean() < 0.5 and (labels[singles, 4:] == -1).all() and (labels[~singles, 4:] >= 0).all()
+    corners = images[:, 0, 0].astype(int)  # top-left pixel: background (objects stay off the border)
+    assert len({tuple(c // 32) for c in corners}) > 5
+    assert all(set(c.split()) <= set(TOY_WORDS) for c in captions)
+
+
+def test_captions_round_trip_and_errors():
+    _, captions, labels = ToyWorld().sample(200, seed=1)
+    for caption, label in zip(captions, labels):
+        assert np.array_equal(parse_caption(caption), label)
+        assert caption_from_label(label) == caption
+    assert parse_caption("a small red circle above a large blue square").tolist() == [5, 0, 0, 0, 1, 2, 1]
+    with pytest.raises(ValueError, match="colours"):
+        parse_caption("a small pink circle on the left")
+    assert toy_prompts(5, seed=2) == toy_prompts(5, seed=2) != toy_prompts(5, seed=3)
+
+
+def test_judge_reads_real_images_and_rejects_shuffled_captions(judge, real):
+    images, captions, labels = real
+    assert judge.alignment(images, captions) > 0.97
+    assert judge.alignment(to_float(images), labels) > 0.97
+    shuffled = list(np.random.default_rng(0).permutation(captions))
+    assert judge.alignment(images, shuffled) < 0.05
+    predicted = judge.predict(images)
+    assert predicted.shape == (len(images), len(LABEL_FIELDS))
+    assert (matches(predicted, labels) == matches(predicted, captions)).all()
+
+
+def test_toy_fid_of_a_set_with_itself_is_zero_and_separates_noise(judge, real):
+    images = real[0]
+    feats = judge.features(images)
+    assert feats.shape == (len(images), judge.config["feature_dim"])
+    same = FeatureStats().update(feats)
+    assert abs(same.fid(FeatureStats().update(feats))) < 1e-6
+    other = FeatureStats().update(judge.features(ToyWorld().sample(300, seed=321)[0]))
+    noise = FeatureStats().update(judge.features(torch.rand(300, 3, 32, 32) * 2 - 1))
+    assert same.fid(other) * 10 < same.fid(noise)
+
+
+def test_evaluate_toy_scores_a_perfect_and_a_broken_generator(judge):
+    from eval.toy import evaluate_toy
+
+    def perfect(prompts, seeds):  # renders exactly what each prompt says
+        labels = np.stack([parse_caption(p) for p in prompts])
+        return to_float(ToyWorld().render(labels, seed=seeds[0]))
+
+    def broken(prompts, seeds):
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    good = evaluate_toy(perfect, n=100, steps=1, batch_size=50, judge=judge, progress=False)
+    bad = evaluate_toy(broken, n=100, steps=1, batch_size=50, judge=judge, progress=False)
+    assert set(good) >= {"toy_fid", "alignment", "images_per_s", "n", "steps"}
+    assert good["alignment"] > 0.95 and bad["alignment"] < 0.1
+    assert good["toy_fid"] * 10 < bad["toy_fid"] and good["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_shipped_teacher_loads_and_generates(family):
+    from diffusers import DiffusionPipeline
+
+    torch.set_num_threads(1)
+    path = toy_asset_path(family)
+    pipe = DiffusionPipeline.from_pretrained(path)
+    expected = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]
+    assert type(pipe).__name__ == expected
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    for word in TOY_WORDS:  # the project's own vocabulary: one token per word
+        assert len(pipe.tokenizer(word).input_ids) == 3
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(["a large red circle in the middle", "a small blue square above a small yellow triangle"],
+                  num_inference_steps=3, guidance_scale=3.0, generator=generator, output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all() and images.std() > 0.05
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert total < 15 * 2**20
+
+
+@pytest.mark.slow
+def test_teacher_alignment_at_25_steps():
+    from eval.toy import run_eval_toy
+
+    torch.set_num_threads(1)
+    result = run_eval_toy(teacher=True, steps=25, n=500, progress=False)
+    assert result["alignment"] >= 0.9

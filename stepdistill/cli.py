@@ -44,20 +44,30 @@ def _demo(args):
 def _toy_teacher(args):
     from .train.teacher import train_toy_teacher
 
-    train_toy_teacher(args.out, family=args.family, steps=args.steps, seed=args.seed)
+    steps = {"steps": args.steps} if args.steps else {}
+    out = train_toy_teacher(args.out, family=args.family, seed=args.seed, **steps)
+    print(f"toy teacher written to {out}")
 
 
 def _toy_judge(args):
     from .metrics.judge import train_judge
 
-    train_judge(args.out, steps=args.steps, seed=args.seed)
+    steps = {"steps": args.steps} if args.steps else {}
+    train_judge(args.out, seed=args.seed, **steps)
+    print(f"toy judge written to {args.out}")
 
 
 def _eval_toy(args):
     from eval.toy import run_eval_toy
 
-    run_eval_toy(lora=args.lora, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
-                 guidance_scale=args.guidance_scale, family=args.family)
+    from .errors import ModelError
+
+    try:
+        run_eval_toy(lora=args.lora, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
+                     guidance_scale=args.guidance_scale, family=args.family)
+    except ValueError as e:
+        # eval's ValueErrors are about its inputs: the LoRA, its recipe, the flags (as in eval.cli).
+        raise ModelError(str(e)) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     et.set_defaults(func=_eval_toy)
     _optional_commands(ev, "eval.cli", "add_eval_commands")
 
-    bench = sub.add_parser("bench", help="benchmarks: infer | train").add_subparsers(dest="bench_command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks: infer | train | eval").add_subparsers(dest="bench_command", required=True)
     _optional_commands(bench, "eval.bench_infer", "add_bench_infer_command")
+    _optional_commands(bench, "eval.bench", "add_bench_eval_command")
     _optional_commands(bench, "stepdistill.train.bench", "add_bench_train_command")
     return p
 
@@ -137,14 +148,23 @@ def _optional_commands(subparsers, module: str, fn: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import USER_ERRORS
+    from .errors import RUN_ERRORS, USER_ERRORS
 
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"stepdistill: error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
+    except RUN_ERRORS as e:
+        _print_error(e)
+        return 1
     return 0
+
+
+def _print_error(e: BaseException) -> None:
+    # One line, whatever the message holds (YAML and hub errors come with line breaks).
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    print(f"stepdistill: error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,14 @@ def _generate(args):
 
 
 def _export(args):
+    from .errors import ModelError
     from .export import export_run
 
-    out = export_run(args.run, args.format, args.out)
+    try:
+        out = export_run(args.run, args.format, args.out)
+    except ValueError as e:
+        # export's ValueErrors are about the run's LoRA file (keys, rank, metadata): bad input, not a bug.
+        raise ModelError(f"cannot export {args.run}: {e}") from e
     print(f"wrote {out}")
 
 

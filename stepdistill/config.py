@@ -48,13 +48,16 @@ class DataConfig:
     def validate(self):
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.max_prompt_words", self.max_prompt_words, 0)
+        n = self.images[len("toy:"):] if self.images.startswith("toy:") else "1"
+        if not (n.isdigit() and int(n) >= 1):
+            raise ConfigError(f"data.images={self.images!r}: write toy:N with N >= 1 images, e.g. toy:20000")
 
 
 @dataclass
 class LoraSettings:
     rank: int = 64
     alpha: float = 0.0  # 0 = alpha equals rank (scale 1)
-    targets: str = "full"  # preset name (attn | full) or comma-separated module names
+    targets: str = "full"  # preset name: attn | full (stepdistill.core.lora.LORA_TARGETS)
     critic_rank: int = 0  # rank of the fake-score / auxiliary adapters; 0 = same as rank
 
     def validate(self):

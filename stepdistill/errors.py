@@ -1,4 +1,9 @@
-"""The error types that mean 'bad input': the CLI prints them as one line instead of a traceback."""
+"""Error types the CLI prints as one line instead of a traceback.
+
+USER_ERRORS mean "bad input" (exit code 2): fix the config, data, model or LoRA and run again.
+RUN_ERRORS mean "the run stopped" (exit code 1): the message names the last good checkpoint, and rerunning the
+same command resumes from it once the cause is fixed.
+"""
 
 from __future__ import annotations
 
@@ -10,4 +15,13 @@ class ModelError(ValueError):
     """A model folder, LoRA or recipe that cannot be used; the message says what to do."""
 
 
+class ModelFileError(ModelError, OSError):
+    """A model that cannot be found or read (still an OSError, as file problems are)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message names the last good checkpoint."""
+
+
 USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+RUN_ERRORS = (TrainingError,)

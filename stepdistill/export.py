@@ -203,3 +203,8 @@ def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: tor
         save_merged_unet(unet, state, out_dir / "unet", rank, alpha, recipe.lora_scale)
     recipe.save(out_dir)
     return out_dir
+
+
+def export_run(run, fmt: str, out) -> Path:
+    """`stepdistill export`: a run's final LoRA (RUN/final) in format `fmt`, written to `out`."""
+    return export_lora(Path(run) / "final", fmt, out)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prompts import DataError
+from .prompts import DataError, publish_report
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_LISTED = 10000  # skipped files named in data_report.json; the count is always exact
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ImageReport:
     skipped: list[str] = field(default_factory=list)  # "file: reason"
 
 
-def _folder_items(root: Path) -> list[tuple[Path, str]]:
+def _folder_items(root: Path, report: ImageReport) -> list[tuple[Path, str]]:
     meta = root / "metadata.jsonl"
     if meta.is_file():
         items = []
@@ -36,9 +37,9 @@ def _folder_items(root: Path) -> list[tuple[Path, str]]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                    items.append((root / row["file_name"], str(row["text"])))
-                except (json.JSONDecodeError, KeyError):
-                    log.warning("%s line %d is not {\"file_name\": ..., \"text\": ...}; skipped", meta, i + 1)
+                    items.append((root / str(row["file_name"]), str(row["text"] or "")))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    report.skipped.append(f"{meta.name} line {i + 1}: not {{\"file_name\": ..., \"text\": ...}}")
         return items
     return [(p, p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
              if p.with_suffix(".txt").is_file() else "")
@@ -64,23 +65,31 @@ def read_image_folder(root, resolution: int) -> tuple[torch.Tensor, list[str], I
     if not root.is_dir():
         raise DataError(f"no image folder at {root}: pass --set data.images=DIR (images with .txt captions or a "
                         "metadata.jsonl), or data.images=toy:N for the toy world")
+    from PIL import Image
+
     report, images, captions = ImageReport(), [], []
-    for path, caption in _folder_items(root):
-        if not caption:
+    for path, caption in _folder_items(root, report):
+        if not caption.strip():
             report.skipped.append(f"{path.name}: no caption")
             continue
         try:
             images.append(_load_image(path, resolution))
             captions.append(caption)
-        except (OSError, ValueError) as e:
-            report.skipped.append(f"{path.name}: {type(e).__name__}")
+        except FileNotFoundError:
+            report.skipped.append(f"{path.name}: missing")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # PIL reports corrupt and truncated files as OSError (UnidentifiedImageError is one).
+            report.skipped.append(f"{path.name}: unreadable ({type(e).__name__})")
     report.kept = len(images)
     if report.skipped:
-        log.warning("%s: kept %d images, skipped %d (e.g. %s)", root, report.kept, len(report.skipped),
-                    "; ".join(report.skipped[:3]))
+        log.warning("%s: kept %d images, skipped %d (e.g. %s); the list is in the run's data_report.json", root,
+                    report.kept, len(report.skipped), "; ".join(report.skipped[:3]))
     if not images:
-        raise DataError(f"{root} has no usable image-caption pairs ({len(report.skipped)} skipped): each image needs "
-                        "a readable file and a non-empty caption")
+        raise DataError(f"{root} has no usable image-caption pairs ({len(report.skipped)} skipped, e.g. "
+                        f"{'; '.join(report.skipped[:3]) or 'no image files'}): each image needs a readable file "
+                        "and a non-empty caption (same-stem .txt, or metadata.jsonl rows {\"file_name\", \"text\"})")
+    publish_report("images", root, {"kept": report.kept, "skipped_count": len(report.skipped),
+                                    "skipped": report.skipped[:MAX_LISTED]})
     return torch.stack(images), captions, report
 
 

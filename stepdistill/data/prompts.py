@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,40 @@ class PromptReport:
     kept: int = 0
     empty_lines: int = 0
     undecodable_lines: int = 0
-    truncated: int = 0
+    truncated: int = 0  # cut to data.max_prompt_words
+
+
+# ---- data reports: what was skipped, replaced or cut, gathered for DIR/data_report.json -----------------------
+
+_REPORTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("stepdistill_data_reports", default=None)
+
+
+@contextlib.contextmanager
+def collect_reports():
+    """Gather the report of every data set read inside the block, as a list of dicts (the loop saves them)."""
+    reports: list[dict] = []
+    token = _REPORTS.set(reports)
+    try:
+        yield reports
+    finally:
+        _REPORTS.reset(token)
+
+
+def publish_report(kind: str, source, report) -> None:
+    """Hand a reader's report (a dataclass or dict) to the active collect_reports() block, if any."""
+    reports = _REPORTS.get()
+    if reports is not None:
+        fields = asdict(report) if not isinstance(report, dict) else dict(report)
+        reports.append({"kind": kind, "source": str(source), **fields})
+
+
+def summarize_reports(reports: list[dict]) -> str:
+    """One line for the log: each data set's kept and problem counts."""
+    parts = []
+    for r in reports:
+        counts = ", ".join(f"{k}={v}" for k, v in r.items() if isinstance(v, int) and k not in ("kind",))
+        parts.append(f"{r['kind']} {r['source']}: {counts}")
+    return "; ".join(parts)
 
 
 def read_prompts(path, max_words: int = 0) -> tuple[list[str], PromptReport]:
@@ -48,13 +83,30 @@ def read_prompts(path, max_words: int = 0) -> tuple[list[str], PromptReport]:
         prompts.append(line)
     report.kept = len(prompts)
     if not prompts:
-        raise DataError(f"{path} has no usable prompts (only empty lines): put one prompt per line")
+        raise DataError(f"{path} has no usable prompts ({report.empty_lines} empty lines): put one prompt per line")
+    publish_report("prompts", path, report)
     if report.empty_lines or report.undecodable_lines or report.truncated:
         log.warning(
             "%s: kept %d prompts; skipped %d empty lines, %d lines with non-UTF-8 bytes (replaced), %d truncated",
             path, report.kept, report.empty_lines, report.undecodable_lines, report.truncated,
         )
     return prompts, report
+
+
+def _max_tokens(family) -> int:
+    tokenizers = getattr(family, "tokenizers", None) or []
+    return min((t.model_max_length for t in tokenizers), default=0)
+
+
+def count_too_long(family, prompts: list[str]) -> int:
+    """How many prompts the family's tokenizers cut (CLIP reads 77 tokens, start and end tokens included)."""
+    tokenizers = getattr(family, "tokenizers", None) or []
+    if not tokenizers:
+        return 0
+    tok = min(tokenizers, key=lambda t: t.model_max_length)
+    # verbose=False: we count the long prompts ourselves instead of one transformers warning per call.
+    ids = tok(list(prompts), truncation=False, verbose=False).input_ids
+    return sum(len(x) > tok.model_max_length for x in ids)
 
 
 def _cond_rows(cond: Cond, idx) -> Cond:
@@ -78,9 +130,15 @@ class PromptData:
     def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False, latents=None):
         from tqdm.auto import tqdm
 
-        parts = []
+        parts, too_long = [], 0
         for i in tqdm(range(0, len(prompts), chunk), desc="encoding prompts", disable=not progress):
             parts.append(family.encode_prompts(prompts[i : i + chunk]).to("cpu"))
+            too_long += count_too_long(family, prompts[i : i + chunk])
+        if too_long:
+            log.warning("%d of %d prompts are longer than the text encoder reads (%d tokens): only their start is "
+                        "used", too_long, len(prompts), _max_tokens(family))
+        publish_report("tokenizer", getattr(family, "path", ""), {
+            "kept": len(prompts), "truncated_by_tokenizer": too_long, "max_tokens": _max_tokens(family)})
         cond = parts[0]
         for p in parts[1:]:
             cond = cond.cat(p)

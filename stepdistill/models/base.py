@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from ..core.denoiser import Cond
+from ..errors import ModelFileError
 
 
 def _load_part(load, path: str, subfolder: str, **kwargs):
@@ -22,7 +23,7 @@ def _load_part(load, path: str, subfolder: str, **kwargs):
     try:
         return load(path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:
-        raise OSError(
+        raise ModelFileError(
             f"could not load the {subfolder!r} part of the model at {path}: {err}\n"
             "The folder must be a complete diffusers pipeline (save it with pipeline.save_pretrained)."
         ) from err

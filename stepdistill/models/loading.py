@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import constants as hub_constants
 
+from ..errors import ModelError, ModelFileError
 from .base import FamilyModel
 from .sd15 import SD15Model
 from .sdxl import SDXLModel
@@ -37,9 +38,9 @@ def is_hub_id(path) -> bool:
     return not Path(text).expanduser().exists() and _HUB_ID.fullmatch(text) is not None
 
 
-def _hub_error(path, err: Exception) -> OSError:
+def _hub_error(path, err: Exception) -> ModelFileError:
     where = "the local Hugging Face cache (HF_HUB_OFFLINE=1)" if _hub_offline() else "the Hugging Face hub"
-    return OSError(
+    return ModelFileError(
         f"no model at {path}: it is not a local folder, and loading it as a hub id from {where} failed "
         f"({type(err).__name__}: {err}). Pass model.path=... (a local diffusers folder or a hub id), or download "
         f"it first, e.g. `hf download {path}` on a machine with network access."
@@ -52,14 +53,14 @@ def read_model_index(path) -> dict:
     if local.is_dir():
         index = local / "model_index.json"
         if not index.is_file():
-            raise ValueError(
+            raise ModelError(
                 f"{path} is not a diffusers pipeline folder (no model_index.json). Supported pipelines: "
                 f"{_supported()}. Save one with pipeline.save_pretrained(folder); a single-file checkpoint converts "
                 "with StableDiffusion(XL)Pipeline.from_single_file(file).save_pretrained(folder)."
             )
         return json.loads(index.read_text())
     if local.exists():
-        raise ValueError(
+        raise ModelError(
             f"{path} is a file, not a diffusers pipeline folder: convert it with "
             "StableDiffusion(XL)Pipeline.from_single_file(file).save_pretrained(folder) and pass model.path=folder"
         )
@@ -79,7 +80,7 @@ def detect_family(path) -> str:
 def _family_of(index: dict, path) -> str:
     pipeline_class = index.get("_class_name")
     if pipeline_class not in PIPELINE_FAMILIES:
-        raise ValueError(
+        raise ModelError(
             f"{path} holds a {pipeline_class} pipeline, which stepdistill does not support. "
             f"Supported pipelines: {_supported()}."
         )
@@ -93,11 +94,11 @@ def load_family(path, family: str = "auto", device="cpu", dtype=torch.float32, v
     default `dtype` for sd15 and float32 for sdxl.
     """
     if family != "auto" and family not in FAMILIES:
-        raise ValueError(f"model family {family!r} is not supported: use 'auto' or one of {sorted(FAMILIES)}")
+        raise ModelError(f"model family {family!r} is not supported: use 'auto' or one of {sorted(FAMILIES)}")
     index = read_model_index(path)
     detected = _family_of(index, path)
     if family not in ("auto", detected):
-        raise ValueError(
+        raise ModelError(
             f"model.family={family!r} but {path} holds a {detected} model ({index.get('_class_name')}): "
             f"set model.family=auto (or {detected!r}), or point model.path at a {family} model"
         )

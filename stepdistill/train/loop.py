@@ -114,7 +114,10 @@ def sync_gradients(params, dist: Dist) -> None:
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        # A parameter without a gradient took no part in this phase (same code path on every process): leave it
+        # None so the optimizer skips it, exactly as in a single process (a zero grad would still move it).
+        if p.grad is not None:
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
 
 
@@ -176,7 +179,8 @@ class Trainer:
             for phase, ps in self.built.params.items() if ps
         }
         self.base_lrs = {phase: opt.param_groups[0]["lr"] for phase, opt in self.optimizers.items()}
-        self.built.nets.extra["export_lora"] = self.export_stage
+        self.built.nets.extra["export_lora"] = self._export_in_after_step
+        self.built.nets.extra["run_dir"] = self.out  # for artifacts a method keeps beside the run (DisBack's nodes)
         self.built.nets.extra["max_steps"] = cfg.loop.max_steps
         self.autocast = _autocast(cfg, dist.device)
         # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
@@ -196,7 +200,9 @@ class Trainer:
     def _check_disk_space(self):
         # Refuse now rather than hours later, when the first checkpoint would fail to write.
         need = self.checkpoint_bytes()
-        free = shutil.disk_usage(self.out).free
+        # Only rank 0 creates the run folder: another process may not see it yet, so ask its nearest existing parent.
+        where = next(p for p in (self.out, *self.out.absolute().parents) if p.exists())
+        free = shutil.disk_usage(where).free
         if free < need:
             raise TrainingError(
                 f"not enough free disk space for checkpoints in {self.out}: {free / 2**20:.0f} MiB free, one "
@@ -274,17 +280,16 @@ class Trainer:
         batches = self._batches()
         outs, logs = self._phase("student", lambda batch: b.distiller.student_loss(b.nets, batch, step), batches)
         maybe_kill("mid-step", step + 1)
+        outs = outs or [None] * len(batches)  # None: the method froze the student this step (e.g. DisBack stage 1)
         skipped = "student_skipped" in logs
         # Critic updates: the first reuses the student's (detached) samples, later ones draw fresh batches.
         for i in range(self.ratio):
-            pairs = list(zip(batches, [o.samples for o in outs])) if i == 0 else [(bt, None) for bt in self._batches()]
+            pairs = list(zip(batches, [o and o.samples for o in outs])) if i == 0 else [(bt, None) for bt in self._batches()]
             it = iter(pairs)
             _, clogs = self._phase("critic", lambda batch: b.distiller.critic_loss(b.nets, *next(it)), [p[0] for p in pairs])
             skipped |= "critic_skipped" in clogs
             for k, v in clogs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.ratio
-        # The update is done: count it before after_step, so a stage export made there records this step.
-        self.step = step + 1
         b.distiller.after_step(b.nets, step)
         logs = self.dist.mean_logs(logs)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
@@ -321,6 +326,7 @@ class Trainer:
         t0, steps0 = time.perf_counter(), self.step
         while self.step < cfg.loop.max_steps:
             logs = self.iteration()
+            self.step += 1
             maybe_kill("step", self.step)
             if self.nonfinite_in_a_row >= cfg.loop.max_nonfinite_in_a_row:
                 raise TrainingError(
@@ -375,8 +381,12 @@ class Trainer:
                 "command to resume from it."
             ) from e
 
-    def export_stage(self, name: str, recipe_overrides: dict | None) -> Path:
-        """Write DIR/<name>/ (LoRA files + recipe) atomically from the current student adapter."""
+    def _export_in_after_step(self, name: str, recipe_overrides: dict | None) -> Path:
+        # after_step ends update self.step + 1 (run() counts it just after), so the export belongs to that step.
+        return self.export_stage(name, recipe_overrides, step=self.step + 1)
+
+    def export_stage(self, name: str, recipe_overrides: dict | None, step: int | None = None) -> Path:
+        """Write DIR/<name>/ (LoRA files + recipe) atomically from the student adapter after `step` updates."""
         from ..core.lora import adapter_state_dict
         from ..core.recipe import Recipe
         from ..export import KOHYA_WEIGHT_NAME, save_diffusers_lora, save_kohya_lora
@@ -385,6 +395,7 @@ class Trainer:
         if self.dist.rank != 0:
             return out
         cfg, b = self.cfg, self.built
+        step = self.step if step is None else step
         state = {k: v.detach().float().cpu() for k, v in adapter_state_dict(b.nets.unet, "student").items()}
         tmp = self.out / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -398,9 +409,9 @@ class Trainer:
         fields.update(recipe_overrides or {})
         Recipe(
             base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
-            lora_rank=rank, lora_alpha=alpha, training_steps=self.step, **fields,
+            lora_rank=rank, lora_alpha=alpha, training_steps=step, **fields,
         ).save(tmp)
-        maybe_kill("export", self.step)
+        maybe_kill("export", step)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..core.denoiser import Denoiser, GuidedDenoiser
+from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
 from ..core.lora import add_adapter, resolve_targets
 from ..core.schedule import NoiseSchedule
 from ..data.prompts import PromptData, read_prompts
@@ -46,24 +46,33 @@ def adapter_parameters(unet, name: str) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
-def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True) -> Built:
+def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, progress: bool = True,
+          model=None, data: PromptData | None = None) -> Built:
+    """Load the teacher and data, attach the adapters. `model` (a FamilyModel in memory, frozen, on `device`, in
+    base_dtype) and `data` stand in for model.path and data.*: the training benchmark builds random-init
+    full-size models in code instead of writing 10 GB folders."""
     from ..models import load_family
 
     spec = get_method(cfg.method.name)
     dtype = base_dtype(cfg, device)
-    family = load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
+    family = model or load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
     unet = family.unet
     unet.requires_grad_(False)
     _set_attention(unet, cfg.model.attention, device)
+    if cfg.model.channels_last:
+        # Base weights only: that is where the convolution FLOPs are; LoRA convolutions are rank-thin.
+        unet.to(memory_format=torch.channels_last)
     if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(checkpoint_under_adapter)
 
     targets = resolve_targets(cfg.lora.targets)
     rank_critic = cfg.lora.critic_rank or cfg.lora.rank
     add_adapter(unet, "student", cfg.lora.rank, cfg.lora.effective_alpha, targets)
+    # Which adapter mirrors whom: by default a target mirrors the student (EMA / stop-grad copies) and critics get
+    # their own rank; a method overrides it per adapter (DisBack's target holds nodes of the critic adapter).
+    roles = {"target": "student", **getattr(spec.distiller_cls, "adapter_ranks", {})}
     for name in spec.distiller_cls.extra_adapters:
-        # A target mirrors the student (EMA / stop-grad copies); critics get their own rank.
-        if name == "target":
+        if roles.get(name, "critic") == "student":
             add_adapter(unet, name, cfg.lora.rank, cfg.lora.effective_alpha, targets)
         else:
             add_adapter(unet, name, rank_critic, float(rank_critic), targets)
@@ -86,6 +95,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     )
     nets.extra["latent_shape"] = family.latent_shape(1, resolution)[1:]
     nets.extra["uncond"] = uncond
+    nets.extra["decode"] = family.decode
 
     distiller = spec.distiller_cls(cfg.method, schedule)
     distiller.setup(nets)
@@ -102,7 +112,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
             for p in adapter_parameters(unet, a):
                 p.requires_grad_(False)
 
-    data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
+    if cfg.model.compile:
+        _compile(unet)
+    if data is None:
+        data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
     return Built(cfg, family, nets, distiller, data, params, targets)
 
 
@@ -120,6 +133,24 @@ def build_data(cfg: Config, family, resolution: int, rank: int, world: int, prog
     latents = encode_latents(family, images, progress=progress)
     return PromptData.from_family(family, captions, cfg.data.batch_size, cfg.seed, rank, world,
                                   progress=progress, latents=latents)
+
+
+# torch.compile options of the UNet; tests swap in a cheap backend (e.g. {"backend": "eager"}).
+COMPILE_OPTIONS: dict = {"dynamic": False}
+
+
+def _compile(unet) -> None:
+    """Compile the UNet in place (parameter names unchanged, so checkpoints and exports are the same).
+
+    Dynamo guards on the PEFT layers' active-adapter flags, so each adapter gets its own graph, as does each
+    batch shape and grad mode: a dmd iteration compiles five (teacher at 2B, student and fake score with and
+    without grad), DisBack's target adds more; past dynamo's default limit of 8 per frame it would fall back to
+    eager with only a log line.
+    """
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+    unet.compile(**COMPILE_OPTIONS)
 
 
 def _set_attention(unet, backend: str, device):

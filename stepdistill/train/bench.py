@@ -1,0 +1,543 @@
+"""`stepdistill bench train`: training throughput of the real loop, in TFLOP/s against a measured matmul ceiling.
+
+For each method and model family the benchmark builds a random-init UNet from its architecture config (full-size
+SD1.5 at 512 px or SDXL at 1024 px on a GPU; the tiny test architectures on the CPU), wraps it in the real
+`Trainer` (train/build.py attaches the adapters, train/loop.py runs `iteration()`: one student update and the
+method's critic updates), and reports:
+
+* step time: median over timed iterations after warm-up (CUDA events on a GPU, perf_counter on the CPU);
+* FLOPs: one whole iteration counted by torch.utils.flop_counter.FlopCounterMode (every forward, backward and
+  gradient-checkpointing recomputation that actually ran; docs/benchmarks.md, "FLOP accounting");
+* achieved TFLOP/s = FLOPs per iteration / step time, and its share of a bf16 matmul ceiling measured in the
+  same process (the best of a few large square matmuls);
+* peak GPU memory, and with --find-max-batch the largest per-GPU batch that fits.
+
+Efficiency levers are config switches (`--levers` names a set of `--set` overrides per row), so what is
+measured is exactly what a training run with that config executes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import json
+import logging
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config, _merge, build_config, parse_overrides
+from ..registry import method_names
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dmd", "disback", "tscd")
+FAMILIES = ("sd15", "sdxl")
+DEFAULT_BATCH = {"sd15": 16, "sdxl": 4}
+TINY_BATCH = 2
+# The methods' published recipes where they change the cost of an iteration: DMD2 updates the fake score 10 times
+# per generator update on SD1.5 and 5 times on SDXL (its released scripts' dfake_gen_update_ratio).
+# DisBack is measured in its stage 2 (backtracking, the long one): two nodes recorded one iteration each, then the
+# target adapter holds node 1 for 500 iterations, longer than any benchmark.
+_DMD2_RATIO = {"sd15": {"critic_updates_per_student_update": 10}, "sdxl": {"critic_updates_per_student_update": 5}}
+_DISBACK_STAGE2 = {"num_nodes": 2, "interval": 1, "steps_per_node": 500}
+METHOD_PRESETS = {
+    "dmd": _DMD2_RATIO,
+    "disback": {family: {**ratio, **_DISBACK_STAGE2} for family, ratio in _DMD2_RATIO.items()},
+}
+# Iterations a method needs before it reaches the phase measured: DisBack's two recording iterations, then one in
+# stage 2 (where the target adapter's graphs get compiled).
+MIN_WARMUP = {"disback": 3}
+# data.images is what switches cached real latents on in training; the benchmark fills it with random latents.
+RANDOM_LATENTS = "random-latents"
+# Each lever is the baseline plus these config overrides (docs/benchmarks.md, "Efficiency levers").
+LEVERS = {
+    "baseline": {},
+    "fp32_base": {"model.dtype": "fp32"},
+    "channels_last": {"model.channels_last": True},
+    "compile": {"model.compile": True},
+    "grad_ckpt": {"model.gradient_checkpointing": True},
+    "attention_math": {"model.attention": "math"},
+    "attention_triton": {"model.attention": "triton"},
+    "no_cached_latents": {"data.images": ""},
+}
+# Attention kernels that FlopCounterMode cannot see into (Triton launches, xformers ops): their FLOPs are counted
+# on SDPA, which computes the same product.
+OPAQUE_ATTENTION = ("triton", "xformers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run under test: config, random-init models, cached data, the real Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bench_config(method: str, family: str, batch: int, overrides=(), resolution: int = 0,
+                 preset: dict | None = None) -> Config:
+    """The config a training run would use: `preset` (a YAML preset's contents) or the method's family recipe,
+    random-init models with cached latents in place of model.path and data, then `overrides`."""
+    if method not in method_names():
+        raise ValueError(f"method {method!r} is not registered (registered: {', '.join(method_names())})")
+    overrides = [o for o in overrides if applies(o, method)]
+    base = preset or {"method": {"name": method, **METHOD_PRESETS.get(method, {}).get(family, {})}}
+    run = {
+        "model": {"path": f"random-init:{family}", "family": family, **({"resolution": resolution} if resolution else {})},
+        "data": {"prompts": "in-memory", "batch_size": batch, "images": RANDOM_LATENTS},
+        "loop": {"progress": False},
+    }
+    return build_config(_merge(_merge(base, run), parse_overrides(list(overrides))))
+
+
+def read_preset(path) -> tuple[dict, str, str]:
+    """(contents, method, family) of a YAML preset such as configs/dmd/sdxl_1step.yaml."""
+    from ..config import read_yaml
+
+    preset = read_yaml(path)
+    method = preset.get("method")
+    method = method.get("name") if isinstance(method, dict) else method
+    family = (preset.get("model") or {}).get("family", "auto")
+    if not method or family not in FAMILIES:
+        raise ValueError(f"{path} must name method.name and model.family (sd15 or sdxl) to be benchmarked")
+    if isinstance(preset["method"], str):
+        preset["method"] = {"name": method}
+    return preset, method, family
+
+
+def applies(override: str, method: str) -> bool:
+    """Whether a --set override is for `method`: every non-method key is; method.X only where X is an option."""
+    import dataclasses
+
+    from ..registry import get_method
+
+    key = override.split("=", 1)[0].strip()
+    if not key.startswith("method."):
+        return True
+    option = key.split(".")[1]
+    return option in {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+
+
+def _check_overrides(overrides, methods) -> None:
+    """A method.X override that no benchmarked method has is a typo, not something to skip silently."""
+    for o in overrides:
+        if not any(applies(o, m) for m in methods):
+            raise ValueError(f"--set {o}: none of the methods {', '.join(methods)} has this option")
+
+
+def bench_model(family: str, tiny: bool, device, dtype, seed: int = 0):
+    """A random-init FamilyModel with the released architecture (or the tiny test one), frozen, on `device`."""
+    from eval.bench_infer import build_family_model
+
+    model = build_family_model(family, tiny, "full", device, dtype, seed)
+    # build_family_model lays the UNet out channels-last on a GPU (its inference default); here that is the
+    # model.channels_last lever, applied by train/build.py.
+    model.unet.to(memory_format=torch.contiguous_format)
+    return model
+
+
+def bench_data(cfg: Config, model, seed: int = 0):
+    """Cached prompt embeddings (as in every run) and, when data.images is set, cached random latents."""
+    from ..data.prompts import PromptData
+    from ..models.tiny import TINY_PROMPTS
+
+    latents = None
+    if cfg.data.images:
+        shape = model.latent_shape(len(TINY_PROMPTS), cfg.model.resolution or None)
+        latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return PromptData.from_family(model, list(TINY_PROMPTS), cfg.data.batch_size, cfg.seed, latents=latents)
+
+
+def make_trainer(cfg: Config, model, data, out_dir, device):
+    """The real Trainer around in-memory models: train/build.py attaches adapters, loop.py owns the iteration."""
+    from .build import build
+    from .loop import Dist, Trainer
+
+    dist = Dist()
+    if dist.world > 1:
+        raise RuntimeError("bench train measures one process: launch it without torchrun (scaling: docs/scaling.md)")
+    dist.device = torch.device(device)
+    trainer = Trainer(cfg, out_dir, dist)
+    trainer.setup(build(cfg, dist.device, model=model, data=data, progress=False))
+    return trainer
+
+
+def run_iteration(trainer) -> dict:
+    """One student update plus its critic updates, advancing the step counter as Trainer.run does."""
+    logs = trainer.iteration()
+    trainer.step += 1
+    return logs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlopCount:
+    total: int
+    by_op: dict[str, int] = field(default_factory=dict)  # conv / matmul / attention
+    by_module: dict[str, int] = field(default_factory=dict)  # top-level module -> FLOPs (the UNet, a GAN head)
+
+
+def _cpu_sdpa_formulas() -> dict:
+    """FLOP formulas for the CPU SDPA kernel, which the counter does not know (its CUDA kernels it does)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def _op_kind(op) -> str:
+    name = str(op)
+    if "attention" in name:
+        return "attention"
+    return "conv" if "conv" in name else "matmul"
+
+
+@contextlib.contextmanager
+def _countable(unet, backend: str, compiled: bool):
+    """Run eagerly (the counter sees aten ops, not compiled graphs) with attention the counter can see into."""
+    from ..core.attention import set_attention_backend
+
+    with contextlib.ExitStack() as stack:
+        if compiled:
+            if not hasattr(torch.compiler, "set_stance"):
+                raise RuntimeError("counting the FLOPs of a compiled UNet needs torch >= 2.6 "
+                                   "(torch.compiler.set_stance): upgrade torch, or bench without model.compile")
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        if backend in OPAQUE_ATTENTION:
+            saved = unet.attn_processors
+            set_attention_backend(unet, "sdpa")
+            stack.callback(unet.set_attn_processor, saved)
+        yield
+
+
+def count_flops(fn, unet, backend: str = "auto", compiled: bool = False) -> FlopCount:
+    """FLOPs of whatever `fn()` runs (forward, backward, recomputation), by op kind and top-level module."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_formulas())
+    with _countable(unet, backend, compiled), counter:
+        fn()
+    counts = counter.get_flop_counts()
+    by_op: dict[str, int] = {}
+    for op, n in counts.get("Global", {}).items():
+        by_op[_op_kind(op)] = by_op.get(_op_kind(op), 0) + n
+    by_module = {name: sum(ops.values()) for name, ops in counts.items() if name != "Global" and "." not in name}
+    return FlopCount(counter.get_total_flops(), by_op, by_module)
+
+
+def unet_forward_flops(trainer) -> int:
+    """F: one teacher forward (base UNet, no adapter, no CFG) of one sample, the unit of docs/benchmarks.md."""
+    b = trainer.built
+    cond = b.data.cond.index([0]).to(b.nets.device)
+    x = torch.randn((1, *b.nets.extra["latent_shape"]), device=b.nets.device)
+    t = torch.tensor([500], device=b.nets.device)
+
+    def forward():
+        with torch.no_grad(), trainer.autocast:
+            b.nets.teacher.denoiser(x, t, cond)
+
+    return count_flops(forward, b.nets.unet, trainer.cfg.model.attention, trainer.cfg.model.compile).total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time, the matmul ceiling, memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def matmul_ceiling(device, dtype=None, sizes=None, repeats: int | None = None) -> dict:
+    """The best TFLOP/s of large square matmuls in `dtype` (bf16 on a GPU, fp32 on the CPU), timed like a step."""
+    from eval.bench_infer import Clock
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    sizes = sizes or ((4096, 8192, 16384) if cuda else (256, 512))
+    repeats = repeats or (20 if cuda else 3)
+    clock, best = Clock(device), {"tflops": 0.0, "size": 0}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        marks = [clock.mark()]
+        for _ in range(repeats):
+            a @ b
+        marks.append(clock.mark())
+        (ms,) = clock.elapsed_ms(marks)
+        tflops = 2 * n**3 * repeats / (ms * 1e-3) / 1e12
+        if tflops > best["tflops"]:
+            best = {"tflops": tflops, "size": n}
+        del a, b
+    return {**best, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def time_iterations(trainer, iters: int) -> list[float]:
+    """Milliseconds of each of `iters` real iterations."""
+    from eval.bench_infer import Clock
+
+    clock = Clock(trainer.dist.device)
+    marks = [clock.mark()]
+    for _ in range(iters):
+        run_iteration(trainer)
+        marks.append(clock.mark())
+    return clock.elapsed_ms(marks)
+
+
+def _free_cuda():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fits(trainer, batch: int, iters: int = 2) -> bool:
+    """Whether `iters` iterations at per-process batch `batch` run without a CUDA out-of-memory error.
+
+    Two iterations: the first creates the optimizers' moments, so only the second holds the steady state.
+    """
+    trainer.built.data.batch_size = batch
+    try:
+        for _ in range(iters):
+            run_iteration(trainer)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        log.info("batch %d: out of memory", batch)
+    # Outside the except block: the traceback (and the activations its frames hold) is released by now.
+    for opt in trainer.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    _free_cuda()
+    return False
+
+
+def largest_batch(fits_fn, limit: int) -> int:
+    """The largest b in 1..limit with fits_fn(b), for fits_fn true up to some size: doubling, then bisection.
+
+    0 when even batch 1 does not fit.
+    """
+    lo, hi = 0, limit + 1  # lo fits (0 trivially); hi is taken not to
+    b = 1
+    while b < hi and fits_fn(b):
+        lo, b = b, 2 * b
+    hi = min(hi, b)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits_fn(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def find_max_batch(trainer, limit: int) -> dict:
+    """Largest per-GPU batch that fits, and the peak memory of two iterations at that batch."""
+    device = trainer.dist.device
+    if device.type != "cuda":
+        raise RuntimeError("--find-max-batch needs a CUDA device (it searches by catching CUDA out-of-memory errors)")
+    batch = trainer.built.data.batch_size
+    best = largest_batch(lambda b: fits(trainer, b), limit)
+    peak = None
+    if best:
+        torch.cuda.reset_peak_memory_stats(device)
+        fits(trainer, best)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    trainer.built.data.batch_size = batch
+    _free_cuda()
+    return {"max_batch": best, "max_batch_limit": limit, "max_batch_peak_gb": peak}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One row, all rows, the table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> dict:
+    """Warm up, count one iteration's FLOPs, time `iters` more; everything per process."""
+    cfg, device = trainer.cfg, trainer.dist.device
+    warmup = max(warmup, MIN_WARMUP.get(cfg.method.name, 0))
+    # A regression warm-up (dmd, disback: a 25-step teacher solve per sample) is not the phase to measure.
+    trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
+    for _ in range(warmup):
+        run_iteration(trainer)  # also compiles, when model.compile is on
+    flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.unet, cfg.model.attention, cfg.model.compile)
+    unit = unet_forward_flops(trainer)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_iterations(trainer, iters)
+    ms = statistics.median(times)
+    samples = cfg.data.batch_size * cfg.loop.grad_accum
+    achieved = flops.total / (ms * 1e-3) / 1e12
+    row = {
+        "warmup": warmup, "iteration_ms": ms, "iteration_ms_all": times, "samples_per_iteration": samples,
+        "samples_per_s": samples / (ms * 1e-3), "flops_per_iteration": flops.total,
+        "unet_forward_flops": unit, "forwards_per_sample": flops.total / (samples * unit),
+        "achieved_tflops": achieved, "flops_by_op": flops.by_op, "flops_by_module": flops.by_module,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    if ceiling:
+        row.update(ceiling_tflops=ceiling["tflops"], ceiling_dtype=ceiling["dtype"],
+                   utilisation=achieved / ceiling["tflops"])
+    return row
+
+
+def bench_one(method: str, family: str, tiny: bool, device, batch: int, lever: str = "baseline", overrides=(),
+              resolution: int = 0, iters: int = 5, warmup: int = 2, ceiling: dict | None = None,
+              max_batch: int = 0, seed: int = 0, preset: dict | None = None) -> dict:
+    """Build the run for (method, family, lever) and measure it; max_batch > 0 also searches the largest batch."""
+    from .build import base_dtype
+
+    if lever not in LEVERS:
+        raise ValueError(f"unknown lever {lever!r}: use one of {', '.join(LEVERS)}")
+    sets = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in LEVERS[lever].items()]
+    cfg = bench_config(method, family, batch, [*sets, *overrides], resolution, preset)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = bench_model(family, tiny, device, base_dtype(cfg, device), seed)
+    data = bench_data(cfg, model, seed)
+    row = {"method": method, "family": family, "tiny": tiny, "lever": lever, "overrides": [*sets, *overrides],
+           "resolution": cfg.model.resolution or model.resolution, "batch": batch, "base_dtype": cfg.model.dtype,
+           "attention": cfg.model.attention}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
+        trainer = make_trainer(cfg, model, data, out, device)
+        try:
+            row.update(measure(trainer, iters, warmup, ceiling))
+            if max_batch:
+                row.update(find_max_batch(trainer, max_batch))
+        finally:
+            trainer.close()
+    return row
+
+
+def bench_train(methods=None, families=FAMILIES, tiny: bool = False, device: str = "auto", batch: int | None = None,
+                levers=("baseline",), overrides=(), resolution: int = 0, iters: int = 5, warmup: int = 2,
+                max_batch: int = 0, seed: int = 0, show: bool = True, config=None) -> list[dict]:
+    """One row per (method, family, lever); see the module docstring for what each row holds. `config`, a YAML
+    preset, replaces the built-in recipes: its method and family, its batch unless `batch` is given."""
+    from eval.bench_infer import _resolve_device, device_name
+
+    preset = None
+    if config:
+        preset, method, family = read_preset(config)
+        if tiny:  # the tiny models at their own few pixels, whatever size the preset trains at
+            (preset.get("model") or {}).pop("resolution", None)
+        methods, families = [method], [family]
+        batch = batch or (preset.get("data") or {}).get("batch_size")
+    methods = list(methods or [m for m in METHODS if m in method_names()])
+    device = _resolve_device(device)
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0 (got {iters}, {warmup})")
+    for family in families:
+        if family not in FAMILIES:
+            raise ValueError(f"family {family!r} is not supported: use one of {', '.join(FAMILIES)}")
+    for method in methods:
+        bench_config(method, families[0], 1)  # unregistered methods fail here, before any model is built
+    _check_overrides(overrides, methods)
+    ceiling = matmul_ceiling(device)
+    rows = []
+    for method, family, lever in itertools.product(methods, families, levers):
+        b = batch or (TINY_BATCH if tiny else DEFAULT_BATCH[family])
+        log.info("bench train: %s %s%s batch %d, lever %s", method, family, " (tiny)" if tiny else "", b, lever)
+        row = bench_one(method, family, tiny, device, b, lever, overrides, resolution, iters, warmup, ceiling,
+                        max_batch, seed, preset)
+        rows.append({**row, "config": str(config or ""), "device": device_name(device), "ceiling_size": ceiling["size"]})
+        _free_cuda()  # this row's models are unreachable now: hand their memory back before the next row builds
+    if show:
+        print(format_table(rows))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table headed by the device and the measured ceiling."""
+    if not rows:
+        return "(no rows)"
+    first = rows[0]
+    n = first["ceiling_size"]
+    title = (f"device: {first['device']}; {first['ceiling_dtype']} matmul ceiling {first['ceiling_tflops']:.4g} "
+             f"TFLOP/s (measured, {n}x{n}x{n}); median of {len(first['iteration_ms_all'])} iterations")
+    header = ("method", "family", "res", "batch", "lever", "ms/iter", "samples/s", "TFLOP/iter", "F/sample",
+              "TFLOP/s", "% ceil", "peak GB", "max batch")
+    lines = [title, "  ".join(f"{h:>10}" for h in header)]
+    for r in rows:
+        peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+        cells = (r["method"], r["family"] + ("-tiny" if r["tiny"] else ""), r["resolution"], r["batch"], r["lever"],
+                 f"{r['iteration_ms']:.1f}", f"{r['samples_per_s']:.2f}", f"{r['flops_per_iteration'] / 1e12:.3g}",
+                 f"{r['forwards_per_sample']:.2f}", f"{r['achieved_tflops']:.3g}", f"{100 * r['utilisation']:.1f}",
+                 peak, r.get("max_batch", "-"))
+        lines.append("  ".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bench_train_command(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        rows = bench_train(
+            methods=args.method, families=args.family, tiny=args.tiny, device=args.device, batch=args.batch,
+            levers=args.levers, overrides=args.set, resolution=args.resolution or 0, iters=args.iters,
+            warmup=args.warmup, max_batch=args.max_batch if args.find_max_batch else 0, seed=args.seed,
+            config=args.config,
+        )
+    except (ValueError, ImportError, RuntimeError) as e:
+        sys.exit(f"stepdistill: error: {e}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def add_bench_train_command(subparsers) -> None:
+    """Register `stepdistill bench train`."""
+    p = subparsers.add_parser("train", help="training throughput of the real loop: step time, TFLOP/s against a "
+                                            "measured matmul ceiling, peak memory, largest batch")
+    p.add_argument("--method", nargs="+", help=f"methods (default: those of {', '.join(METHODS)} registered)")
+    p.add_argument("--config", help="measure a YAML preset (e.g. configs/dmd/sdxl_1step.yaml) instead of the "
+                                    "built-in recipes: its method, family and batch")
+    p.add_argument("--family", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--tiny", action="store_true", help="tiny test architectures (CPU) instead of full-size models")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--batch", type=int, help=f"per-process batch (default {DEFAULT_BATCH}, {TINY_BATCH} with --tiny)")
+    p.add_argument("--resolution", type=int, help="pixels (default: 512 sd15, 1024 sdxl)")
+    p.add_argument("--levers", nargs="+", default=["baseline"], choices=list(LEVERS),
+                   help="one row per lever: the baseline config plus that lever's overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every row")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (compilation happens here)")
+    p.add_argument("--find-max-batch", action="store_true", help="also search the largest per-GPU batch that fits")
+    p.add_argument("--max-batch", type=int, default=128, help="upper end of that search")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", help="also write the rows as JSON")
+    p.set_defaults(func=_bench_train_command)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.train.bench")
+    add_bench_train_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

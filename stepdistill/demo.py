@@ -68,9 +68,13 @@ def student_fn(final: Path, steps: int):
     from .core.recipe import Recipe
 
     recipe = Recipe.load(final)
-    if steps != recipe.num_inference_steps:
-        recipe = dataclasses.replace(recipe, timesteps=None, num_inference_steps=steps)
     pipe = pipelines.load(None, final)
+    if steps != recipe.num_inference_steps:
+        config = dict(recipe.scheduler_config)
+        if recipe.scheduler_class == "LCMScheduler":
+            config["original_inference_steps"] = 50  # LCM's own skipping grid (a one-step recipe pins it to 1)
+        recipe = dataclasses.replace(recipe, timesteps=None, num_inference_steps=steps, scheduler_config=config)
+        pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return student_generate_fn(pipe, recipe)
 

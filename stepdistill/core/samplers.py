@@ -1,12 +1,16 @@
 """Training-time samplers that visit exactly the steps a diffusers scheduler would, so a student can be checked
-against the exported pipeline: LCMScheduler (consistency multistep, fresh noise between steps) and
-DDIMScheduler (deterministic, eta = 0) with explicit timesteps."""
+against the exported pipeline: LCMScheduler (consistency multistep, fresh noise between steps),
+DDIMScheduler (deterministic, eta = 0) and TCDScheduler (strategic stochastic sampling), and `recipe_sample`,
+which runs whichever of them an inference recipe (stepdistill.json) names."""
 
 from __future__ import annotations
 
 import torch
 
-from .solvers import ddim_step, lcm_boundary_scalings
+from .solvers import (
+    ddim_step, lcm_boundary_scalings, lcm_inference_timesteps, noise_forward, tcd_intermediate, tcd_timesteps,
+    trailing_timesteps,
+)
 
 
 def _noise_like(x, generator):
@@ -36,13 +40,78 @@ def lcm_sample(denoiser, x_T, timesteps, cond, schedule, generator=None, boundar
 
 
 @torch.no_grad()
-def ddim_sample(denoiser, x_T, timesteps, cond, schedule, final_t: int = -1):
-    """Deterministic DDIM over `timesteps` (descending), ending at final_t (-1 = clean data, set_alpha_to_one)."""
+def ddim_sample(denoiser, x_T, timesteps, cond, schedule, final_t: int = -1, step_ratio: int | None = None):
+    """Deterministic DDIM over `timesteps` (descending), ending at final_t (-1 = clean data, set_alpha_to_one).
+
+    step_ratio: DDIMScheduler's own rule for the next timestep, t - T // n (below 0: final_t), which differs from
+    the next listed timestep when n does not divide T; None steps from one listed timestep to the next.
+    """
     x = x_T
     n = x.shape[0]
-    grid = list(timesteps) + [final_t]
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    if step_ratio is None:
+        nexts = list(timesteps[1:]) + [final_t]
+    else:
+        nexts = [t - step_ratio if t - step_ratio >= 0 else final_t for t in timesteps]
+    for t, t_next in zip(timesteps, nexts):
         out = denoiser(x, torch.full((n,), int(t), device=x.device, dtype=torch.long), cond)
         alpha, sigma = schedule.alpha_sigma(torch.full((n,), int(t_next)), x.ndim)
         x = ddim_step(out.x0, out.eps, alpha.to(x.device), sigma.to(x.device)).to(x_T.dtype)
     return x
+
+
+@torch.no_grad()
+def tcd_sample(denoiser, x_T, timesteps, cond, schedule, eta: float = 0.3, generator=None):
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, sec. 4.3; diffusers TCDScheduler.step).
+
+    Each step jumps with DDIM from t to s = floor((1 - eta) t_next), then noises forward from s to t_next; the
+    last step stops at s = 0 (alpha_0 < 1, as the scheduler does) without noise. eta = 0 is deterministic DDIM.
+    """
+    x = x_T
+    n = x.shape[0]
+    for i, t in enumerate(timesteps):
+        last = i + 1 == len(timesteps)
+        t_next = 0 if last else int(timesteps[i + 1])
+        s = tcd_intermediate(t_next, eta)
+        out = denoiser(x, torch.full((n,), int(t), device=x.device, dtype=torch.long), cond)
+        alpha_s, sigma_s = schedule.alpha_sigma(torch.full((n,), s), x.ndim)
+        x_s = ddim_step(out.x0, out.eps, alpha_s.to(x.device), sigma_s.to(x.device))
+        if eta > 0 and not last:
+            alpha_next, _ = schedule.alpha_sigma(torch.full((n,), t_next), x.ndim)
+            x_s = noise_forward(x_s, alpha_s.to(x.device), alpha_next.to(x.device), _noise_like(x, generator))
+        x = x_s.to(x_T.dtype)
+    return x
+
+
+def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[int]:
+    """The timesteps the recipe's diffusers scheduler visits at `steps` (default: the recipe's own)."""
+    config = recipe.get("scheduler_config") or {}
+    if recipe.get("timesteps"):
+        if steps is not None and steps != len(recipe["timesteps"]):
+            raise ValueError(f"the recipe fixes its timesteps {recipe['timesteps']}: sample with steps=None")
+        return [int(t) for t in recipe["timesteps"]]
+    n = steps or recipe["num_inference_steps"]
+    name = recipe["scheduler_class"]
+    if name == "DDIMScheduler":
+        if config.get("timestep_spacing") != "trailing":
+            raise ValueError("the training-time DDIM sampler follows timestep_spacing='trailing' only: put it in the "
+                             "recipe's scheduler_config")
+        return trailing_timesteps(n, T)
+    if name == "LCMScheduler":
+        return lcm_inference_timesteps(n, config.get("original_inference_steps", 50), T)
+    if name == "TCDScheduler":
+        return tcd_timesteps(n, config.get("original_inference_steps", 50), T)
+    raise ValueError(f"no training-time sampler for {name}: use DDIMScheduler (trailing), LCMScheduler or TCDScheduler")
+
+
+def recipe_sample(denoiser, x_T, cond, schedule, recipe, generator=None, steps: int | None = None):
+    """Sample as the recipe's diffusers scheduler would (recipe: the dict a distiller's recipe() returns)."""
+    T = schedule.num_train_timesteps
+    timesteps = recipe_timesteps(recipe, steps, T)
+    config = recipe.get("scheduler_config") or {}
+    name = recipe["scheduler_class"]
+    if name == "DDIMScheduler":
+        final_t = -1 if config.get("set_alpha_to_one", True) else 0
+        return ddim_sample(denoiser, x_T, timesteps, cond, schedule, final_t, step_ratio=T // len(timesteps))
+    if name == "LCMScheduler":
+        return lcm_sample(denoiser, x_T, timesteps, cond, schedule, generator)
+    return tcd_sample(denoiser, x_T, timesteps, cond, schedule, recipe.get("eta", 0.0), generator)

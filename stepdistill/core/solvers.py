@@ -37,6 +37,14 @@ def lcm_inference_timesteps(n: int, original_steps: int = 50, T: int = 1000) -> 
     return [origin[i] for i in idx]
 
 
+def tcd_timesteps(n: int, original_steps: int = 50, T: int = 1000) -> list[int]:
+    """TCDScheduler.set_timesteps(n): the same pick from the skipping grid as LCM's (Zheng et al. 2024, sec. 4.3).
+
+    With original_steps a multiple of n (e.g. 40 for n in 1, 2, 4, 8) these are exactly the trailing-DDIM timesteps.
+    """
+    return lcm_inference_timesteps(n, original_steps, T)
+
+
 def segment_boundaries(k: int, T: int = 1000) -> list[int]:
     """Start timesteps of k equal segments of [0, T): 0, T/k, 2T/k, ... (Hyper-SD sec. 3.1)."""
     if k < 1 or T % k:
@@ -58,6 +66,17 @@ def segment_start(t: torch.Tensor, k: int, T: int = 1000) -> torch.Tensor:
 def ddim_step(x0, eps, alpha_next, sigma_next):
     """Deterministic DDIM (eta = 0): x_next = alpha_next x0 + sigma_next eps (Song et al. eq. 12)."""
     return alpha_next * x0 + sigma_next * eps
+
+
+def noise_forward(x_s, alpha_s, alpha_t, z):
+    """q(x_t | x_s) for t later than s: x_t = (alpha_t / alpha_s) x_s + sqrt(1 - (alpha_t / alpha_s)^2) z (DDPM eq. 4)."""
+    ratio = alpha_t / alpha_s
+    return ratio * x_s.double() + (1.0 - ratio**2).clamp(min=0).sqrt() * z.double()
+
+
+def tcd_intermediate(t_next: int, eta: float) -> int:
+    """TCD's s = floor((1 - eta) t_next) (gamma = eta), computed as TCDScheduler.step does (float32 tensor maths)."""
+    return int(torch.floor((1 - eta) * torch.tensor(int(t_next))).long())
 
 
 def lcm_boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):

@@ -1,3 +1,4 @@
 """Built-in methods; importing a module registers it."""
 
-from . import consistency  # noqa: F401
+from . import consistency, dmd, reward  # noqa: F401
+from . import disback  # noqa: F401

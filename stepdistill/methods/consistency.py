@@ -1,28 +1,37 @@
-"""Trajectory-segmented consistency distillation (Hyper-SD TSCD, arXiv 2404.13686 sec. 3.1), with
-LCM (Luo et al. 2023: one segment, LCM boundary scalings) and PCM (Wang et al. 2024: fixed k, segment edge)
-as configurations of the same loss.
+"""Trajectory-segmented consistency distillation (Hyper-SD TSCD, arXiv 2404.13686 sec. 3.1), with LCM (Luo et al.
+2023: one segment, LCM boundary scalings) and PCM (Wang et al. 2024: fixed k, segment edge) as configurations of
+the same loss, and the one-step unified LoRA of Hyper-SD sec. 3.3 (`tscd_unified`: the same loss plus DMD's
+distribution matching at t = 999, sampled with TCDScheduler at 1 to 8 steps).
 
 For t on the skipping grid, the teacher solves one DDIM step with CFG from t to t' = max(t - delta, t_b), the
 segment start; the student at t and the target at t' are both mapped by DDIM to the end point t_end in the
 segment, and their distance is the loss. The network never sees t_end: the map is analytic (DDIM), so the
 student stays an ordinary eps-prediction UNet that a plain diffusers scheduler can run.
+
+Optional adversarial term (Hyper-SD's "MSE + adversarial" hybrid, discriminator as in PCM): both sides of the
+consistency pair are noised forward into their segment and judged by small heads on the frozen teacher's down- and
+mid-block features; its weight is set per stage, growing as k falls.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..config import ConfigError, MethodConfig
 from ..core.ema import ema_update_
-from ..core.samplers import ddim_sample, lcm_sample
+from ..core.samplers import ddim_sample, recipe_sample
 from ..core.solvers import (
-    ddim_step, lcm_boundary_scalings, lcm_inference_timesteps, lcm_origin_timesteps, segment_start,
-    trailing_timesteps,
+    ddim_step, lcm_boundary_scalings, lcm_origin_timesteps, noise_forward, segment_start, trailing_timesteps,
 )
 from ..registry import register_method
 from .base import Batch, LossOut, Nets
+from .dmd import dm_loss, fake_score_loss, through_frozen_nets
 
 
 @dataclass
@@ -30,22 +39,38 @@ class TSCDConfig(MethodConfig):
     name: str = "tscd"
     segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])  # k per stage (Hyper-SD progressive)
     stage_steps: list[int] = field(default_factory=list)  # student updates per stage; empty = equal split
-    num_ddim_timesteps: int = 50  # skipping grid N: delta = T / N
-    end_point: str = "random"  # random: t_end ~ U[t_b, t'] (TSCD); edge: t_end = t_b (PCM, LCM)
+    num_ddim_timesteps: int = 40  # skipping grid N, delta = T / N; a multiple of every k puts segment edges on it
+    end_point: str = "random"  # random: t_end ~ U[t_b, t'] (TSCD, Alg. 1) | edge: t_end = t_b (PCM, LCM)
     boundary: str = "ddim"  # ddim | lcm (LCM's c_skip/c_out when the end point is clean data)
-    guidance_min: float = 3.0  # teacher CFG scale w ~ U[min, max], baked into the student
+    guidance_min: float = 3.0  # teacher CFG scale w ~ U[min, max] (diffusers convention), baked into the student
     guidance_max: float = 8.0
     target: str = "ema"  # ema (Hyper-SD) | online (stop-grad student: LCM-LoRA, PCM)
     ema_decay: float = 0.95
-    loss: str = "huber"  # huber (pseudo-Huber, LCM/PCM) | mse
+    loss: str = "huber"  # huber (pseudo-Huber, LCM/PCM) | mse (Hyper-SD)
     huber_c: float = 0.001
+    consistency_weight: list[float] = field(default_factory=list)  # per stage; empty = 1 in every stage
+    adv_weight: list[float] = field(default_factory=list)  # per stage; empty or all 0 = no adversarial term
+    adv_head_channels: int = 64  # width of each discriminator head
     inference_steps: int = 0  # recipe steps for the final LoRA; 0 = k of the last stage (LCM preset: 4)
+    init_lora: str = ""  # start the student (and target) from a stepdistill LoRA folder, e.g. a previous RUN/final
 
     def validate(self):
         if not self.segments or any(k < 1 or 1000 % k for k in self.segments):
             raise ConfigError(f"method.segments must be divisors of 1000 such as [8, 4, 2, 1] (got {self.segments})")
-        if self.stage_steps and len(self.stage_steps) != len(self.segments):
-            raise ConfigError("method.stage_steps needs one entry per method.segments entry (or leave it empty)")
+        if self.num_ddim_timesteps < 1 or 1000 % self.num_ddim_timesteps:
+            raise ConfigError(f"method.num_ddim_timesteps must divide 1000, e.g. 40 or 50 (got {self.num_ddim_timesteps})")
+        off_grid = [k for k in self.segments if self.num_ddim_timesteps % k]
+        if off_grid:
+            raise ConfigError(
+                f"method.num_ddim_timesteps={self.num_ddim_timesteps} is not a multiple of k={off_grid}: segment edges "
+                "would fall between grid points and off the k-step schedulers' timesteps; use e.g. 40 for [8, 4, 2, 1]"
+            )
+        for key in ("stage_steps", "consistency_weight", "adv_weight"):
+            value = getattr(self, key)
+            if value and len(value) != len(self.segments):
+                raise ConfigError(f"method.{key} needs one entry per method.segments entry (or leave it empty)")
+            if any(v < 0 for v in value):
+                raise ConfigError(f"method.{key} entries must be >= 0 (got {value})")
         for key, value, allowed in (("end_point", self.end_point, ("random", "edge")),
                                     ("boundary", self.boundary, ("ddim", "lcm")),
                                     ("target", self.target, ("ema", "online")),
@@ -56,6 +81,9 @@ class TSCDConfig(MethodConfig):
             raise ConfigError(f"method.ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.guidance_min > self.guidance_max:
             raise ConfigError("method.guidance_min must be <= method.guidance_max")
+        if self.init_lora and not Path(self.init_lora).is_dir():
+            raise ConfigError(f"method.init_lora={self.init_lora!r} is not a folder: pass a LoRA folder stepdistill "
+                              "exported, e.g. runs/tscd/final")
 
 
 @dataclass
@@ -64,6 +92,7 @@ class LCMConfig(TSCDConfig):
 
     name: str = "lcm"
     segments: list[int] = field(default_factory=lambda: [1])
+    num_ddim_timesteps: int = 50
     end_point: str = "edge"
     boundary: str = "lcm"
     target: str = "online"
@@ -72,9 +101,52 @@ class LCMConfig(TSCDConfig):
     inference_steps: int = 4
 
 
+@dataclass
+class UnifiedConfig(TSCDConfig):
+    """Hyper-SD's one-step unified LoRA: TSCD at k = 1 (random end point, as TCD) plus DMD at t = 999; TCDScheduler."""
+
+    name: str = "tscd_unified"
+    segments: list[int] = field(default_factory=lambda: [1])
+    dm_weight: float = 1.0  # weight of the distribution-matching term against the consistency term (ours)
+    dm_guidance_scale: float | None = None  # teacher CFG in the DM term; null = w ~ U[guidance_min, guidance_max]
+    dm_t_min: float = 0.02  # DM term: t ~ U[dm_t_min T, dm_t_max T) (DMD2's min/max_step_percent)
+    dm_t_max: float = 0.98
+    critic_updates_per_student_update: int = 1
+    tcd_eta: float = 0.3  # recipe eta (gamma) of TCDScheduler; TCD's default; Hyper-SD's card shows 1.0
+    inference_steps: int = 1
+
+    def validate(self):
+        super().validate()
+        if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
+            raise ConfigError(f"need 0 <= method.dm_t_min < method.dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
+        if not 0 <= self.tcd_eta <= 1:
+            raise ConfigError(f"method.tcd_eta must be in [0, 1] (got {self.tcd_eta})")
+        if self.critic_updates_per_student_update < 1:
+            raise ConfigError("method.critic_updates_per_student_update must be >= 1")
+        if self.dm_weight < 0:
+            raise ConfigError(f"method.dm_weight must be >= 0 (got {self.dm_weight})")
+
+
+# ---- the maths ------------------------------------------------------------------------------------------------
+
 def pseudo_huber(a, b, c: float):
     """sqrt(|a - b|^2 + c^2) - c per element (Song & Dhariwal 2023, eq. 6), averaged per sample."""
     return (((a - b) ** 2 + c**2).sqrt() - c).flatten(1).mean(1)
+
+
+def mse(a, b):
+    """|a - b|^2 averaged per sample."""
+    return ((a - b) ** 2).flatten(1).mean(1)
+
+
+def hinge_discriminator_loss(logits_real, logits_fake):
+    """relu(1 - D(real)) + relu(1 + D(fake)) per sample (Lim & Ye 2017; PCM's adversarial consistency loss)."""
+    return torch.relu(1 - logits_real) + torch.relu(1 + logits_fake)
+
+
+def hinge_generator_loss(logits_fake):
+    """relu(1 - D(fake)) per sample (PCM's generator side of the hinge)."""
+    return torch.relu(1 - logits_fake)
 
 
 def stage_bounds(segments, stage_steps, max_steps):
@@ -89,51 +161,143 @@ def stage_bounds(segments, stage_steps, max_steps):
     return ends
 
 
+def _bcast(v, ndim):
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
+# ---- the discriminator: heads on the frozen teacher's features -----------------------------------------------
+
+class _FeaturesDone(Exception):
+    """Raised after the mid block: the up path is not needed for the discriminator."""
+
+
+def teacher_features(denoiser, x_t, t, cond) -> list[torch.Tensor]:
+    """Outputs of every down block and of the mid block of `denoiser.unet` on (x_t, t, cond) under its adapter."""
+    unet, feats = denoiser.unet, []
+
+    def keep(module, inputs, output):
+        feats.append(output[0] if isinstance(output, tuple) else output)
+
+    def stop(module, inputs, output):
+        keep(module, inputs, output)
+        raise _FeaturesDone
+
+    handles = [b.register_forward_hook(keep) for b in unet.down_blocks] + [unet.mid_block.register_forward_hook(stop)]
+    try:
+        denoiser.raw(x_t, t, cond)
+    except _FeaturesDone:
+        return feats
+    finally:
+        for h in handles:
+            h.remove()
+    raise RuntimeError("the UNet returned without running its mid_block: the discriminator needs a UNet with one")
+
+
+def feature_channels(unet) -> list[int]:
+    """Channels of teacher_features: each down block's output, then the mid block's."""
+    channels = list(unet.config.block_out_channels)
+    return channels + [channels[-1]]
+
+
+class FeatureHeads(nn.Module):
+    """One small conv head per feature map (PCM's discriminator shape): conv 3x3, GroupNorm, SiLU, conv 1x1 -> a logit
+    map, averaged over space and heads into one logit per sample."""
+
+    def __init__(self, channels: list[int], width: int = 64):
+        super().__init__()
+        groups = math.gcd(32, width)
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, 1, 1))
+            for c in channels
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        logits = [head(f.float()).flatten(1).mean(1) for head, f in zip(self.heads, feats, strict=True)]
+        return torch.stack(logits).mean(0)
+
+
+# ---- starting from a previous LoRA ---------------------------------------------------------------------------
+
+def start_from_lora(unet, folder, adapter: str = "student") -> None:
+    """Load a stepdistill LoRA folder (diffusers file + alpha metadata) into `adapter`; rank and alpha must match."""
+    from ..core.lora import adapter_config, load_adapter_state_dict
+    from ..export import load_diffusers_lora
+
+    state, rank, alpha = load_diffusers_lora(folder)
+    want_rank, want_alpha, _ = adapter_config(unet, adapter)
+    if (rank, float(alpha)) != (want_rank, float(want_alpha)):
+        raise ConfigError(
+            f"the LoRA in {folder} has rank {rank} and alpha {alpha:g}, but this run's adapter has rank {want_rank} and "
+            f"alpha {want_alpha:g}: set lora.rank={rank} lora.alpha={alpha:g}"
+        )
+    load_adapter_state_dict(unet, adapter, state)
+
+
+# ---- the method ----------------------------------------------------------------------------------------------
+
 class ConsistencyDistiller:
     extra_adapters = ("target",)
-    trainable = {"student": ("student",)}
+    # The critic phase trains only the discriminator heads (parameters("critic")), when a stage has adv_weight > 0.
+    trainable = {"student": ("student",), "critic": ()}
 
     def __init__(self, cfg: TSCDConfig, schedule):
         self.cfg, self.schedule = cfg, schedule
         self.T = schedule.num_train_timesteps
+        if any(self.T % k for k in cfg.segments) or self.T % cfg.num_ddim_timesteps:
+            raise ConfigError(f"method.segments {cfg.segments} and method.num_ddim_timesteps must divide the "
+                              f"teacher's {self.T} timesteps")
         self.grid = torch.tensor(lcm_origin_timesteps(cfg.num_ddim_timesteps, self.T))  # t_n, descending
         self.delta = self.T // cfg.num_ddim_timesteps
-        self.max_steps = None  # set by setup from the loop's config (via nets.extra)
+        self.head = None
+        self._stage = 0
+        self._pending = {}  # id(samples) -> what the critic needs beyond the samples, within one iteration
 
     # ---- set-up and state ----
     def setup(self, nets: Nets):
         from ..core.lora import copy_adapter
 
+        if self.cfg.init_lora:
+            start_from_lora(nets.unet, self.cfg.init_lora)
         copy_adapter(nets.unet, "student", "target")
         self.pairs = _adapter_pairs(nets.unet, "target", "student")
-        self.ends = None
+        if any(w > 0 for w in self.cfg.adv_weight):
+            self.head = FeatureHeads(feature_channels(nets.unet), self.cfg.adv_head_channels).to(nets.device)
+
+    def parameters(self, phase: str):
+        return list(self.head.parameters()) if phase == "critic" and self.head is not None else []
 
     def state_dict(self):
-        return {}
+        return {"adv_heads": self.head.state_dict()} if self.head is not None else {}
 
     def load_state_dict(self, state):
-        pass
+        if self.head is not None:
+            self.head.load_state_dict(state["adv_heads"])
 
     def stage(self, step: int, max_steps: int) -> int:
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)
         return next((i for i, e in enumerate(ends) if step < e), len(ends) - 1)
 
-    # ---- the loss ----
+    def _weights(self, i: int) -> tuple[float, float]:
+        """(consistency, adversarial) weights of stage i."""
+        cfg = self.cfg
+        return (cfg.consistency_weight[i] if cfg.consistency_weight else 1.0,
+                cfg.adv_weight[i] if cfg.adv_weight else 0.0)
+
+    # ---- the consistency pair ----
     def _to_end(self, x_t, t, out, t_end):
         """Map a prediction at t to the end point t_end: DDIM, or LCM's boundary form when t_end is clean data."""
         ndim = x_t.ndim
         alpha_end, sigma_end = self.schedule.alpha_sigma(t_end, ndim)
         x_end = ddim_step(out.x0, out.eps, alpha_end.to(x_t.device), sigma_end.to(x_t.device))
         if self.cfg.boundary == "lcm":
-            c_skip, c_out = lcm_boundary_scalings(t.reshape(-1, *([1] * (ndim - 1))).clamp(min=0))
+            c_skip, c_out = lcm_boundary_scalings(_bcast(t, ndim).clamp(min=0))
             lcm = c_skip * x_t.double() + c_out * out.x0
-            x_end = torch.where((t_end < 0).reshape(-1, *([1] * (ndim - 1))), lcm, x_end)
+            x_end = torch.where(_bcast(t_end < 0, ndim), lcm, x_end)
         return x_end
 
-    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+    def consistency_pair(self, nets: Nets, batch: Batch, k: int, grad: bool = True):
+        """(pred, target, t_end): the student's and the target's images of x_t at the end point of t's segment."""
         cfg, device = self.cfg, nets.device
-        k = cfg.segments[self.stage(step, nets.extra["max_steps"])]
-        n = batch.size
         x0_data = self._data_x0(nets, batch)
         t = self.grid[batch.randint(0, len(self.grid))].to(device)
         t_b = segment_start(t, k, self.T)
@@ -155,20 +319,84 @@ class ConsistencyDistiller:
             target_out = target_net(x_prev, t_prev.clamp(min=0), batch.cond)
             target = self._to_end(x_prev, t_prev, target_out, t_end)
             # The teacher already reached the end point: the target is x_prev itself (boundary condition).
-            same = (t_prev == t_end).reshape(-1, *([1] * (x_t.ndim - 1)))
-            target = torch.where(same, x_prev.double(), target)
+            target = torch.where(_bcast(t_prev == t_end, x_t.ndim), x_prev.double(), target)
 
-        pred = self._to_end(x_t, t, nets.student(x_t, t, batch.cond), t_end)
-        if cfg.loss == "huber":
-            loss = pseudo_huber(pred.float(), target.float(), cfg.huber_c)
-        else:
-            loss = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-        return LossOut(loss, {"loss": float(loss.detach().mean()), "k": float(k)})
+        with torch.set_grad_enabled(grad):
+            pred = self._to_end(x_t, t, nets.student(x_t, t, batch.cond), t_end)
+        return pred, target, t_end
+
+    def distance(self, pred, target):
+        if self.cfg.loss == "huber":
+            return pseudo_huber(pred.float(), target.float(), self.cfg.huber_c)
+        return mse(pred.float(), target.float())
+
+    # ---- the adversarial term ----
+    def _adv_inputs(self, nets: Nets, batch: Batch, pred, target, t_end, k: int):
+        """Both sides noised forward from t_end to t_adv ~ U[t_end + 1, t_end + T/k] with independent noise (PCM)."""
+        device, ndim = nets.device, pred.ndim
+        width = self.T // k
+        t_adv = (t_end + 1 + torch.floor(batch.rand(device) * width).long()).clamp(max=self.T - 1)
+        z_fake = batch.randn(*pred.shape[1:], device=device)
+        z_real = batch.randn(*pred.shape[1:], device=device)
+        alpha_end, _ = self.schedule.alpha_sigma(t_end, ndim)
+        alpha_adv, _ = self.schedule.alpha_sigma(t_adv, ndim)
+        alpha_end, alpha_adv = alpha_end.to(device), alpha_adv.to(device)
+        fake = noise_forward(pred, alpha_end, alpha_adv, z_fake)
+        real = noise_forward(target, alpha_end, alpha_adv, z_real)
+        return fake, real, t_adv
+
+    def _logits(self, nets: Nets, x_adv, t_adv, cond):
+        return self.head(teacher_features(nets.teacher.denoiser, x_adv, t_adv, cond))
+
+    # ---- the losses ----
+    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+        i = self.stage(step, nets.extra["max_steps"])
+        self._stage = i
+        k = self.cfg.segments[i]
+        w_cons, w_adv = self._weights(i)
+        pred, target, t_end = self.consistency_pair(nets, batch, k)
+        cons = self.distance(pred, target)
+        loss = w_cons * cons
+        logs = {"consistency_loss": float(cons.detach().mean()), "k": float(k)}
+        samples = None
+        if w_adv > 0:
+            fake, real, t_adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
+            g = through_frozen_nets(lambda x: hinge_generator_loss(self._logits(nets, x, t_adv, batch.cond)), fake)
+            loss = loss + w_adv * g
+            logs["adv_g_loss"] = float(g.detach().mean())
+            samples = fake.detach()
+            self._pending[id(samples)] = {"samples": samples, "adv": (samples, real, t_adv)}
+        logs["loss"] = float(loss.detach().mean())
+        return LossOut(loss, logs, samples=samples)
+
+    def _critic_inputs(self, samples) -> dict:
+        """What student_loss left for the critic of this micro-batch; {} for a fresh batch (a later critic update)."""
+        return self._pending.pop(id(samples), {}) if samples is not None else {}
+
+    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut | None:
+        return self._discriminator_loss(nets, batch, self._critic_inputs(samples).get("adv"))
+
+    def _discriminator_loss(self, nets: Nets, batch: Batch, adv) -> LossOut | None:
+        """The heads' hinge loss on the consistency target (real) and the student's side (fake), both noised to t_adv."""
+        if self._weights(self._stage)[1] == 0 or self.head is None:
+            return None
+        if adv is None:  # a fresh batch: a new pair, without student gradient
+            k = self.cfg.segments[self._stage]
+            pred, target, t_end = self.consistency_pair(nets, batch, k, grad=False)
+            adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
+        fake, real, t_adv = adv
+        with torch.no_grad():
+            feats_real = teacher_features(nets.teacher.denoiser, real, t_adv, batch.cond)
+            feats_fake = teacher_features(nets.teacher.denoiser, fake.detach(), t_adv, batch.cond)
+        loss = hinge_discriminator_loss(self.head(feats_real), self.head(feats_fake))
+        return LossOut(loss, {"adv_d_loss": float(loss.detach().mean())})
 
     def _data_x0(self, nets: Nets, batch: Batch):
-        """Clean latents x0: real data when given, else the teacher's own x0 from noise is not needed for
-        consistency training, which only needs points x_t on the teacher's marginal. Without a data set we use
-        real latents when present and fall back to a teacher sample (a few DDIM steps) otherwise."""
+        """Clean latents x0 to noise: real data when the run has images (data.images), else a teacher sample.
+
+        Consistency training only needs points x_t on the teacher's marginal; without a data set, an 8-step CFG DDIM
+        solve of the teacher from fresh noise stands in for the data.
+        """
         if batch.latents is not None:
             return batch.latents.to(nets.device)
         return self._teacher_x0(nets, batch)
@@ -177,12 +405,11 @@ class ConsistencyDistiller:
     def _teacher_x0(self, nets: Nets, batch: Batch):
         x_T = batch.randn(*batch.latent_shape[1:], device=nets.device)
         mean_w = 0.5 * (self.cfg.guidance_min + self.cfg.guidance_max)
-        return ddim_sample(_Guided(nets.teacher, mean_w), x_T, trailing_timesteps(8, self.T), batch.cond, self.schedule)
-
-    def critic_loss(self, nets, batch, samples):
-        return None
+        teacher = partial(nets.teacher, guidance_scale=mean_w)
+        return ddim_sample(teacher, x_T, trailing_timesteps(8, self.T), batch.cond, self.schedule)
 
     def after_step(self, nets: Nets, step: int):
+        self._pending.clear()
         if self.cfg.target == "ema":
             ema_update_([p for p, _ in self.pairs], [q for _, q in self.pairs], self.cfg.ema_decay)
         max_steps = nets.extra["max_steps"]
@@ -194,6 +421,7 @@ class ConsistencyDistiller:
 
     # ---- inference ----
     def _recipe_for(self, k: int, steps: int) -> dict:
+        """A k-segment student's sampler: trailing DDIM at k steps (its segment edges), guidance 0 (CFG is baked in)."""
         if self.cfg.boundary == "lcm" and k == 1:
             return {
                 "scheduler_class": "LCMScheduler",
@@ -210,24 +438,70 @@ class ConsistencyDistiller:
         k = self.cfg.segments[-1]
         return self._recipe_for(k, self.cfg.inference_steps or k)
 
-    def sample(self, nets: Nets, cond, x_T, generator=None, steps: int | None = None):
-        """The student run exactly as the recipe's diffusers scheduler runs it."""
-        r = self.recipe(None)
-        n = steps or r["num_inference_steps"]
-        if r["scheduler_class"] == "LCMScheduler":
-            ts = lcm_inference_timesteps(n, self.cfg.num_ddim_timesteps, self.T)
-            return lcm_sample(nets.student, x_T, ts, cond, self.schedule, generator)
-        return ddim_sample(nets.student, x_T, trailing_timesteps(n, self.T), cond, self.schedule)
+    def sample(self, nets: Nets, cond, x_T, generator=None, steps: int | None = None, recipe: dict | None = None):
+        """The student run exactly as the recipe's diffusers scheduler runs it (default: the final LoRA's recipe)."""
+        recipe = recipe or self.recipe(None)
+        return recipe_sample(nets.student, x_T, cond, self.schedule, recipe, generator, steps)
 
 
-class _Guided:
-    """A GuidedDenoiser pinned to one guidance scale, callable like a Denoiser."""
+class UnifiedDistiller(ConsistencyDistiller):
+    """Consistency (k = 1, random end point) + DMD's distribution matching on the one-step sample from t = 999.
 
-    def __init__(self, guided, w):
-        self.guided, self.w = guided, w
+    The fake score, a second LoRA on the shared base, keeps fitting the student's one-step samples in the critic
+    phase (dmd.fake_score_loss); the DM gradient is DMD's, from stepdistill.methods.dmd.
+    """
 
-    def __call__(self, x_t, t, cond):
-        return self.guided(x_t, t, cond, guidance_scale=self.w)
+    extra_adapters = ("target", "fake_score")
+    trainable = {"student": ("student",), "critic": ("fake_score",)}
+
+    def _dm_teacher(self, nets: Nets, batch: Batch):
+        cfg = self.cfg
+        if cfg.dm_guidance_scale is not None:
+            return partial(nets.teacher, guidance_scale=cfg.dm_guidance_scale)
+        w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * batch.rand(nets.device)
+        return partial(nets.teacher, guidance_scale=w)
+
+    def _one_step(self, nets: Nets, batch: Batch, grad: bool):
+        """x0 of the student from pure noise at t = T - 1: the 1-step sample of its TCD recipe."""
+        z = batch.randn(*batch.latent_shape[1:], device=nets.device)
+        t = torch.full((batch.size,), self.T - 1, dtype=torch.long, device=nets.device)
+        with torch.set_grad_enabled(grad):
+            return nets.student(z, t, batch.cond).x0
+
+    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+        cfg, device = self.cfg, nets.device
+        out = super().student_loss(nets, batch, step)
+        x0 = self._one_step(nets, batch, grad=True)
+        t = batch.randint(int(cfg.dm_t_min * self.T), int(cfg.dm_t_max * self.T), device=device)
+        eps = batch.randn(*x0.shape[1:], device=device)
+        dm = dm_loss(x0, self._dm_teacher(nets, batch), nets.fake_score, batch.cond, self.schedule, t, eps)
+        loss = out.loss + cfg.dm_weight * dm
+        logs = {**out.logs, "dm_loss": float(dm.detach().mean()), "loss": float(loss.detach().mean())}
+        samples = x0.detach()
+        self._pending[id(samples)] = {"samples": samples, "adv": self._critic_inputs(out.samples).get("adv")}
+        return LossOut(loss, logs, samples=samples)
+
+    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut:
+        device, inputs = nets.device, self._critic_inputs(samples)
+        x0 = inputs["samples"] if inputs else self._one_step(nets, batch, grad=False)
+        t = batch.randint(0, self.T, device=device)
+        eps = batch.randn(*x0.shape[1:], device=device)
+        loss = fake_score_loss(nets.fake_score, x0, batch.cond, self.schedule, t, eps)
+        logs = {"fake_score_loss": float(loss.detach().mean())}
+        d = self._discriminator_loss(nets, batch, inputs.get("adv"))
+        if d is not None:
+            loss = loss + d.loss
+            logs.update(d.logs)
+        return LossOut(loss, logs)
+
+    def recipe(self, family) -> dict:
+        """TCDScheduler on the training grid (original_inference_steps = N), eta as configured, guidance 0."""
+        return {
+            "scheduler_class": "TCDScheduler",
+            "scheduler_config": {"original_inference_steps": self.cfg.num_ddim_timesteps},
+            "timesteps": None, "num_inference_steps": self.cfg.inference_steps or 1, "guidance_scale": 0.0,
+            "eta": self.cfg.tcd_eta,
+        }
 
 
 def _adapter_pairs(unet, a: str, b: str):
@@ -241,3 +515,4 @@ def _adapter_pairs(unet, a: str, b: str):
 
 register_method("tscd", TSCDConfig, ConsistencyDistiller)
 register_method("lcm", LCMConfig, ConsistencyDistiller)
+register_method("tscd_unified", UnifiedConfig, UnifiedDistiller)

@@ -1,0 +1,308 @@
+"""Distribution matching distillation: DMD2 (Yin et al., arXiv 2405.14867) with DMD's gradient (arXiv 2311.18828)
+and, as an alternative generator loss, score identity distillation (SiD, Zhou et al., arXiv 2404.04057).
+
+The student G maps noise to x0 in one step (or k steps, trained by backward simulation). Its samples are noised
+at a random t and denoised by the teacher (with CFG) and by a fake score that keeps fitting the student's own
+distribution; their difference, normalised per sample, is the gradient that moves G's samples towards the
+teacher's distribution. The fake score is a second LoRA on the same frozen base (DESIGN.md sec. 3), updated
+`critic_updates_per_student_update` times per student update (DMD2's two-time-scale rule). Optional: a GAN head on
+the fake score's mid-block features with real latents (DMD2 sec. 4.2), and a regression warm-up on teacher ODE
+pairs (DMD's regression loss, in latent space).
+
+The maths is written as pure functions of denoiser callables D(x_t, t, cond) -> (x0, eps), so the same code
+trains a UNet student here and an MLP against an analytic teacher in tests/toy/test_dmd_gaussian.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import ClassVar
+
+import torch
+
+from ..config import ConfigError, MethodConfig
+from ..core.samplers import ddim_sample, lcm_sample
+from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
+from ..registry import register_method
+from .base import Batch, LossOut, Nets
+from .gan import MidBlockHead, gan_discriminator_loss, gan_generator_loss, mid_block_features, mid_block_shape
+
+# Per family: the generator's timesteps and the teacher's CFG scale in the DM term (DMD2's released scripts:
+# SD1.5 one step at t = 999 with real_guidance_scale 1.75; SDXL one step at t = 399 with 8).
+FAMILY_DEFAULTS = {
+    "sd15": {"timesteps": [999], "guidance_scale": 1.75},
+    "sdxl": {"timesteps": [399], "guidance_scale": 8.0},
+}
+
+
+@dataclass
+class DMDConfig(MethodConfig):
+    name: str = "dmd"
+    timesteps: list[int] = field(default_factory=list)  # generator timesteps, descending; [] = family default
+    guidance_scale: float | None = None  # teacher CFG in the DM term; null = family default
+    generator_loss: str = "dmd"  # dmd (DMD2) | sid (score identity distillation, SiD alpha form)
+    sid_alpha: float = 1.2  # SiD's alpha (1.2 in SiD, 1.0 in SiD-LSG)
+    dm_t_min: float = 0.02  # DM term: t ~ U[dm_t_min T, dm_t_max T) (DMD2 min/max_step_percent)
+    dm_t_max: float = 0.98
+    critic_updates_per_student_update: int = 5  # DMD2 dfake_gen_update_ratio: 5 SDXL, 10 SD1.5
+    gan: bool = False  # GAN head on the fake score's mid block; needs real latents (data.images)
+    gan_generator_weight: float = 5e-3  # DMD2 gen_cls_loss_weight: 5e-3 SDXL, 1e-3 SD1.5
+    gan_discriminator_weight: float = 1e-2  # DMD2 guidance_cls_loss_weight
+    gan_t_max: float = 1.0  # diffusion GAN: real and fake latents noised at t ~ U[0, gan_t_max T)
+    regression_steps: int = 0  # first N student updates regress teacher ODE pairs instead of the DM loss
+    regression_teacher_steps: int = 25  # DDIM steps of the teacher's ODE solve for those pairs
+
+    def validate(self):
+        if any(t < 0 or t >= 1000 for t in self.timesteps):
+            raise ConfigError(f"method.timesteps must lie in [0, 1000) (got {self.timesteps})")
+        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:])):
+            raise ConfigError(f"method.timesteps must be strictly descending, e.g. [999, 749, 499, 249] (got {self.timesteps})")
+        if self.generator_loss not in ("dmd", "sid"):
+            raise ConfigError(f"method.generator_loss must be 'dmd' or 'sid' (got {self.generator_loss!r})")
+        if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
+            raise ConfigError(f"need 0 <= method.dm_t_min < method.dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
+        if not 0 < self.gan_t_max <= 1:
+            raise ConfigError(f"method.gan_t_max must be in (0, 1] (got {self.gan_t_max})")
+        for key in ("critic_updates_per_student_update", "regression_teacher_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"method.{key} must be >= 1 (got {getattr(self, key)})")
+        for key in ("gan_generator_weight", "gan_discriminator_weight", "regression_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ConfigError(f"method.guidance_scale must be >= 0 or null (got {self.guidance_scale})")
+
+
+# ---- the maths, for any denoiser callables ------------------------------------------------------------------
+
+def dmd_gradient(x0, x0_teacher, x0_fake):
+    """DMD's gradient with its eq. 8 normaliser: g = (x0_fake - x0_teacher) / mean|x0 - x0_teacher| per sample."""
+    weight = (x0 - x0_teacher).abs().flatten(1).mean(1).clamp(min=1e-12)
+    grad = (x0_fake - x0_teacher) / weight.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dm_surrogate_loss(x0, grad):
+    """0.5 |x0 - sg(x0 - grad)|^2, averaged per sample: its gradient w.r.t. x0 is grad / numel (DMD2's DM loss)."""
+    target = (x0 - grad).detach()
+    return 0.5 * ((x0.double() - target.double()) ** 2).flatten(1).mean(1)
+
+
+def dm_loss(x0, teacher, fake_score, cond, schedule, t, eps):
+    """The distribution-matching loss: noise x0 to x_t, denoise with teacher and fake score (no grad), surrogate MSE."""
+    with torch.no_grad():
+        x_t = schedule.add_noise(x0.detach(), eps, t)
+        x0_teacher = teacher(x_t, t, cond).x0
+        x0_fake = fake_score(x_t, t, cond).x0
+        grad = dmd_gradient(x0.detach().double(), x0_teacher, x0_fake)
+    return dm_surrogate_loss(x0, grad)
+
+
+def sid_loss(x0, x0_teacher, x0_fake, alpha: float = 1.2):
+    """SiD's generator loss (arXiv 2404.04057; SiD's training/sid_loss.py) with DMD's normaliser, per-sample mean:
+    (x0_teacher - x0_fake) . ((x0_teacher - x0) - alpha (x0_teacher - x0_fake)) / mean|x0 - x0_teacher|.
+
+    With the denoisers held constant its gradient w.r.t. x0 is exactly dmd_gradient / numel; SiD differs by
+    back-propagating through both denoisers and by the alpha term.
+    """
+    weight = (x0 - x0_teacher).detach().abs().flatten(1).mean(1).clamp(min=1e-5)
+    diff = x0_teacher - x0_fake
+    return (diff * ((x0_teacher - x0) - alpha * diff)).flatten(1).mean(1) / weight
+
+
+def sid_generator_loss(x0, teacher, fake_score, cond, schedule, t, eps, alpha: float = 1.2):
+    """SiD: noise x0 to x_t and keep the graph through teacher and fake score back to x0."""
+    x_t = schedule.add_noise(x0, eps, t)
+    return sid_loss(x0.double(), teacher(x_t, t, cond).x0, fake_score(x_t, t, cond).x0, alpha)
+
+
+def fake_score_loss(fake_score, x0, cond, schedule, t, eps):
+    """Denoising score matching on detached student samples: |eps_fake(x_t, t) - eps|^2 per sample (DDPM eq. 14)."""
+    x_t = schedule.add_noise(x0.detach(), eps, t)
+    return ((fake_score(x_t, t, cond).eps - eps.double()) ** 2).flatten(1).mean(1)
+
+
+def regression_loss(x0, x0_target):
+    """DMD's regression loss with latent MSE in place of LPIPS: |G(z) - ODE_teacher(z)|^2 per sample."""
+    return ((x0.double() - x0_target.double()) ** 2).flatten(1).mean(1)
+
+
+def lcm_x0(denoiser, x_t, t, cond):
+    """x0 as LCMScheduler reads it: c_skip x_t + c_out x0_hat (c_skip < 1e-7 at t >= 200, but it is what runs)."""
+    c_skip, c_out = lcm_boundary_scalings(t.reshape(-1, *([1] * (x_t.ndim - 1))))
+    return c_skip * x_t.double() + c_out * denoiser(x_t, t, cond).x0
+
+
+def through_frozen_nets(loss_fn, x0):
+    """loss_fn(x0) with its gradient w.r.t. x0 only: the value and d/dx0 of loss_fn, but no gradient for any parameter
+    inside it (the fake score's belong to the critic phase), and its graph is freed before the student's backward."""
+    x = x0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(x)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    linear = (x0 * grad).flatten(1).sum(1)
+    return loss.detach() + linear - linear.detach()
+
+
+def lcm_original_steps(timesteps, T: int = 1000) -> int:
+    """The smallest LCMScheduler original_inference_steps whose grid holds every timestep (silences its warning)."""
+    for n in range(1, T + 1):
+        if T % n == 0 and all((t + 1) % (T // n) == 0 for t in timesteps):
+            return n
+    return 50
+
+
+# ---- the method -----------------------------------------------------------------------------------------------
+
+class DMDDistiller:
+    extra_adapters: ClassVar[tuple[str, ...]] = ("fake_score",)
+    trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
+
+    def __init__(self, cfg: DMDConfig, schedule):
+        self.cfg, self.schedule = cfg, schedule
+        self.T = schedule.num_train_timesteps
+        if any(t >= self.T for t in cfg.timesteps):
+            raise ConfigError(f"method.timesteps {cfg.timesteps} must be below the teacher's {self.T} timesteps")
+        self.timesteps = list(cfg.timesteps)
+        self.guidance_scale = cfg.guidance_scale
+        self.head = None
+
+    # ---- set-up and state ----
+    def setup(self, nets: Nets):
+        family = "sdxl" if nets.unet.config.get("addition_embed_type") == "text_time" else "sd15"
+        self._resolve(family)
+        # The teacher is called with guidance_scale= below; keep its default in step for anyone else using it.
+        nets.teacher.guidance_scale = self.guidance_scale
+        if self.cfg.gan:
+            channels, side = mid_block_shape(nets.unet, nets.extra["latent_shape"])
+            self.head = MidBlockHead(channels, side).to(nets.device)
+            nets.extra["gan_head"] = self.head
+
+    def _resolve(self, family: str):
+        defaults = FAMILY_DEFAULTS[family]
+        self.timesteps = self.timesteps or list(defaults["timesteps"])
+        if self.guidance_scale is None:
+            self.guidance_scale = defaults["guidance_scale"]
+
+    def parameters(self, phase: str):
+        return list(self.head.parameters()) if phase == "critic" and self.head is not None else []
+
+    def state_dict(self):
+        return {"gan_head": self.head.state_dict()} if self.head is not None else {}
+
+    def load_state_dict(self, state):
+        if self.head is not None:
+            self.head.load_state_dict(state["gan_head"])
+
+    # ---- the generator ----
+    def _generate(self, nets: Nets, batch: Batch, grad: bool):
+        """Student x0 at a random stage k_i of its k-step sampler, per sample. Stages before k_i run the student itself
+        without grad (DMD2 backward simulation: it learns from its own intermediate outputs, fresh noise between).
+
+        All noise is drawn up front, so every process makes the same draws whatever its stages (Batch.randn).
+        """
+        device, shape, n = nets.device, batch.latent_shape[1:], batch.size
+        ts = torch.tensor(self.timesteps, device=device)
+        noise = [batch.randn(*shape, device=device) for _ in ts]  # x_T, then the fresh noise of each later step
+        k = batch.randint(0, len(ts), device=device) if len(ts) > 1 else torch.zeros(n, dtype=torch.long, device=device)
+        x = noise[0]
+        with torch.no_grad():
+            for i in range(int(k.max())):
+                x0 = lcm_x0(nets.student, x, ts[i].expand(n), batch.cond)
+                x_next = self.schedule.add_noise(x0, noise[i + 1], ts[i + 1].expand(n)).to(x.dtype)
+                x = torch.where((k > i).reshape(-1, *([1] * len(shape))), x_next, x)
+        with torch.set_grad_enabled(grad):
+            return lcm_x0(nets.student, x, ts[k], batch.cond)
+
+    def _teacher(self, nets: Nets):
+        return partial(nets.teacher, guidance_scale=self.guidance_scale)
+
+    # ---- the losses ----
+    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+        cfg, device = self.cfg, nets.device
+        if step < cfg.regression_steps:
+            return self._regression(nets, batch)
+        x0 = self._generate(nets, batch, grad=True)
+        t = batch.randint(int(cfg.dm_t_min * self.T), int(cfg.dm_t_max * self.T), device=device)
+        eps = batch.randn(*x0.shape[1:], device=device)
+        if cfg.generator_loss == "dmd":
+            loss = dm_loss(x0, self._teacher(nets), nets.fake_score, batch.cond, self.schedule, t, eps)
+        else:
+            sid = partial(sid_generator_loss, teacher=self._teacher(nets), fake_score=nets.fake_score, cond=batch.cond,
+                          schedule=self.schedule, t=t, eps=eps, alpha=cfg.sid_alpha)
+            loss = through_frozen_nets(sid, x0)
+        logs = {f"{cfg.generator_loss}_loss": float(loss.detach().mean())}
+        if cfg.gan:
+            self._real_latents(batch)
+            gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, x, batch)), x0)
+            loss = loss + cfg.gan_generator_weight * gan_g
+            logs["gan_g_loss"] = float(gan_g.detach().mean())
+        logs["loss"] = float(loss.detach().mean())
+        return LossOut(loss, logs, samples=x0.detach())
+
+    def _regression(self, nets: Nets, batch: Batch) -> LossOut:
+        """Warm-up: the student's first step from noise z regresses the teacher's CFG DDIM solve from the same z."""
+        z = batch.randn(*batch.latent_shape[1:], device=nets.device)
+        target = ddim_sample(self._teacher(nets), z, trailing_timesteps(self.cfg.regression_teacher_steps, self.T),
+                             batch.cond, self.schedule)
+        t = torch.full((batch.size,), self.timesteps[0], dtype=torch.long, device=nets.device)
+        x0 = lcm_x0(nets.student, z, t, batch.cond)
+        loss = regression_loss(x0, target)
+        value = float(loss.detach().mean())
+        return LossOut(loss, {"regression_loss": value, "loss": value}, samples=x0.detach())
+
+    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut:
+        cfg, device = self.cfg, nets.device
+        if samples is None:
+            samples = self._generate(nets, batch, grad=False)
+        t = batch.randint(0, self.T, device=device)
+        eps = batch.randn(*samples.shape[1:], device=device)
+        loss = fake_score_loss(nets.fake_score, samples, batch.cond, self.schedule, t, eps)
+        logs = {"fake_score_loss": float(loss.detach().mean())}
+        if cfg.gan:
+            real = self._real_latents(batch).to(device)
+            gan_d = gan_discriminator_loss(self._logits(nets, real, batch), self._logits(nets, samples.detach(), batch))
+            loss = loss + cfg.gan_discriminator_weight * gan_d
+            logs["gan_d_loss"] = float(gan_d.detach().mean())
+        return LossOut(loss, logs)
+
+    def _logits(self, nets: Nets, x0, batch: Batch):
+        """Diffusion GAN: the head's logit on the fake score's mid block at x_t, t ~ U[0, gan_t_max T)."""
+        t = batch.randint(0, max(1, int(self.cfg.gan_t_max * self.T)), device=nets.device)
+        x_t = self.schedule.add_noise(x0, batch.randn(*x0.shape[1:], device=nets.device), t)
+        return self.head(mid_block_features(nets.fake_score, x_t, t, batch.cond))
+
+    def _real_latents(self, batch: Batch):
+        if batch.latents is None:
+            raise ConfigError(
+                "method.gan is on but the batch has no real latents: set data.images=FOLDER (image-caption pairs, "
+                "or toy:N for the toy world) or turn the GAN off with --set method.gan=false"
+            )
+        return batch.latents
+
+    def after_step(self, nets: Nets, step: int):
+        pass
+
+    # ---- inference ----
+    def recipe(self, family) -> dict:
+        if not self.timesteps:
+            self._resolve(getattr(family, "name", family))
+        return {
+            "scheduler_class": "LCMScheduler",
+            "scheduler_config": {"original_inference_steps": lcm_original_steps(self.timesteps, self.T)},
+            "timesteps": list(self.timesteps), "num_inference_steps": len(self.timesteps),
+            "guidance_scale": 0.0, "eta": 0.0,
+        }
+
+    def sample(self, nets: Nets, cond, x_T, generator=None, steps: int | None = None):
+        """The student run exactly as the recipe's LCMScheduler runs it (fresh noise between steps)."""
+        if steps is not None and steps != len(self.timesteps):
+            raise ValueError(
+                f"this student was trained for the timesteps {self.timesteps}; sample with steps={len(self.timesteps)} "
+                "or train with method.timesteps set to the steps you want"
+            )
+        return lcm_sample(nets.student, x_T, self.timesteps, cond, self.schedule, generator)
+
+
+register_method("dmd", DMDConfig, DMDDistiller)

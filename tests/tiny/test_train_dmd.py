@@ -1,0 +1,233 @@
+"""The `dmd` method end to end on tiny SD1.5 / SDXL models: adapters train, the base does not, the export reproduces
+the student in a fresh diffusers pipeline (one and four steps), a GAN run resumes exactly, and the GAN term's
+gradients reach only their own phase."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from stepdistill.config import ConfigError, load_config
+from stepdistill.core.denoiser import Denoiser, checkpoint_under_adapter
+from stepdistill.core.lora import adapter_parameters, adapter_state_dict
+from stepdistill.core.recipe import Recipe
+from stepdistill.methods.base import Batch
+from stepdistill.methods.dmd import fake_score_loss
+from stepdistill.methods.gan import mid_block_features
+from stepdistill.train.build import build
+from stepdistill.train.loop import Trainer
+
+from .helpers import ROOT, assert_same_lora, lora_tensors, run_cli, train_args
+
+RUNS = {
+    # one step at t = 999, plain DMD loss
+    "1step": ("configs/tiny/dmd_sd15.yaml", []),
+    # four steps with backward simulation; also the SiD loss, a regression warm-up step and gradient checkpointing
+    "4step": ("configs/tiny/dmd_sd15_4step.yaml",
+              ["method.generator_loss=sid", "method.regression_steps=1", "method.regression_teacher_steps=3",
+               "model.gradient_checkpointing=true"]),
+}
+
+
+def _config(preset, model, prompts, *sets):
+    return load_config(ROOT / preset, [f"model.path={model}", f"data.prompts={prompts}", "loop.progress=false", *sets])
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def trained(request, tiny_sd15_dir, prompts_file, tmp_path_factory):
+    preset, sets = RUNS[request.param]
+    trainer = Trainer(_config(preset, tiny_sd15_dir, prompts_file, *sets), tmp_path_factory.mktemp("dmd") / "run")
+    return trainer, trainer.run()
+
+
+def test_losses_finite_and_recipe(trained):
+    trainer, final = trained
+    lines = [json.loads(x) for x in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    for x in lines:
+        assert x["nonfinite_steps"] == 0 and math.isfinite(x["loss"]) and math.isfinite(x["fake_score_loss"])
+    timesteps = trainer.cfg.method.timesteps
+    if len(timesteps) == 4:
+        assert "regression_loss" in lines[0] and "sid_loss" in lines[1] and "sid_loss" in lines[2]
+    else:
+        assert all("dmd_loss" in x for x in lines)
+    recipe = Recipe.load(final)
+    assert recipe.method == "dmd" and recipe.scheduler_class == "LCMScheduler"
+    assert recipe.timesteps == timesteps and recipe.num_inference_steps == len(timesteps)
+    assert recipe.guidance_scale == 0.0 and recipe.training_steps == 3
+
+
+def test_adapters_changed_and_base_bit_identical(trained, tiny_sd15_dir):
+    trainer, final = trained
+    unet = trainer.built.nets.unet
+    fresh = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet").state_dict()
+    base = {n.replace(".base_layer", ""): p for n, p in unet.state_dict().items() if "lora_" not in n}
+    assert base.keys() == fresh.keys()
+    for k in fresh:
+        assert torch.equal(base[k], fresh[k]), f"base weight {k} changed"
+    # lora_B starts at zero: non-zero means trained
+    student_ups = [v for k, v in lora_tensors(final).items() if "lora_B" in k]
+    fake_ups = [v for k, v in adapter_state_dict(unet, "fake_score").items() if "lora_B" in k]
+    assert student_ups and all(v.abs().sum() > 0 for v in student_ups)
+    assert fake_ups and all(v.abs().sum() > 0 for v in fake_ups)
+
+
+def test_fresh_diffusers_pipeline_reproduces_the_student(trained, tiny_sd15_dir):
+    trainer, final = trained
+    b = trainer.built
+    prompt = b.data.prompts[0]
+    cond = b.family.encode_prompts([prompt])
+    x_T = torch.randn((1, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
+    ours = b.distiller.sample(b.nets, cond, x_T, generator=torch.Generator().manual_seed(7))
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    recipe = Recipe.load(final)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    pipe.load_lora_weights(str(final))
+    theirs = pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(7),
+                  output_type="latent", **recipe.call_kwargs(pipe.scheduler)).images
+    assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()
+    # and the LoRA matters: the base alone gives something else
+    base_nets = b.nets.__class__(**{**b.nets.__dict__, "student": b.nets.teacher.denoiser})
+    base_out = b.distiller.sample(base_nets, cond, x_T, generator=torch.Generator().manual_seed(7))
+    assert not torch.allclose(base_out.float(), theirs.float(), atol=1e-4)
+
+
+def test_sdxl_run_end_to_end(tiny_sdxl_dir, prompts_file, tmp_path):
+    """CLI train (one step at t = 399 after a regression warm-up step) -> plain SDXL pipeline with the recipe."""
+    out = tmp_path / "run"
+    run_cli(train_args("configs/tiny/dmd_sdxl.yaml", out, tiny_sdxl_dir, prompts_file))
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert "regression_loss" in lines[0] and "dmd_loss" in lines[1]
+    assert all(math.isfinite(x["loss"]) and x["nonfinite_steps"] == 0 for x in lines)
+    recipe = Recipe.load(out / "final")
+    assert recipe.family == "sdxl" and recipe.timesteps == [399]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    kwargs = dict(prompt=["a red circle"], output_type="latent", **recipe.call_kwargs(pipe.scheduler))
+    base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(str(out / "final"))
+    img = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.isfinite(img).all() and not torch.allclose(img, base, atol=1e-4)
+
+
+def test_gan_run_resumes_bit_identically(tiny_sd15_dir, prompts_file, tmp_path):
+    """With the GAN on real latents (data.images=toy:8): four steps straight vs two, stop, two more. The student
+    LoRA must be identical, so the GAN head, critic phases and noise are all restored."""
+    preset = "configs/tiny/dmd_sd15.yaml"
+    sets = ("loop.checkpoint_every=2", "method.gan=true", "data.images=toy:8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    Trainer(_config(preset, tiny_sd15_dir, prompts_file, "loop.max_steps=4", *sets), straight).run()
+    lines = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x["gan_g_loss"]) and math.isfinite(x["gan_d_loss"]) for x in lines)
+    Trainer(_config(preset, tiny_sd15_dir, prompts_file, "loop.max_steps=2", *sets), resumed).run()
+    shutil.rmtree(resumed / "final")
+    Trainer(_config(preset, tiny_sd15_dir, prompts_file, "loop.max_steps=4", *sets), resumed).run()
+    assert_same_lora(straight / "final", resumed / "final")
+
+
+# ---- the GAN term, driven directly (real latents come with data.images) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def gan_built(tiny_sd15_dir, prompts_file):
+    cfg = _config("configs/tiny/dmd_sd15.yaml", tiny_sd15_dir, prompts_file, "method.gan=true")
+    torch.manual_seed(0)
+    built = build(cfg, torch.device("cpu"), progress=False)
+    # Non-zero lora_B everywhere, so that every adapter affects the output and receives gradients.
+    with torch.no_grad():
+        for n, p in built.nets.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return built
+
+
+def _batch(built, latents=True):
+    prompts, cond, uncond, _ = built.data.next()
+    shape = (len(prompts), *built.nets.extra["latent_shape"])
+    return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape,
+                 latents=torch.randn(shape) if latents else None)
+
+
+def _grads(built):
+    unet, head = built.nets.unet, built.distiller.head
+    groups = {"student": adapter_parameters(unet, "student").values(),
+              "fake_score": adapter_parameters(unet, "fake_score").values(), "head": head.parameters()}
+    return {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for name, ps in groups.items()}
+
+
+def _zero_grads(built):
+    for p in list(built.nets.unet.parameters()) + list(built.distiller.head.parameters()):
+        p.grad = None
+
+
+def test_gan_gradients_reach_only_their_phase(gan_built):
+    b, distiller = gan_built, gan_built.distiller
+    assert set(map(id, b.params["critic"])) >= set(map(id, distiller.head.parameters()))
+    _zero_grads(b)
+    out = distiller.student_loss(b.nets, _batch(b), step=0)
+    out.loss.mean().backward()
+    assert "gan_g_loss" in out.logs and math.isfinite(out.logs["gan_g_loss"])
+    assert _grads(b) == {"student": True, "fake_score": False, "head": False}
+    _zero_grads(b)
+    out = distiller.critic_loss(b.nets, _batch(b), out.samples)
+    out.loss.mean().backward()
+    assert "gan_d_loss" in out.logs and math.isfinite(out.logs["gan_d_loss"])
+    assert _grads(b) == {"student": False, "fake_score": True, "head": True}
+    _zero_grads(b)
+
+
+def test_gan_without_real_latents_says_to_set_data_images(gan_built):
+    with pytest.raises(ConfigError, match="data.images"):
+        gan_built.distiller.critic_loss(gan_built.nets, _batch(gan_built, latents=False), None)
+
+
+def test_gan_head_state_round_trips(gan_built):
+    distiller = gan_built.distiller
+    state = {k: v.clone() for k, v in distiller.state_dict()["gan_head"].items()}
+    with torch.no_grad():
+        for p in distiller.head.parameters():
+            p.add_(1.0)
+    distiller.load_state_dict({"gan_head": state})
+    assert all(torch.equal(v, distiller.head.state_dict()[k]) for k, v in state.items())
+
+
+def test_mid_block_features_are_the_full_forward_s(gan_built):
+    nets = gan_built.nets
+    batch = _batch(gan_built)
+    x_t, t = torch.randn(batch.latent_shape), torch.full((batch.size,), 500)
+    seen = []
+    handle = nets.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        nets.fake_score.raw(x_t, t, batch.cond)
+    finally:
+        handle.remove()
+    assert torch.equal(mid_block_features(nets.fake_score, x_t, t, batch.cond), seen[0])
+
+
+def test_gradient_checkpointing_recomputes_under_the_right_adapter(gan_built):
+    """The fake score's gradients must not depend on gradient checkpointing (backward recomputes blocks after
+    active_adapter has switched back to another adapter)."""
+    nets, schedule = gan_built.nets, gan_built.nets.schedule
+    batch = _batch(gan_built)
+    torch.manual_seed(1)
+    x0, t = torch.randn(batch.latent_shape), torch.randint(0, 1000, (batch.size,))
+    eps = torch.randn_like(x0)
+    params = list(adapter_parameters(nets.unet, "fake_score").values())
+    fake = Denoiser(nets.unet, schedule, "fake_score")
+
+    def grads():
+        loss = fake_score_loss(fake, x0, batch.cond, schedule, t, eps).sum()
+        return torch.autograd.grad(loss, params)
+
+    plain = grads()
+    nets.unet.enable_gradient_checkpointing(checkpoint_under_adapter)
+    try:
+        checkpointed = grads()
+    finally:
+        nets.unet.disable_gradient_checkpointing()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))

@@ -1,0 +1,330 @@
+"""TSCD maths: segment tables, the consistency pair against a closed-form linear-Gaussian teacher, the TCD and
+recipe samplers against diffusers' schedulers, the ReFL pieces and the reward-model interface."""
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.config import ConfigError, load_config
+from stepdistill.core.denoiser import DenoiserOut
+from stepdistill.core.samplers import ddim_sample, recipe_sample, tcd_sample
+from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.core.solvers import (
+    ddim_step, noise_forward, segment_boundaries, segment_start, tcd_timesteps, trailing_timesteps,
+)
+from stepdistill.methods.base import Batch, NoiseSource, Nets
+from stepdistill.methods.consistency import (
+    ConsistencyDistiller, LCMConfig, TSCDConfig, UnifiedConfig, hinge_discriminator_loss, hinge_generator_loss,
+    stage_bounds,
+)
+from stepdistill.methods.reward import (
+    REWARD_MODELS, RewardUnavailable, denoise_to, judge_alignment_probability, load_reward_model, refl_hinge,
+)
+
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+MU, S = 0.3, 0.5  # data x0 ~ N(MU, S^2) in one dimension
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule.from_scheduler_config(SD_SCHEDULER)
+
+
+# ---- segments -------------------------------------------------------------------------------------------------
+
+# k -> (segment starts, the timestep each segment's consistency map lands on, top segment first)
+SEGMENT_TABLE = {
+    1: ([0], [-1]),
+    2: ([0, 500], [499, -1]),
+    4: ([0, 250, 500, 750], [749, 499, 249, -1]),
+    8: ([0, 125, 250, 375, 500, 625, 750, 875], [874, 749, 624, 499, 374, 249, 124, -1]),
+}
+
+
+@pytest.mark.parametrize("k", sorted(SEGMENT_TABLE))
+def test_segment_boundaries_and_end_points_table(k):
+    starts, ends = SEGMENT_TABLE[k]
+    assert segment_boundaries(k) == starts
+    # Every t of a segment maps to the same end point: the next step of the k-step trailing DDIM sampler.
+    t = torch.arange(1000)
+    got = segment_start(t, k)
+    for j, start in enumerate(starts):
+        width = 1000 // k
+        assert set(got[start : start + width].tolist()) == {ends[len(starts) - 1 - j]}
+    assert ends == trailing_timesteps(k)[1:] + [-1]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_segment_end_points_lie_on_the_grid_and_the_tcd_schedule(k):
+    from diffusers import TCDScheduler
+
+    grid = set(range(24, 1000, 25))  # N = 40: (1..40) * 25 - 1
+    assert all(e in grid for e in SEGMENT_TABLE[k][1] if e >= 0)
+    tcd = TCDScheduler(**SD_SCHEDULER, original_inference_steps=40)
+    tcd.set_timesteps(k)
+    assert tcd.timesteps.tolist() == tcd_timesteps(k, 40) == trailing_timesteps(k)
+
+
+def test_tcd_timesteps_match_diffusers_on_other_grids():
+    from diffusers import TCDScheduler
+
+    for original in (50, 20):
+        for n in range(1, 9):
+            s = TCDScheduler(**SD_SCHEDULER, original_inference_steps=original)
+            s.set_timesteps(n)
+            assert s.timesteps.tolist() == tcd_timesteps(n, original), (original, n)
+
+
+def test_stage_bounds_and_config_checks():
+    assert stage_bounds([8, 4, 2, 1], [], 10) == [2, 4, 6, 10]
+    assert stage_bounds([8, 4], [3, 5], 10) == [3, 8]
+    with pytest.raises(ConfigError, match="multiple of"):
+        TSCDConfig(segments=[8], num_ddim_timesteps=50).validate()
+    with pytest.raises(ConfigError, match="one entry per"):
+        TSCDConfig(adv_weight=[0.1]).validate()
+    with pytest.raises(ConfigError, match="not a folder"):
+        TSCDConfig(init_lora="/no/such/run/final").validate()
+    LCMConfig().validate()  # one segment on LCM's grid of 50
+    UnifiedConfig().validate()
+
+
+@pytest.mark.parametrize("preset", ["hyper", "pcm4", "lcm", "unified"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_presets_are_the_same_method(preset, family):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[2] / f"configs/tscd/{family}_{preset}.yaml", ["data.prompts=x"])
+    expected = {"hyper": ("tscd", [8, 4, 2, 1]), "pcm4": ("tscd", [4]), "lcm": ("lcm", [1]), "unified": ("tscd_unified", [1])}
+    assert (cfg.method.name, cfg.method.segments) == expected[preset]
+    assert isinstance(cfg.method, TSCDConfig)
+
+
+# ---- the consistency pair against a closed form -------------------------------------------------------------
+
+class GaussianDenoiser:
+    """E[x0 | x_t] for x0 ~ N(MU, S^2) in closed form; the teacher (CFG scale ignored: one class)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def __call__(self, x_t, t, cond, guidance_scale=None):
+        alpha, sigma = self.schedule.alpha_sigma(t, x_t.ndim)
+        v = alpha**2 * S**2 + sigma**2
+        d = x_t.double() - alpha * MU
+        return DenoiserOut(MU + alpha * S**2 * d / v, sigma * d / v)
+
+
+def teacher_ode_endpoint(teacher, schedule, x_t, t, t_end, delta):
+    """The teacher's DDIM solve of the ODE on the skipping grid from t down to t_end (per sample, in a loop)."""
+    out = []
+    for x, ti, te in zip(x_t, t.tolist(), t_end.tolist()):
+        x = x[None].double()
+        while ti > te:
+            nxt = max(ti - delta, te)
+            d = teacher(x, torch.tensor([ti]), None)
+            a, s = schedule.alpha_sigma(torch.tensor([nxt]), x.ndim)
+            x, ti = ddim_step(d.x0, d.eps, a, s), nxt
+        out.append(x[0])
+    return torch.stack(out)
+
+
+class ExactConsistencyStudent:
+    """The ideal k-segment student for this teacher: its DDIM jump from t to the segment's end lands exactly on the
+    teacher's ODE endpoint. (x0, eps) solve alpha_b x0 + sigma_b eps = endpoint with eps = (x_t - alpha_t x0) / sigma_t.
+
+    Everything is affine in x_t here, so this is closed form. Note that the analytic denoiser itself is not a
+    consistent student: one long DDIM jump with the exact E[x0 | x_t] is exact only for point-mass data, so for a
+    Gaussian it misses the teacher's multi-step solve (test_wrong_students_have_a_positive_loss).
+    """
+
+    def __init__(self, teacher, schedule, k, delta):
+        self.teacher, self.schedule, self.k, self.delta = teacher, schedule, k, delta
+
+    def __call__(self, x_t, t, cond):
+        t = torch.as_tensor(t).reshape(-1).expand(x_t.shape[0])
+        t_b = segment_start(t, self.k)
+        x_b = teacher_ode_endpoint(self.teacher, self.schedule, x_t, t, t_b, self.delta)
+        a_t, s_t = self.schedule.alpha_sigma(t, x_t.ndim)
+        a_b, s_b = self.schedule.alpha_sigma(t_b, x_t.ndim)
+        x0 = (x_b - s_b / s_t * x_t.double()) / (a_b - s_b * a_t / s_t)
+        return DenoiserOut(x0, (x_t.double() - a_t * x0) / s_t)
+
+
+def _pair(schedule, student, k, n=64, seed=0, end_point="edge"):
+    cfg = TSCDConfig(segments=[k], num_ddim_timesteps=40, end_point=end_point, target="online")
+    distiller = ConsistencyDistiller(cfg, schedule)
+    teacher = GaussianDenoiser(schedule)
+    nets = Nets(unet=None, schedule=schedule, teacher=teacher, student=student, extra={"max_steps": 1})
+    g = torch.Generator().manual_seed(seed)
+    x0 = MU + S * torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
+    batch = Batch(cond=None, uncond=None, prompts=[""] * n, latent_shape=(n, 1, 1, 1), latents=x0,
+                  noise=NoiseSource(torch.Generator().manual_seed(seed + 1)))
+    pred, target, t_end = distiller.consistency_pair(nets, batch, k, grad=False)
+    # Recompute x_t and t from the same draws to compare with the closed form.
+    replay = NoiseSource(torch.Generator().manual_seed(seed + 1))
+    t = distiller.grid[replay.randint(0, len(distiller.grid), n)]
+    return distiller, pred, target, t_end, t
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_exact_student_has_zero_loss_and_its_target_is_the_teacher_ode_endpoint(schedule, k):
+    teacher = GaussianDenoiser(schedule)
+    student = ExactConsistencyStudent(teacher, schedule, k, delta=25)
+    distiller, pred, target, t_end, t = _pair(schedule, student, k)
+    assert torch.equal(t_end, segment_start(t, k))
+    loss = distiller.distance(pred, target)
+    assert loss.max() < 1e-10
+    # The target (teacher step, then the student from t') is the teacher's own ODE solve from t to the end point.
+    g = torch.Generator().manual_seed(0)
+    x0 = MU + S * torch.randn(len(t), 1, 1, 1, generator=g, dtype=torch.float64)
+    replay = NoiseSource(torch.Generator().manual_seed(1))
+    replay.randint(0, 40, len(t))
+    eps = replay.randn(len(t), 1, 1, 1).double()
+    x_t = schedule.add_noise(x0, eps, t)
+    endpoint = teacher_ode_endpoint(teacher, schedule, x_t, t, t_end, 25)
+    assert torch.allclose(target, endpoint, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_wrong_students_have_a_positive_loss(schedule, k):
+    teacher = GaussianDenoiser(schedule)
+    exact = ExactConsistencyStudent(teacher, schedule, k, delta=25)
+
+    def biased(x_t, t, cond):
+        out = exact(x_t, t, cond)
+        return DenoiserOut(out.x0 + 0.05, out.eps)
+
+    for student in (teacher, biased):  # the teacher itself: one long DDIM jump is not its own ODE solve
+        distiller, pred, target, _, _ = _pair(schedule, student, k)
+        assert distiller.distance(pred, target).mean() > 1e-6
+
+
+def test_random_end_points_stay_inside_the_segment(schedule):
+    teacher = GaussianDenoiser(schedule)
+    _, _, _, t_end, t = _pair(schedule, teacher, 4, n=512, end_point="random")
+    t_b = segment_start(t, 4)
+    assert (t_end >= t_b).all() and (t_end <= torch.maximum(t - 25, t_b)).all()
+    assert len(set(t_end.tolist())) > 20
+
+
+def test_hinge_losses():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    assert torch.equal(hinge_discriminator_loss(real, fake), torch.tensor([0.0, 2.5]))
+    assert torch.equal(hinge_generator_loss(fake), torch.tensor([3.0, 0.5]))
+
+
+# ---- samplers against diffusers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_tcd_sample_matches_tcd_scheduler(schedule, eta, n):
+    from diffusers import TCDScheduler
+
+    den = GaussianDenoiser(schedule)
+    x_T = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    ours = tcd_sample(den, x_T, tcd_timesteps(n, 40), None, schedule, eta, torch.Generator().manual_seed(5))
+
+    scheduler = TCDScheduler(**SD_SCHEDULER, original_inference_steps=40)
+    scheduler.set_timesteps(n)
+    x, g = x_T.clone(), torch.Generator().manual_seed(5)
+    for t in scheduler.timesteps:
+        eps = den(x, t.reshape(1), None).eps.float()
+        x = scheduler.step(eps, t, x, eta=eta, generator=g).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_recipe_sample_matches_trailing_ddim_scheduler(schedule, n):
+    from diffusers import DDIMScheduler
+
+    den = GaussianDenoiser(schedule)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    recipe = {"scheduler_class": "DDIMScheduler", "num_inference_steps": n, "timesteps": None,
+              "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False}}
+    ours = recipe_sample(den, x_T, None, schedule, recipe)
+    scheduler = DDIMScheduler(**SD_SCHEDULER, **recipe["scheduler_config"])
+    scheduler.set_timesteps(n)
+    x = x_T.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(den(x, t.reshape(1), None).eps.float(), t, x).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5)
+
+
+# ---- ReFL and reward models -----------------------------------------------------------------------------------
+
+def test_denoise_to_stops_each_sample_at_its_own_timestep(schedule):
+    den = GaussianDenoiser(schedule)
+    x_T = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t = torch.tensor([999, 700, 500, 201])
+    grid = trailing_timesteps(4)
+    x = denoise_to(den, x_T, t, grid, None, schedule)
+    assert torch.equal(x[0], x_T[0])
+    for i in range(1, 4):
+        steps = [s for s in grid if s > t[i]]
+        expected = ddim_sample(den, x_T[i : i + 1], steps, None, schedule, final_t=int(t[i]))
+        assert torch.allclose(x[i : i + 1], expected, atol=1e-10)
+
+
+def test_refl_hinge_only_pushes_below_threshold():
+    r = torch.tensor([0.2, 0.9, 1.5], requires_grad=True)
+    loss = refl_hinge(r, 1.0)
+    loss.sum().backward()
+    assert torch.allclose(loss.detach(), torch.tensor([0.8, 0.1, 0.0]))
+    assert r.grad.tolist() == [-1.0, -1.0, 0.0]
+
+
+def test_toy_judge_reward_reads_alignment_and_is_differentiable():
+    from stepdistill.data.toy import ToyWorld, to_float
+    from stepdistill.metrics.judge import load_judge
+
+    torch.set_num_threads(1)
+    images, captions, _ = ToyWorld().sample(64, seed=11)
+    reward = load_reward_model("toy_judge")
+    x = to_float(images).requires_grad_(True)
+    right = reward(x, captions)
+    wrong = reward(x, captions[1:] + captions[:1])
+    assert right.mean() > 0.8 and wrong.mean() < 0.2
+    right.sum().backward()
+    assert x.grad.abs().sum() > 0
+    # The probability agrees with the judge's own reading: high exactly where its argmax matches.
+    from stepdistill.metrics.judge import matches
+
+    judge = load_judge()
+    agree = matches(judge.predict(images), captions)
+    assert np.mean((right.detach().numpy() > 0.5) == agree) > 0.95
+    labels = torch.full((2, 7), -1)
+    assert torch.allclose(judge_alignment_probability(judge, x[:2].detach(), labels), torch.ones(2))
+
+
+def test_real_reward_models_fail_with_what_to_do(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_optional(name, *args, **kwargs):
+        if name in ("ImageReward", "open_clip"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optional)
+    with pytest.raises(RewardUnavailable, match="pip install image-reward"):
+        load_reward_model("imagereward")
+    with pytest.raises(RewardUnavailable, match="pip install"):
+        load_reward_model("hpsv2", "HPS_v2.1_compressed.pt")
+    with pytest.raises(RewardUnavailable, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+        load_reward_model("aesthetic", "")
+    with pytest.raises(ConfigError, match="unknown reward model"):
+        load_reward_model("pickscore")
+    assert {"toy_judge", "imagereward", "aesthetic", "hpsv2"} <= set(REWARD_MODELS)
+
+
+def test_noise_forward_matches_the_marginal(schedule):
+    # Noising x_s from s to t must give exactly q(x_t | x0) when x_s ~ q(x_s | x0): check mean and variance.
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.tensor([300]), torch.tensor([800])
+    a_s, _ = schedule.alpha_sigma(s, 2)
+    a_t, sig_t = schedule.alpha_sigma(t, 2)
+    x_s = schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), s.expand(20000))
+    x_t = noise_forward(x_s, a_s, a_t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    assert abs(x_t.mean() - a_t.item() * 0.7) < 0.02 and abs(x_t.std() - sig_t.item()) < 0.02

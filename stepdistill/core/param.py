@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 
 def x0_from_eps(x_t, eps, alpha, sigma):

@@ -46,3 +46,14 @@ def assert_same_lora(a, b):
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), f"{k} differs"
+
+
+def assert_base_unchanged(unet, model_dir):
+    """Every frozen base weight of a trained (PEFT-wrapped) UNet equals the one on disk, bit for bit."""
+    from diffusers import UNet2DConditionModel
+
+    fresh = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").state_dict()
+    base = {n.replace(".base_layer", ""): p for n, p in unet.state_dict().items() if "lora_" not in n}
+    assert base.keys() == fresh.keys()
+    for k in fresh:
+        assert torch.equal(base[k], fresh[k]), f"base weight {k} changed"

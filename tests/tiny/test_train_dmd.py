@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.core.denoiser import Denoiser, checkpoint_under_adapter
@@ -22,7 +22,7 @@ from stepdistill.methods.gan import mid_block_features
 from stepdistill.train.build import build
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, assert_same_lora, lora_tensors, run_cli, train_args
+from .helpers import ROOT, assert_base_unchanged, assert_same_lora, lora_tensors, run_cli, train_args
 
 RUNS = {
     # one step at t = 999, plain DMD loss
@@ -64,15 +64,10 @@ def test_losses_finite_and_recipe(trained):
 
 def test_adapters_changed_and_base_bit_identical(trained, tiny_sd15_dir):
     trainer, final = trained
-    unet = trainer.built.nets.unet
-    fresh = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet").state_dict()
-    base = {n.replace(".base_layer", ""): p for n, p in unet.state_dict().items() if "lora_" not in n}
-    assert base.keys() == fresh.keys()
-    for k in fresh:
-        assert torch.equal(base[k], fresh[k]), f"base weight {k} changed"
+    assert_base_unchanged(trainer.built.nets.unet, tiny_sd15_dir)
     # lora_B starts at zero: non-zero means trained
     student_ups = [v for k, v in lora_tensors(final).items() if "lora_B" in k]
-    fake_ups = [v for k, v in adapter_state_dict(unet, "fake_score").items() if "lora_B" in k]
+    fake_ups = [v for k, v in adapter_state_dict(trainer.built.nets.unet, "fake_score").items() if "lora_B" in k]
     assert student_ups and all(v.abs().sum() > 0 for v in student_ups)
     assert fake_ups and all(v.abs().sum() > 0 for v in fake_ups)
 

@@ -9,15 +9,14 @@ import warnings
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 
 from stepdistill.config import load_config
 from stepdistill.core.recipe import Recipe
 from stepdistill.export import KOHYA_WEIGHT_NAME
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, assert_same_lora, lora_tensors, run_cli, train_args
-
+from .helpers import ROOT, assert_base_unchanged, assert_same_lora, lora_tensors, run_cli, train_args
 
 # What diffusers / peft say when a LoRA file's keys do not match the model.
 KEY_PROBLEM = re.compile(r"(unexpected|missing|not found|incompatible)[_ ]?keys?|target modules", re.I)
@@ -53,12 +52,7 @@ def test_run_directory_contract(trained):
 
 def test_adapters_changed_and_base_bit_identical(trained, tiny_sd15_dir):
     trainer, final = trained
-    unet = trainer.built.nets.unet
-    fresh = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet").state_dict()
-    base = {n.replace(".base_layer", ""): p for n, p in unet.state_dict().items() if "lora_" not in n}
-    assert base.keys() == fresh.keys()
-    for k in fresh:
-        assert torch.equal(base[k], fresh[k]), f"base weight {k} changed"
+    assert_base_unchanged(trainer.built.nets.unet, tiny_sd15_dir)
     lora = lora_tensors(final)
     ups = [v for k, v in lora.items() if "lora_B" in k]
     assert ups and all(v.abs().sum() > 0 for v in ups)  # B starts at zero: non-zero means trained

@@ -50,7 +50,8 @@ def _toy_teacher(args):
     from .train.teacher import train_toy_teacher
 
     steps = {"steps": args.steps} if args.steps else {}
-    out = train_toy_teacher(args.out, family=args.family, seed=args.seed, **steps)
+    out = train_toy_teacher(args.out, family=args.family, seed=args.seed, vae_from=args.vae_from,
+                            snapshot_every=args.snapshot_every, **steps)
     print(f"toy teacher written to {out}")
 
 
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
     tt.add_argument("--steps", type=int, default=None)
     tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy reuses SD1.5-toy's)")
+    tt.add_argument("--snapshot-every", type=int, default=0, help="also save the pipeline every N UNet steps")
     tt.set_defaults(func=_toy_teacher)
     tj = toy.add_parser("train-judge", help="retrain the toy judge")
     tj.add_argument("--out", required=True)

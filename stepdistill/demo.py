@@ -131,10 +131,10 @@ def render_report(results: dict, run_dir: Path) -> str:
     lines = [
         f"# stepdistill demo: {results['method']} on the toy world",
         "",
-        f"Teacher: the shipped SD1.5-architecture toy pipeline, 25 DDIM steps with CFG. Student: a LoRA trained by "
+        (f"Teacher: the shipped SD1.5-architecture toy pipeline, 25 DDIM steps with CFG. Student: a LoRA trained by "
         f"`{results['method']}` for {results['training_steps']} student updates (`{Path(results['config']).name}`), "
         "sampled with the recipe written beside it. Same prompts and seeds for every row; "
-        f"{teacher['n']} images each.",
+        f"{teacher['n']} images each."),
         "",
         "| model | steps | toy FID (lower is better) | alignment | images/s (CPU) |",
         "|---|---|---|---|---|",
@@ -145,11 +145,11 @@ def render_report(results: dict, run_dir: Path) -> str:
     one = next(r for r in results["rows"][1:] if r["steps"] == 1)
     lines += [
         "",
-        f"One-step student vs 25-step teacher: toy FID ratio {one['toy_fid'] / max(teacher['toy_fid'], 1e-9):.2f}x, "
-        f"alignment ratio {one['alignment'] / max(teacher['alignment'], 1e-9):.2f}x.",
+        (f"One-step student vs 25-step teacher: toy FID ratio {one['toy_fid'] / max(teacher['toy_fid'], 1e-9):.2f}x, "
+        f"alignment ratio {one['alignment'] / max(teacher['alignment'], 1e-9):.2f}x."),
         "",
-        "Toy FID is the Frechet distance between judge features of generated and real toy images; alignment is the "
-        "fraction of images whose judged shapes, colours and layout match the prompt.",
+        ("Toy FID is the Frechet distance between judge features of generated and real toy images; alignment is the "
+        "fraction of images whose judged shapes, colours and layout match the prompt."),
         "",
         "- `grid.png`: teacher (top row) and the student at 1, 2 and 4 steps, same prompts and seeds.",
         "- `curves.png`: training loss and one-step toy FID against student updates.",
@@ -159,8 +159,8 @@ def render_report(results: dict, run_dir: Path) -> str:
         "",
         *[f"{i + 1}. {p}" for i, p in enumerate(results.get("grid_prompts", []))],
         "",
-        f"Wall time: {results['seconds']['training_and_curve']:.0f} s training (with the curve's evaluations), "
-        f"{results['seconds']['total']:.0f} s in all.",
+        (f"Wall time: {results['seconds']['training_and_curve']:.0f} s training (with the curve's evaluations), "
+        f"{results['seconds']['total']:.0f} s in all."),
         "",
     ]
     return "\n".join(lines)

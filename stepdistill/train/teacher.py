@@ -31,7 +31,7 @@ MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end token
 # only (32x32x3 <-> 16x16x4): a downsampling-4 VAE (8x8x4 latents) blurred small shapes so much that the judge
 # read only 12% of its reconstructions of real images right. It has no mid-block attention, so it is fully
 # convolutional and can be trained on crops (train_vae); 1000 steps bring the judge's alignment on its
-# reconstructions of real images to 0.98 (the ceiling of 2x down- and up-sampling is 0.95-0.98). The UNets share
+# reconstructions of real images to 0.96-0.98 (the ceiling of 2x down- and up-sampling is 0.95-0.98). The UNets share
 # one small layout (below); SDXL's adds its conditioning (pooled text and size ids, linear projections).
 _VAE = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4,
         "mid_block_add_attention": False}

@@ -103,3 +103,21 @@ class Distiller(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class CriticHeadState:
+    """For distillers with an optional trainable head in the critic phase (dmd's GAN head, tscd's discriminator):
+    the head's parameters join the critic optimizer and its weights the checkpoint, under `head_state_key`."""
+
+    head: torch.nn.Module | None = None
+    head_state_key: ClassVar[str]
+
+    def parameters(self, phase: str):
+        return list(self.head.parameters()) if phase == "critic" and self.head is not None else []
+
+    def state_dict(self):
+        return {self.head_state_key: self.head.state_dict()} if self.head is not None else {}
+
+    def load_state_dict(self, state):
+        if self.head is not None:
+            self.head.load_state_dict(state[self.head_state_key])

@@ -30,7 +30,7 @@ from ..core.solvers import (
     ddim_step, lcm_boundary_scalings, lcm_origin_timesteps, noise_forward, segment_start, trailing_timesteps,
 )
 from ..registry import register_method
-from .base import Batch, LossOut, Nets
+from .base import Batch, CriticHeadState, LossOut, Nets
 from .dmd import dm_loss, fake_score_loss, through_frozen_nets
 
 
@@ -235,7 +235,8 @@ def start_from_lora(unet, folder, adapter: str = "student") -> None:
 
 # ---- the method ----------------------------------------------------------------------------------------------
 
-class ConsistencyDistiller:
+class ConsistencyDistiller(CriticHeadState):
+    head_state_key = "adv_heads"
     extra_adapters = ("target",)
     # The critic phase trains only the discriminator heads (parameters("critic")), when a stage has adv_weight > 0.
     trainable = {"student": ("student",), "critic": ()}
@@ -262,16 +263,6 @@ class ConsistencyDistiller:
         self.pairs = _adapter_pairs(nets.unet, "target", "student")
         if any(w > 0 for w in self.cfg.adv_weight):
             self.head = FeatureHeads(feature_channels(nets.unet), self.cfg.adv_head_channels).to(nets.device)
-
-    def parameters(self, phase: str):
-        return list(self.head.parameters()) if phase == "critic" and self.head is not None else []
-
-    def state_dict(self):
-        return {"adv_heads": self.head.state_dict()} if self.head is not None else {}
-
-    def load_state_dict(self, state):
-        if self.head is not None:
-            self.head.load_state_dict(state["adv_heads"])
 
     def stage(self, step: int, max_steps: int) -> int:
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)

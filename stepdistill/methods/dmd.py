@@ -25,7 +25,7 @@ from ..config import ConfigError, MethodConfig
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
-from .base import Batch, LossOut, Nets
+from .base import Batch, CriticHeadState, LossOut, Nets
 from .gan import MidBlockHead, gan_discriminator_loss, gan_generator_loss, mid_block_features, mid_block_shape
 
 # Per family: the generator's timesteps and the teacher's CFG scale in the DM term (DMD2's released scripts:
@@ -155,7 +155,8 @@ def lcm_original_steps(timesteps, T: int = 1000) -> int:
 
 # ---- the method -----------------------------------------------------------------------------------------------
 
-class DMDDistiller:
+class DMDDistiller(CriticHeadState):
+    head_state_key = "gan_head"
     extra_adapters: ClassVar[tuple[str, ...]] = ("fake_score",)
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
 
@@ -184,16 +185,6 @@ class DMDDistiller:
         self.timesteps = self.timesteps or list(defaults["timesteps"])
         if self.guidance_scale is None:
             self.guidance_scale = defaults["guidance_scale"]
-
-    def parameters(self, phase: str):
-        return list(self.head.parameters()) if phase == "critic" and self.head is not None else []
-
-    def state_dict(self):
-        return {"gan_head": self.head.state_dict()} if self.head is not None else {}
-
-    def load_state_dict(self, state):
-        if self.head is not None:
-            self.head.load_state_dict(state["gan_head"])
 
     # ---- the generator ----
     def _generate(self, nets: Nets, batch: Batch, grad: bool):

@@ -57,3 +57,25 @@ def assert_base_unchanged(unet, model_dir):
     assert base.keys() == fresh.keys()
     for k in fresh:
         assert torch.equal(base[k], fresh[k]), f"base weight {k} changed"
+
+
+def student_latents(built, prompt: str, seed: int = 7):
+    """The trainer's own sampler on one prompt from a fixed x_T: (latents, cond, x_T)."""
+    cond = built.family.encode_prompts([prompt])
+    x_T = torch.randn((1, *built.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
+    return built.distiller.sample(built.nets, cond, x_T, generator=torch.Generator().manual_seed(seed)), cond, x_T
+
+
+def pipeline_latents(pipe_cls, base_dir, lora_dir, prompt: str, x_T, steps: int | None = None, seed: int = 7):
+    """A fresh diffusers pipeline from base_dir with the exported LoRA and its recipe's scheduler, from x_T."""
+    from stepdistill.core.recipe import Recipe
+
+    pipe = pipe_cls.from_pretrained(base_dir)
+    recipe = Recipe.load(lora_dir)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    pipe.load_lora_weights(str(lora_dir))
+    kwargs = recipe.call_kwargs(pipe.scheduler)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    return pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(seed),
+                output_type="latent", **kwargs).images

@@ -29,7 +29,7 @@ from stepdistill.methods.disback import (
 )
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, assert_same_lora, lora_tensors, run_cli, train_args
+from .helpers import ROOT, assert_same_lora, lora_tensors, pipeline_latents, run_cli, student_latents, train_args
 
 SD15 = "configs/tiny/disback_sd15.yaml"
 # Three nodes, one iteration each: steps 1-3 record nodes 1-3; step 4 targets node 2, step 5 node 1, step 6 the teacher.
@@ -237,15 +237,10 @@ def test_fresh_diffusers_pipeline_reproduces_the_student(straight, tiny_sd15_dir
     trainer, final = straight
     b = trainer.built
     prompt = b.data.prompts[0]
-    x_T = torch.randn((1, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
-    ours = b.distiller.sample(b.nets, b.family.encode_prompts([prompt]), x_T, generator=torch.Generator().manual_seed(7))
+    ours, _, x_T = student_latents(b, prompt)
     recipe = Recipe.load(final)
     assert recipe.method == "disback" and recipe.timesteps == [999] and recipe.training_steps == 6
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.load_lora_weights(str(final))
-    theirs = pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(7),
-                  output_type="latent", **recipe.call_kwargs(pipe.scheduler)).images
+    theirs = pipeline_latents(StableDiffusionPipeline, tiny_sd15_dir, final, prompt, x_T)
     assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()
 
 
@@ -289,15 +284,10 @@ def test_sdxl_all_phases_and_fresh_pipeline_reproduces_the_student(tiny_sdxl_dir
 
     b = trainer.built
     prompt = b.data.prompts[0]
-    x_T = torch.randn((1, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
-    ours = b.distiller.sample(b.nets, b.family.encode_prompts([prompt]), x_T, generator=torch.Generator().manual_seed(7))
+    ours, _, x_T = student_latents(b, prompt)
     recipe = Recipe.load(final)
     assert recipe.family == "sdxl" and recipe.timesteps == [399]
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.load_lora_weights(str(final))
-    theirs = pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(7),
-                  output_type="latent", **recipe.call_kwargs(pipe.scheduler)).images
+    theirs = pipeline_latents(StableDiffusionXLPipeline, tiny_sdxl_dir, final, prompt, x_T)
     assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()
 
 

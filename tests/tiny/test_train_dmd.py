@@ -22,7 +22,16 @@ from stepdistill.methods.gan import mid_block_features
 from stepdistill.train.build import build
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, assert_base_unchanged, assert_same_lora, lora_tensors, run_cli, train_args
+from .helpers import (
+    ROOT,
+    assert_base_unchanged,
+    assert_same_lora,
+    lora_tensors,
+    pipeline_latents,
+    run_cli,
+    student_latents,
+    train_args,
+)
 
 RUNS = {
     # one step at t = 999, plain DMD loss
@@ -76,16 +85,8 @@ def test_fresh_diffusers_pipeline_reproduces_the_student(trained, tiny_sd15_dir)
     trainer, final = trained
     b = trainer.built
     prompt = b.data.prompts[0]
-    cond = b.family.encode_prompts([prompt])
-    x_T = torch.randn((1, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
-    ours = b.distiller.sample(b.nets, cond, x_T, generator=torch.Generator().manual_seed(7))
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
-    recipe = Recipe.load(final)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.load_lora_weights(str(final))
-    theirs = pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(7),
-                  output_type="latent", **recipe.call_kwargs(pipe.scheduler)).images
+    ours, cond, x_T = student_latents(b, prompt)
+    theirs = pipeline_latents(StableDiffusionPipeline, tiny_sd15_dir, final, prompt, x_T)
     assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()
     # and the LoRA matters: the base alone gives something else
     base_nets = b.nets.__class__(**{**b.nets.__dict__, "student": b.nets.teacher.denoiser})

@@ -17,7 +17,7 @@ from stepdistill.export import load_diffusers_lora
 from stepdistill.methods.consistency import start_from_lora
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, assert_same_lora, lora_tensors, run_cli, train_args
+from .helpers import ROOT, assert_same_lora, lora_tensors, pipeline_latents, run_cli, train_args
 
 STAGES = ["stages/stage1-k8", "stages/stage2-k4", "stages/stage3-k2", "stages/stage4-k1"]
 TCD_STEPS = (1, 2, 4, 8)
@@ -50,17 +50,6 @@ def _train(config, out, model, prompts, *sets, trainer_cls=RecordingTrainer):
     trainer = trainer_cls(cfg, out)
     final = trainer.run()
     return trainer, final
-
-
-def _pipeline_output(pipe_cls, base, folder, prompt, x_T, steps):
-    pipe = pipe_cls.from_pretrained(base)
-    recipe = Recipe.load(folder)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.load_lora_weights(str(folder))
-    kwargs = recipe.call_kwargs(pipe.scheduler)
-    kwargs["num_inference_steps"] = steps
-    return pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(7),
-                output_type="latent", **kwargs).images
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_every_stage_lora_reproduces_the_training_time_sampler(progressive, tiny
     folder = trainer.out / name
     steps = Recipe.load(folder).num_inference_steps
     ours = trainer.recorded[name, steps]
-    theirs = _pipeline_output(StableDiffusionPipeline, tiny_sd15_dir, folder, trainer.prompt, trainer.x_T, steps)
+    theirs = pipeline_latents(StableDiffusionPipeline, tiny_sd15_dir, folder, trainer.prompt, trainer.x_T, steps)
     assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()
     b = trainer.built
     teacher_nets = b.nets.__class__(**{**b.nets.__dict__, "student": b.nets.teacher.denoiser})
@@ -140,7 +129,7 @@ def test_sdxl_progressive_run_end_to_end(tiny_sdxl_dir, prompts_file, tmp_path):
     assert all((trainer.out / name / "pytorch_lora_weights.safetensors").is_file() for name in STAGES)
     for name in (STAGES[1], "final"):
         steps = Recipe.load(trainer.out / name).num_inference_steps
-        theirs = _pipeline_output(StableDiffusionXLPipeline, tiny_sdxl_dir, trainer.out / name, trainer.prompt,
+        theirs = pipeline_latents(StableDiffusionXLPipeline, tiny_sdxl_dir, trainer.out / name, trainer.prompt,
                                   trainer.x_T, steps)
         assert torch.allclose(trainer.recorded[name, steps].float(), theirs.float(), atol=1e-4)
 
@@ -172,7 +161,7 @@ def test_unified_run_trains_the_fake_score_and_exports_a_tcd_recipe(unified):
 @pytest.mark.parametrize("steps", TCD_STEPS)
 def test_unified_lora_runs_with_tcd_scheduler_at_1_to_8_steps(unified, tiny_sd15_dir, steps):
     trainer, final = unified
-    theirs = _pipeline_output(StableDiffusionPipeline, tiny_sd15_dir, final, trainer.prompt, trainer.x_T, steps)
+    theirs = pipeline_latents(StableDiffusionPipeline, tiny_sd15_dir, final, trainer.prompt, trainer.x_T, steps)
     ours = trainer.recorded["final", steps]
     assert torch.isfinite(theirs).all()
     assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()

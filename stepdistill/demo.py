@@ -29,7 +29,7 @@ class DemoBudget:
     grid_prompts: int = 6
 
 
-# 300 student updates: the whole demo measured 837 s on 2 CPU cores (README); configs/toy/dmd_1step.yaml runs 600.
+# 300 student updates (the README gives the measured wall time); configs/toy/dmd_1step.yaml runs 600.
 FULL = DemoBudget(legs=4, max_steps=300, n_eval=500, n_curve=200)
 QUICK = DemoBudget(legs=2, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
 
@@ -68,17 +68,30 @@ def student_fn(final: Path, steps: int):
     from eval.generate import student_generate_fn
 
     from .core.recipe import Recipe
+    from .methods.dmd import lcm_original_steps
 
     recipe = Recipe.load(final)
     pipe = pipelines.load(None, final)
     if steps != recipe.num_inference_steps:
         config = dict(recipe.scheduler_config)
-        if recipe.scheduler_class == "LCMScheduler":
-            config["original_inference_steps"] = 50  # LCM's own skipping grid (a one-step recipe pins it to 1)
-        recipe = dataclasses.replace(recipe, timesteps=None, num_inference_steps=steps, scheduler_config=config)
+        timesteps = None
+        if recipe.scheduler_class == "LCMScheduler" and recipe.timesteps and len(recipe.timesteps) == 1:
+            # Start where the student was trained and space the rest evenly below (t0 = 399: 399, 199 for two
+            # steps): LCM's own grid would start at 999, a timestep a t0 = 399 student never saw.
+            timesteps = multistep_timesteps(recipe.timesteps[0], steps)
+            config["original_inference_steps"] = lcm_original_steps(timesteps)
+        elif recipe.scheduler_class == "LCMScheduler":
+            config["original_inference_steps"] = 50  # LCM's own skipping grid
+        recipe = dataclasses.replace(recipe, timesteps=timesteps, num_inference_steps=steps, scheduler_config=config)
         pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return student_generate_fn(pipe, recipe)
+
+
+def multistep_timesteps(t0: int, steps: int) -> list[int]:
+    """`steps` timesteps from t0 down, evenly spaced: (999, 2) -> [999, 499]; (399, 4) -> [399, 299, 199, 99]."""
+    stride = (t0 + 1) // steps
+    return [t0 - i * stride for i in range(steps)]
 
 
 def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = None) -> Path:

@@ -15,11 +15,16 @@ trains a UNet student here and an MLP against an analytic teacher in tests/toy/t
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
 from ..core.samplers import ddim_sample, lcm_sample
@@ -27,6 +32,10 @@ from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets
 from .gan import MidBlockHead, gan_discriminator_loss, gan_generator_loss, mid_block_features, mid_block_shape
+
+log = logging.getLogger(__name__)
+
+REGRESSION_PAIRS_FILE = "regression_pairs.pt"
 
 # Per family: the generator's timesteps and the teacher's CFG scale in the DM term (DMD2's released scripts:
 # SD1.5 one step at t = 999 with real_guidance_scale 1.75; SDXL one step at t = 399 with 8).
@@ -51,6 +60,8 @@ class DMDConfig(MethodConfig):
     gan_discriminator_weight: float = 1e-2  # DMD2 guidance_cls_loss_weight
     gan_t_max: float = 1.0  # diffusion GAN: real and fake latents noised at t ~ U[0, gan_t_max T)
     regression_steps: int = 0  # first N student updates regress teacher ODE pairs instead of the DM loss
+    regression_weight: float = 0.0  # DMD's lambda_reg: the regression term kept beside the DM loss after (DMD: 0.25)
+    regression_pairs: int = 1024  # teacher ODE pairs, solved once per run and kept in RUN/regression_pairs.pt
     regression_teacher_steps: int = 25  # DDIM steps of the teacher's ODE solve for those pairs
 
     def validate(self):
@@ -64,10 +75,10 @@ class DMDConfig(MethodConfig):
             raise ConfigError(f"need 0 <= method.dm_t_min < method.dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
         if not 0 < self.gan_t_max <= 1:
             raise ConfigError(f"method.gan_t_max must be in (0, 1] (got {self.gan_t_max})")
-        for key in ("critic_updates_per_student_update", "regression_teacher_steps"):
+        for key in ("critic_updates_per_student_update", "regression_teacher_steps", "regression_pairs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"method.{key} must be >= 1 (got {getattr(self, key)})")
-        for key in ("gan_generator_weight", "gan_discriminator_weight", "regression_steps"):
+        for key in ("gan_generator_weight", "gan_discriminator_weight", "regression_steps", "regression_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"method.{key} must be >= 0 (got {getattr(self, key)})")
         if self.guidance_scale is not None and self.guidance_scale < 0:
@@ -128,6 +139,40 @@ def regression_loss(x0, x0_target):
     return ((x0.double() - x0_target.double()) ** 2).flatten(1).mean(1)
 
 
+@torch.no_grad()
+def solve_ode_pairs(teacher, prompt_cond, n: int, latent_shape, steps: int, schedule, seed: int, device,
+                    chunk: int = 64, progress: bool = True) -> dict:
+    """DMD's paired set: n noises z, each with a prompt drawn from `prompt_cond` and the teacher's deterministic DDIM
+    solution ODE(z). Solved once, not per update: the 25-step CFG solve costs ~50 student forwards per pair.
+    Kept in fp16 (4096 SDXL pairs: 1 GB), z rounded before the solve so that each pair stays exact."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_index = torch.randint(0, len(prompt_cond), (n,), generator=g)
+    z = torch.randn((n, *latent_shape), generator=g).half()
+    ts = trailing_timesteps(steps, schedule.num_train_timesteps)
+    x0 = []
+    for i in tqdm(range(0, n, chunk), desc="teacher ODE pairs", disable=not progress):
+        cond = prompt_cond.index(prompt_index[i : i + chunk]).to(device)
+        x0.append(ddim_sample(teacher, z[i : i + chunk].to(device).float(), ts, cond, schedule).half().cpu())
+    return {"prompt_index": prompt_index, "z": z, "x0": torch.cat(x0)}
+
+
+def load_or_solve_pairs(path: Path | None, meta: dict, solve) -> dict:
+    """The pairs kept at `path` if they were solved with `meta`, else solve() and keep them (atomically), so a resumed
+    run does not pay for the solve again."""
+    if path is not None and path.exists():
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        if kept.get("meta") == meta:
+            return kept
+        log.info("%s was solved with %s, not %s: solving again", path, kept.get("meta"), meta)
+    pairs = {**solve(), "meta": meta}
+    if path is not None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        torch.save(pairs, tmp)
+        os.replace(tmp, path)
+    return pairs
+
+
 def lcm_x0(denoiser, x_t, t, cond):
     """x0 as LCMScheduler reads it: c_skip x_t + c_out x0_hat (c_skip < 1e-7 at t >= 200, but it is what runs)."""
     c_skip, c_out = lcm_boundary_scalings(t.reshape(-1, *([1] * (x_t.ndim - 1))))
@@ -168,6 +213,7 @@ class DMDDistiller(CriticHeadState):
         self.timesteps = list(cfg.timesteps)
         self.guidance_scale = cfg.guidance_scale
         self.head = None
+        self.pairs = None  # teacher ODE pairs for the regression term, solved on first use
 
     # ---- set-up and state ----
     def setup(self, nets: Nets):
@@ -213,7 +259,10 @@ class DMDDistiller(CriticHeadState):
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
         cfg, device = self.cfg, nets.device
         if step < cfg.regression_steps:
-            return self._regression(nets, batch)
+            loss, _ = self._regression(nets, batch)
+            value = float(loss.detach().mean())
+            # No samples for the critic: the pair batch's prompts are not the batch's, so it draws its own.
+            return LossOut(loss, {"regression_loss": value, "loss": value})
         x0 = self._generate(nets, batch, grad=True)
         t = batch.randint(int(cfg.dm_t_min * self.T), int(cfg.dm_t_max * self.T), device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
@@ -229,19 +278,38 @@ class DMDDistiller(CriticHeadState):
             gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, x, batch)), x0)
             loss = loss + cfg.gan_generator_weight * gan_g
             logs["gan_g_loss"] = float(gan_g.detach().mean())
+        if cfg.regression_weight > 0:
+            reg, _ = self._regression(nets, batch)
+            loss = loss + cfg.regression_weight * reg
+            logs["regression_loss"] = float(reg.detach().mean())
         logs["loss"] = float(loss.detach().mean())
         return LossOut(loss, logs, samples=x0.detach())
 
-    def _regression(self, nets: Nets, batch: Batch) -> LossOut:
-        """Warm-up: the student's first step from noise z regresses the teacher's CFG DDIM solve from the same z."""
-        z = batch.randn(*batch.latent_shape[1:], device=nets.device)
-        target = ddim_sample(self._teacher(nets), z, trailing_timesteps(self.cfg.regression_teacher_steps, self.T),
-                             batch.cond, self.schedule)
+    def _regression(self, nets: Nets, batch: Batch):
+        """DMD's regression term on batch.size pairs drawn from the solved set: the student's first step from noise z
+        regresses the teacher's CFG DDIM solve from the same z and prompt. Returns (per-sample loss, student x0)."""
+        pairs = self._ode_pairs(nets)
+        i = batch.randint(0, len(pairs["z"]), device="cpu")
+        cond = nets.extra["prompt_data"].cond.index(pairs["prompt_index"][i]).to(nets.device)
+        z, target = pairs["z"][i].to(nets.device).float(), pairs["x0"][i].to(nets.device).float()
         t = torch.full((batch.size,), self.timesteps[0], dtype=torch.long, device=nets.device)
-        x0 = lcm_x0(nets.student, z, t, batch.cond)
-        loss = regression_loss(x0, target)
-        value = float(loss.detach().mean())
-        return LossOut(loss, {"regression_loss": value, "loss": value}, samples=x0.detach())
+        x0 = lcm_x0(nets.student, z, t, cond)
+        return regression_loss(x0, target), x0
+
+    def _ode_pairs(self, nets: Nets) -> dict:
+        if self.pairs is None:
+            if "prompt_data" not in nets.extra:
+                raise RuntimeError("the regression term needs nets.extra['prompt_data'] (the encoded prompts): "
+                                   "train/build.py sets it")
+            cfg, data = self.cfg, nets.extra["prompt_data"]
+            meta = {"n": cfg.regression_pairs, "teacher_steps": cfg.regression_teacher_steps,
+                    "guidance_scale": float(self.guidance_scale), "seed": data.seed, "prompts": len(data.prompts)}
+            run_dir = nets.extra.get("run_dir")
+            solve = partial(solve_ode_pairs, self._teacher(nets), data.cond, cfg.regression_pairs,
+                            nets.extra["latent_shape"], cfg.regression_teacher_steps, self.schedule, data.seed,
+                            nets.device)
+            self.pairs = load_or_solve_pairs(Path(run_dir) / REGRESSION_PAIRS_FILE if run_dir else None, meta, solve)
+        return self.pairs
 
     def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut:
         cfg, device = self.cfg, nets.device

@@ -116,6 +116,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         _compile(unet)
     if data is None:
         data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
+    nets.extra["prompt_data"] = data  # every encoded prompt, for work a method does once (dmd's ODE pairs)
     return Built(cfg, family, nets, distiller, data, params, targets)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from functools import partial
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from stepdistill.core.denoiser import Denoiser, checkpoint_under_adapter
 from stepdistill.core.lora import adapter_parameters, adapter_state_dict
 from stepdistill.core.recipe import Recipe
 from stepdistill.methods.base import Batch
-from stepdistill.methods.dmd import fake_score_loss
+from stepdistill.core.samplers import ddim_sample
+from stepdistill.core.solvers import trailing_timesteps
+from stepdistill.methods.dmd import REGRESSION_PAIRS_FILE, fake_score_loss
 from stepdistill.methods.gan import mid_block_features
 from stepdistill.train.build import build
 from stepdistill.train.loop import Trainer
@@ -36,10 +39,11 @@ from .helpers import (
 RUNS = {
     # one step at t = 999, plain DMD loss
     "1step": ("configs/tiny/dmd_sd15.yaml", []),
-    # four steps with backward simulation; also the SiD loss, a regression warm-up step and gradient checkpointing
+    # four steps with backward simulation; also the SiD loss, a regression warm-up step, the regression term beside
+    # the generator loss after it, and gradient checkpointing
     "4step": ("configs/tiny/dmd_sd15_4step.yaml",
               ["method.generator_loss=sid", "method.regression_steps=1", "method.regression_teacher_steps=3",
-               "model.gradient_checkpointing=true"]),
+               "method.regression_pairs=5", "method.regression_weight=0.25", "model.gradient_checkpointing=true"]),
 }
 
 
@@ -63,12 +67,32 @@ def test_losses_finite_and_recipe(trained):
     timesteps = trainer.cfg.method.timesteps
     if len(timesteps) == 4:
         assert "regression_loss" in lines[0] and "sid_loss" in lines[1] and "sid_loss" in lines[2]
+        assert "sid_loss" not in lines[0] and all("regression_loss" in x for x in lines[1:])
     else:
         assert all("dmd_loss" in x for x in lines)
     recipe = Recipe.load(final)
     assert recipe.method == "dmd" and recipe.scheduler_class == "LCMScheduler"
     assert recipe.timesteps == timesteps and recipe.num_inference_steps == len(timesteps)
     assert recipe.guidance_scale == 0.0 and recipe.training_steps == 3
+
+
+def test_regression_pairs_are_the_teachers_solves(trained):
+    """The pairs are solved once into the run folder, only when a regression term is on, and each is the teacher's
+    CFG DDIM solve from its own noise and prompt."""
+    trainer, _ = trained
+    b, cfg = trainer.built, trainer.cfg.method
+    path = trainer.out / REGRESSION_PAIRS_FILE
+    if not (cfg.regression_steps or cfg.regression_weight):
+        assert not path.exists()
+        return
+    pairs = torch.load(path, weights_only=True)
+    assert pairs["z"].shape == pairs["x0"].shape == (5, *b.nets.extra["latent_shape"])
+    assert pairs["meta"]["n"] == 5 and pairs["meta"]["teacher_steps"] == 3
+    cond = b.data.cond.index(pairs["prompt_index"][:2])
+    teacher = partial(b.nets.teacher, guidance_scale=b.distiller.guidance_scale)
+    again = ddim_sample(teacher, pairs["z"][:2].float(), trailing_timesteps(3, 1000), cond, b.nets.schedule)
+    assert torch.allclose(again.half().float(), pairs["x0"][:2].float(), atol=1e-3)
+    assert not torch.allclose(again, pairs["z"][:2].float(), atol=0.1)
 
 
 def test_adapters_changed_and_base_bit_identical(trained, tiny_sd15_dir):

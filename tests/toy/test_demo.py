@@ -5,6 +5,7 @@ import json
 import torch
 
 from stepdistill.cli import main
+from stepdistill.demo import multistep_timesteps
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -21,3 +22,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(metrics["curve"]) == 2
     report = (out / "report.md").read_text()
     assert "| teacher | 25 |" in report and "toy FID ratio" in report
+
+
+def test_more_steps_start_at_the_trained_timestep():
+    """The demo's 2- and 4-step rows of a one-step student start at its training timestep and space evenly below."""
+    assert multistep_timesteps(399, 2) == [399, 199]
+    assert multistep_timesteps(399, 4) == [399, 299, 199, 99]
+    assert multistep_timesteps(999, 2) == [999, 499]
+    assert multistep_timesteps(999, 1) == [999]

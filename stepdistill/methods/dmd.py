@@ -15,6 +15,7 @@ trains a UNet student here and an MLP against an analytic teacher in tests/toy/t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -303,7 +304,8 @@ class DMDDistiller(CriticHeadState):
                                    "train/build.py sets it")
             cfg, data = self.cfg, nets.extra["prompt_data"]
             meta = {"n": cfg.regression_pairs, "teacher_steps": cfg.regression_teacher_steps,
-                    "guidance_scale": float(self.guidance_scale), "seed": data.seed, "prompts": len(data.prompts)}
+                    "guidance_scale": float(self.guidance_scale), "seed": data.seed,
+                    "prompts": hashlib.sha256("\n".join(data.prompts).encode()).hexdigest()}
             run_dir = nets.extra.get("run_dir")
             solve = partial(solve_ode_pairs, self._teacher(nets), data.cond, cfg.regression_pairs,
                             nets.extra["latent_shape"], cfg.regression_teacher_steps, self.schedule, data.seed,

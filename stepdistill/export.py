@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .core.lora import check_canonical_keys, resolve_targets
-from .core.recipe import Recipe
+from .core.recipe import Recipe, atomic_write
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for first
 KOHYA_WEIGHT_NAME = "stepdistill_lora_kohya.safetensors"
@@ -57,14 +58,8 @@ def _check_state(state: dict[str, torch.Tensor], rank: int, targets: Sequence[st
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """save_file to a temp name in the same folder, then os.replace: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, partial(save_file, {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                               metadata=metadata))
     return path
 
 

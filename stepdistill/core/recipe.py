@@ -131,13 +131,18 @@ def scheduler_class(name: str):
     return cls
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a temp file in the same folder, then os.replace it over `path`."""
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temp file in the same folder, then os.replace it over `path`: readers never see half a file,
+    and a failed write leaves nothing behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -39,6 +39,7 @@ import torch
 from ..config import ConfigError
 from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_combine
 from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
+from ..core.recipe import atomic_write_text
 from ..registry import register_method
 from .base import Batch, LossOut, Nets
 from .dmd import DMDConfig, DMDDistiller, fake_score_loss
@@ -245,10 +246,7 @@ def load_node(unet, schedule, adapter: str, path, probe) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _global_mean(value: float, device) -> float:

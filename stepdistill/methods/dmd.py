@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
+from ..core.recipe import atomic_write
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
@@ -167,10 +166,7 @@ def load_or_solve_pairs(path: Path | None, meta: dict, solve) -> dict:
         log.info("%s was solved with %s, not %s: solving again", path, kept.get("meta"), meta)
     pairs = {**solve(), "meta": meta}
     if path is not None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        torch.save(pairs, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, partial(torch.save, pairs))
     return pairs
 
 

@@ -408,7 +408,7 @@ def add_bench_infer_command(subparsers) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.bench_infer")
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_infer")
     add_bench_infer_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["infer", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

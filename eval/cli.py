@@ -129,7 +129,7 @@ def add_eval_commands(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """A standalone parser (`python -m eval.cli ...`) with the same commands as `stepdistill eval`."""
+    """A standalone parser (`python -m stepdistill.eval.cli ...`) with the same commands as `stepdistill eval`."""
     parser = argparse.ArgumentParser(prog="stepdistill eval")
     add_eval_commands(parser.add_subparsers(dest="eval_command", required=True))
     return parser

@@ -248,7 +248,7 @@ def student_generate_fn(pipe, recipe, generate: Callable | None = None):
     import torch
 
     if generate is None:
-        import pipelines
+        from stepdistill import pipelines
 
         generate = pipelines.generate
 
@@ -335,7 +335,7 @@ def run_generation(
         generate_fn = teacher_generate_fn(pipe, steps, guidance_scale, height, width)
         info.update(model=base, role="teacher", method="teacher", steps=steps, guidance_scale=guidance_scale)
     else:
-        import pipelines
+        from stepdistill import pipelines
         from stepdistill.core.recipe import Recipe
 
         if height is not None or width is not None:

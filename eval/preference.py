@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.metrics.aesthetic import AESTHETIC_WEIGHTS, AestheticMLP
+
 log = logging.getLogger(__name__)
 
-AESTHETIC_WEIGHTS = "sac+logos+ava1-l14-linearMSE.pth"
 
 
 class MetricUnavailable(RuntimeError):
@@ -46,20 +47,6 @@ def _load_hpsv21(weights, device):
         return [float(hpsv2.score([img], p, hps_version="v2.1")[0]) for img, p in zip(images, prompts)]
 
     return score
-
-
-class AestheticMLP(torch.nn.Module):
-    """LAION improved aesthetic predictor head: normalised CLIP ViT-L/14 image embedding (768) -> score."""
-
-    def __init__(self, dim: int = 768):
-        super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
-        )
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.layers(torch.nn.functional.normalize(emb.float(), dim=-1)).squeeze(-1)
 
 
 def _load_aesthetic(weights, device):

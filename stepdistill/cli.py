@@ -40,14 +40,14 @@ def _export(args):
 
 
 def _demo(args):
-    from .demo import run_demo
+    from .toy.demo import run_demo
 
     out = run_demo(args.output_dir, quick=args.quick, method=args.method)
     print(f"demo report: {out}")
 
 
 def _toy_teacher(args):
-    from .train.teacher import train_toy_teacher
+    from .toy.teacher import train_toy_teacher
 
     steps = {"steps": args.steps} if args.steps else {}
     out = train_toy_teacher(args.out, family=args.family, seed=args.seed, vae_from=args.vae_from,
@@ -56,7 +56,7 @@ def _toy_teacher(args):
 
 
 def _toy_judge(args):
-    from .metrics.judge import train_judge
+    from .toy.judge import train_judge
 
     steps = {"steps": args.steps} if args.steps else {}
     train_judge(args.out, seed=args.seed, **steps)
@@ -64,7 +64,7 @@ def _toy_judge(args):
 
 
 def _eval_toy(args):
-    from eval.toy import run_eval_toy
+    from stepdistill.toy.evaluate import run_eval_toy
 
     from .errors import ModelError
 
@@ -135,12 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
     et.add_argument("--out", required=True, help="metrics JSON")
     et.set_defaults(func=_eval_toy)
-    _optional_commands(ev, "eval.cli", "add_eval_commands")
+    _optional_commands(ev, "stepdistill.eval.cli", "add_eval_commands")
 
     bench = sub.add_parser("bench", help="benchmarks: infer | train | eval").add_subparsers(dest="bench_command", required=True)
-    _optional_commands(bench, "eval.bench_infer", "add_bench_infer_command")
-    _optional_commands(bench, "eval.bench", "add_bench_eval_command")
-    _optional_commands(bench, "stepdistill.train.bench", "add_bench_train_command")
+    _optional_commands(bench, "stepdistill.eval.bench_infer", "add_bench_infer_command")
+    _optional_commands(bench, "stepdistill.eval.bench", "add_bench_eval_command")
+    _optional_commands(bench, "stepdistill.eval.bench_train", "add_bench_train_command")
     return p
 
 

@@ -8,13 +8,10 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Any problem with a configuration; the message says which key and what to do."""
+from .errors import ConfigError
 
 
 @dataclass
@@ -307,7 +304,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def read_yaml(path) -> dict:
-    path = Path(path)
+    from .resources import preset_path
+
+    path = preset_path(path)
     if not path.is_file():
         raise ConfigError(f"no config file at {path}: pass --config FILE (presets are in configs/)")
     try:

@@ -7,8 +7,13 @@ same command resumes from it once the cause is fixed.
 
 from __future__ import annotations
 
-from .config import ConfigError
-from .data.prompts import DataError
+
+class ConfigError(ValueError):
+    """Any problem with a configuration; the message says which key and what to do."""
+
+
+class DataError(ValueError):
+    """A data set that cannot be used; the message says what to do."""
 
 
 class ModelError(ValueError):

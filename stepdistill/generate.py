@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def generate_image(lora, prompt: str, out, base=None, steps: int | None = None, seed: int = 0) -> Path:
     """Sample `prompt` with the LoRA folder's recipe (steps overridable) and write the image to `out`."""
-    import pipelines
+    from stepdistill import pipelines
 
     out = Path(out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_METHODS: dict[str, "MethodSpec"] = {}
+_METHODS: dict[str, MethodSpec] = {}
 
 
 @dataclass(frozen=True)

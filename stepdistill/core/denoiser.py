@@ -22,20 +22,20 @@ class Cond:
     def __len__(self):
         return self.encoder_hidden_states.shape[0]
 
-    def cat(self, other: "Cond") -> "Cond":
+    def cat(self, other: Cond) -> Cond:
         """Stack two conditionings along the batch (for one batched CFG call)."""
         added = None
         if self.added_cond_kwargs is not None:
             added = {k: torch.cat([v, other.added_cond_kwargs[k]]) for k, v in self.added_cond_kwargs.items()}
         return Cond(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added)
 
-    def index(self, idx) -> "Cond":
+    def index(self, idx) -> Cond:
         added = None
         if self.added_cond_kwargs is not None:
             added = {k: v[idx] for k, v in self.added_cond_kwargs.items()}
         return Cond(self.encoder_hidden_states[idx], added)
 
-    def to(self, device=None, dtype=None) -> "Cond":
+    def to(self, device=None, dtype=None) -> Cond:
         added = None
         if self.added_cond_kwargs is not None:
             added = {k: v.to(device=device, dtype=dtype) for k, v in self.added_cond_kwargs.items()}

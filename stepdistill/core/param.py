@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def x0_from_eps(x_t, eps, alpha, sigma):
     """x0 = (x_t - sigma_t eps) / alpha_t."""
     return (x_t.double() - sigma * eps.double()) / alpha

@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 
 from .solvers import (
-    ddim_step, lcm_boundary_scalings, lcm_inference_timesteps, noise_forward, tcd_intermediate, tcd_timesteps,
+    ddim_step,
+    lcm_boundary_scalings,
+    lcm_inference_timesteps,
+    noise_forward,
+    tcd_intermediate,
+    tcd_timesteps,
     trailing_timesteps,
 )
 

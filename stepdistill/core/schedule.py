@@ -24,7 +24,7 @@ class NoiseSchedule:
             )
 
     @classmethod
-    def from_scheduler_config(cls, config) -> "NoiseSchedule":
+    def from_scheduler_config(cls, config) -> NoiseSchedule:
         """Build from a diffusers scheduler config (beta_start, beta_end, beta_schedule, ...)."""
         config = dict(config)
         T = int(config.get("num_train_timesteps", 1000))

@@ -11,12 +11,9 @@ from pathlib import Path
 import torch
 
 from ..core.denoiser import Cond
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A data set that cannot be used; the message says what to do."""
 
 
 @dataclass

@@ -27,7 +27,12 @@ from ..config import ConfigError, MethodConfig
 from ..core.ema import ema_update_
 from ..core.samplers import ddim_sample, recipe_sample
 from ..core.solvers import (
-    ddim_step, lcm_boundary_scalings, lcm_origin_timesteps, noise_forward, segment_start, trailing_timesteps,
+    ddim_step,
+    lcm_boundary_scalings,
+    lcm_origin_timesteps,
+    noise_forward,
+    segment_start,
+    trailing_timesteps,
 )
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets

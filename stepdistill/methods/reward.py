@@ -69,11 +69,11 @@ def judge_alignment_probability(judge, images: torch.Tensor, labels: torch.Tenso
 
 
 def load_toy_judge(weights: str, device, clip_weights: str = "") -> RewardFn:
-    """The toy judge's alignment probability of an image given its toy caption (stepdistill.metrics.judge)."""
+    """The toy judge's alignment probability of an image given its toy caption (stepdistill.toy.judge)."""
     import numpy as np
 
-    from ..data.toy import IMAGE_SIZE, parse_caption
-    from ..metrics.judge import load_judge
+    from ..toy.judge import load_judge
+    from ..toy.world import IMAGE_SIZE, parse_caption
 
     judge = load_judge(weights or None, device=device).requires_grad_(False)
 
@@ -112,7 +112,7 @@ def load_imagereward(weights: str, device, clip_weights: str = "") -> RewardFn:
 
 def load_aesthetic(weights: str, device, clip_weights: str = "") -> RewardFn:
     """LAION's improved aesthetic predictor: an MLP on the normalised CLIP ViT-L/14 image embedding."""
-    from eval.preference import AESTHETIC_WEIGHTS, AestheticMLP
+    from ..metrics.aesthetic import AESTHETIC_WEIGHTS, AestheticMLP
 
     if not weights or not Path(weights).is_file():
         raise RewardUnavailable(

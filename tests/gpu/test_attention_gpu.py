@@ -130,7 +130,7 @@ def test_sd15_shaped_unet_triton_matches_sdpa_and_trains():
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_print_full_size_inference_latency(family):
     """`stepdistill bench infer` at full size, eager: one and four steps, SDPA vs our kernel, full and tiny VAE."""
-    from eval.bench_infer import bench_infer
+    from stepdistill.eval.bench_infer import bench_infer
 
     rows = bench_infer(family, steps=[1, 4], backends=["sdpa", "triton"], compile=False, device="cuda", repeats=5,
                        vae=["full", "tiny"])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stepdistill.eval.generate import MANIFEST, generate_images, read_manifest, student_generate_fn, teacher_generate_fn
+from stepdistill.eval.prompts import PromptRecord, load_prompts, shard
 
 import eval.generate as generation
-from eval.generate import MANIFEST, generate_images, read_manifest, student_generate_fn, teacher_generate_fn
-from eval.prompts import PromptRecord, load_prompts, shard
 from stepdistill.models.tiny import TINY_PROMPTS, build_tiny_pipeline
 
 torch.set_num_threads(1)
@@ -167,8 +167,8 @@ def test_prompt_files_in_every_format(tmp_path):
 
 
 def _fake_eval_dir(root, name, steps, fid, training_step=None, color=0):
-    from eval.generate import save_png
-    from eval.report import update_metrics
+    from stepdistill.eval.generate import save_png
+    from stepdistill.eval.report import update_metrics
 
     root.mkdir()
     (root / "images").mkdir()
@@ -185,7 +185,7 @@ def _fake_eval_dir(root, name, steps, fid, training_step=None, color=0):
 
 
 def test_report_compares_runs_with_table_plots_and_grid(tmp_path):
-    from eval.report import report
+    from stepdistill.eval.report import report
 
     _fake_eval_dir(tmp_path / "teacher", "teacher-50", 50, 8.6)
     _fake_eval_dir(tmp_path / "dmd1", "dmd-1", 1, 12.5, training_step=1000, color=200)
@@ -215,12 +215,12 @@ def test_cli_registers_eval_commands():
 
 def test_cli_generate_then_fid_then_report_end_to_end(tmp_path, prompts_file, tiny_sd15_dir, monkeypatch):
     """The commands a user types, on the tiny teacher saved to disk, with a tiny feature extractor."""
-    import eval.fid
-    from eval.cli import build_parser
+    from stepdistill.eval import fid as eval_fid
+    from stepdistill.eval.cli import build_parser
     torch.manual_seed(0)
     extractor = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 15, stride=15), torch.nn.AdaptiveAvgPool2d(1),
                                     torch.nn.Flatten())
-    monkeypatch.setattr(eval.fid, "load_inception", lambda *a, **k: extractor)
+    monkeypatch.setattr(eval_fid, "load_inception", lambda *a, **k: extractor)
     parser = build_parser()
     for name, steps in (("teacher", 2), ("teacher-1", 1)):
         args = parser.parse_args(["generate", "--prompts", str(prompts_file), "--out", str(tmp_path / name),
@@ -262,7 +262,7 @@ def student_dir(tiny_sd15_dir, tmp_path_factory):
 
 
 def test_student_generation_through_pipelines_is_batch_independent(student_dir, prompts_file, tmp_path):
-    from eval.generate import run_generation
+    from stepdistill.eval.generate import run_generation
 
     kwargs = {"lora": student_dir, "limit": 5, "dtype": "fp32", "progress": False}
     info = run_generation(prompts_file, tmp_path / "b2", batch_size=2, **kwargs)
@@ -279,7 +279,7 @@ def test_student_generation_through_pipelines_is_batch_independent(student_dir, 
 
 @pytest.mark.slow
 def test_bench_reports_generation_and_feature_throughput():
-    from eval.bench import run_bench
+    from stepdistill.eval.bench import run_bench
 
     result = run_bench(n=8, size=128, eval_res=64, workers=(0, 2), batch_size=4)
     assert result["generation_images_per_s"] > 0

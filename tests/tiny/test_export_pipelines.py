@@ -17,7 +17,7 @@ from diffusers import AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import pipelines
+from stepdistill import pipelines
 from stepdistill.core.denoiser import active_adapter
 from stepdistill.core.lora import adapter_state_dict, add_adapter
 from stepdistill.core.recipe import RECIPE_FILE, Recipe

@@ -17,9 +17,9 @@ from stepdistill.config import ConfigError, load_config
 from stepdistill.core.denoiser import Denoiser, checkpoint_under_adapter
 from stepdistill.core.lora import adapter_parameters, adapter_state_dict
 from stepdistill.core.recipe import Recipe
-from stepdistill.methods.base import Batch
 from stepdistill.core.samplers import ddim_sample
 from stepdistill.core.solvers import trailing_timesteps
+from stepdistill.methods.base import Batch
 from stepdistill.methods.dmd import REGRESSION_PAIRS_FILE, fake_score_loss
 from stepdistill.methods.gan import mid_block_features
 from stepdistill.train.build import build

@@ -19,7 +19,7 @@ from stepdistill.train.loop import Trainer
 from .helpers import ROOT, assert_base_unchanged, assert_same_lora, lora_tensors, run_cli, train_args
 
 # What diffusers / peft say when a LoRA file's keys do not match the model.
-KEY_PROBLEM = re.compile(r"(unexpected|missing|not found|incompatible)[_ ]?keys?|target modules", re.I)
+KEY_PROBLEM = re.compile(r"(unexpected|missing|not found|incompatible)[_ ]?keys?|target modules", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")

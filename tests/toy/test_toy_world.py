@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill.data.toy import (
+from stepdistill.metrics.fid import FeatureStats
+from stepdistill.toy.judge import load_judge, matches
+from stepdistill.toy.world import (
     COLOURS,
     LABEL_FIELDS,
     SHAPES,
@@ -17,8 +19,6 @@ from stepdistill.data.toy import (
     toy_asset_path,
     toy_prompts,
 )
-from stepdistill.metrics.fid import FeatureStats
-from stepdistill.metrics.judge import load_judge, matches
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_toy_fid_of_a_set_with_itself_is_zero_and_separates_noise(judge, real):
 
 
 def test_evaluate_toy_scores_a_perfect_and_a_broken_generator(judge):
-    from eval.toy import evaluate_toy
+    from stepdistill.toy.evaluate import evaluate_toy
 
     def perfect(prompts, seeds):  # renders exactly what each prompt says
         labels = np.stack([parse_caption(p) for p in prompts])
@@ -130,7 +130,7 @@ def test_shipped_teacher_loads_and_generates(family):
 
 @pytest.mark.slow
 def test_teacher_alignment_at_25_steps():
-    from eval.toy import run_eval_toy
+    from stepdistill.toy.evaluate import run_eval_toy
 
     torch.set_num_threads(1)
     result = run_eval_toy(teacher=True, steps=25, n=500, progress=False)

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-
-from eval.bench_infer import (
+from stepdistill.eval.bench_infer import (
     FULL_CONFIGS,
     SEGMENTS,
     _build_vae,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from stepdistill.eval import bench_train as bench
 
 from stepdistill.config import ConfigError
-from stepdistill.train import bench
 from stepdistill.train import build as build_module
 from stepdistill.train.loop import check_launcher
 

@@ -80,7 +80,7 @@ def test_torchmetrics_aggregate_clamps_the_mean_at_zero(encoder):
 
 
 def test_scores_do_not_depend_on_batching(encoder, tmp_path):
-    from eval.clip import score_entries
+    from stepdistill.eval.clip import score_entries
 
     images = _images(5, seed=1)
     entries = []
@@ -95,7 +95,7 @@ def test_scores_do_not_depend_on_batching(encoder, tmp_path):
 
 
 def test_compute_clip_labels_its_convention_in_metrics_json(encoder, tmp_path):
-    from eval.clip import compute_clip
+    from stepdistill.eval.clip import compute_clip
 
     (tmp_path / "images").mkdir()
     lines = []
@@ -133,7 +133,7 @@ def test_missing_open_clip_says_which_extra_to_install(monkeypatch):
 def test_absent_preference_metrics_are_skipped_with_a_notice(monkeypatch, tmp_path, caplog):
     import sys
 
-    from eval.preference import compute_preference, load_preference
+    from stepdistill.eval.preference import compute_preference, load_preference
 
     monkeypatch.setitem(sys.modules, "ImageReward", None)
     monkeypatch.setitem(sys.modules, "hpsv2", None)
@@ -147,7 +147,7 @@ def test_absent_preference_metrics_are_skipped_with_a_notice(monkeypatch, tmp_pa
 
 
 def test_aesthetic_head_loads_the_reference_layout(tmp_path):
-    from eval.preference import AestheticMLP
+    from stepdistill.eval.preference import AestheticMLP
 
     head = AestheticMLP()
     keys = {k for k in head.state_dict() if k.endswith("weight")}

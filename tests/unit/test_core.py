@@ -10,7 +10,11 @@ from stepdistill.core.param import eps_from_x0, v_from_x0_eps, x0_eps_from_outpu
 from stepdistill.core.samplers import ddim_sample
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.core.solvers import (
-    lcm_boundary_scalings, lcm_inference_timesteps, leading_timesteps, segment_boundaries, segment_start,
+    lcm_boundary_scalings,
+    lcm_inference_timesteps,
+    leading_timesteps,
+    segment_boundaries,
+    segment_start,
     trailing_timesteps,
 )
 

@@ -152,9 +152,8 @@ def folders(tmp_path_factory):
 @pytest.mark.filterwarnings(CLEANFID_SCIPY_WARNING)
 def test_compute_fid_equals_clean_fid_compute_fid(folders, tmp_path):
     from cleanfid import fid as cleanfid
-
-    from eval.fid import compute_fid
-    from eval.images import CropResize
+    from stepdistill.eval.fid import compute_fid
+    from stepdistill.eval.images import CropResize
 
     torch.set_num_threads(1)
     gen, ref = folders
@@ -171,7 +170,7 @@ def test_compute_fid_equals_clean_fid_compute_fid(folders, tmp_path):
 
 
 def test_fid_of_a_folder_with_itself_is_zero_and_reference_stats_are_cached(folders, tmp_path):
-    from eval.fid import compute_fid
+    from stepdistill.eval.fid import compute_fid
 
     gen, _ = folders
     kwargs = {"protocol": "folder", "eval_res": 16, "extractor": TinyExtractor(), "cache_dir": tmp_path,
@@ -186,7 +185,7 @@ def test_fid_of_a_folder_with_itself_is_zero_and_reference_stats_are_cached(fold
 
 
 def test_custom_protocol_reuses_named_reference_stats_without_the_folder(folders, tmp_path):
-    from eval.fid import compute_fid
+    from stepdistill.eval.fid import compute_fid
 
     gen, ref = folders
     kwargs = {"protocol": "custom", "eval_res": 16, "extractor": TinyExtractor(), "cache_dir": tmp_path,
@@ -198,7 +197,7 @@ def test_custom_protocol_reuses_named_reference_stats_without_the_folder(folders
 
 
 def test_presets_fix_their_resolution():
-    from eval.fid import PROTOCOLS, resolve_protocol
+    from stepdistill.eval.fid import PROTOCOLS, resolve_protocol
 
     assert PROTOCOLS["coco2014-30k-256"].eval_res == 256 and PROTOCOLS["coco2014-30k-256"].n_gen == 30_000
     assert PROTOCOLS["coco2014-10k-512"].eval_res == 512 and PROTOCOLS["coco2014-10k-512"].patch
@@ -211,7 +210,7 @@ def test_presets_fix_their_resolution():
 def test_missing_inception_weights_say_which_file_to_place_where(tmp_path, monkeypatch):
     import tempfile
 
-    from eval.fid import INCEPTION_FILE, INCEPTION_URL, load_inception
+    from stepdistill.eval.fid import INCEPTION_FILE, INCEPTION_URL, load_inception
 
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STEPDISTILL_INCEPTION", raising=False)
@@ -229,7 +228,7 @@ def test_missing_inception_weights_say_which_file_to_place_where(tmp_path, monke
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")  # the real weights only exist as TorchScript
 def test_inception_loader_reads_a_torchscript_file_and_normalises_like_clean_fid(tmp_path):
-    from eval.fid import INCEPTION_FILE, load_inception
+    from stepdistill.eval.fid import INCEPTION_FILE, load_inception
 
     class Layers(torch.nn.Module):
         def forward(self, x):

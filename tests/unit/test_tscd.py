@@ -10,15 +10,30 @@ from stepdistill.core.denoiser import DenoiserOut
 from stepdistill.core.samplers import ddim_sample, recipe_sample, tcd_sample
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.core.solvers import (
-    ddim_step, noise_forward, segment_boundaries, segment_start, tcd_timesteps, trailing_timesteps,
+    ddim_step,
+    noise_forward,
+    segment_boundaries,
+    segment_start,
+    tcd_timesteps,
+    trailing_timesteps,
 )
-from stepdistill.methods.base import Batch, NoiseSource, Nets
+from stepdistill.methods.base import Batch, Nets, NoiseSource
 from stepdistill.methods.consistency import (
-    ConsistencyDistiller, LCMConfig, TSCDConfig, UnifiedConfig, hinge_discriminator_loss, hinge_generator_loss,
+    ConsistencyDistiller,
+    LCMConfig,
+    TSCDConfig,
+    UnifiedConfig,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
     stage_bounds,
 )
 from stepdistill.methods.reward import (
-    REWARD_MODELS, RewardUnavailable, denoise_to, judge_alignment_probability, load_reward_model, refl_hinge,
+    REWARD_MODELS,
+    RewardUnavailable,
+    denoise_to,
+    judge_alignment_probability,
+    load_reward_model,
+    refl_hinge,
 )
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -274,8 +289,8 @@ def test_refl_hinge_only_pushes_below_threshold():
 
 
 def test_toy_judge_reward_reads_alignment_and_is_differentiable():
-    from stepdistill.data.toy import ToyWorld, to_float
-    from stepdistill.metrics.judge import load_judge
+    from stepdistill.toy.judge import load_judge
+    from stepdistill.toy.world import ToyWorld, to_float
 
     torch.set_num_threads(1)
     images, captions, _ = ToyWorld().sample(64, seed=11)
@@ -287,7 +302,7 @@ def test_toy_judge_reward_reads_alignment_and_is_differentiable():
     right.sum().backward()
     assert x.grad.abs().sum() > 0
     # The probability agrees with the judge's own reading: high exactly where its argmax matches.
-    from stepdistill.metrics.judge import matches
+    from stepdistill.toy.judge import matches
 
     judge = load_judge()
     agree = matches(judge.predict(images), captions)

@@ -129,7 +129,7 @@ def _check_overrides(overrides, methods) -> None:
 
 def bench_model(family: str, tiny: bool, device, dtype, seed: int = 0):
     """A random-init FamilyModel with the released architecture (or the tiny test one), frozen, on `device`."""
-    from eval.bench_infer import build_family_model
+    from .bench_infer import build_family_model
 
     model = build_family_model(family, tiny, "full", device, dtype, seed)
     # build_family_model lays the UNet out channels-last on a GPU (its inference default); here that is the
@@ -152,8 +152,8 @@ def bench_data(cfg: Config, model, seed: int = 0):
 
 def make_trainer(cfg: Config, model, data, out_dir, device):
     """The real Trainer around in-memory models: train/build.py attaches adapters, loop.py owns the iteration."""
-    from .build import build
-    from .loop import Dist, Trainer
+    from ..train.build import build
+    from ..train.loop import Dist, Trainer
 
     dist = Dist()
     if dist.world > 1:
@@ -262,7 +262,7 @@ def unet_forward_flops(trainer) -> int:
 
 def matmul_ceiling(device, dtype=None, sizes=None, repeats: int | None = None) -> dict:
     """The best TFLOP/s of large square matmuls in `dtype` (bf16 on a GPU, fp32 on the CPU), timed like a step."""
-    from eval.bench_infer import Clock
+    from .bench_infer import Clock
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -289,7 +289,7 @@ def matmul_ceiling(device, dtype=None, sizes=None, repeats: int | None = None) -
 
 def time_iterations(trainer, iters: int) -> list[float]:
     """Milliseconds of each of `iters` real iterations."""
-    from eval.bench_infer import Clock
+    from .bench_infer import Clock
 
     clock = Clock(trainer.dist.device)
     marks = [clock.mark()]
@@ -399,7 +399,7 @@ def bench_one(method: str, family: str, tiny: bool, device, batch: int, lever: s
               resolution: int = 0, iters: int = 5, warmup: int = 2, ceiling: dict | None = None,
               max_batch: int = 0, seed: int = 0, preset: dict | None = None) -> dict:
     """Build the run for (method, family, lever) and measure it; max_batch > 0 also searches the largest batch."""
-    from .build import base_dtype
+    from ..train.build import base_dtype
 
     if lever not in LEVERS:
         raise ValueError(f"unknown lever {lever!r}: use one of {', '.join(LEVERS)}")
@@ -428,7 +428,7 @@ def bench_train(methods=None, families=FAMILIES, tiny: bool = False, device: str
                 max_batch: int = 0, seed: int = 0, show: bool = True, config=None) -> list[dict]:
     """One row per (method, family, lever); see the module docstring for what each row holds. `config`, a YAML
     preset, replaces the built-in recipes: its method and family, its batch unless `batch` is given."""
-    from eval.bench_infer import _resolve_device, device_name
+    from .bench_infer import _resolve_device, device_name
 
     preset = None
     if config:
@@ -532,7 +532,7 @@ def add_bench_train_command(subparsers) -> None:
 def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m stepdistill.train.bench")
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_train")
     add_bench_train_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

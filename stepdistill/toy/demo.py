@@ -17,7 +17,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -35,15 +34,17 @@ QUICK = DemoBudget(legs=2, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
 
 
 def default_method() -> str:
-    from .registry import method_names
+    from ..registry import method_names
 
     return "dmd" if "dmd" in method_names() else "lcm"
 
 
 def preset_for(method: str) -> Path:
-    path = CONFIGS / "toy" / f"{method}_1step.yaml"
+    from ..resources import configs_dir
+
+    path = configs_dir() / "toy" / f"{method}_1step.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no toy preset {path}: the demo runs from a stepdistill checkout (configs/toy/)")
+        raise FileNotFoundError(f"no toy preset {path}: method {method!r} has no toy preset (configs/toy/)")
     return path
 
 
@@ -53,8 +54,9 @@ def _leg_ends(max_steps: int, legs: int) -> list[int]:
 
 def teacher_fn(steps: int = 25):
     """The shipped toy teacher at its evaluation setting (DDIM, CFG) as a GenerateFn."""
-    from eval.generate import teacher_generate_fn
-    from eval.toy import TEACHER_GUIDANCE_SCALE, teacher_pipeline
+    from stepdistill.eval.generate import teacher_generate_fn
+
+    from .evaluate import TEACHER_GUIDANCE_SCALE, teacher_pipeline
 
     return teacher_generate_fn(teacher_pipeline("sd15"), steps, TEACHER_GUIDANCE_SCALE)
 
@@ -64,11 +66,11 @@ def student_fn(final: Path, steps: int):
     replaced by the scheduler's own spacing for more steps (LCMScheduler: 999, 499, ... on its skipping grid)."""
     import dataclasses
 
-    import pipelines
-    from eval.generate import student_generate_fn
+    from stepdistill import pipelines
+    from stepdistill.eval.generate import student_generate_fn
 
-    from .core.recipe import Recipe
-    from .methods.dmd import lcm_original_steps
+    from ..core.recipe import Recipe
+    from ..methods.dmd import lcm_original_steps
 
     recipe = Recipe.load(final)
     pipe = pipelines.load(None, final)
@@ -95,10 +97,9 @@ def multistep_timesteps(t0: int, steps: int) -> list[int]:
 
 
 def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = None) -> Path:
-    from eval.toy import evaluate_toy
-
-    from .config import load_config
-    from .train.loop import train
+    from ..config import load_config
+    from ..train.loop import train
+    from .evaluate import evaluate_toy
 
     start = time.perf_counter()
     budget = QUICK if quick else FULL
@@ -183,9 +184,8 @@ def render_report(results: dict, run_dir: Path) -> str:
 def write_grid(path: Path, final: Path, n: int):
     from torchvision.utils import save_image
 
-    from eval.toy import as_images
-
-    from .data.toy import toy_prompts
+    from .evaluate import as_images
+    from .world import toy_prompts
 
     prompts = toy_prompts(n, seed=123)
     seeds = list(range(n))

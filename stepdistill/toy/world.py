@@ -239,19 +239,13 @@ def toy_prompts(n: int, seed: int = 0, world: ToyWorld | None = None) -> list[st
 
 
 def toy_asset_path(name: str = "") -> Path:
-    """Path of assets/toy/<name>, from a source checkout or an editable install (assets/ sits beside the package).
+    """Path of the shipped assets/toy/<name> (package data; STEPDISTILL_ASSETS points at another assets/ folder)."""
+    from ..resources import assets_dir
 
-    Set STEPDISTILL_ASSETS to use another assets/ folder (e.g. a wheel install without the repository).
-    """
-    import os
-
-    override = os.environ.get("STEPDISTILL_ASSETS")
-    roots = [Path(override)] if override else []
-    roots.append(Path(__file__).resolve().parents[2] / "assets")
-    for root in roots:
-        if (root / "toy").is_dir():
-            return root / "toy" / name
-    raise FileNotFoundError(
-        f"no assets/toy folder found (looked in {[str(r) for r in roots]}): run from a source checkout "
-        "(pip install -e .) or set STEPDISTILL_ASSETS to the repository's assets/ folder"
-    )
+    root = assets_dir()
+    if not (root / "toy").is_dir():
+        raise FileNotFoundError(
+            f"no toy assets in {root}: reinstall stepdistill (they ship as package data), or set "
+            "STEPDISTILL_ASSETS to a folder holding toy/"
+        )
+    return root / "toy" / name

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from ..core.ema import ema_update_
 from ..core.schedule import NoiseSchedule
-from ..data.toy import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 from ..models.tokenizer import save_word_tokenizer
+from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
 DEFAULT_STEPS = {"sd15": 2000, "sdxl": 500}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)

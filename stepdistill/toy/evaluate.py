@@ -3,7 +3,7 @@
     stepdistill eval toy --teacher --steps 25 --out teacher.json
     stepdistill eval toy --lora runs/dmd_toy/final --out student.json
 
-Toy FID is the Frechet distance between judge features (stepdistill.metrics.judge, penultimate layer) of the
+Toy FID is the Frechet distance between judge features (stepdistill.toy.judge, penultimate layer) of the
 generated images and of real toy images, computed with the same FeatureStats / frechet_distance as the real
 harness (eval/fid.py). Alignment is the fraction of images whose judged layout, shapes, colours and sizes all
 match their prompt. Prompts and seeds are fixed by `seed`, so two models evaluated with the same arguments
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepdistill.data.toy import ToyWorld, to_float, toy_asset_path, toy_prompts
-from stepdistill.metrics.fid import FeatureStats
-from stepdistill.metrics.judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
+from ..metrics.fid import FeatureStats
+from .judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
+from .world import ToyWorld, to_float, toy_asset_path, toy_prompts
 
 # Guidance of the shipped teachers at their evaluation setting (DDIM, 25 steps); see docs/toy_world.md.
 TEACHER_GUIDANCE_SCALE = 4.0
@@ -124,7 +124,7 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
     Teacher: DDIM at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE_SCALE).
     Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
     """
-    from eval.generate import student_generate_fn, teacher_generate_fn
+    from ..eval.generate import student_generate_fn, teacher_generate_fn
 
     if teacher == (lora is not None):
         raise ValueError("evaluate either the teacher (--teacher) or a student (--lora DIR), not both or neither")
@@ -137,8 +137,8 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
     else:
         import dataclasses
 
-        import pipelines
-        from pipelines import Recipe
+        from .. import pipelines
+        from ..pipelines import Recipe
 
         recipe = Recipe.load(lora)
         changes = {}

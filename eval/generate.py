@@ -14,12 +14,13 @@ and a partly done batch is regenerated whole, so a resumed run writes the same p
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
+
+from stepdistill.core.io import atomic_write, atomic_write_text
 
 from .prompts import PromptRecord, shard
 
@@ -46,12 +47,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return entries
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def finished_entries(out_dir) -> dict[str, dict]:
@@ -90,16 +85,14 @@ def _check_same_prompts(done: dict[str, dict], records: list[PromptRecord], out_
 def _clean_part(path: Path) -> None:
     """Drop a half-written last line left by a kill, so new lines start on a line of their own."""
     if path.is_file():
-        _write_atomic(path, "".join(json.dumps(e) + "\n" for e in _read_jsonl(path)))
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in _read_jsonl(path)))
 
 
 def save_png(image, path: Path) -> None:
     """Write a PNG under a temporary name and rename it into place, so `path` is never a partial file."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def process_state():
@@ -128,7 +121,7 @@ def _merge_manifest(out_dir: Path, records: list[PromptRecord]) -> list[dict]:
             "rerun the same command to finish them"
         )
     merged = [done[r.id] for r in records]
-    _write_atomic(out_dir / MANIFEST, "".join(json.dumps(e) + "\n" for e in merged))
+    atomic_write_text(out_dir / MANIFEST, "".join(json.dumps(e) + "\n" for e in merged))
     return merged
 
 
@@ -188,7 +181,7 @@ def generate_images(
         generate_fn, shard(records, rank, world), out_dir, part, done, batch_size, progress and rank == 0
     )
     timing = out_dir / f".timing.part-{rank:05d}-of-{world:05d}.json"
-    _write_atomic(timing, json.dumps({"images": n_new, "seconds": seconds}))
+    atomic_write_text(timing, json.dumps({"images": n_new, "seconds": seconds}))
     wait_for_everyone()
     if rank != 0:
         return {}
@@ -221,7 +214,7 @@ def _write_generation_info(out_dir: Path, records, batch_size: int, world: int, 
     }
     for p in timing_files:
         p.unlink()
-    _write_atomic(out_dir / GENERATION_INFO, json.dumps(record, indent=2))
+    atomic_write_text(out_dir / GENERATION_INFO, json.dumps(record, indent=2))
     return record
 
 

@@ -8,10 +8,11 @@ metrics.json that `compute_fid`, `compute_clip` and the preference metrics fill 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from stepdistill.core.io import atomic_write_text
 
 METRICS = "metrics.json"
 
@@ -29,9 +30,7 @@ def update_metrics(run_dir, section: str, value, key: str | None = None) -> dict
         metrics[section] = value
     else:
         metrics.setdefault(section, {})[key] = value
-    tmp = path.with_name(f".{METRICS}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -8,9 +8,6 @@ prefix, no mix of `lora.down` and `lora_A` keys, and alpha always stored (metada
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -19,8 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .core.io import atomic_dir, atomic_write
 from .core.lora import check_canonical_keys, resolve_targets
-from .core.recipe import Recipe, atomic_write
+from .core.recipe import Recipe
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for first
 KOHYA_WEIGHT_NAME = "stepdistill_lora_kohya.safetensors"
@@ -154,27 +152,9 @@ def save_merged_unet(unet, state: dict[str, torch.Tensor], out_dir, rank: int, a
                      lora_scale: float = 1.0) -> Path:
     """Merge the LoRA into `unet` (in place) and save it as a diffusers UNet folder, swapped in atomically."""
     merge_into_unet(unet, state, rank, alpha, lora_scale)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an old `dst` is moved aside first and deleted only afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return Path(out_dir)
 
 
 def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: torch.dtype | None = None) -> Path:

@@ -8,8 +8,6 @@ prints one line instead of a traceback.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -75,14 +73,8 @@ def _device_and_dtype() -> tuple[str, torch.dtype]:
 
 
 def _save_atomically(image, out: Path) -> Path:
-    """Write next to `out`, then os.replace: a killed run never leaves half a PNG under the real name."""
+    """A killed run never leaves half an image under the real name (PIL reads the format from the suffix)."""
+    from .core.io import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, image.save, suffix=out.suffix)

@@ -10,10 +10,10 @@ import dataclasses
 import difflib
 import inspect
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .io import atomic_write, atomic_write_text  # noqa: F401  (re-exported for older imports)
 
 RECIPE_FILE = "stepdistill.json"
 FORMAT_VERSION = 1
@@ -129,20 +129,3 @@ def scheduler_class(name: str):
             + (f", e.g. {close}" if close else "") + " (or upgrade diffusers if it is newer than this version)"
         )
     return cls
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temp file in the same folder, then os.replace it over `path`: readers never see half a file,
-    and a failed write leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -39,7 +39,7 @@ import torch
 from ..config import ConfigError
 from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_combine
 from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
-from ..core.recipe import atomic_write_text
+from ..core.io import atomic_write_text
 from ..registry import register_method
 from .base import Batch, LossOut, Nets
 from .dmd import DMDConfig, DMDDistiller, fake_score_loss

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
-from ..core.recipe import atomic_write
+from ..core.io import atomic_write
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method

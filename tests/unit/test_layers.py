@@ -127,3 +127,14 @@ def test_no_generic_top_level_import_names(name):
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert all(p == "stepdistill" or p.startswith("stepdistill.") for p in config["packages"])
     assert config["package-dir"][f"stepdistill.{name}"] == name
+
+
+def test_tests_import_the_installed_names():
+    """`import eval...` would load the repository folder a second time under another name (and shadow the
+    builtin `eval`): tests import stepdistill.eval and stepdistill.pipelines like users do."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for target, line in imports_of("tests.x", path):
+            if target.split(".")[0] in ("eval", "pipelines"):
+                found.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not found, "\n".join(found)

@@ -354,6 +354,11 @@ def load_config(path=None, overrides: list[str] | None = None, validate: bool = 
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
     data = _merge(data, parse_overrides(overrides or []))
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        from .resources import shipped_path
+
+        model["path"] = shipped_path(model["path"])  # the toy presets' assets/toy/... from any directory
     return build_config(data, validate=validate)
 
 

@@ -68,5 +68,5 @@ def test_presets_and_their_assets_resolve_from_any_folder(tmp_path, monkeypatch)
     cfg = load_config("configs/toy/dmd_1step.yaml")
     assert Path(cfg.model.path, "model_index.json").is_file()
     (tmp_path / "configs").mkdir()  # a user's own configs/ folder wins over the shipped one
-    (tmp_path / "configs" / "mine.yaml").write_text("method: {name: lcm}\nmodel: {path: assets/toy/sd15}\n")
+    (tmp_path / "configs" / "mine.yaml").write_text("method: {name: lcm}\nmodel: {path: assets/toy/sd15}\ndata: {images: \"toy:8\"}\n")
     assert load_config("configs/mine.yaml").method.name == "lcm"

@@ -86,8 +86,8 @@ class FamilyModel:
     default_resolution: ClassVar[int]
     # The noise schedule random-init models get (tiny and full size); loaded models read their folder's.
     default_scheduler_config: ClassVar[dict] = {}
-    # Tiny test architecture: config overrides per part ("unet", "vae", text encoder subfolders); models.tiny
-    # completes them and link_tiny_configs derives the keys that tie the parts together.
+    # Tiny test architecture: config overrides per part (denoiser_prefix, "vae", the text encoder subfolders);
+    # models.tiny completes them and link_tiny_configs derives the keys that tie the parts together.
     tiny_arch: ClassVar[dict[str, dict]]
     # Full-size architecture of the released checkpoint, per part, for random-init benchmarks (nothing downloaded).
     full_configs: ClassVar[dict[str, dict]]

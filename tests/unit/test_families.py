@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+
 from stepdistill.cli import build_parser
 from stepdistill.config import ConfigError, ModelConfig, load_config
 from stepdistill.core.recipe import Recipe
-from stepdistill.models import FamilyModel, family_names, get_family, register_family
-from stepdistill.models import registry
+from stepdistill.models import FamilyModel, family_names, get_family, register_family, registry
 from stepdistill.models.families.sd15 import SD15Model
 from stepdistill.models.tiny import tiny_configs
 from stepdistill.registry import method_names

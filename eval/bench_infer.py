@@ -1,7 +1,8 @@
 """`stepdistill bench infer`: one-step and few-step generation latency, split into text encoding, UNet and VAE decode.
 
 Models are random-init and built in code from their architecture configs (no weights are needed for
-timing): full-size SD1.5 (512 px) and SDXL (1024 px) on a GPU, or the tiny test architectures on the CPU.
+timing; stepdistill.models.random_init): each family's released architecture at its own resolution (SD1.5 at
+512 px, SDXL at 1024 px) on a GPU, or the tiny test architectures on the CPU.
 Each configuration (attention backend x torch.compile x VAE x steps) gets warm-up runs, then `repeats`
 timed runs; GPU segments are timed with CUDA events, CPU ones with perf_counter; medians are reported.
 
@@ -30,55 +31,11 @@ from stepdistill.core.denoiser import Cond, Denoiser
 from stepdistill.core.samplers import lcm_sample
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.core.solvers import lcm_inference_timesteps
+from stepdistill.models.registry import family_names, get_family
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd15", "sdxl")
-VAES = ("full", "tiny")
-DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 TINY_RESOLUTION = 64
-
-# Public architectures of the released checkpoints (unet/, vae/, text_encoder*/ config.json), written out so
-# nothing is downloaded. Counts (diffusers 0.42): SD1.5 UNet 859.5 M params, SDXL UNet 2,567.5 M.
-_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-               projection_dim=768, hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408)
-_SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
-)
-FULL_CONFIGS = {
-    "sd15": {
-        "unet": dict(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
-            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        ),
-        "vae": dict(_SD_VAE, sample_size=512, scaling_factor=0.18215),
-        "text_encoder": _CLIP_L,
-    },
-    "sdxl": {
-        "unet": dict(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-            norm_num_groups=32,
-        ),
-        # The fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix) has this architecture and runs in fp16.
-        "vae": dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False),
-        "text_encoder": _CLIP_L,
-        "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                               projection_dim=1280, hidden_act="gelu", max_position_embeddings=77, vocab_size=49408),
-    },
-}
-# TAESD / TAESDXL (madebyollin/taesd, taesdxl) are AutoencoderTiny's defaults; the tiny one is for CPU tests.
-TINY_VAE_CONFIGS = {
-    "full": {},
-    "tiny": dict(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
-                 num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)),
-}
 SEGMENTS = ("text_ms", "unet_ms", "vae_ms", "total_ms")
 
 
@@ -87,77 +44,10 @@ SEGMENTS = ("text_ms", "unet_ms", "vae_ms", "total_ms")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def model_configs(family: str, tiny: bool) -> dict[str, dict]:
-    """Architecture configs of every part: the released models', or the tiny test models' (stepdistill.models.tiny)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family {family!r} is not supported: use one of {', '.join(FAMILIES)}")
-    if not tiny:
-        return {part: dict(cfg) for part, cfg in FULL_CONFIGS[family].items()}
-    from stepdistill.models.tiny import tiny_configs
-
-    return tiny_configs(family)
-
-
-def _build_vae(config: dict, kind: str, tiny: bool):
-    from diffusers import AutoencoderKL, AutoencoderTiny
-
-    if kind == "full":
-        return AutoencoderKL(**config)
-    return AutoencoderTiny(**TINY_VAE_CONFIGS["tiny" if tiny else "full"])
-
-
 def vae_scale_factor(vae) -> int:
     """Pixels per latent: 2 ** (number of decoder blocks - 1) for both AutoencoderKL and AutoencoderTiny."""
     channels = getattr(vae.config, "block_out_channels", None) or vae.config.decoder_block_out_channels
     return 2 ** (len(channels) - 1)
-
-
-def build_family_model(family: str, tiny: bool, vae: str, device, dtype, seed: int = 0):
-    """A random-init SD15Model / SDXLModel with the family's architecture (built directly on `device`)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from stepdistill.models import SD15Model, SDXLModel
-    from stepdistill.models.tiny import SD_SCHEDULER_CONFIG, TINY_WORDS
-    from stepdistill.models.tokenizer import build_word_tokenizer
-
-    if vae not in VAES:
-        raise ValueError(f"vae {vae!r} is not supported: use one of {', '.join(VAES)}")
-    cfg = model_configs(family, tiny)
-    # A word-level CLIP tokenizer stands in for CLIP's BPE vocabulary (not shipped offline); prompts are
-    # padded to 77 tokens either way, so the text encoders do the same work.
-    tokenizer = build_word_tokenizer(TINY_WORDS)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype if torch.device(device).type == "cuda" else torch.float32):
-        unet = UNet2DConditionModel(**cfg["unet"])
-        autoencoder = _build_vae(cfg["vae"], vae, tiny)
-        encoders = [CLIPTextModel(CLIPTextConfig(**{**ids, **cfg["text_encoder"]}))]
-        if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**{**ids, **cfg["text_encoder_2"]})))
-    for module in (unet, autoencoder, *encoders):
-        module.requires_grad_(False).eval()
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-    if torch.device(device).type == "cuda":
-        # NHWC convolutions are the fast path for cuDNN on tensor cores.
-        unet.to(memory_format=torch.channels_last)
-        autoencoder.to(memory_format=torch.channels_last)
-    model_class = SD15Model if family == "sd15" else SDXLModel
-    tokenizers = [tokenizer] * len(encoders)
-    return model_class(unet, autoencoder, encoders, tokenizers, SD_SCHEDULER_CONFIG, path="random-init")
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """Create parameters directly in `dtype` (on a GPU: no float32 copy of a 2.6 B-parameter UNet first)."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
 
 
 class DeployedDenoiser(Denoiser):
@@ -307,11 +197,12 @@ def bench_infer(family: str = "sd15", resolution: int | None = None, steps=(1, 4
     steps, backends, compile and vae take one value or a list (compile=[False, True] times both). Rows
     hold the medians text_ms, unet_ms (all steps), vae_ms and total_ms, the device name and peak memory.
     """
+    from stepdistill.models.random_init import build_family_model
     from stepdistill.models.tiny import TINY_PROMPTS
 
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
-    resolution = resolution or (TINY_RESOLUTION if tiny else DEFAULT_RESOLUTION.get(family, 512))
+    resolution = resolution or (TINY_RESOLUTION if tiny else get_family(family).default_resolution)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     concrete = {name: resolve_backend(name, device) for name in _as_list(backends)}
@@ -387,8 +278,8 @@ def _bench_infer_command(args):
 def add_bench_infer_command(subparsers) -> None:
     """Register `stepdistill bench infer`."""
     p = subparsers.add_parser("infer", help="generation latency: text encoding, UNet, VAE decode per backend")
-    p.add_argument("--family", default="sd15", choices=FAMILIES)
-    p.add_argument("--resolution", type=int, help="pixels (default 512 for sd15, 1024 for sdxl, 64 with --tiny)")
+    p.add_argument("--family", default="sd15", choices=family_names())
+    p.add_argument("--resolution", type=int, help="pixels (default: the family's own, 64 with --tiny)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 4], help="sampling steps to time (default 1 4)")
     p.add_argument("--backends", nargs="+", default=["auto"], help="attention: auto sdpa xformers triton math")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the UNet and VAE")

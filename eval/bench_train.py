@@ -32,24 +32,16 @@ from pathlib import Path
 import torch
 
 from ..config import Config, _merge, build_config, parse_overrides
+from ..models.registry import family_names, get_family
 from ..registry import method_names
 
 log = logging.getLogger(__name__)
 
 METHODS = ("dmd", "disback", "tscd")
-FAMILIES = ("sd15", "sdxl")
-DEFAULT_BATCH = {"sd15": 16, "sdxl": 4}
 TINY_BATCH = 2
-# The methods' published recipes where they change the cost of an iteration: DMD2 updates the fake score 10 times
-# per generator update on SD1.5 and 5 times on SDXL (its released scripts' dfake_gen_update_ratio).
 # DisBack is measured in its stage 2 (backtracking, the long one): two nodes recorded one iteration each, then the
 # target adapter holds node 1 for 500 iterations, longer than any benchmark.
-_DMD2_RATIO = {"sd15": {"critic_updates_per_student_update": 10}, "sdxl": {"critic_updates_per_student_update": 5}}
 _DISBACK_STAGE2 = {"num_nodes": 2, "interval": 1, "steps_per_node": 500}
-METHOD_PRESETS = {
-    "dmd": _DMD2_RATIO,
-    "disback": {family: {**ratio, **_DISBACK_STAGE2} for family, ratio in _DMD2_RATIO.items()},
-}
 # Iterations a method needs before it reaches the phase measured: DisBack's two recording iterations, then one in
 # stage 2 (where the target adapter's graphs get compiled).
 MIN_WARMUP = {"disback": 3}
@@ -76,6 +68,15 @@ OPAQUE_ATTENTION = ("triton", "xformers")
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def method_preset(method: str, family: str) -> dict:
+    """The methods' published recipes where they change the cost of an iteration: DMD2's fake-score updates per
+    generator update are the family's (FamilyModel.dmd2_critic_ratio: its released scripts' dfake_gen_update_ratio)."""
+    if method not in ("dmd", "disback"):
+        return {}
+    ratio = {"critic_updates_per_student_update": get_family(family).dmd2_critic_ratio}
+    return {**ratio, **_DISBACK_STAGE2} if method == "disback" else ratio
+
+
 def bench_config(method: str, family: str, batch: int, overrides=(), resolution: int = 0,
                  preset: dict | None = None) -> Config:
     """The config a training run would use: `preset` (a YAML preset's contents) or the method's family recipe,
@@ -83,7 +84,7 @@ def bench_config(method: str, family: str, batch: int, overrides=(), resolution:
     if method not in method_names():
         raise ValueError(f"method {method!r} is not registered (registered: {', '.join(method_names())})")
     overrides = [o for o in overrides if applies(o, method)]
-    base = preset or {"method": {"name": method, **METHOD_PRESETS.get(method, {}).get(family, {})}}
+    base = preset or {"method": {"name": method, **method_preset(method, family)}}
     run = {
         "model": {"path": f"random-init:{family}", "family": family, **({"resolution": resolution} if resolution else {})},
         "data": {"prompts": "in-memory", "batch_size": batch, "images": RANDOM_LATENTS},
@@ -100,8 +101,9 @@ def read_preset(path) -> tuple[dict, str, str]:
     method = preset.get("method")
     method = method.get("name") if isinstance(method, dict) else method
     family = (preset.get("model") or {}).get("family", "auto")
-    if not method or family not in FAMILIES:
-        raise ValueError(f"{path} must name method.name and model.family (sd15 or sdxl) to be benchmarked")
+    if not method or family not in family_names():
+        raise ValueError(f"{path} must name method.name and model.family (one of {', '.join(family_names())}) "
+                         "to be benchmarked")
     if isinstance(preset["method"], str):
         preset["method"] = {"name": method}
     return preset, method, family
@@ -129,7 +131,7 @@ def _check_overrides(overrides, methods) -> None:
 
 def bench_model(family: str, tiny: bool, device, dtype, seed: int = 0):
     """A random-init FamilyModel with the released architecture (or the tiny test one), frozen, on `device`."""
-    from .bench_infer import build_family_model
+    from ..models.random_init import build_family_model
 
     model = build_family_model(family, tiny, "full", device, dtype, seed)
     # build_family_model lays the UNet out channels-last on a GPU (its inference default); here that is the
@@ -423,7 +425,7 @@ def bench_one(method: str, family: str, tiny: bool, device, batch: int, lever: s
     return row
 
 
-def bench_train(methods=None, families=FAMILIES, tiny: bool = False, device: str = "auto", batch: int | None = None,
+def bench_train(methods=None, families=None, tiny: bool = False, device: str = "auto", batch: int | None = None,
                 levers=("baseline",), overrides=(), resolution: int = 0, iters: int = 5, warmup: int = 2,
                 max_batch: int = 0, seed: int = 0, show: bool = True, config=None) -> list[dict]:
     """One row per (method, family, lever); see the module docstring for what each row holds. `config`, a YAML
@@ -441,16 +443,16 @@ def bench_train(methods=None, families=FAMILIES, tiny: bool = False, device: str
     device = _resolve_device(device)
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0 (got {iters}, {warmup})")
+    families = list(families or family_names())
     for family in families:
-        if family not in FAMILIES:
-            raise ValueError(f"family {family!r} is not supported: use one of {', '.join(FAMILIES)}")
+        get_family(family)  # an unknown family fails here, naming the close match
     for method in methods:
         bench_config(method, families[0], 1)  # unregistered methods fail here, before any model is built
     _check_overrides(overrides, methods)
     ceiling = matmul_ceiling(device)
     rows = []
     for method, family, lever in itertools.product(methods, families, levers):
-        b = batch or (TINY_BATCH if tiny else DEFAULT_BATCH[family])
+        b = batch or (TINY_BATCH if tiny else get_family(family).bench_batch)
         log.info("bench train: %s %s%s batch %d, lever %s", method, family, " (tiny)" if tiny else "", b, lever)
         row = bench_one(method, family, tiny, device, b, lever, overrides, resolution, iters, warmup, ceiling,
                         max_batch, seed, preset)
@@ -511,11 +513,11 @@ def add_bench_train_command(subparsers) -> None:
     p.add_argument("--method", nargs="+", help=f"methods (default: those of {', '.join(METHODS)} registered)")
     p.add_argument("--config", help="measure a YAML preset (e.g. configs/dmd/sdxl_1step.yaml) instead of the "
                                     "built-in recipes: its method, family and batch")
-    p.add_argument("--family", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--family", nargs="+", default=family_names(), choices=family_names())
     p.add_argument("--tiny", action="store_true", help="tiny test architectures (CPU) instead of full-size models")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    p.add_argument("--batch", type=int, help=f"per-process batch (default {DEFAULT_BATCH}, {TINY_BATCH} with --tiny)")
-    p.add_argument("--resolution", type=int, help="pixels (default: 512 sd15, 1024 sdxl)")
+    p.add_argument("--batch", type=int, help=f"per-process batch (default: the family's, {TINY_BATCH} with --tiny)")
+    p.add_argument("--resolution", type=int, help="pixels (default: the model's own)")
     p.add_argument("--levers", nargs="+", default=["baseline"], choices=list(LEVERS),
                    help="one row per lever: the baseline config plus that lever's overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every row")

@@ -5,6 +5,12 @@
     images = pipelines.generate(pipe, recipe, ["a photo of a cat"], seed=0)
 
 This package consumes exported artifacts only (DESIGN.md sec. 2): it never imports stepdistill.train.
+
+What differs per family (its diffusers pipeline class and how a base folder is recognised, its text encoders,
+the denoiser's attribute and LoRA key prefix, how the base loads) is asked of the family registry
+(stepdistill.models.registry): those are facts of the family, declared once in its models/families/ module, which
+the library needs too (detection, export). A second, harness-side list of families would be the drift this
+package must not have.
 """
 
 from __future__ import annotations
@@ -20,16 +26,14 @@ import torch
 
 from stepdistill.core.recipe import Recipe
 from stepdistill.export import dtype_kwargs
+from stepdistill.models.registry import family_for_pipeline, family_names, get_family, supported_pipelines
 
-from . import sd15, sdxl
-
-FAMILIES = {"sd15": sd15, "sdxl": sdxl}
 ADAPTER_NAME = "stepdistill"
 
 # Log or warning text that means LoRA weights were dropped or left at their init while loading.
 _DROPPED_WEIGHTS = ("unexpected", "missing", "inconsistency", "not found")
 
-__all__ = ["FAMILIES", "Recipe", "check_lora_fits", "family_of", "generate", "load"]
+__all__ = ["Recipe", "check_lora_fits", "family_of", "generate", "load"]
 
 
 def family_of(base, recipe: Recipe | None = None) -> str:
@@ -37,31 +41,31 @@ def family_of(base, recipe: Recipe | None = None) -> str:
     index = Path(base) / "model_index.json"
     if index.is_file():
         class_name = json.loads(index.read_text()).get("_class_name")
-        for family, module in FAMILIES.items():
-            if class_name in module.PIPELINE_CLASS_NAMES:
-                if recipe is not None and recipe.family != family:
-                    raise ValueError(
-                        f"this LoRA was trained for {recipe.family} ({recipe.base_model}), but {base} is a {class_name} "
-                        f"({family}): pass the {recipe.family} base model it was trained on"
-                    )
-                return family
-        raise ValueError(
-            f"{base} holds a {class_name}, which stepdistill cannot load: use a base of family "
-            f"{sorted(FAMILIES)} ({[n for m in FAMILIES.values() for n in m.PIPELINE_CLASS_NAMES]})"
-        )
+        family = family_for_pipeline(class_name)
+        if family is None:
+            raise ValueError(
+                f"{base} holds a {class_name}, which stepdistill cannot load: use a base of family "
+                f"{family_names()} ({supported_pipelines()})"
+            )
+        if recipe is not None and recipe.family != family.name:
+            raise ValueError(
+                f"this LoRA was trained for {recipe.family} ({recipe.base_model}), but {base} is a {class_name} "
+                f"({family.name}): pass the {recipe.family} base model it was trained on"
+            )
+        return family.name
     if recipe is None:
         raise ValueError(f"cannot tell the family of {base!r} without a recipe: pass a local diffusers folder")
     return recipe.family
 
 
-def _unet_lora_shapes(pipe, lora_dir) -> dict[str, dict[str, tuple]]:
-    """module path -> {"A": shape, "B": shape} for the UNet part of a LoRA file, whatever its key style."""
+def _unet_lora_shapes(pipe, lora_dir, prefix: str = "unet") -> dict[str, dict[str, tuple]]:
+    """module path -> {"A": shape, "B": shape} for the denoiser part (keys `prefix.`) of a LoRA file, any key style."""
     state = pipe.lora_state_dict(str(lora_dir))[0]
     modules: dict[str, dict[str, tuple]] = {}
     for key, value in state.items():
-        if not key.startswith("unet."):
+        if not key.startswith(f"{prefix}."):
             continue
-        key = key.removeprefix("unet.")
+        key = key.removeprefix(f"{prefix}.")
         module = key.split(".lora")[0]
         kind = "A" if (".lora_A." in key or ".lora.down." in key) else "B" if (".lora_B." in key or ".lora.up." in key) else None
         if kind is not None:
@@ -71,11 +75,12 @@ def _unet_lora_shapes(pipe, lora_dir) -> dict[str, dict[str, tuple]]:
 
 def check_lora_fits(pipe, lora_dir, recipe: Recipe, base) -> None:
     """Raise when a LoRA's UNet modules are absent from the base UNet or have other shapes (another architecture)."""
-    modules = _unet_lora_shapes(pipe, lora_dir)
+    prefix = get_family(recipe.family).denoiser_prefix
+    modules = _unet_lora_shapes(pipe, lora_dir, prefix)
     where = f"this LoRA was trained for {recipe.family} ({recipe.base_model}) and does not fit {base}"
     if not modules:
         raise ValueError(f"{lora_dir} has no UNet LoRA weights: export it again with `stepdistill export`")
-    layers = dict(pipe.unet.named_modules())
+    layers = dict(getattr(pipe, prefix).named_modules())
     absent = sorted(m for m in modules if m not in layers)
     if absent:
         raise ValueError(f"{where}: its UNet has no modules {absent[:3]} ({len(absent)} in all); use the base it was trained on")
@@ -105,7 +110,7 @@ class _DropTextEncoderNotes(logging.Filter):
 
     def __init__(self, family: str):
         super().__init__()
-        self.notes = tuple(f"found with the prefix='{name}'" for name in FAMILIES[family].TEXT_ENCODERS)
+        self.notes = tuple(f"found with the prefix='{name}'" for name, _, _, _ in get_family(family).text_parts)
 
     def filter(self, record):
         return not any(note in record.getMessage() for note in self.notes)
@@ -150,9 +155,9 @@ def _load_vae(vae, dtype):
     return getattr(diffusers, class_name).from_pretrained(vae, **dtype_kwargs(dtype))
 
 
-def _is_merged(lora_dir: Path) -> bool:
-    """A `stepdistill export --format merged` folder: a full UNet instead of LoRA weights."""
-    return (lora_dir / "unet" / "config.json").is_file() and not any(lora_dir.glob("*.safetensors"))
+def _is_merged(lora_dir: Path, prefix: str = "unet") -> bool:
+    """A `stepdistill export --format merged` folder: a full denoiser (in `prefix`/) instead of LoRA weights."""
+    return (lora_dir / prefix / "config.json").is_file() and not any(lora_dir.glob("*.safetensors"))
 
 
 def _load_extra(pipe, item, index: int) -> tuple[str, float]:
@@ -179,23 +184,22 @@ def load(base, lora_dir, device="cpu", dtype=torch.float32, fuse: bool = False, 
     lora_dir = Path(lora_dir)
     recipe = Recipe.load(lora_dir)
     base = base or recipe.base_model
-    family = family_of(base, recipe)
-    pipe = FAMILIES[family].from_pretrained(base, dtype).to(device)
+    family = get_family(family_of(base, recipe))
+    pipe = family.load_pipeline(base, dtype).to(device)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     recipe.call_kwargs(pipe.scheduler)  # fail now, not at the first prompt, if the scheduler cannot take the timesteps
 
     names, weights = [], []
-    if _is_merged(lora_dir):
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(lora_dir, subfolder="unet", **dtype_kwargs(dtype))
-        if unet.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+    if _is_merged(lora_dir, family.denoiser_prefix):
+        prefix = family.denoiser_prefix
+        unet = family.denoiser_class.from_pretrained(lora_dir, subfolder=prefix, **dtype_kwargs(dtype))
+        if unet.config.get("cross_attention_dim") != getattr(pipe, prefix).config.get("cross_attention_dim"):
             raise ValueError(f"the merged UNet in {lora_dir} was trained for {recipe.family} ({recipe.base_model}), not {base}")
-        pipe.unet = unet.to(device)
+        setattr(pipe, prefix, unet.to(device))
     else:
         check_lora_fits(pipe, lora_dir, recipe, base)
         try:
-            with _strict_lora_loading(family, f"the LoRA in {lora_dir}"):
+            with _strict_lora_loading(family.name, f"the LoRA in {lora_dir}"):
                 pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
         except (RuntimeError, KeyError) as e:
             raise ValueError(f"this LoRA was trained for {recipe.family} ({recipe.base_model}) and does not load "

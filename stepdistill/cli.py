@@ -77,6 +77,9 @@ def _eval_toy(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models.registry import family_names
+
+    families = family_names()
     p = argparse.ArgumentParser(prog="stepdistill", description="Distil diffusion teachers into few-step LoRA students.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toy", help="the built-in toy world").add_subparsers(dest="toy_command", required=True)
     tt = toy.add_parser("train-teacher", help="retrain a toy teacher pipeline")
     tt.add_argument("--out", required=True)
-    tt.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    tt.add_argument("--family", default="sd15", choices=families)
     tt.add_argument("--steps", type=int, default=None)
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy reuses SD1.5-toy's)")
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--steps", type=int, default=None)
     et.add_argument("--n", type=int, default=500)
     et.add_argument("--guidance-scale", type=float, default=None)
-    et.add_argument("--family", default="sd15", choices=["sd15", "sdxl"])
+    et.add_argument("--family", default="sd15", choices=families)
     et.add_argument("--out", required=True, help="metrics JSON")
     et.set_defaults(func=_eval_toy)
     _optional_commands(ev, "stepdistill.eval.cli", "add_eval_commands")

@@ -17,7 +17,7 @@ from .errors import ConfigError
 @dataclass
 class ModelConfig:
     path: str = ""  # local diffusers folder or hub id
-    family: str = "auto"  # auto | sd15 | sdxl
+    family: str = "auto"  # auto | a registered family (stepdistill.models.family_names())
     resolution: int = 0  # pixels; 0 = the model's own sample size
     dtype: str = "auto"  # frozen base weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     attention: str = "auto"  # auto | sdpa | xformers | triton | math
@@ -26,7 +26,7 @@ class ModelConfig:
     channels_last: bool = False  # NHWC UNet weights: the fast cuDNN convolution layout on tensor cores
 
     def validate(self):
-        _choice("model.family", self.family, ("auto", "sd15", "sdxl"))
+        _family("model.family", self.family)
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
         _at_least("model.resolution", self.resolution, 0)
@@ -163,6 +163,18 @@ class Config:
 def _choice(key, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {list(allowed)} (got {value!r})")
+
+
+def _family(key, value):
+    """'auto' or a registered family (asked lazily: the registry imports torch, config.py alone does not)."""
+    if value == "auto":
+        return
+    from .models.registry import UnknownFamilyError, get_family
+
+    try:
+        get_family(value)
+    except UnknownFamilyError as e:
+        raise ConfigError(f"{key}: {e}, or 'auto' to detect it from model.path") from None
 
 
 def _at_least(key, value, low):

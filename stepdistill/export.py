@@ -19,19 +19,15 @@ from safetensors.torch import save_file
 from .core.io import atomic_dir, atomic_write
 from .core.lora import check_canonical_keys, resolve_targets
 from .core.recipe import Recipe
+from .models.base import dtype_kwargs  # re-exported: harness code loads pipelines with it
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for first
 KOHYA_WEIGHT_NAME = "stepdistill_lora_kohya.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+# Key prefix of the denoiser's LoRA weights: the family's FamilyModel.denoiser_prefix ("unet" for SD1.5 and SDXL,
+# the default here; "transformer" for DiT / flow families). diffusers routes keys to pipeline parts by it.
 UNET_PREFIX = "unet"
 FORMATS = ("diffusers", "kohya", "merged")
-
-
-def dtype_kwargs(dtype: torch.dtype | None) -> dict:
-    """from_pretrained's dtype keyword: `dtype` where diffusers has it (recent releases), else the older `torch_dtype`."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
@@ -65,27 +61,36 @@ def _cast(v: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return v if dtype is None else v.to(dtype)
 
 
-def diffusers_lora_metadata(state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
+def diffusers_lora_metadata(state: dict[str, torch.Tensor], rank: int, alpha: float,
+                            prefix: str = UNET_PREFIX) -> dict[str, str]:
     """safetensors metadata as diffusers' save_lora_weights(..., unet_lora_adapter_metadata=) writes it.
 
     diffusers rebuilds LoraConfig(**metadata) on load; without it alpha falls back to rank (sec. 4.7 case B).
     Exact module paths as target_modules make PEFT's config and the state dict agree, so loading warns nothing.
     """
     config = {"r": rank, "lora_alpha": alpha, "target_modules": lora_modules(state)}
-    packed = {f"{UNET_PREFIX}.{k}": v for k, v in config.items()}
+    packed = {f"{prefix}.{k}": v for k, v in config.items()}
     return {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
 
 
 def save_diffusers_lora(state: dict[str, torch.Tensor], out_dir, rank: int, alpha: float,
-                        targets: Sequence[str] | str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """out_dir/pytorch_lora_weights.safetensors: `unet.<module>.lora_A.weight` / `lora_B` keys + alpha metadata."""
+                        targets: Sequence[str] | str | None = None, dtype: torch.dtype | None = None,
+                        prefix: str = UNET_PREFIX) -> Path:
+    """out_dir/pytorch_lora_weights.safetensors: `<prefix>.<module>.lora_A.weight` / `lora_B` keys + alpha metadata."""
     _check_state(state, rank, targets)
-    tensors = {f"{UNET_PREFIX}.{k}": _cast(v, dtype) for k, v in state.items()}
-    return _save_safetensors(tensors, Path(out_dir) / DIFFUSERS_WEIGHT_NAME, diffusers_lora_metadata(state, rank, alpha))
+    tensors = {f"{prefix}.{k}": _cast(v, dtype) for k, v in state.items()}
+    metadata = diffusers_lora_metadata(state, rank, alpha, prefix)
+    return _save_safetensors(tensors, Path(out_dir) / DIFFUSERS_WEIGHT_NAME, metadata)
+
+
+def _metadata_prefix(config: dict) -> str:
+    """The denoiser prefix a save_diffusers_lora metadata block was written with (`<prefix>.lora_alpha`)."""
+    prefixes = [k.removesuffix(".lora_alpha") for k in config if k.endswith(".lora_alpha")]
+    return prefixes[0] if len(prefixes) == 1 else UNET_PREFIX
 
 
 def load_diffusers_lora(path) -> tuple[dict[str, torch.Tensor], int, float]:
-    """Read a file written by save_diffusers_lora back into (canonical state, rank, alpha)."""
+    """Read a file written by save_diffusers_lora back into (canonical state, rank, alpha), whatever its prefix."""
     path = Path(path)
     if path.is_dir():
         path = path / DIFFUSERS_WEIGHT_NAME
@@ -93,11 +98,12 @@ def load_diffusers_lora(path) -> tuple[dict[str, torch.Tensor], int, float]:
         raise FileNotFoundError(f"no LoRA file at {path}: pass a folder that save_diffusers_lora wrote (e.g. RUN/final)")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        state = {k.removeprefix(f"{UNET_PREFIX}."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata, so its alpha is unknown: re-export it with stepdistill")
-    config = json.loads(metadata[METADATA_KEY])
-    rank, alpha = int(config[f"{UNET_PREFIX}.r"]), float(config[f"{UNET_PREFIX}.lora_alpha"])
+        if METADATA_KEY not in metadata:
+            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata, so its alpha is unknown: re-export it with stepdistill")
+        config = json.loads(metadata[METADATA_KEY])
+        prefix = _metadata_prefix(config)
+        state = {k.removeprefix(f"{prefix}."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    rank, alpha = int(config[f"{prefix}.r"]), float(config[f"{prefix}.lora_alpha"])
     _check_state(state, rank, None)
     return state, rank, alpha
 
@@ -160,22 +166,25 @@ def save_merged_unet(unet, state: dict[str, torch.Tensor], out_dir, rank: int, a
 def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Convert a run's final folder (diffusers LoRA + stepdistill.json) to `fmt` in out_dir, recipe included.
 
-    `merged` loads the base UNet (from `base` or the recipe's base_model) and writes out_dir/unet.
+    `merged` loads the base denoiser (from `base` or the recipe's base_model; the recipe's family says which class
+    and subfolder, e.g. unet/) and writes out_dir/<that subfolder>.
     """
+    from .models.registry import get_family
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {FORMATS}")
     recipe = Recipe.load(lora_dir)
+    family = get_family(recipe.family)
     state, rank, alpha = load_diffusers_lora(lora_dir)
     out_dir = Path(out_dir)
     if fmt == "diffusers":
-        save_diffusers_lora(state, out_dir, rank, alpha, dtype=dtype)
+        save_diffusers_lora(state, out_dir, rank, alpha, dtype=dtype, prefix=family.denoiser_prefix)
     elif fmt == "kohya":
         save_kohya_lora(state, out_dir / KOHYA_WEIGHT_NAME, rank, alpha, dtype=dtype)
     else:
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(base or recipe.base_model, subfolder="unet", **dtype_kwargs(dtype))
-        save_merged_unet(unet, state, out_dir / "unet", rank, alpha, recipe.lora_scale)
+        prefix = family.denoiser_prefix
+        unet = family.denoiser_class.from_pretrained(base or recipe.base_model, subfolder=prefix, **dtype_kwargs(dtype))
+        save_merged_unet(unet, state, out_dir / prefix, rank, alpha, recipe.lora_scale)
     recipe.save(out_dir)
     return out_dir
 

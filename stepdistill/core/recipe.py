@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,16 @@ from .io import atomic_write, atomic_write_text  # noqa: F401  (re-exported for 
 
 RECIPE_FILE = "stepdistill.json"
 FORMAT_VERSION = 1
-FAMILIES = ("sd15", "sdxl")
+
+# core knows no model families (DESIGN.md sec. 2): stepdistill.models.registry installs its check here on import,
+# so a recipe naming an unregistered family fails wherever models are in use; before that any name is taken.
+_family_check: Callable[[str], object] | None = None
+
+
+def set_family_check(check: Callable[[str], object] | None) -> None:
+    """Install the function that raises ValueError for a family name no registered family has."""
+    global _family_check
+    _family_check = check
 
 
 @dataclass
@@ -41,8 +51,10 @@ class Recipe:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"recipe family {self.family!r} is unknown: use one of {FAMILIES}")
+        if not isinstance(self.family, str) or not self.family:
+            raise ValueError(f"recipe family {self.family!r} must be a family name such as 'sd15'")
+        if _family_check is not None:
+            _family_check(self.family)
         if self.timesteps is not None:
             self.timesteps = [int(t) for t in self.timesteps]
             if not self.timesteps:

@@ -37,12 +37,8 @@ log = logging.getLogger(__name__)
 
 REGRESSION_PAIRS_FILE = "regression_pairs.pt"
 
-# Per family: the generator's timesteps and the teacher's CFG scale in the DM term (DMD2's released scripts:
-# SD1.5 one step at t = 999 with real_guidance_scale 1.75; SDXL one step at t = 399 with 8).
-FAMILY_DEFAULTS = {
-    "sd15": {"timesteps": [999], "guidance_scale": 1.75},
-    "sdxl": {"timesteps": [399], "guidance_scale": 8.0},
-}
+# The generator's timesteps and the teacher's CFG scale in the DM term default to the family's (DMD2's released
+# scripts, e.g. SD1.5 one step at t = 999 with real_guidance_scale 1.75): FamilyModel.method_defaults["dmd"].
 
 
 @dataclass
@@ -214,8 +210,7 @@ class DMDDistiller(CriticHeadState):
 
     # ---- set-up and state ----
     def setup(self, nets: Nets):
-        family = "sdxl" if nets.unet.config.get("addition_embed_type") == "text_time" else "sd15"
-        self._resolve(family)
+        self._resolve(nets.extra["family"])
         # The teacher is called with guidance_scale= below; keep its default in step for anyone else using it.
         nets.teacher.guidance_scale = self.guidance_scale
         if self.cfg.gan:
@@ -223,11 +218,15 @@ class DMDDistiller(CriticHeadState):
             self.head = MidBlockHead(channels, side).to(nets.device)
             nets.extra["gan_head"] = self.head
 
-    def _resolve(self, family: str):
-        defaults = FAMILY_DEFAULTS[family]
-        self.timesteps = self.timesteps or list(defaults["timesteps"])
-        if self.guidance_scale is None:
-            self.guidance_scale = defaults["guidance_scale"]
+    def _resolve(self, family):
+        """Options left to the family (timesteps [], guidance_scale null) take the family's defaults."""
+        defaults = family.defaults_for("dmd")
+        try:
+            self.timesteps = self.timesteps or list(defaults["timesteps"])
+            if self.guidance_scale is None:
+                self.guidance_scale = defaults["guidance_scale"]
+        except KeyError as e:
+            raise ConfigError(f"the {family.name} family has no default method.{e.args[0]} for dmd: set it") from None
 
     # ---- the generator ----
     def _generate(self, nets: Nets, batch: Batch, grad: bool):
@@ -344,7 +343,7 @@ class DMDDistiller(CriticHeadState):
     # ---- inference ----
     def recipe(self, family) -> dict:
         if not self.timesteps:
-            self._resolve(getattr(family, "name", family))
+            self._resolve(family)
         return {
             "scheduler_class": "LCMScheduler",
             "scheduler_config": {"original_inference_steps": lcm_original_steps(self.timesteps, self.T)},

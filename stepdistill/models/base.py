@@ -1,18 +1,22 @@
-"""FamilyModel: the frozen parts of a Stable Diffusion teacher and the family-specific glue around its UNet.
+"""FamilyModel: the frozen parts of a teacher and everything family-specific around its denoiser.
 
-A family (sd15, sdxl) says how prompts become conditioning (`Cond`) and how latents map to pixels; the
-UNet itself is read by core.denoiser. Everything is loaded frozen and in eval mode: trainable weights are
+A family (one module in stepdistill/models/families/, registered with models.registry) says how prompts become
+conditioning (`Cond`) and how latents map to pixels, and declares as class attributes what the rest of the package
+asks about it: its diffusers pipeline, text parts, default resolution, VAE dtype rule, the denoiser's prefix for
+LoRA export, tiny and full-size random-init architectures, benchmark defaults and per-method defaults. The
+denoiser itself is read by core.denoiser. Everything is loaded frozen and in eval mode: trainable weights are
 LoRA adapters that train/build.py attaches to `unet` afterwards.
+
+diffusers and transformers classes are named by string and imported on first use, so discovering the families
+(e.g. for the CLI's --family choices) costs no multi-second diffusers import.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import ClassVar
 
-import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTokenizer
 
 from ..core.denoiser import Cond
 from ..errors import ModelFileError
@@ -29,13 +33,83 @@ def _load_part(load, path: str, subfolder: str, **kwargs):
         ) from err
 
 
+def library_class(module: str, name: str) -> type:
+    """`module.name`, imported now (diffusers and transformers load their classes lazily)."""
+    return getattr(importlib.import_module(module), name)
+
+
+class _Named:
+    """A class attribute that resolves the class named by another (string) attribute, on access."""
+
+    def __init__(self, module: str, name_attr: str):
+        self.module, self.name_attr = module, name_attr
+
+    def __get__(self, obj, owner):
+        return library_class(self.module, getattr(owner, self.name_attr))
+
+
+def dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    """from_pretrained's dtype keyword: `dtype` where diffusers has it (recent releases), else the older `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 class FamilyModel:
-    """UNet, VAE, text encoders and tokenizers of one teacher, plus its family's conditioning rules."""
+    """Denoiser, VAE, text encoders and tokenizers of one teacher, plus its family's conditioning rules.
+
+    A subclass is a family: it sets every REQUIRED attribute below (tests/unit/test_families.py checks them)
+    and registers itself with models.registry.register_family.
+    """
+
+    REQUIRED: ClassVar[tuple[str, ...]] = (
+        "name", "pipeline_class_name", "text_parts", "default_resolution", "tiny_arch", "full_configs",
+        "bench_batch", "dmd2_critic_ratio",
+    )
 
     name: ClassVar[str]
-    pipeline_class: ClassVar[type]
-    # (text encoder subfolder, tokenizer subfolder, text encoder class), in the pipeline's order.
-    text_parts: ClassVar[tuple[tuple[str, str, type], ...]]
+    # The diffusers pipeline: its model_index.json `_class_name` is how a folder's family is detected.
+    pipeline_class_name: ClassVar[str]
+    pipeline_class = _Named("diffusers", "pipeline_class_name")
+    # Constant constructor arguments of that pipeline besides the modules (no safety checker, watermarker...).
+    pipeline_kwargs: ClassVar[dict] = {}
+    # (text encoder subfolder, tokenizer subfolder, encoder class, tokenizer class), in the pipeline's order.
+    text_parts: ClassVar[tuple[tuple[str, str, str, str], ...]]
+    # The denoiser: its pipeline attribute and subfolder, which is also the key prefix of an exported LoRA
+    # ("unet" for the UNet families; "transformer" for DiT / flow families).
+    denoiser_prefix: ClassVar[str] = "unet"
+    denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
+    denoiser_class = _Named("diffusers", "denoiser_class_name")
+    vae_class_name: ClassVar[str] = "AutoencoderKL"
+    vae_class = _Named("diffusers", "vae_class_name")
+    # Pixels the released model is trained at (the full-size benchmarks' default).
+    default_resolution: ClassVar[int]
+    # The noise schedule random-init models get (tiny and full size); loaded models read their folder's.
+    default_scheduler_config: ClassVar[dict] = {}
+    # Tiny test architecture: config overrides per part (denoiser_prefix, "vae", the text encoder subfolders);
+    # models.tiny completes them and link_tiny_configs derives the keys that tie the parts together.
+    tiny_arch: ClassVar[dict[str, dict]]
+    # Full-size architecture of the released checkpoint, per part, for random-init benchmarks (nothing downloaded).
+    full_configs: ClassVar[dict[str, dict]]
+    # Benchmark defaults: per-GPU batch at full size, and DMD2's fake-score updates per generator update.
+    bench_batch: ClassVar[int]
+    dmd2_critic_ratio: ClassVar[int]
+    # Per method, defaults of options the method leaves to the family, e.g. {"dmd": {"timesteps": [999]}}.
+    method_defaults: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def link_tiny_configs(cls, cfg: dict[str, dict]) -> None:
+        """Derive, in place, the denoiser keys that depend on the text encoders (cross-attention width...)."""
+
+    @classmethod
+    def defaults_for(cls, method: str) -> dict:
+        """This family's defaults for `method`'s options ({} when it has none)."""
+        return dict(cls.method_defaults.get(method, {}))
+
+    @classmethod
+    def load_pipeline(cls, path, dtype=None, **kwargs):
+        """The family's diffusers pipeline from a folder or hub id (what pipelines.load builds on)."""
+        return cls.pipeline_class.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
 
     def __init__(self, unet, vae, text_encoders, tokenizers, scheduler_config: dict, path: str = "",
                  pipeline_config: dict | None = None):
@@ -51,12 +125,14 @@ class FamilyModel:
         """Load every part frozen: UNet and text encoders in `dtype`, the VAE in `vae_dtype` or default_vae_dtype."""
         kw = {"local_files_only": local_files_only}
         vae_dtype = vae_dtype or cls.default_vae_dtype(dtype)
-        unet = _load_part(UNet2DConditionModel.from_pretrained, path, "unet", torch_dtype=dtype, **kw)
-        vae = _load_part(AutoencoderKL.from_pretrained, path, "vae", torch_dtype=vae_dtype, **kw)
+        unet = _load_part(cls.denoiser_class.from_pretrained, path, cls.denoiser_prefix, torch_dtype=dtype, **kw)
+        vae = _load_part(cls.vae_class.from_pretrained, path, "vae", torch_dtype=vae_dtype, **kw)
         # Cast after loading: transformers renamed from_pretrained's dtype argument across versions.
-        text_encoders = [_load_part(cls_.from_pretrained, path, sub, **kw).to(dtype) for sub, _, cls_ in cls.text_parts]
-        tokenizers = [_load_part(CLIPTokenizer.from_pretrained, path, tok, **kw) for _, tok, _ in cls.text_parts]
-        scheduler_config = _load_part(DDPMScheduler.load_config, path, "scheduler", **kw)
+        text_encoders = [_load_part(library_class("transformers", enc).from_pretrained, path, sub, **kw).to(dtype)
+                         for sub, _, enc, _ in cls.text_parts]
+        tokenizers = [_load_part(library_class("transformers", tok_cls).from_pretrained, path, tok, **kw)
+                      for _, tok, _, tok_cls in cls.text_parts]
+        scheduler_config = _load_part(library_class("diffusers", "DDPMScheduler").load_config, path, "scheduler", **kw)
         for module in [unet, vae, *text_encoders]:
             module.requires_grad_(False).eval().to(device)
         return cls(unet, vae, text_encoders, tokenizers, scheduler_config, path, pipeline_config)
@@ -132,12 +208,16 @@ class FamilyModel:
     def pipeline(self, scheduler=None):
         """A diffusers pipeline sharing these modules (no copies); the folder's scheduler unless one is given."""
         if scheduler is None:
-            scheduler_class = getattr(diffusers, self.scheduler_config.get("_class_name", "DDIMScheduler"))
+            scheduler_class = library_class("diffusers", self.scheduler_config.get("_class_name", "DDIMScheduler"))
             scheduler = scheduler_class.from_config(self.scheduler_config)
         return self.pipeline_class(**self._pipeline_parts(), scheduler=scheduler)
 
     def _pipeline_parts(self) -> dict:
-        raise NotImplementedError
+        """The pipeline's constructor arguments besides the scheduler: these modules, shared, by attribute name."""
+        parts = {self.denoiser_prefix: self.unet, "vae": self.vae, **self.pipeline_kwargs}
+        for (encoder, tokenizer, _, _), module, tok in zip(self.text_parts, self.text_encoders, self.tokenizers):
+            parts[encoder], parts[tokenizer] = module, tok
+        return parts
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, path={self.path!r}, resolution={self.resolution})"

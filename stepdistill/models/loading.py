@@ -8,22 +8,14 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 from huggingface_hub import constants as hub_constants
 
 from ..errors import ModelError, ModelFileError
 from .base import FamilyModel
-from .sd15 import SD15Model
-from .sdxl import SDXLModel
+from .registry import UnknownFamilyError, family_for_pipeline, get_family, supported_pipelines, unknown_family_message
 
-FAMILIES: dict[str, type[FamilyModel]] = {"sd15": SD15Model, "sdxl": SDXLModel}
-PIPELINE_FAMILIES = {cls.pipeline_class.__name__: name for name, cls in FAMILIES.items()}
 # owner/name as the hub spells repository ids; a path starting with ".", "/" or "~" is always local.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _supported() -> str:
-    return ", ".join(f"{cls} ({family})" for cls, family in PIPELINE_FAMILIES.items())
 
 
 def _hub_offline() -> bool:
@@ -55,7 +47,7 @@ def read_model_index(path) -> dict:
         if not index.is_file():
             raise ModelError(
                 f"{path} is not a diffusers pipeline folder (no model_index.json). Supported pipelines: "
-                f"{_supported()}. Save one with pipeline.save_pretrained(folder); a single-file checkpoint converts "
+                f"{supported_pipelines()}. Save one with pipeline.save_pretrained(folder); a single-file checkpoint converts "
                 "with StableDiffusion(XL)Pipeline.from_single_file(file).save_pretrained(folder)."
             )
         return json.loads(index.read_text())
@@ -66,6 +58,8 @@ def read_model_index(path) -> dict:
         )
     if not is_hub_id(path):
         raise FileNotFoundError(f"no model at {path}: pass model.path=... (a local diffusers folder or a hub id)")
+    from diffusers import DiffusionPipeline
+
     try:
         return dict(DiffusionPipeline.load_config(str(path), local_files_only=_hub_offline()))
     except Exception as err:  # the hub raises many error types (network, auth, missing entry); all mean "not here"
@@ -73,28 +67,32 @@ def read_model_index(path) -> dict:
 
 
 def detect_family(path) -> str:
-    """"sd15" or "sdxl", from the pipeline class named in the folder's model_index.json."""
+    """The family's name (e.g. "sd15"), from the pipeline class named in the folder's model_index.json."""
     return _family_of(read_model_index(path), path)
 
 
 def _family_of(index: dict, path) -> str:
     pipeline_class = index.get("_class_name")
-    if pipeline_class not in PIPELINE_FAMILIES:
+    family = family_for_pipeline(pipeline_class)
+    if family is None:
         raise ModelError(
             f"{path} holds a {pipeline_class} pipeline, which stepdistill does not support. "
-            f"Supported pipelines: {_supported()}."
+            f"Supported pipelines: {supported_pipelines()}."
         )
-    return PIPELINE_FAMILIES[pipeline_class]
+    return family.name
 
 
 def load_family(path, family: str = "auto", device="cpu", dtype=torch.float32, vae_dtype=None) -> FamilyModel:
     """Load the teacher at `path` (diffusers folder or hub id), frozen, as its family's FamilyModel.
 
     `family` "auto" detects it; a named family must match the folder. The VAE loads in `vae_dtype`, by
-    default `dtype` for sd15 and float32 for sdxl.
+    default the family's rule (FamilyModel.default_vae_dtype: `dtype` for sd15, float32 for sdxl).
     """
-    if family != "auto" and family not in FAMILIES:
-        raise ModelError(f"model family {family!r} is not supported: use 'auto' or one of {sorted(FAMILIES)}")
+    if family != "auto":
+        try:
+            get_family(family)
+        except UnknownFamilyError:
+            raise UnknownFamilyError(f"model.{unknown_family_message(family)} (or 'auto')") from None
     index = read_model_index(path)
     detected = _family_of(index, path)
     if family not in ("auto", detected):
@@ -104,7 +102,7 @@ def load_family(path, family: str = "auto", device="cpu", dtype=torch.float32, v
         )
     hub = is_hub_id(path)
     try:
-        return FAMILIES[detected].from_pretrained(
+        return get_family(detected).from_pretrained(
             str(path), device=device, dtype=dtype, vae_dtype=vae_dtype,
             local_files_only=hub and _hub_offline(), pipeline_config=index,
         )

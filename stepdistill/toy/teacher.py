@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..core.ema import ema_update_
 from ..core.schedule import NoiseSchedule
+from ..models.registry import get_family
 from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 from ..models.tokenizer import save_word_tokenizer
 from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
@@ -199,8 +200,9 @@ def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor]
 
     gen = torch.Generator().manual_seed(seed)
     schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    text_parts = get_family(family).text_parts
+    encoders = [getattr(pipe, encoder) for encoder, _, _, _ in text_parts]
+    tokenizers = [getattr(pipe, tokenizer) for _, tokenizer, _, _ in text_parts]
     modules = {"unet": pipe.unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders)}}
     params = {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
     for m in modules.values():
@@ -341,6 +343,6 @@ def save_toy_pipeline(pipe, out_dir: Path, family: str) -> None:
     """save_pretrained, plus tokenizer vocab.json/merges.txt so every transformers version reads them."""
     pipe.scheduler = type(pipe.scheduler).from_config(SD_SCHEDULER_CONFIG)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+    for _, sub, _, _ in get_family(family).text_parts:
         save_word_tokenizer(out_dir / sub, list(TOY_WORDS), MAX_TOKENS)
 

@@ -96,6 +96,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     nets.extra["latent_shape"] = family.latent_shape(1, resolution)[1:]
     nets.extra["uncond"] = uncond
     nets.extra["decode"] = family.decode
+    nets.extra["family"] = family  # the FamilyModel: per-family method defaults (FamilyModel.defaults_for)
 
     distiller = spec.distiller_cls(cfg.method, schedule)
     distiller.setup(nets)

@@ -402,7 +402,7 @@ class Trainer:
         tmp.mkdir(parents=True)
         rank, alpha = cfg.lora.rank, cfg.lora.effective_alpha
         # The diffusers file is always written: it is what `stepdistill export` converts from.
-        save_diffusers_lora(state, tmp, rank, alpha, b.targets)
+        save_diffusers_lora(state, tmp, rank, alpha, b.targets, prefix=b.family.denoiser_prefix)
         if "kohya" in cfg.export.formats:
             save_kohya_lora(state, tmp / KOHYA_WEIGHT_NAME, rank, alpha)
         fields = b.distiller.recipe(b.family)

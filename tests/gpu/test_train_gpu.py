@@ -36,7 +36,7 @@ def test_throughput_table(family):
     rows = bench.bench_train(families=[family], iters=3, warmup=1, show=False)
     print("\n" + bench.format_table(rows))
     for r in rows:
-        ratio = bench.METHOD_PRESETS.get(r["method"], {}).get(family, {}).get("critic_updates_per_student_update", 1)
+        ratio = bench.method_preset(r["method"], family).get("critic_updates_per_student_update", 1)
         expected = expected_forwards(r["method"], ratio)
         assert 0.85 * expected < r["forwards_per_sample"] < 1.2 * expected, (r["method"], r["forwards_per_sample"])
         # Prompts and latents are cached: every counted FLOP is in the UNet.

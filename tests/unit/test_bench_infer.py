@@ -7,14 +7,12 @@ import json
 
 import pytest
 import torch
-from stepdistill.eval.bench_infer import (
-    FULL_CONFIGS,
-    SEGMENTS,
-    _build_vae,
-    add_bench_infer_command,
-    bench_infer,
-    format_table,
-)
+from stepdistill.eval.bench_infer import SEGMENTS, add_bench_infer_command, bench_infer, format_table
+
+from stepdistill.models.random_init import build_vae as _build_vae
+from stepdistill.models.registry import family_names, get_family
+
+FULL_CONFIGS = {family: get_family(family).full_configs for family in family_names()}
 
 
 def _millions(module) -> float:

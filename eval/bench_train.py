@@ -154,10 +154,11 @@ def bench_data(cfg: Config, model, seed: int = 0):
 
 def make_trainer(cfg: Config, model, data, out_dir, device):
     """The real Trainer around in-memory models: train/build.py attaches adapters, loop.py owns the iteration."""
+    from ..core.dist import Dist
     from ..train.build import build
-    from ..train.loop import Dist, Trainer
+    from ..train.loop import Trainer
 
-    dist = Dist()
+    dist = Dist.from_env()
     if dist.world > 1:
         raise RuntimeError("bench train measures one process: launch it without torchrun (scaling: docs/scaling.md)")
     dist.device = torch.device(device)
@@ -247,7 +248,7 @@ def unet_forward_flops(trainer) -> int:
     """F: one teacher forward (base UNet, no adapter, no CFG) of one sample, the unit of docs/benchmarks.md."""
     b = trainer.built
     cond = b.data.cond.index([0]).to(b.nets.device)
-    x = torch.randn((1, *b.nets.extra["latent_shape"]), device=b.nets.device)
+    x = torch.randn((1, *b.ctx.latent_shape), device=b.nets.device)
     t = torch.tensor([500], device=b.nets.device)
 
     def forward():

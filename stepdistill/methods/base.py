@@ -1,14 +1,26 @@
-"""The Distiller protocol (DESIGN.md sec. 3): a method is losses only; the loop owns everything else."""
+"""The Distiller contract (DESIGN.md sec. 3): a method is losses only; the loop owns everything else.
+
+`Distiller` declares everything train/build.py and train/loop.py use, with defaults, so a method overrides only what
+it needs (a method with a single loss implements `student_loss` alone). Run facts reach a method through the typed
+`RunContext`; side effects it wants from the loop (a stage export) it asks for by returning events from `after_step`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..core.denoiser import Cond, Denoiser, GuidedDenoiser
+from ..core.dist import Dist
+from ..core.samplers import recipe_sample
 from ..core.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from ..data.prompts import PromptData
 
 
 class NoiseSource:
@@ -75,37 +87,122 @@ class Nets:
     student: Denoiser  # adapter "student"
     fake_score: Denoiser | None = None  # adapter "fake_score"
     target: Denoiser | None = None  # adapter "target" (EMA / node / stop-grad target)
-    extra: dict[str, Any] = field(default_factory=dict)  # method-owned modules (e.g. a GAN head)
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class RunContext:
+    """The run's facts a method may read: train/build.py fills the model's and data's, the loop the run's."""
+
+    latent_shape: tuple[int, ...] = ()  # (C, h, w) of one student sample
+    uncond: Cond | None = None  # the empty prompt, encoded (batch of 1)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # VAE latents -> images in [-1, 1]
+    family: Any = None  # the FamilyModel (models/base.py): per-family method defaults through defaults_for()
+    prompt_data: PromptData | None = None  # every encoded prompt, for work a method does once (dmd's ODE pairs)
+    run_dir: Path | None = None  # the run folder, for artifacts a method keeps beside the run (DisBack's nodes)
+    max_steps: int | None = None  # loop.max_steps (stage schedules)
+    dist: Dist = field(default_factory=Dist)  # the process group, for decisions every process must share
 
 
 @dataclass
 class LossOut:
-    """Per-sample loss (shape [B]) plus scalar logs; `samples` are detached student outputs for the critic."""
+    """Per-sample loss (shape [B]) plus scalar logs. `samples` are the detached student outputs; `critic_inputs` is
+    what the first critic update of the same micro-batch receives (the loop hands it to critic_loss unchanged)."""
 
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
     samples: torch.Tensor | None = None
+    critic_inputs: Any = None
 
 
-class Distiller(Protocol):
+@dataclass(frozen=True)
+class ExportStage:
+    """Event: export the student now as RUN/<name>/, its recipe updated with `recipe_overrides` (a stage's LoRA)."""
+
+    name: str
+    recipe_overrides: dict | None = None
+
+
+Event = ExportStage  # what after_step may return; the loop carries each out in order
+
+
+def trailing_ddim_recipe(steps: int) -> dict:
+    """Sampler fields of a recipe: trailing DDIM at `steps` steps, guidance 0 (the student has CFG baked in)."""
+    return {
+        "scheduler_class": "DDIMScheduler",
+        "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False},
+        "timesteps": None, "num_inference_steps": steps, "guidance_scale": 0.0, "eta": 0.0,
+    }
+
+
+class Distiller:
+    """Base class of every method: what the builder and the loop use, with defaults.
+
+    The builder creates the adapters `extra_adapters` besides "student" (ranks by `adapter_ranks`), constructs the
+    distiller with (method config, schedule), calls `setup(nets, ctx)`, sets the teacher's default CFG scale to
+    `guidance_scale`, and gives each optimizer phase the adapters in `trainable` plus `parameters(phase)`. Each
+    iteration the loop calls `student_loss` per micro-batch, then `critic_loss` per critic update (the first with
+    each micro-batch's `LossOut.critic_inputs`, later ones with None and a fresh batch; `critic_updates` of them),
+    then `after_step` once, and carries out the events it returns. Exports take `recipe(family)`; preview images
+    `sample(...)`; checkpoints `state_dict()` / `load_state_dict()`.
+    """
+
     # Adapters the builder must create on the shared base, besides "student" (e.g. ("fake_score",)).
-    extra_adapters: ClassVar[tuple[str, ...]]
-    # Which adapter each optimizer trains: {"student": ["student"], "critic": ["fake_score"]}.
-    trainable: ClassVar[dict[str, tuple[str, ...]]]
+    extra_adapters: ClassVar[tuple[str, ...]] = ()
+    # Which adapters each optimizer phase trains: {"student": ("student",), "critic": ("fake_score",)}.
+    trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",)}
+    # Rank of each extra adapter: "student" (lora.rank) or "critic" (lora.critic_rank); unlisted ones are critics.
+    # A target mirrors the student by default (EMA / stop-grad copies).
+    adapter_ranks: ClassVar[dict[str, str]] = {"target": "student"}
+    # The teacher's default CFG scale (diffusers' convention, 1 = none); read by the builder after setup().
+    guidance_scale: float = 1.0
+    # Critic updates per student update (DMD2's two-time-scale rule); the loop runs that many critic phases.
+    critic_updates: int = 1
 
-    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut: ...
+    def __init__(self, cfg, schedule: NoiseSchedule):
+        self.cfg, self.schedule = cfg, schedule
+        self.T = schedule.num_train_timesteps
+        self.ctx = RunContext()
 
-    def critic_loss(self, nets: Nets, batch: Batch, samples: torch.Tensor | None) -> LossOut | None: ...
+    def setup(self, nets: Nets, ctx: RunContext) -> None:
+        """Once, after the adapters exist: load initial weights, build method-owned modules. Keeps `ctx`, whose run
+        facts (run_dir, max_steps, dist, prompt_data) the builder and the loop fill in before the first step."""
+        self.ctx = ctx
 
-    def after_step(self, nets: Nets, step: int) -> None: ...
+    def parameters(self, phase: str) -> list[torch.nn.Parameter]:
+        """Trainable tensors of phase `phase` besides the adapters in `trainable` (a GAN head)."""
+        return []
 
-    def state_dict(self) -> dict: ...
+    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut | None:
+        """Per-sample loss of the student update; None freezes the student this step."""
+        raise NotImplementedError(f"{type(self).__name__} must implement student_loss")
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def critic_loss(self, nets: Nets, batch: Batch, inputs: Any) -> LossOut | None:
+        """Per-sample loss of one critic update (fake score, discriminator); None: no critic update this step."""
+        return None
+
+    def after_step(self, nets: Nets, step: int) -> list[Event]:
+        """After iteration `step`'s updates (EMA target, node switch); returns what the loop should do now."""
+        return []
+
+    def recipe(self, family) -> dict:
+        """Sampler fields of the exported recipe: scheduler_class, scheduler_config, timesteps, num_inference_steps,
+        guidance_scale, eta (the loop adds the run's own)."""
+        return trailing_ddim_recipe(1)
+
+    def sample(self, nets: Nets, cond, x_T, generator=None, steps: int | None = None) -> torch.Tensor:
+        """The student's latents from x_T, exactly as the recipe's diffusers scheduler runs it."""
+        return recipe_sample(nets.student, x_T, cond, self.schedule, self.recipe(None), generator, steps)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep beyond the adapters and optimizers."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
-class CriticHeadState:
+class CriticHeadState(Distiller):
     """For distillers with an optional trainable head in the critic phase (dmd's GAN head, tscd's discriminator):
     the head's parameters join the critic optimizer and its weights the checkpoint, under `head_state_key`."""
 

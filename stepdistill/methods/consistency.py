@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from ..core.solvers import (
     trailing_timesteps,
 )
 from ..registry import register_method
-from .base import Batch, CriticHeadState, LossOut, Nets
+from .base import Batch, CriticHeadState, Event, ExportStage, LossOut, Nets, RunContext, trailing_ddim_recipe
 from .dmd import dm_loss, fake_score_loss, through_frozen_nets
 
 
@@ -240,15 +241,22 @@ def start_from_lora(unet, folder, adapter: str = "student") -> None:
 
 # ---- the method ----------------------------------------------------------------------------------------------
 
+@dataclass
+class CriticInputs:
+    """What a student update leaves for the first critic update of its micro-batch (LossOut.critic_inputs)."""
+
+    samples: torch.Tensor | None = None  # the student's detached one-step x0 (tscd_unified's fake score)
+    adv: tuple | None = None  # (fake, real, t_adv): both sides of the consistency pair noised for the discriminator
+
+
 class ConsistencyDistiller(CriticHeadState):
     head_state_key = "adv_heads"
-    extra_adapters = ("target",)
+    extra_adapters: ClassVar[tuple[str, ...]] = ("target",)
     # The critic phase trains only the discriminator heads (parameters("critic")), when a stage has adv_weight > 0.
-    trainable = {"student": ("student",), "critic": ()}
+    trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ()}
 
     def __init__(self, cfg: TSCDConfig, schedule):
-        self.cfg, self.schedule = cfg, schedule
-        self.T = schedule.num_train_timesteps
+        super().__init__(cfg, schedule)
         if any(self.T % k for k in cfg.segments) or self.T % cfg.num_ddim_timesteps:
             raise ConfigError(f"method.segments {cfg.segments} and method.num_ddim_timesteps must divide the "
                               f"teacher's {self.T} timesteps")
@@ -256,12 +264,12 @@ class ConsistencyDistiller(CriticHeadState):
         self.delta = self.T // cfg.num_ddim_timesteps
         self.head = None
         self._stage = 0
-        self._pending = {}  # id(samples) -> what the critic needs beyond the samples, within one iteration
 
     # ---- set-up and state ----
-    def setup(self, nets: Nets):
+    def setup(self, nets: Nets, ctx: RunContext):
         from ..core.lora import copy_adapter
 
+        super().setup(nets, ctx)
         if self.cfg.init_lora:
             start_from_lora(nets.unet, self.cfg.init_lora)
         copy_adapter(nets.unet, "student", "target")
@@ -346,7 +354,7 @@ class ConsistencyDistiller(CriticHeadState):
 
     # ---- the losses ----
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
-        i = self.stage(step, nets.extra["max_steps"])
+        i = self.stage(step, self.ctx.max_steps)
         self._stage = i
         k = self.cfg.segments[i]
         w_cons, w_adv = self._weights(i)
@@ -354,23 +362,20 @@ class ConsistencyDistiller(CriticHeadState):
         cons = self.distance(pred, target)
         loss = w_cons * cons
         logs = {"consistency_loss": float(cons.detach().mean()), "k": float(k)}
-        samples = None
+        samples, inputs = None, None
         if w_adv > 0:
             fake, real, t_adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
             g = through_frozen_nets(lambda x: hinge_generator_loss(self._logits(nets, x, t_adv, batch.cond)), fake)
             loss = loss + w_adv * g
             logs["adv_g_loss"] = float(g.detach().mean())
             samples = fake.detach()
-            self._pending[id(samples)] = {"samples": samples, "adv": (samples, real, t_adv)}
+            inputs = CriticInputs(samples, (samples, real, t_adv))
         logs["loss"] = float(loss.detach().mean())
-        return LossOut(loss, logs, samples=samples)
+        return LossOut(loss, logs, samples=samples, critic_inputs=inputs)
 
-    def _critic_inputs(self, samples) -> dict:
-        """What student_loss left for the critic of this micro-batch; {} for a fresh batch (a later critic update)."""
-        return self._pending.pop(id(samples), {}) if samples is not None else {}
-
-    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut | None:
-        return self._discriminator_loss(nets, batch, self._critic_inputs(samples).get("adv"))
+    def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut | None:
+        """inputs: what student_loss left for this micro-batch; None for a fresh batch (a later critic update)."""
+        return self._discriminator_loss(nets, batch, inputs.adv if inputs else None)
 
     def _discriminator_loss(self, nets: Nets, batch: Batch, adv) -> LossOut | None:
         """The heads' hinge loss on the consistency target (real) and the student's side (fake), both noised to t_adv."""
@@ -404,16 +409,16 @@ class ConsistencyDistiller(CriticHeadState):
         teacher = partial(nets.teacher, guidance_scale=mean_w)
         return ddim_sample(teacher, x_T, trailing_timesteps(8, self.T), batch.cond, self.schedule)
 
-    def after_step(self, nets: Nets, step: int):
-        self._pending.clear()
+    def after_step(self, nets: Nets, step: int) -> list[Event]:
         if self.cfg.target == "ema":
             ema_update_([p for p, _ in self.pairs], [q for _, q in self.pairs], self.cfg.ema_decay)
-        max_steps = nets.extra["max_steps"]
+        max_steps = self.ctx.max_steps
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)
         i = self.stage(step, max_steps)
-        if len(self.cfg.segments) > 1 and step + 1 == ends[i] and "export_lora" in nets.extra:
+        if len(self.cfg.segments) > 1 and step + 1 == ends[i]:
             k = self.cfg.segments[i]
-            nets.extra["export_lora"](f"stages/stage{i + 1}-k{k}", self._recipe_for(k, k))
+            return [ExportStage(f"stages/stage{i + 1}-k{k}", self._recipe_for(k, k))]
+        return []
 
     # ---- inference ----
     def _recipe_for(self, k: int, steps: int) -> dict:
@@ -424,11 +429,7 @@ class ConsistencyDistiller(CriticHeadState):
                 "scheduler_config": {"original_inference_steps": self.cfg.num_ddim_timesteps},
                 "timesteps": None, "num_inference_steps": steps, "guidance_scale": 0.0, "eta": 0.0,
             }
-        return {
-            "scheduler_class": "DDIMScheduler",
-            "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False},
-            "timesteps": None, "num_inference_steps": steps, "guidance_scale": 0.0, "eta": 0.0,
-        }
+        return trailing_ddim_recipe(steps)
 
     def recipe(self, family) -> dict:
         k = self.cfg.segments[-1]
@@ -447,8 +448,12 @@ class UnifiedDistiller(ConsistencyDistiller):
     phase (dmd.fake_score_loss); the DM gradient is DMD's, from stepdistill.methods.dmd.
     """
 
-    extra_adapters = ("target", "fake_score")
-    trainable = {"student": ("student",), "critic": ("fake_score",)}
+    extra_adapters: ClassVar[tuple[str, ...]] = ("target", "fake_score")
+    trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
+
+    def __init__(self, cfg: UnifiedConfig, schedule):
+        super().__init__(cfg, schedule)
+        self.critic_updates = cfg.critic_updates_per_student_update
 
     def _dm_teacher(self, nets: Nets, batch: Batch):
         cfg = self.cfg
@@ -474,17 +479,17 @@ class UnifiedDistiller(ConsistencyDistiller):
         loss = out.loss + cfg.dm_weight * dm
         logs = {**out.logs, "dm_loss": float(dm.detach().mean()), "loss": float(loss.detach().mean())}
         samples = x0.detach()
-        self._pending[id(samples)] = {"samples": samples, "adv": self._critic_inputs(out.samples).get("adv")}
-        return LossOut(loss, logs, samples=samples)
+        adv = out.critic_inputs.adv if out.critic_inputs else None
+        return LossOut(loss, logs, samples=samples, critic_inputs=CriticInputs(samples, adv))
 
-    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut:
-        device, inputs = nets.device, self._critic_inputs(samples)
-        x0 = inputs["samples"] if inputs else self._one_step(nets, batch, grad=False)
+    def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut:
+        device = nets.device
+        x0 = inputs.samples if inputs else self._one_step(nets, batch, grad=False)
         t = batch.randint(0, self.T, device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         loss = fake_score_loss(nets.fake_score, x0, batch.cond, self.schedule, t, eps)
         logs = {"fake_score_loss": float(loss.detach().mean())}
-        d = self._discriminator_loss(nets, batch, inputs.get("adv"))
+        d = self._discriminator_loss(nets, batch, inputs.adv if inputs else None)
         if d is not None:
             loss = loss + d.loss
             logs.update(d.logs)

@@ -41,7 +41,7 @@ from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_com
 from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
 from ..core.io import atomic_write_text
 from ..registry import register_method
-from .base import Batch, LossOut, Nets
+from .base import Batch, Event, LossOut, Nets, RunContext
 from .dmd import DMDConfig, DMDDistiller, fake_score_loss
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,13 @@ def guided_by_teacher_uncond(node, teacher, uncond: Cond, guidance_scale: float,
     return DenoiserOut(cfg_combine(c.x0, u.x0, guidance_scale), cfg_combine(c.eps, u.eps, guidance_scale))
 
 
-def probe_input(nets: Nets):
+def probe_input(nets: Nets, ctx: RunContext):
     """A fixed (x_t, t, cond) to check that a loaded node changes the network: the model's own latent shape, the
     unconditional prompt, t = T/2; its own generator, so it never touches the training's random streams."""
     g = torch.Generator().manual_seed(0)
-    x_t = torch.randn((1, *nets.extra["latent_shape"]), generator=g).to(nets.device)
+    x_t = torch.randn((1, *ctx.latent_shape), generator=g).to(nets.device)
     t = torch.full((1,), nets.schedule.num_train_timesteps // 2, device=nets.device)
-    return x_t, t, nets.extra["uncond"].index([0])
+    return x_t, t, ctx.uncond.index([0])
 
 
 def write_node(unet, adapter: str, path: Path) -> str:
@@ -249,15 +249,6 @@ def _write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def _global_mean(value: float, device) -> float:
-    """Mean over processes: every process must take the same switch decision, or their targets would differ."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
-
-
 # ---- the method ------------------------------------------------------------------------------------------------
 
 class DisBackDistiller(DMDDistiller):
@@ -278,18 +269,18 @@ class DisBackDistiller(DMDDistiller):
         self._budget_checked = False
         self.nets: Nets | None = None
 
-    def setup(self, nets: Nets):
-        super().setup(nets)
+    def setup(self, nets: Nets, ctx: RunContext):
+        super().setup(nets, ctx)
         self.nets = nets
         if self.cfg.num_nodes == 0:
             self.targets = [{"node": 0, "since_step": 1}]
 
     # ---- files ----
     def nodes_dir(self) -> Path:
-        run_dir = self.nets.extra.get("run_dir")
+        run_dir = self.ctx.run_dir
         if run_dir is None:
             raise RuntimeError("DisBack keeps its nodes in the run directory: train through stepdistill.train.loop "
-                               "(Trainer), or set nets.extra['run_dir'] to a folder first")
+                               "(Trainer), or set the RunContext's run_dir to a folder first")
         return Path(run_dir) / NODES_DIR
 
     def node_file(self, node: int) -> Path:
@@ -311,7 +302,7 @@ class DisBackDistiller(DMDDistiller):
         if not path.is_file():
             raise NodeError(f"node {node} is missing: {path} was recorded earlier in this run. Restore it, or delete "
                             f"{path.parent.parent / 'checkpoints'} to record the nodes again")
-        load_node(self.nets.unet, self.schedule, adapter, path, probe_input(self.nets))
+        load_node(self.nets.unet, self.schedule, adapter, path, probe_input(self.nets, self.ctx))
 
     # ---- state ----
     def state_dict(self):
@@ -338,7 +329,7 @@ class DisBackDistiller(DMDDistiller):
     # ---- stage bookkeeping ----
     def _check_budget(self, nets: Nets):
         """Warn (once) when loop.max_steps stops the run before the path ends; running in legs is fine."""
-        max_steps, path = nets.extra.get("max_steps"), self.path
+        max_steps, path = self.ctx.max_steps, self.path
         if self._budget_checked or max_steps is None:
             return
         self._budget_checked = True
@@ -393,7 +384,7 @@ class DisBackDistiller(DMDDistiller):
                          "target_since": float(self.targets[-1]["since_step"])})
         return out
 
-    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut | None:
+    def critic_loss(self, nets: Nets, batch: Batch, samples: torch.Tensor | None) -> LossOut | None:
         stage = self.path.stage(self._step)
         if stage == 1:
             return self._record_loss(nets, batch)
@@ -414,7 +405,7 @@ class DisBackDistiller(DMDDistiller):
         return LossOut(loss, {"aux_loss": float(loss.detach().mean()), "disback_stage": 1.0,
                               "recording_node": float(recording)})
 
-    def after_step(self, nets: Nets, step: int):
+    def after_step(self, nets: Nets, step: int) -> list[Event]:
         stage = self.path.stage(step)
         if stage == 1:
             node = self.path.node_done(step)
@@ -426,6 +417,7 @@ class DisBackDistiller(DMDDistiller):
                 self._begin_backtrack(step + 1)
         elif stage == 2:
             self._advance(nets, step)
+        return []
 
     def _advance(self, nets: Nets, step: int):
         """Pick the target of iteration step + 1: the fixed walk, or one node back once the DM loss plateaus."""
@@ -435,7 +427,7 @@ class DisBackDistiller(DMDDistiller):
         if self.cfg.switch == "fixed":
             node = self.path.fixed_target(step + 1)
         else:
-            stalled = bool(losses) and self.rule.update(_global_mean(sum(losses) / len(losses), nets.device))
+            stalled = bool(losses) and self.rule.update(self.ctx.dist.mean(sum(losses) / len(losses)))
             done = step + 2 - self.targets[-1]["since_step"]
             node = self.target_node - 1 if stalled or done >= self.cfg.steps_per_node else self.target_node
         if node != self.target_node:

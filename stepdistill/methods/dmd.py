@@ -30,7 +30,7 @@ from ..core.io import atomic_write
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
-from .base import Batch, CriticHeadState, LossOut, Nets
+from .base import Batch, CriticHeadState, LossOut, Nets, RunContext
 from .gan import MidBlockHead, gan_discriminator_loss, gan_generator_loss, mid_block_features, mid_block_shape
 
 log = logging.getLogger(__name__)
@@ -199,24 +199,23 @@ class DMDDistiller(CriticHeadState):
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
 
     def __init__(self, cfg: DMDConfig, schedule):
-        self.cfg, self.schedule = cfg, schedule
-        self.T = schedule.num_train_timesteps
+        super().__init__(cfg, schedule)
         if any(t >= self.T for t in cfg.timesteps):
             raise ConfigError(f"method.timesteps {cfg.timesteps} must be below the teacher's {self.T} timesteps")
         self.timesteps = list(cfg.timesteps)
+        self.critic_updates = cfg.critic_updates_per_student_update
         self.guidance_scale = cfg.guidance_scale
         self.head = None
         self.pairs = None  # teacher ODE pairs for the regression term, solved on first use
 
     # ---- set-up and state ----
-    def setup(self, nets: Nets):
-        self._resolve(nets.extra["family"])
-        # The teacher is called with guidance_scale= below; keep its default in step for anyone else using it.
-        nets.teacher.guidance_scale = self.guidance_scale
+    def setup(self, nets: Nets, ctx: RunContext):
+        super().setup(nets, ctx)
+        # Resolves self.guidance_scale, which the builder then makes the teacher's default.
+        self._resolve(ctx.family)
         if self.cfg.gan:
-            channels, side = mid_block_shape(nets.unet, nets.extra["latent_shape"])
+            channels, side = mid_block_shape(nets.unet, ctx.latent_shape)
             self.head = MidBlockHead(channels, side).to(nets.device)
-            nets.extra["gan_head"] = self.head
 
     def _resolve(self, family):
         """Options left to the family (timesteps [], guidance_scale null) take the family's defaults."""
@@ -279,14 +278,15 @@ class DMDDistiller(CriticHeadState):
             loss = loss + cfg.regression_weight * reg
             logs["regression_loss"] = float(reg.detach().mean())
         logs["loss"] = float(loss.detach().mean())
-        return LossOut(loss, logs, samples=x0.detach())
+        samples = x0.detach()
+        return LossOut(loss, logs, samples=samples, critic_inputs=samples)
 
     def _regression(self, nets: Nets, batch: Batch):
         """DMD's regression term on batch.size pairs drawn from the solved set: the student's first step from noise z
         regresses the teacher's CFG DDIM solve from the same z and prompt. Returns (per-sample loss, student x0)."""
         pairs = self._ode_pairs(nets)
         i = batch.randint(0, len(pairs["z"]), device="cpu")
-        cond = nets.extra["prompt_data"].cond.index(pairs["prompt_index"][i]).to(nets.device)
+        cond = self.ctx.prompt_data.cond.index(pairs["prompt_index"][i]).to(nets.device)
         z, target = pairs["z"][i].to(nets.device).float(), pairs["x0"][i].to(nets.device).float()
         t = torch.full((batch.size,), self.timesteps[0], dtype=torch.long, device=nets.device)
         x0 = lcm_x0(nets.student, z, t, cond)
@@ -294,21 +294,22 @@ class DMDDistiller(CriticHeadState):
 
     def _ode_pairs(self, nets: Nets) -> dict:
         if self.pairs is None:
-            if "prompt_data" not in nets.extra:
-                raise RuntimeError("the regression term needs nets.extra['prompt_data'] (the encoded prompts): "
+            if self.ctx.prompt_data is None:
+                raise RuntimeError("the regression term needs the encoded prompts (RunContext.prompt_data): "
                                    "train/build.py sets it")
-            cfg, data = self.cfg, nets.extra["prompt_data"]
+            cfg, data = self.cfg, self.ctx.prompt_data
             meta = {"n": cfg.regression_pairs, "teacher_steps": cfg.regression_teacher_steps,
                     "guidance_scale": float(self.guidance_scale), "seed": data.seed,
                     "prompts": hashlib.sha256("\n".join(data.prompts).encode()).hexdigest()}
-            run_dir = nets.extra.get("run_dir")
+            run_dir = self.ctx.run_dir
             solve = partial(solve_ode_pairs, self._teacher(nets), data.cond, cfg.regression_pairs,
-                            nets.extra["latent_shape"], cfg.regression_teacher_steps, self.schedule, data.seed,
+                            self.ctx.latent_shape, cfg.regression_teacher_steps, self.schedule, data.seed,
                             nets.device)
             self.pairs = load_or_solve_pairs(Path(run_dir) / REGRESSION_PAIRS_FILE if run_dir else None, meta, solve)
         return self.pairs
 
-    def critic_loss(self, nets: Nets, batch: Batch, samples) -> LossOut:
+    def critic_loss(self, nets: Nets, batch: Batch, samples: torch.Tensor | None) -> LossOut:
+        """samples: the student's detached samples of this micro-batch (LossOut.critic_inputs), None for a fresh batch."""
         cfg, device = self.cfg, nets.device
         if samples is None:
             samples = self._generate(nets, batch, grad=False)
@@ -336,9 +337,6 @@ class DMDDistiller(CriticHeadState):
                 "or toy:N for the toy world) or turn the GAN off with --set method.gan=false"
             )
         return batch.latents
-
-    def after_step(self, nets: Nets, step: int):
-        pass
 
     # ---- inference ----
     def recipe(self, family) -> dict:

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, MethodConfig
-from ..core.samplers import recipe_sample, recipe_timesteps
+from ..core.samplers import recipe_timesteps
 from ..core.solvers import ddim_step
 from ..registry import register_method
-from .base import Batch, LossOut, Nets
+from .base import Batch, Distiller, LossOut, Nets, RunContext, trailing_ddim_recipe
 from .consistency import start_from_lora
 from .dmd import through_frozen_nets
 
@@ -239,39 +239,26 @@ class RewardConfig(MethodConfig):
 RECIPE_SAMPLER_FIELDS = ("scheduler_class", "scheduler_config", "timesteps", "num_inference_steps", "guidance_scale", "eta")
 
 
-class RewardDistiller:
-    extra_adapters = ()
-    trainable = {"student": ("student",)}
-
+class RewardDistiller(Distiller):
     def __init__(self, cfg: RewardConfig, schedule):
-        self.cfg, self.schedule = cfg, schedule
-        self.T = schedule.num_train_timesteps
+        super().__init__(cfg, schedule)
         self.threshold = cfg.threshold if cfg.threshold is not None else REWARD_THRESHOLDS[cfg.reward_model]
-        self._recipe = {
-            "scheduler_class": "DDIMScheduler",
-            "scheduler_config": {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False},
-            "timesteps": None, "num_inference_steps": cfg.steps, "guidance_scale": 0.0, "eta": 0.0,
-        }
+        self._recipe = trailing_ddim_recipe(cfg.steps)
 
-    def setup(self, nets: Nets):
+    def setup(self, nets: Nets, ctx: RunContext):
         from ..core.recipe import RECIPE_FILE, Recipe
 
+        super().setup(nets, ctx)
         cfg = self.cfg
         if cfg.init_lora:
             start_from_lora(nets.unet, cfg.init_lora)
             if (Path(cfg.init_lora) / RECIPE_FILE).is_file():
                 base = Recipe.load(cfg.init_lora).to_dict()
                 self._recipe = {k: base[k] for k in RECIPE_SAMPLER_FIELDS}
-        if "decode" not in nets.extra:
-            raise RuntimeError("the reward method needs nets.extra['decode'] (the VAE decoder): set it in train/build.py")
-        self.decode = nets.extra["decode"]
+        if ctx.decode is None:
+            raise RuntimeError("the reward method needs the VAE decoder (RunContext.decode): train/build.py sets it")
+        self.decode = ctx.decode
         self.reward = load_reward_model(cfg.reward_model, cfg.reward_weights, nets.device, cfg.clip_weights)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
         cfg, device = self.cfg, nets.device
@@ -293,17 +280,8 @@ class RewardDistiller:
                 "above_threshold": float((r >= self.threshold).float().mean())}
         return LossOut(loss, logs)
 
-    def critic_loss(self, nets, batch, samples):
-        return None
-
-    def after_step(self, nets: Nets, step: int):
-        pass
-
     def recipe(self, family) -> dict:
         return dict(self._recipe)
-
-    def sample(self, nets: Nets, cond, x_T, generator=None, steps: int | None = None):
-        return recipe_sample(nets.student, x_T, cond, self.schedule, self._recipe, generator, steps)
 
 
 register_method("reward", RewardConfig, RewardDistiller)

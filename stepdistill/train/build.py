@@ -15,10 +15,11 @@ import torch
 
 from ..config import Config
 from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
+from ..core.dist import Dist
 from ..core.lora import add_adapter, resolve_targets
 from ..core.schedule import NoiseSchedule
 from ..data.prompts import PromptData, read_prompts
-from ..methods.base import Nets
+from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,10 +30,11 @@ class Built:
     cfg: Config
     family: object  # stepdistill.models.FamilyModel
     nets: Nets
-    distiller: object
+    distiller: Distiller
     data: PromptData
     params: dict  # phase -> list of trainable parameters
     targets: list[str]
+    ctx: RunContext  # the run facts the distiller reads; the loop fills in run_dir, max_steps and dist
 
 
 def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -54,6 +56,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     from ..models import load_family
 
     spec = get_method(cfg.method.name)
+    distiller_cls: type[Distiller] = spec.distiller_cls
     dtype = base_dtype(cfg, device)
     family = model or load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
     unet = family.unet
@@ -68,11 +71,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     targets = resolve_targets(cfg.lora.targets)
     rank_critic = cfg.lora.critic_rank or cfg.lora.rank
     add_adapter(unet, "student", cfg.lora.rank, cfg.lora.effective_alpha, targets)
-    # Which adapter mirrors whom: by default a target mirrors the student (EMA / stop-grad copies) and critics get
-    # their own rank; a method overrides it per adapter (DisBack's target holds nodes of the critic adapter).
-    roles = {"target": "student", **getattr(spec.distiller_cls, "adapter_ranks", {})}
-    for name in spec.distiller_cls.extra_adapters:
-        if roles.get(name, "critic") == "student":
+    # Which adapter mirrors whom (Distiller.adapter_ranks): by default a target mirrors the student and critics get
+    # their own rank; DisBack's target holds nodes of the critic adapter.
+    for name in distiller_cls.extra_adapters:
+        if distiller_cls.adapter_ranks.get(name, "critic") == "student":
             add_adapter(unet, name, cfg.lora.rank, cfg.lora.effective_alpha, targets)
         else:
             add_adapter(unet, name, rank_critic, float(rank_critic), targets)
@@ -85,31 +87,30 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     resolution = cfg.model.resolution or family.resolution
     uncond = family.empty_cond(1)
     run_dtype = dtype if dtype != torch.float32 else None
-    teacher = GuidedDenoiser(Denoiser(unet, schedule, None, run_dtype), uncond, getattr(cfg.method, "guidance_scale", 1.0))
+    teacher = GuidedDenoiser(Denoiser(unet, schedule, None, run_dtype), uncond, Distiller.guidance_scale)
     nets = Nets(
         unet=unet, schedule=schedule, teacher=teacher,
         student=Denoiser(unet, schedule, "student", run_dtype),
-        fake_score=Denoiser(unet, schedule, "fake_score", run_dtype) if "fake_score" in spec.distiller_cls.extra_adapters else None,
-        target=Denoiser(unet, schedule, "target", run_dtype) if "target" in spec.distiller_cls.extra_adapters else None,
+        fake_score=Denoiser(unet, schedule, "fake_score", run_dtype) if "fake_score" in distiller_cls.extra_adapters else None,
+        target=Denoiser(unet, schedule, "target", run_dtype) if "target" in distiller_cls.extra_adapters else None,
         device=device,
     )
-    nets.extra["latent_shape"] = family.latent_shape(1, resolution)[1:]
-    nets.extra["uncond"] = uncond
-    nets.extra["decode"] = family.decode
-    nets.extra["family"] = family  # the FamilyModel: per-family method defaults (FamilyModel.defaults_for)
+    ctx = RunContext(latent_shape=family.latent_shape(1, resolution)[1:], uncond=uncond, decode=family.decode,
+                     family=family, dist=Dist(world, rank, device))
 
-    distiller = spec.distiller_cls(cfg.method, schedule)
-    distiller.setup(nets)
+    distiller = distiller_cls(cfg.method, schedule)
+    distiller.setup(nets, ctx)
+    # The teacher's default CFG scale is the method's (dmd resolves its own per family in setup).
+    teacher.guidance_scale = distiller.guidance_scale
 
     params = {}
-    for phase, adapters in spec.distiller_cls.trainable.items():
-        ps = [p for a in adapters for p in adapter_parameters(unet, a)]
-        ps += list(distiller.parameters(phase)) if hasattr(distiller, "parameters") else []
+    for phase, adapters in distiller_cls.trainable.items():
+        ps = [p for a in adapters for p in adapter_parameters(unet, a)] + list(distiller.parameters(phase))
         for p in ps:
             p.requires_grad_(True)
         params[phase] = ps
-    for a in spec.distiller_cls.extra_adapters:
-        if not any(a in adapters for adapters in spec.distiller_cls.trainable.values()):
+    for a in distiller_cls.extra_adapters:
+        if not any(a in adapters for adapters in distiller_cls.trainable.values()):
             for p in adapter_parameters(unet, a):
                 p.requires_grad_(False)
 
@@ -117,8 +118,8 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         _compile(unet)
     if data is None:
         data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
-    nets.extra["prompt_data"] = data  # every encoded prompt, for work a method does once (dmd's ODE pairs)
-    return Built(cfg, family, nets, distiller, data, params, targets)
+    ctx.prompt_data = data
+    return Built(cfg, family, nets, distiller, data, params, targets, ctx)
 
 
 def build_data(cfg: Config, family, resolution: int, rank: int, world: int, progress: bool) -> PromptData:

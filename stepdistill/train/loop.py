@@ -19,59 +19,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, dump_config
+from ..core.dist import Dist
 from ..data.prompts import collect_reports, summarize_reports
 from ..errors import TrainingError
+from ..methods.base import Batch, ExportStage, NoiseSource
 from . import checkpoint as ckpt
 from .build import Built, build
 from .faults import maybe_kill
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainingError", "train"]
+__all__ = ["Dist", "Trainer", "TrainingError", "train"]
 CHECKPOINT_MARGIN_BYTES = 64 * 2**20  # RNG and data states, pickle overhead, the recipe: small, but not nothing
 
 
-# ---- processes ---------------------------------------------------------------------------------------------
-
-class Dist:
-    """Process group facts and the few collectives the loop needs (no-ops in a single process)."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group(backend)
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def all_mean_(self, tensor):
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-            tensor /= self.world
-        return tensor
-
-    def mean_logs(self, logs: dict) -> dict:
-        """Average scalar logs over processes, so log.jsonl describes the global batch, not rank 0's share."""
-        if self.world == 1 or not logs:
-            return logs
-        keys = sorted(logs)
-        values = self.all_mean_(torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device))
-        return dict(zip(keys, values.tolist()))
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
-
+# ---- processes ----------------------------------------------------------------------------------------------
 
 def check_launcher(environ, cfg: Config) -> None:
     """Refuse launcher settings this loop would otherwise ignore silently (`accelerate launch` only starts processes).
@@ -151,7 +113,7 @@ class Trainer:
     def __init__(self, cfg: Config, output_dir, dist: Dist | None = None):
         self.cfg, self.out = cfg, Path(output_dir)
         check_launcher(os.environ, cfg)
-        self.dist = dist or Dist()
+        self.dist = dist or Dist.from_env()
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
@@ -172,16 +134,16 @@ class Trainer:
         if dist.rank == 0:
             (self.out / "data_report.json").write_text(json.dumps(self.data_reports, indent=1) + "\n")
         self._check_disk_space()
-        self.ratio = int(getattr(cfg.method, "critic_updates_per_student_update", 1))
+        self.ratio = self.built.distiller.critic_updates
         lr_critic = cfg.optim.critic_lr or cfg.optim.lr
         self.optimizers = {
             phase: make_optimizer(ps, cfg.optim.lr if phase == "student" else lr_critic, cfg)
             for phase, ps in self.built.params.items() if ps
         }
         self.base_lrs = {phase: opt.param_groups[0]["lr"] for phase, opt in self.optimizers.items()}
-        self.built.nets.extra["export_lora"] = self._export_in_after_step
-        self.built.nets.extra["run_dir"] = self.out  # for artifacts a method keeps beside the run (DisBack's nodes)
-        self.built.nets.extra["max_steps"] = cfg.loop.max_steps
+        # The run facts a method reads (its RunContext): where the run lives, how long it is, the process group.
+        ctx = self.built.ctx
+        ctx.run_dir, ctx.max_steps, ctx.dist = self.out, cfg.loop.max_steps, dist
         self.autocast = _autocast(cfg, dist.device)
         # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
         self.noise_generator = torch.Generator().manual_seed(cfg.seed)
@@ -264,14 +226,12 @@ class Trainer:
         return outs, logs
 
     def _batches(self):
-        from ..methods.base import Batch, NoiseSource
-
         b = self.built
         noise = NoiseSource(self.noise_generator, self.dist.rank, self.dist.world, self.dist.device)
         out = []
         for _ in range(self.cfg.loop.grad_accum):
             prompts, cond, uncond, latents = b.data.next(self.dist.device)
-            shape = (len(prompts), *b.nets.extra["latent_shape"])
+            shape = (len(prompts), *b.ctx.latent_shape)
             out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=latents, noise=noise))
         return out
 
@@ -282,15 +242,18 @@ class Trainer:
         maybe_kill("mid-step", step + 1)
         outs = outs or [None] * len(batches)  # None: the method froze the student this step (e.g. DisBack stage 1)
         skipped = "student_skipped" in logs
-        # Critic updates: the first reuses the student's (detached) samples, later ones draw fresh batches.
+        # Critic updates: the first gets what each micro-batch's student update left for it (its detached samples),
+        # later ones draw fresh batches.
         for i in range(self.ratio):
-            pairs = list(zip(batches, [o and o.samples for o in outs])) if i == 0 else [(bt, None) for bt in self._batches()]
+            first = [o and o.critic_inputs for o in outs]
+            pairs = list(zip(batches, first)) if i == 0 else [(bt, None) for bt in self._batches()]
             it = iter(pairs)
-            _, clogs = self._phase("critic", lambda batch: b.distiller.critic_loss(b.nets, *next(it)), [p[0] for p in pairs])
+            _, clogs = self._phase("critic", lambda batch, it=it: b.distiller.critic_loss(b.nets, *next(it)), [p[0] for p in pairs])
             skipped |= "critic_skipped" in clogs
             for k, v in clogs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.ratio
-        b.distiller.after_step(b.nets, step)
+        for event in b.distiller.after_step(b.nets, step):
+            self._carry_out(event)
         logs = self.dist.mean_logs(logs)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         self.nonfinite_total += int(skipped)
@@ -381,9 +344,14 @@ class Trainer:
                 "command to resume from it."
             ) from e
 
-    def _export_in_after_step(self, name: str, recipe_overrides: dict | None) -> Path:
-        # after_step ends update self.step + 1 (run() counts it just after), so the export belongs to that step.
-        return self.export_stage(name, recipe_overrides, step=self.step + 1)
+    def _carry_out(self, event) -> None:
+        """What a method's after_step asked for."""
+        if isinstance(event, ExportStage):
+            # after_step ends update self.step + 1 (run() counts it just after), so the export belongs to that step.
+            self.export_stage(event.name, event.recipe_overrides, step=self.step + 1)
+        else:
+            raise TypeError(f"{type(self.built.distiller).__name__}.after_step returned {event!r}, not an event the "
+                            "loop knows (stepdistill.methods.base.Event)")
 
     def export_stage(self, name: str, recipe_overrides: dict | None, step: int | None = None) -> Path:
         """Write DIR/<name>/ (LoRA files + recipe) atomically from the student adapter after `step` updates."""
@@ -431,7 +399,7 @@ class Trainer:
         idx = list(range(min(n, len(b.data.prompts))))
         cond = b.data.cond.index(torch.tensor(idx)).to(self.dist.device)
         g = torch.Generator().manual_seed(self.cfg.seed)
-        x_T = torch.randn((len(idx), *b.nets.extra["latent_shape"]), generator=g).to(self.dist.device)
+        x_T = torch.randn((len(idx), *b.ctx.latent_shape), generator=g).to(self.dist.device)
         latents = b.distiller.sample(b.nets, cond, x_T, generator=g)
         images = b.family.decode(latents).float().clamp(-1, 1) * 0.5 + 0.5
         (self.out / "samples").mkdir(exist_ok=True)

@@ -62,7 +62,7 @@ def assert_base_unchanged(unet, model_dir):
 def student_latents(built, prompt: str, seed: int = 7):
     """The trainer's own sampler on one prompt from a fixed x_T: (latents, cond, x_T)."""
     cond = built.family.encode_prompts([prompt])
-    x_T = torch.randn((1, *built.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
+    x_T = torch.randn((1, *built.ctx.latent_shape), generator=torch.Generator().manual_seed(3))
     return built.distiller.sample(built.nets, cond, x_T, generator=torch.Generator().manual_seed(seed)), cond, x_T
 
 

@@ -155,15 +155,15 @@ def test_target_is_the_node_file_and_not_the_teacher(legs, tiny_sd15_dir):
     node_file = run / "nodes" / "node-01.safetensors"
     rank, alpha, _ = adapter_config(nets.unet, "target")
     add_adapter(nets.unet, "node_1", rank, alpha, b.targets)
-    load_node(nets.unet, nets.schedule, "node_1", node_file, probe_input(nets))
+    load_node(nets.unet, nets.schedule, "node_1", node_file, probe_input(nets, b.ctx))
     node = Denoiser(nets.unet, nets.schedule, "node_1")
     fresh = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
     add_adapter(fresh, "node_1", rank, alpha, b.targets)
-    load_node(fresh, nets.schedule, "node_1", node_file, probe_input(nets))
+    load_node(fresh, nets.schedule, "node_1", node_file, probe_input(nets, b.ctx))
 
     g = torch.Generator().manual_seed(11)
     cond = b.family.encode_prompts(b.data.prompts[:2])
-    x_t = torch.randn((2, *nets.extra["latent_shape"]), generator=g)
+    x_t = torch.randn((2, *b.ctx.latent_shape), generator=g)
     t = torch.tensor([700, 250])
     with torch.no_grad():
         target_out = nets.target.raw(x_t, t, cond)
@@ -210,7 +210,7 @@ def test_node_loader_raises_on_mismatch_or_no_change(legs, tmp_path):
     nets = trainers[1].built.nets
     node_file = run / "nodes" / "node-01.safetensors"
     state, rank, alpha = load_diffusers_lora(node_file)
-    probe = probe_input(nets)
+    probe = probe_input(nets, trainers[1].built.ctx)
 
     def load(folder):
         load_node(nets.unet, nets.schedule, "target", folder / "pytorch_lora_weights.safetensors", probe)

@@ -86,7 +86,7 @@ def test_regression_pairs_are_the_teachers_solves(trained):
         assert not path.exists()
         return
     pairs = torch.load(path, weights_only=True)
-    assert pairs["z"].shape == pairs["x0"].shape == (5, *b.nets.extra["latent_shape"])
+    assert pairs["z"].shape == pairs["x0"].shape == (5, *b.ctx.latent_shape)
     assert pairs["meta"]["n"] == 5 and pairs["meta"]["teacher_steps"] == 3
     cond = b.data.cond.index(pairs["prompt_index"][:2])
     teacher = partial(b.nets.teacher, guidance_scale=b.distiller.guidance_scale)
@@ -168,7 +168,7 @@ def gan_built(tiny_sd15_dir, prompts_file):
 
 def _batch(built, latents=True):
     prompts, cond, uncond, _ = built.data.next()
-    shape = (len(prompts), *built.nets.extra["latent_shape"])
+    shape = (len(prompts), *built.ctx.latent_shape)
     return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape,
                  latents=torch.randn(shape) if latents else None)
 

@@ -79,7 +79,7 @@ def test_fresh_diffusers_pipeline_reproduces_the_student(trained, tiny_sd15_dir,
     trainer, final = trained
     b = trainer.built
     prompt = b.data.prompts[0]
-    x_T = torch.randn((1, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
+    x_T = torch.randn((1, *b.ctx.latent_shape), generator=torch.Generator().manual_seed(3))
     ours = b.distiller.sample(b.nets, b.family.encode_prompts([prompt]), x_T, generator=torch.Generator().manual_seed(7), steps=steps)
     with caplog.at_level(logging.WARNING):
         theirs = _fresh_pipeline_output(tiny_sd15_dir, final, prompt, x_T, steps, weight_name)

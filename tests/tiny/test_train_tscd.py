@@ -33,7 +33,7 @@ class RecordingTrainer(Trainer):
         self.recorded = {}
         b = self.built
         self.prompt = b.data.prompts[0]
-        self.x_T = torch.randn((1, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(3))
+        self.x_T = torch.randn((1, *b.ctx.latent_shape), generator=torch.Generator().manual_seed(3))
 
     def export_stage(self, name, recipe_overrides, step=None):
         out = super().export_stage(name, recipe_overrides, step=step)
@@ -188,7 +188,7 @@ def test_feedback_lora_raises_its_reward_and_keeps_the_base_recipe(progressive, 
     # The feedback LoRA's samples are brighter than the LoRA it started from, on the same prompts and noise.
     b = trainer.built
     cond = b.family.encode_prompts(b.data.prompts[:4])
-    x_T = torch.randn((4, *b.nets.extra["latent_shape"]), generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn((4, *b.ctx.latent_shape), generator=torch.Generator().manual_seed(0))
     after = b.family.decode(b.distiller.sample(b.nets, cond, x_T)).mean()
     start_from_lora(b.nets.unet, tscd_final)
     before = b.family.decode(b.distiller.sample(b.nets, cond, x_T)).mean()

@@ -169,7 +169,7 @@ def _pair(schedule, student, k, n=64, seed=0, end_point="edge"):
     cfg = TSCDConfig(segments=[k], num_ddim_timesteps=40, end_point=end_point, target="online")
     distiller = ConsistencyDistiller(cfg, schedule)
     teacher = GaussianDenoiser(schedule)
-    nets = Nets(unet=None, schedule=schedule, teacher=teacher, student=student, extra={"max_steps": 1})
+    nets = Nets(unet=None, schedule=schedule, teacher=teacher, student=student)
     g = torch.Generator().manual_seed(seed)
     x0 = MU + S * torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
     batch = Batch(cond=None, uncond=None, prompts=[""] * n, latent_shape=(n, 1, 1, 1), latents=x0,

@@ -36,7 +36,11 @@ def reference_run(teacher_fn, records, tmp_path_factory):
 
 
 def _pixels(out_dir) -> dict[str, np.ndarray]:
-    return {e["id"]: np.asarray(Image.open(out_dir / e["file"])) for e in read_manifest(out_dir)}
+    def read(path):
+        with Image.open(path) as img:
+            return np.asarray(img)
+
+    return {e["id"]: read(out_dir / e["file"]) for e in read_manifest(out_dir)}
 
 
 def _assert_same_run(out_dir, reference_run, records):
@@ -52,8 +56,8 @@ def test_reference_run_writes_pngs_manifest_and_generation_info(reference_run, r
     assert len(list((reference_run / "images").glob("*.png"))) == len(records)
     info = json.loads((reference_run / "generation.json").read_text())
     assert info["n_images"] == len(records) and info["images_per_s"] > 0 and info["image_format"] == "png"
-    first = Image.open(reference_run / "images" / f"{records[0].id}.png")
-    assert first.format == "PNG" and first.size == (16, 16)
+    with Image.open(reference_run / "images" / f"{records[0].id}.png") as first:
+        assert first.format == "PNG" and first.size == (16, 16)
     # Different seeds give different images.
     px = _pixels(reference_run)
     assert not np.array_equal(px[records[0].id], px[records[1].id])
@@ -195,8 +199,8 @@ def test_report_compares_runs_with_table_plots_and_grid(tmp_path):
     assert "4.00" in text  # KID x 1e3
     for name in ("report.md", "fid_vs_steps.png", "fid_vs_training_step.png", "grid.png"):
         assert (tmp_path / "report" / name).is_file()
-    grid = Image.open(tmp_path / "report" / "grid.png")
-    assert grid.size[1] == 3 * 128  # one row per run
+    with Image.open(tmp_path / "report" / "grid.png") as grid:
+        assert grid.size[1] == 3 * 128  # one row per run
 
 
 def test_cli_registers_eval_commands():

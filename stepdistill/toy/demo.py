@@ -150,20 +150,27 @@ def render_report(results: dict, run_dir: Path) -> str:
         "sampled with the recipe written beside it. Same prompts and seeds for every row; "
         f"{teacher['n']} images each."),
         "",
-        "| model | steps | toy FID (lower is better) | alignment | images/s (CPU) |",
-        "|---|---|---|---|---|",
+        "| model | steps | toy FID (lower is better) | alignment | precision | recall | coverage | background TV "
+        "| images/s (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         lines.append(f"| {row['model']} | {row['steps']} | {row['toy_fid']:.2f} | {row['alignment']:.3f} | "
-                     f"{row['images_per_s']:.1f} |")
+                     f"{row['precision']:.3f} | {row['recall']:.3f} | {row['coverage']:.3f} | "
+                     f"{row['background_tv']:.3f} | {row['images_per_s']:.1f} |")
     one = next(r for r in results["rows"][1:] if r["steps"] == 1)
     lines += [
         "",
         (f"One-step student vs 25-step teacher: toy FID ratio {one['toy_fid'] / max(teacher['toy_fid'], 1e-9):.2f}x, "
-        f"alignment ratio {one['alignment'] / max(teacher['alignment'], 1e-9):.2f}x."),
+        f"alignment ratio {one['alignment'] / max(teacher['alignment'], 1e-9):.2f}x, "
+        f"recall ratio {one['recall'] / max(teacher['recall'], 1e-9):.2f}x."),
         "",
         ("Toy FID is the Frechet distance between judge features of generated and real toy images; alignment is the "
-        "fraction of images whose judged shapes, colours and layout match the prompt."),
+        "fraction of images whose judged shapes, colours and layout match the prompt. Precision and recall "
+        "(Kynkaanniemi et al. 2019) and coverage (Naeem et al. 2020) compare judge features with as many real "
+        "images: a mode-collapsed student keeps precision and loses recall and coverage. Background TV is the total "
+        "variation distance of the background-luminance histogram from the real one (0 = same spread; the "
+        "caption never states the background, so a student that paints one background for all shows here)."),
         "",
         "- `grid.png`: teacher (top row) and the student at 1, 2 and 4 steps, same prompts and seeds.",
         "- `curves.png`: training loss and one-step toy FID against student updates.",

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..metrics.diversity import density_coverage, precision_recall, total_variation
 from ..metrics.fid import FeatureStats
 from .judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
 from .world import ToyWorld, to_float, toy_asset_path, toy_prompts
@@ -32,6 +33,8 @@ REF_STATS_FILE = "judge_ref_stats.npz"
 REF_N, REF_SEED = 10_000, 1_000_000  # real images for the reference statistics; a seed no prompt set uses
 
 GenerateFn = Callable[[list[str], list[int]], object]
+DIVERSITY_REAL_SEED = 2_000_000  # the real set that precision/recall and the attribute histograms compare against
+BACKGROUND_BINS = 8  # background luminance histogram over [0, 255]: the attribute no caption states
 
 
 def as_images(images) -> torch.Tensor:
@@ -71,6 +74,36 @@ def reference_stats(judge: ToyJudge | None = None, judge_dir=None, cache: bool =
     return stats
 
 
+def background_luminance(images: torch.Tensor) -> np.ndarray:
+    """Per image, the luminance (0..255) of the median border pixel: the background, which objects rarely reach."""
+    x = (images.float().clamp(-1, 1) * 0.5 + 0.5) * 255
+    border = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2), x[..., :, :2].flatten(2),
+                        x[..., :, -2:].flatten(2)], dim=2)  # [N, 3, P]
+    rgb = border.median(dim=2).values
+    return (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).numpy()
+
+
+def attribute_counts(images: torch.Tensor, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Histograms of what the prompt leaves free or the judge reads: background luminance, object sizes."""
+    bins = np.minimum((background_luminance(images) / 256 * BACKGROUND_BINS).astype(int), BACKGROUND_BINS - 1)
+    sizes = np.concatenate([labels[:, 3], labels[:, 6]])
+    return {"background": np.bincount(bins, minlength=BACKGROUND_BINS),
+            "size": np.bincount(sizes[sizes >= 0], minlength=2)}
+
+
+def diversity(features: torch.Tensor, counts: dict, judge: ToyJudge, n_real: int) -> dict:
+    """Precision, recall, density, coverage of judge features against n_real real toy images, and the total
+    variation distance of each attribute histogram from the real one (judged the same way)."""
+    real_images, _, _ = ToyWorld().sample(n_real, seed=DIVERSITY_REAL_SEED, as_float=True)
+    real_features = judge.features(real_images)
+    real_counts = attribute_counts(real_images, judge.predict(real_images))
+    precision, recall = precision_recall(real_features, features)
+    density, coverage = density_coverage(real_features, features)
+    out = {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+    out.update({f"{k}_tv": total_variation(counts[k], real_counts[k]) for k in counts})
+    return out
+
+
 def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None, seed: int = 0,
                  batch_size: int = 50, judge: ToyJudge | None = None, progress: bool = True) -> dict:
     """Generate n images for toy prompts and score them.
@@ -79,24 +112,30 @@ def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None
         generate_fn: (prompts, seeds) -> images (float [-1, 1] [B, 3, 32, 32], uint8 arrays or PIL images);
             image i must depend only on prompts[i] and seeds[i].
         steps: recorded in the result (the generate_fn already uses it).
-    Returns dict(toy_fid, alignment, images_per_s, n, steps, seed).
+    Returns dict(toy_fid, alignment, precision, recall, density, coverage, background_tv, size_tv, images_per_s,
+    n, steps, seed).
     """
     from tqdm.auto import tqdm
 
     judge = judge or load_judge()
     prompts = toy_prompts(n, seed)
     seeds = [seed * 1_000_003 + i for i in range(n)]
-    stats, aligned, seconds = FeatureStats(), 0, 0.0
+    stats, aligned, seconds = FeatureStats(keep_features=True), 0, 0.0
+    counts = {}
     for start in tqdm(range(0, n, batch_size), desc="toy eval", disable=not progress):
         batch = slice(start, start + batch_size)
         tick = time.perf_counter()
         images = as_images(generate_fn(prompts[batch], seeds[batch]))
         seconds += time.perf_counter() - tick
         stats.update(judge.features(images))
-        aligned += int(matches(judge.predict(images), prompts[batch]).sum())
+        labels = judge.predict(images)
+        aligned += int(matches(labels, prompts[batch]).sum())
+        for k, v in attribute_counts(images.cpu(), labels).items():
+            counts[k] = counts.get(k, 0) + v
     return {
         "toy_fid": stats.fid(reference_stats(judge)),
         "alignment": aligned / n,
+        **diversity(torch.from_numpy(stats.features), counts, judge, n_real=n),
         "images_per_s": n / seconds,
         "n": n,
         "steps": steps,

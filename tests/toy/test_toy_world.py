@@ -105,6 +105,36 @@ def test_evaluate_toy_scores_a_perfect_and_a_broken_generator(judge):
     assert set(good) >= {"toy_fid", "alignment", "images_per_s", "n", "steps"}
     assert good["alignment"] > 0.95 and bad["alignment"] < 0.1
     assert good["toy_fid"] * 10 < bad["toy_fid"] and good["images_per_s"] > 0
+    # Diversity: real renders cover the real set; a constant image has no recall and one background bin.
+    assert good["precision"] > 0.8 and good["recall"] > 0.8 and good["coverage"] > 0.8
+    assert bad["recall"] <= 0.05 and bad["coverage"] < 0.2  # a few real backgrounds are near black
+    assert good["background_tv"] < 0.25 < bad["background_tv"]
+
+
+class _GreyGreenWorld(ToyWorld):
+    """Every background the same grey-green: what the collapsed one-step student paints."""
+
+    def _background(self, rng, n):
+        return np.broadcast_to(np.float32([96, 110, 92]), (n, self.image_size, self.image_size, 3)).copy()
+
+
+def test_evaluation_sees_a_collapsed_background(judge):
+    """Right content on one background for every image (the collapse of a mode-seeking student): alignment and
+    precision stay high, and the background distance says what alignment alone does not."""
+    from stepdistill.toy.evaluate import evaluate_toy
+
+    def render_with(world):
+        def generate(prompts, seeds):
+            labels = np.stack([parse_caption(p) for p in prompts])
+            return to_float(world.render(labels, seed=seeds[0]))
+        return generate
+
+    collapsed = evaluate_toy(render_with(_GreyGreenWorld()), n=200, steps=1, batch_size=100, judge=judge,
+                             progress=False)
+    normal = evaluate_toy(render_with(ToyWorld()), n=200, steps=1, batch_size=100, judge=judge, progress=False)
+    assert collapsed["alignment"] > 0.8
+    assert collapsed["background_tv"] > normal["background_tv"] + 0.3
+    assert collapsed["recall"] < normal["recall"]
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

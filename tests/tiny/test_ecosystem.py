@@ -127,12 +127,13 @@ def test_card_snippet_reproduces_stepdistill_generate(run, tmp_path, monkeypatch
     assert (tmp_path / "stepdistill.png").is_file()
 
 
-def test_export_command_writes_a_card_that_loads_the_kohya_file(run, tmp_path, monkeypatch):
-    out = tmp_path / "kohya"
-    assert main(["export", "--run", str(run), "--format", "kohya", "--out", str(out)]) == 0
+@pytest.mark.parametrize("fmt", ["kohya", "merged"])
+def test_export_command_writes_a_card_that_loads_its_weights(fmt, run, tmp_path, monkeypatch):
+    out = tmp_path / fmt
+    assert main(["export", "--run", str(run), "--format", fmt, "--out", str(out)]) == 0
     assert read_front_matter(out / CARD_FILE)["library_name"] == "diffusers" and (out / GRID_FILE).is_file()
     snippet = _snippet(out / CARD_FILE)
-    assert f"weight_name={KOHYA_WEIGHT_NAME!r}" in snippet
+    assert (f"weight_name={KOHYA_WEIGHT_NAME!r}" if fmt == "kohya" else 'subfolder="unet"') in snippet
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102

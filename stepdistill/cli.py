@@ -21,10 +21,26 @@ def _train(args):
 
 
 def _generate(args):
-    from .generate import generate_image
+    from .errors import ConfigError
+    from .generate import generate_image, generate_images
 
-    path = generate_image(args.lora, args.prompt, args.out, base=args.base, steps=args.steps, seed=args.seed)
+    if args.prompts:
+        manifest = generate_images(args.lora, args.prompts, args.out, n=args.n, batch_size=args.batch_size,
+                                   seed=args.seed, base=args.base, steps=args.steps, lora_weights=args.lora_weight)
+        print(f"wrote the images and {manifest}")
+        return
+    if args.n != 1:
+        raise ConfigError("--n needs --prompts FILE (one prompt per line); --prompt makes one image")
+    path = generate_image(args.lora, args.prompt, args.out, base=args.base, steps=args.steps, seed=args.seed,
+                          lora_weights=args.lora_weight)
     print(f"wrote {path}")
+
+
+def _push(args):
+    from .push import push_run
+
+    url, files = push_run(args.run, args.repo_id, private=args.private)
+    print(f"pushed {', '.join(files)} to {url}")
 
 
 def _export(args):
@@ -92,13 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="generate an image with an exported LoRA and its recipe")
-    g.add_argument("--lora", required=True, help="folder with pytorch_lora_weights.safetensors and stepdistill.json")
+    g.add_argument("--lora", required=True, action="append",
+                   help="folder with pytorch_lora_weights.safetensors and stepdistill.json; give it again to mix "
+                        "LoRAs (the first one's recipe is used)")
+    g.add_argument("--lora-weight", type=float, action="append",
+                   help="weight of each --lora, in order (default: the recipe's lora_scale, 1 for the others)")
     g.add_argument("--base", help="base model folder or hub id (default: the recipe's)")
-    g.add_argument("--prompt", required=True)
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="one prompt: --out is the image file")
+    which.add_argument("--prompts", help="text file, one prompt per line: --out is a folder of numbered PNGs + images.jsonl")
+    g.add_argument("--n", type=int, default=1, help="images per prompt (with --prompts)")
+    g.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (with --prompts)")
     g.add_argument("--steps", type=int, help="inference steps (default: the recipe's)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="output PNG")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    g.add_argument("--out", required=True, help="output PNG (--prompt) or folder (--prompts)")
     g.set_defaults(func=_generate)
+
+    ps = sub.add_parser("push", help="upload a run's LoRA, recipe, model card and sample grid to the Hugging Face Hub")
+    ps.add_argument("--run", required=True, help="training run directory (its final/ is pushed) or an export folder")
+    ps.add_argument("--repo-id", required=True, help="USER/NAME of the model repo (created when missing)")
+    ps.add_argument("--private", action="store_true", help="create the repo private")
+    ps.set_defaults(func=_push)
 
     e = sub.add_parser("export", help="export a run's student LoRA in another format")
     e.add_argument("--run", required=True, help="training run directory")

@@ -93,6 +93,9 @@ class OptimConfig:
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
 @dataclass
 class LoopConfig:
     max_steps: int = 1000  # student updates
@@ -104,6 +107,7 @@ class LoopConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16
     max_nonfinite_in_a_row: int = 20
     progress: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # none | tensorboard | wandb (a list: both)
 
     def validate(self):
         _at_least("loop.max_steps", self.max_steps, 1)
@@ -114,6 +118,16 @@ class LoopConfig:
         _at_least("loop.keep_last", self.keep_last, 1)
         _at_least("loop.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
         _choice("loop.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        for name in self._report_names():
+            _choice("loop.report_to", name, ("none", *TRACKERS))
+
+    def _report_names(self) -> list[str]:
+        return [n.strip() for item in self.report_to for n in str(item).split(",") if n.strip()]
+
+    @property
+    def trackers(self) -> list[str]:
+        """The experiment trackers to report to, in order ("none" dropped; "tensorboard,wandb" read as two)."""
+        return [n for n in dict.fromkeys(self._report_names()) if n != "none"]
 
 
 @dataclass

@@ -24,9 +24,13 @@ class ModelFileError(ModelError, OSError):
     """A model that cannot be found or read (still an OSError, as file problems are)."""
 
 
+class HubError(RuntimeError):
+    """The Hugging Face Hub cannot be reached or refused (offline, no token, no rights); the message says what to do."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message names the last good checkpoint."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelError, FileNotFoundError, HubError)
 RUN_ERRORS = (TrainingError,)

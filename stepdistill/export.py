@@ -190,5 +190,9 @@ def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: tor
 
 
 def export_run(run, fmt: str, out) -> Path:
-    """`stepdistill export`: a run's final LoRA (RUN/final) in format `fmt`, written to `out`."""
-    return export_lora(Path(run) / "final", fmt, out)
+    """`stepdistill export`: a run's final LoRA (RUN/final) in format `fmt`, written to `out`, with its model card."""
+    from .card import write_model_card
+
+    out = export_lora(Path(run) / "final", fmt, out)
+    write_model_card(out, run_dir=run)
+    return out

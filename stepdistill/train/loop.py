@@ -26,6 +26,7 @@ from ..methods.base import Batch, ExportStage, NoiseSource
 from . import checkpoint as ckpt
 from .build import Built, build
 from .faults import maybe_kill
+from .tracking import Tracking, learning_rates
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.last_checkpoint: Path | None = None
+        self.tracking = Tracking()
 
     # -- set-up --
     def setup(self, built: Built | None = None):
@@ -281,6 +283,7 @@ class Trainer:
         )
 
     def _run(self) -> Path:
+        self.tracking = Tracking.start(self.cfg, self.out, self.dist.rank)
         self.setup()
         cfg, dist = self.cfg, self.dist
         log_file = self.out / "log.jsonl"
@@ -302,14 +305,17 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", it_s=f"{rate:.2f}")
             if dist.rank == 0 and (self.step % cfg.loop.log_every == 0 or self.step == cfg.loop.max_steps):
+                record = {"step": self.step, "it_per_s": rate, **learning_rates(self.optimizers), **_jsonable(logs)}
                 with open(log_file, "a") as f:
-                    f.write(json.dumps({"step": self.step, "it_per_s": rate, **_jsonable(logs)}) + "\n")
+                    f.write(json.dumps(record) + "\n")
+                self.tracking.log(record)
             if cfg.loop.sample_every and self.step % cfg.loop.sample_every == 0 and dist.rank == 0:
-                self.write_samples()
+                self.tracking.log_image(self.step, self.write_samples())
             if self.step % cfg.loop.checkpoint_every == 0 or self.step == cfg.loop.max_steps:
                 self.save_checkpoint()
         bar.close()
         final = self.export_stage("final", None)
+        self.tracking.close()
         dist.barrier()
         if dist.rank == 0:
             self._report_data()
@@ -355,6 +361,7 @@ class Trainer:
 
     def export_stage(self, name: str, recipe_overrides: dict | None, step: int | None = None) -> Path:
         """Write DIR/<name>/ (LoRA files + recipe) atomically from the student adapter after `step` updates."""
+        from ..card import write_model_card
         from ..core.lora import adapter_state_dict
         from ..core.recipe import Recipe
         from ..export import KOHYA_WEIGHT_NAME, save_diffusers_lora, save_kohya_lora
@@ -379,6 +386,7 @@ class Trainer:
             base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
             lora_rank=rank, lora_alpha=alpha, training_steps=step, **fields,
         ).save(tmp)
+        write_model_card(tmp, run_dir=self.out, lora_ref=out)
         maybe_kill("export", step)
         if out.exists():
             shutil.rmtree(out)
@@ -403,9 +411,12 @@ class Trainer:
         latents = b.distiller.sample(b.nets, cond, x_T, generator=g)
         images = b.family.decode(latents).float().clamp(-1, 1) * 0.5 + 0.5
         (self.out / "samples").mkdir(exist_ok=True)
-        save_image(images.cpu(), self.out / "samples" / f"step-{self.step:06d}.png", nrow=len(idx))
+        path = self.out / "samples" / f"step-{self.step:06d}.png"
+        save_image(images.cpu(), path, nrow=len(idx))
+        return path
 
     def close(self):
+        self.tracking.close()
         if self.dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -105,6 +105,9 @@ def straight(tiny_sd15_dir, prompts_file, tmp_path_factory):
 
 def _assert_same_file(a: Path, b: Path):
     """Same tensors, bit for bit, and the same metadata (safetensors writes metadata keys in no fixed order)."""
+    if a.name == "README.md":  # the model card names its own folder in the usage snippet
+        assert a.read_text().replace(str(a.parent), "DIR") == b.read_text().replace(str(b.parent), "DIR")
+        return
     if a.suffix != ".safetensors":
         assert a.read_bytes() == b.read_bytes(), a.name
         return

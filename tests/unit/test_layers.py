@@ -21,11 +21,12 @@ LAYERS = {
     "stepdistill.core": 0, "stepdistill.errors": 0, "stepdistill.resources": 0,
     "stepdistill.models": 1, "stepdistill.data": 1, "stepdistill.metrics": 1, "stepdistill.toy.world": 1,
     "stepdistill.toy.judge": 1, "stepdistill.export": 1,  # LoRA file formats (core + diffusers only)
+    "stepdistill.card": 1,  # the model card beside every export (recipe + run folder files only)
     "stepdistill.methods": 2, "stepdistill.registry": 2, "stepdistill.config": 2,
     "stepdistill.train": 3, "stepdistill.toy.teacher": 3,
     # The harness and front doors: evaluation, inference pipelines, benchmarks, the demo, the CLI.
     "stepdistill.eval": 4, "stepdistill.pipelines": 4, "stepdistill.toy": 4, "stepdistill.generate": 4,
-    "stepdistill.cli": 4, "stepdistill": 4,
+    "stepdistill.cli": 4, "stepdistill.push": 4, "stepdistill": 4,
 }
 LAYER_NAMES = ["core", "models/data/metrics", "methods", "train", "harness"]
 

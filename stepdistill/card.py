@@ -1,0 +1,229 @@
+"""The model card (README.md) written beside every exported LoRA: Hub front matter, exact usage, training, figures.
+
+The usage snippet sets the recipe's scheduler, steps or timesteps, guidance and eta exactly as
+stepdistill.pipelines.load + generate do, so running it gives the image `stepdistill generate` gives (same seed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .core.io import atomic_write, atomic_write_text
+from .core.recipe import RECIPE_FILE, Recipe
+from .export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
+
+CARD_FILE = "README.md"
+GRID_FILE = "samples.png"
+METRICS_FILE = "metrics.json"
+ADAPTER_NAME = "stepdistill"  # the adapter name pipelines.load gives the LoRA
+EXAMPLE_PROMPT = "a photo of a cat"
+FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+# Training settings shown in the card (the full config is resolved_config.yaml in the run folder).
+SETTINGS = ("model.resolution", "data.batch_size", "loop.grad_accum", "optim.lr", "optim.critic_lr",
+            "optim.warmup_steps", "optim.grad_clip", "lora.rank", "lora.alpha", "lora.targets", "lora.critic_rank",
+            "loop.mixed_precision", "seed")
+
+
+def read_front_matter(readme) -> dict:
+    """The YAML block between the leading `---` lines of a model card, or {} when there is none."""
+    readme = Path(readme)
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def base_license(base: str) -> str | None:
+    """The license in the base model's own card (a local folder's README.md), when it states one."""
+    value = read_front_matter(Path(base) / CARD_FILE).get("license")
+    return str(value) if value else None
+
+
+def front_matter(recipe: Recipe) -> dict:
+    meta = {
+        "base_model": recipe.base_model,
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": ["lora", "text-to-image", "stepdistill", recipe.method, "diffusers", FAMILY_TAGS[recipe.family]],
+    }
+    license_ = base_license(recipe.base_model)
+    if license_:
+        meta["license"] = license_
+    return meta
+
+
+def _weights_kind(folder: Path) -> str:
+    """diffusers | kohya | merged: what the export folder holds (the snippet loads that)."""
+    if (folder / DIFFUSERS_WEIGHT_NAME).is_file():
+        return "diffusers"
+    if (folder / KOHYA_WEIGHT_NAME).is_file():
+        return "kohya"
+    if (folder / "unet" / "config.json").is_file():
+        return "merged"
+    raise FileNotFoundError(f"{folder} holds no LoRA ({DIFFUSERS_WEIGHT_NAME} or {KOHYA_WEIGHT_NAME}) and no merged "
+                            "unet/: export the run first (stepdistill export)")
+
+
+def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: str = EXAMPLE_PROMPT, seed: int = 0) -> str:
+    """Python that loads base + LoRA with the recipe's sampler and makes one image (`image`)."""
+    scheduler_args = "".join(f", {k}={v!r}" for k, v in recipe.scheduler_config.items())
+    steps = (f"timesteps={recipe.timesteps!r}" if recipe.timesteps is not None
+             else f"num_inference_steps={recipe.num_inference_steps}")
+    imports = ["DiffusionPipeline", recipe.scheduler_class] + (["UNet2DConditionModel"] if kind == "merged" else [])
+    lines = [
+        "import torch",
+        f"from diffusers import {', '.join(imports)}",
+        "",
+        f"base = {recipe.base_model!r}",
+        f"lora = {lora!r}  # this folder, or the Hub repo it was pushed to",
+        'device = "cuda" if torch.cuda.is_available() else "cpu"',
+        "",
+        "pipe = DiffusionPipeline.from_pretrained(base).to(device)",
+        f"pipe.scheduler = {recipe.scheduler_class}.from_config(pipe.scheduler.config{scheduler_args})",
+    ]
+    if kind == "merged":
+        lines.append('pipe.unet = UNet2DConditionModel.from_pretrained(lora, subfolder="unet").to(device)')
+    else:
+        weight = DIFFUSERS_WEIGHT_NAME if kind == "diffusers" else KOHYA_WEIGHT_NAME
+        lines += [
+            f"pipe.load_lora_weights(lora, weight_name={weight!r}, adapter_name={ADAPTER_NAME!r})",
+            f"pipe.set_adapters([{ADAPTER_NAME!r}], adapter_weights=[{recipe.lora_scale!r}])",
+        ]
+    lines += [
+        "image = pipe(",
+        f"    {prompt!r},",
+        f"    {steps},",
+        f"    guidance_scale={recipe.guidance_scale!r},",
+        f"    eta={recipe.eta!r},",
+        f'    generator=torch.Generator("cpu").manual_seed({seed}),',
+        ").images[0]",
+        'image.save("stepdistill.png")',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def training_section(recipe: Recipe, config: dict) -> str:
+    rows = [("method", recipe.method), ("training steps (student updates)", recipe.training_steps),
+            ("LoRA rank / alpha", f"{recipe.lora_rank} / {recipe.lora_alpha:g}")]
+    if config:
+        rows += [(key, _get(config, key)) for key in SETTINGS if _get(config, key) is not None]
+        method = {k: v for k, v in (config.get("method") or {}).items() if k != "name"}
+        rows += [(f"method.{k}", json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in method.items()]
+    table = "| setting | value |\n|---|---|\n" + "".join(f"| `{k}` | {v} |\n" for k, v in rows)
+    return "## Training\n\n" + table
+
+
+def _flat_numbers(data, prefix="") -> dict[str, float]:
+    out = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(_flat_numbers(v, f"{prefix}{k}."))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        out[prefix.rstrip(".")] = data
+    return out
+
+
+def metrics_section(metrics: dict) -> str:
+    numbers = _flat_numbers(metrics)
+    if not numbers:
+        return ""
+    rows = "".join(f"| `{k}` | {v:.6g} |\n" for k, v in numbers.items())
+    return "## Evaluation\n\n| metric | value |\n|---|---|\n" + rows
+
+
+def recipe_section(recipe: Recipe) -> str:
+    steps = f"timesteps {recipe.timesteps}" if recipe.timesteps is not None else f"{recipe.num_inference_steps} steps"
+    return (
+        "## Sampling recipe\n\n"
+        f"`{recipe.scheduler_class}` ({json.dumps(recipe.scheduler_config)}), {steps}, guidance scale "
+        f"{recipe.guidance_scale:g} (diffusers' convention: <= 1 runs without CFG), eta {recipe.eta:g}, LoRA scale "
+        f"{recipe.lora_scale:g}. The same settings are in `{RECIPE_FILE}`; `stepdistill generate --lora FOLDER` "
+        "reads them.\n"
+    )
+
+
+def _find_metrics(folder: Path, run_dir: Path | None) -> dict:
+    for where in (folder, run_dir):
+        if where is not None and (where / METRICS_FILE).is_file():
+            try:
+                return json.loads((where / METRICS_FILE).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where / METRICS_FILE} is not valid JSON ({e}): fix or remove it") from e
+    return {}
+
+
+def latest_grid(run_dir: Path | None) -> Path | None:
+    """The run's last sample grid (samples/step-NNNNNN.png), if it wrote any."""
+    if run_dir is None or not (run_dir / "samples").is_dir():
+        return None
+    grids = sorted((run_dir / "samples").glob("step-*.png"))
+    return grids[-1] if grids else None
+
+
+def _run_config(run_dir: Path | None) -> dict:
+    path = run_dir / "resolved_config.yaml" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def render_model_card(folder, run_dir=None, repo_id: str | None = None, lora_ref=None) -> str:
+    """The card's text for the export in `folder` (recipe, weights), with the run's config, figures and grid.
+
+    The snippet loads the LoRA from `repo_id` (pushed), else `lora_ref` (where the folder will live), else `folder`.
+    """
+    folder, run_dir = Path(folder), Path(run_dir) if run_dir is not None else None
+    recipe = Recipe.load(folder)
+    kind = _weights_kind(folder)
+    title = repo_id.split("/")[-1] if repo_id else f"{recipe.method} LoRA for {recipe.base_model}"
+    parts = [
+        "---\n" + yaml.safe_dump(front_matter(recipe), sort_keys=False) + "---\n",
+        (f"# {title}\n\nA {recipe.num_inference_steps}-step student of `{recipe.base_model}` ({recipe.family}), "
+         f"distilled with stepdistill's `{recipe.method}` method as a LoRA adapter for a plain diffusers pipeline.\n"),
+        "## Usage\n\n```python\n" + usage_snippet(recipe, repo_id or str(lora_ref or folder), kind) + "```\n",
+        recipe_section(recipe),
+        training_section(recipe, _run_config(run_dir)),
+    ]
+    if kind != "merged" and (folder / KOHYA_WEIGHT_NAME).is_file():
+        parts.append(f"`{KOHYA_WEIGHT_NAME}` holds the same LoRA in kohya format (ComfyUI, A1111 and other LoRA "
+                     "loaders).\n")
+    metrics = metrics_section(_find_metrics(folder, run_dir))
+    if metrics:
+        parts.append(metrics)
+    if (folder / GRID_FILE).is_file():
+        parts.append(f"## Samples\n\nThe run's last sample grid (fixed prompts and noise):\n\n![samples]({GRID_FILE})\n")
+    return "\n".join(parts)
+
+
+def write_model_card(folder, run_dir=None, repo_id: str | None = None, lora_ref=None) -> Path:
+    """Copy the run's last sample grid beside the LoRA and write folder/README.md (both atomically).
+
+    lora_ref: the folder's final path when it is written under a temporary name first (the trainer's exports).
+    """
+    folder = Path(folder)
+    grid = latest_grid(Path(run_dir) if run_dir is not None else None)
+    if grid is not None:
+        atomic_write(folder / GRID_FILE, lambda tmp: shutil.copyfile(grid, tmp), suffix=".png")
+    return atomic_write_text(folder / CARD_FILE, render_model_card(folder, run_dir, repo_id, lora_ref))

@@ -150,8 +150,8 @@ def render_report(results: dict, run_dir: Path) -> str:
         "sampled with the recipe written beside it. Same prompts and seeds for every row; "
         f"{teacher['n']} images each."),
         "",
-        "| model | steps | toy FID (lower is better) | alignment | precision | recall | coverage | background TV "
-        "| images/s (CPU) |",
+        ("| model | steps | toy FID (lower is better) | alignment | precision | recall | coverage | background TV "
+         "| images/s (CPU) |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:

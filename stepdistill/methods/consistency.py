@@ -145,14 +145,24 @@ def mse(a, b):
     return ((a - b) ** 2).flatten(1).mean(1)
 
 
+def _per_sample(maps) -> torch.Tensor:
+    """Mean over every location of every head: a list of [B, L] maps (or one [B] / [B, L] tensor) -> [B]."""
+    maps = [maps] if torch.is_tensor(maps) else list(maps)
+    return torch.stack([m.reshape(m.shape[0], -1).mean(1) for m in maps]).mean(0)
+
+
 def hinge_discriminator_loss(logits_real, logits_fake):
-    """relu(1 - D(real)) + relu(1 + D(fake)) per sample (Lim & Ye 2017; PCM's adversarial consistency loss)."""
-    return torch.relu(1 - logits_real) + torch.relu(1 + logits_fake)
+    """relu(1 - D(real)) + relu(1 + D(fake)) at each location of each head, then averaged per sample (Lim & Ye 2017;
+    PCM's discriminator: the hinge is taken per location, so one confident location cannot cancel a wrong one)."""
+    real = [logits_real] if torch.is_tensor(logits_real) else logits_real
+    fake = [logits_fake] if torch.is_tensor(logits_fake) else logits_fake
+    return _per_sample([torch.relu(1 - r) + torch.relu(1 + f) for r, f in zip(real, fake, strict=True)])
 
 
 def hinge_generator_loss(logits_fake):
-    """relu(1 - D(fake)) per sample (PCM's generator side of the hinge)."""
-    return torch.relu(1 - logits_fake)
+    """relu(1 - D(fake)) at each location of each head, averaged per sample (PCM's generator side of the hinge)."""
+    fake = [logits_fake] if torch.is_tensor(logits_fake) else logits_fake
+    return _per_sample([torch.relu(1 - f) for f in fake])
 
 
 def stage_bounds(segments, stage_steps, max_steps):
@@ -207,7 +217,7 @@ def feature_channels(unet) -> list[int]:
 
 class FeatureHeads(nn.Module):
     """One small conv head per feature map (PCM's discriminator shape): conv 3x3, GroupNorm, SiLU, conv 1x1 -> a logit
-    map, averaged over space and heads into one logit per sample."""
+    at every location. The hinge losses take each location of each head on its own (PCM), not their average."""
 
     def __init__(self, channels: list[int], width: int = 64):
         super().__init__()
@@ -217,9 +227,9 @@ class FeatureHeads(nn.Module):
             for c in channels
         )
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        logits = [head(f.float()).flatten(1).mean(1) for head, f in zip(self.heads, feats, strict=True)]
-        return torch.stack(logits).mean(0)
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per head, the logits [B, h*w] of its feature map's locations."""
+        return [head(f.float()).flatten(1) for head, f in zip(self.heads, feats, strict=True)]
 
 
 # ---- starting from a previous LoRA ---------------------------------------------------------------------------

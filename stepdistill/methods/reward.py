@@ -16,6 +16,7 @@ aesthetic predictor on CLIP ViT-L/14 and HPSv2.1, each behind an optional import
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from ..registry import register_method
 from .base import Batch, Distiller, LossOut, Nets, RunContext, trailing_ddim_recipe
 from .consistency import start_from_lora
 from .dmd import through_frozen_nets
+
+log = logging.getLogger(__name__)
 
 # A reward model: (images float [B, 3, H, W] in [-1, 1], prompts) -> rewards [B], differentiable in the images.
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -150,7 +153,7 @@ def load_hpsv2(weights: str, device, clip_weights: str = "") -> RewardFn:
             "the hpsv2 reward needs HPS_v2.1_compressed.pt (xswu/HPSv2): download it and pass method.reward_weights=PATH"
         )
     model = open_clip.create_model("ViT-H-14", pretrained=None)
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    checkpoint = load_state_dict_safely(weights)
     model.load_state_dict(checkpoint.get("state_dict", checkpoint))
     model = model.eval().requires_grad_(False).to(device)
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
@@ -161,6 +164,29 @@ def load_hpsv2(weights: str, device, clip_weights: str = "") -> RewardFn:
         return (image * text).sum(-1)
 
     return reward
+
+
+def load_state_dict_safely(path) -> dict:
+    """Tensors of a third-party checkpoint without running pickled code: safetensors, or torch.load with
+    weights_only=True (tensors and plain containers only). A file that needs more is refused unless
+    STEPDISTILL_TRUST_PICKLE=1 says the user trusts it: unpickling runs whatever code the file names."""
+    import os
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- pickle's refusal comes as several error types
+        if os.environ.get("STEPDISTILL_TRUST_PICKLE") != "1":
+            raise RewardUnavailable(
+                f"{path} needs full unpickling, which can run code ({type(err).__name__}): convert it to safetensors, "
+                "or set STEPDISTILL_TRUST_PICKLE=1 if you trust the file"
+            ) from err
+        log.warning("unpickling %s with weights_only=False (STEPDISTILL_TRUST_PICKLE=1)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 REWARD_MODELS: dict[str, Callable[..., RewardFn]] = {
@@ -192,6 +218,20 @@ def load_reward_model(name: str, weights: str = "", device="cpu", clip_weights: 
 def refl_hinge(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     """ReLU(alpha - r) per sample (Hyper-SD eq. 4; ReFL's relu(2 - r) for ImageReward)."""
     return torch.relu(threshold - rewards)
+
+
+def refl_window(t_min: int, t_max: int, first: int) -> tuple[int, int]:
+    """ReFL's [t_min, t_max] within the student's sampler: its first timestep is where it takes pure noise, so a
+    later t would hand it pure noise at a timestep it was never trained on (a dmd student told t = 399)."""
+    if t_min > first:
+        raise ConfigError(
+            f"method.t_min={t_min} lies above the student's first sampling timestep {first} (its recipe): "
+            f"set method.t_min <= {first}, e.g. method.t_min={first // 2} method.t_max={first}"
+        )
+    if t_max > first:
+        log.warning("method.t_max=%d lies above the student's first timestep %d: ReFL samples t in [%d, %d]",
+                    t_max, first, t_min, first)
+    return t_min, min(t_max, first)
 
 
 @torch.no_grad()
@@ -255,6 +295,8 @@ class RewardDistiller(Distiller):
             if (Path(cfg.init_lora) / RECIPE_FILE).is_file():
                 base = Recipe.load(cfg.init_lora).to_dict()
                 self._recipe = {k: base[k] for k in RECIPE_SAMPLER_FIELDS}
+        first = int(recipe_timesteps(self._recipe, None, self.T)[0])
+        self.t_min, self.t_max = refl_window(cfg.t_min, cfg.t_max, first)
         if ctx.decode is None:
             raise RuntimeError("the reward method needs the VAE decoder (RunContext.decode): train/build.py sets it")
         self.decode = ctx.decode
@@ -263,7 +305,7 @@ class RewardDistiller(Distiller):
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
         cfg, device = self.cfg, nets.device
         x_T = batch.randn(*batch.latent_shape[1:], device=device)
-        t = batch.randint(cfg.t_min, cfg.t_max + 1, device=device)
+        t = batch.randint(self.t_min, self.t_max + 1, device=device)
         x_t = denoise_to(nets.student, x_T, t, recipe_timesteps(self._recipe, None, self.T), batch.cond, self.schedule)
         x0 = nets.student(x_t, t, batch.cond).x0
         rewards = {}

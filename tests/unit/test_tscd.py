@@ -228,6 +228,18 @@ def test_hinge_losses():
     assert torch.equal(hinge_generator_loss(fake), torch.tensor([3.0, 0.5]))
 
 
+def test_hinge_is_taken_per_location_of_every_head_then_averaged():
+    """PCM's discriminator: a real map [2, -2] averages to logit 0 (hinge 1), but its locations give (0 + 3) / 2."""
+    real = [torch.tensor([[2.0, -2.0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0]])]
+    fake = [torch.tensor([[-1.0, -1.0]]), torch.tensor([[-3.0, 1.0, -1.0, -1.0]])]
+    # head 1: real (0 + 3) / 2 + fake 0 = 1.5; head 2: real 0 + fake (0 + 2 + 0 + 0) / 4 = 0.5; heads averaged: 1.0
+    assert torch.allclose(hinge_discriminator_loss(real, fake), torch.tensor([1.0]))
+    # generator: head 1 (2 + 2) / 2 = 2, head 2 (4 + 0 + 2 + 2) / 4 = 2
+    assert torch.allclose(hinge_generator_loss(fake), torch.tensor([2.0]))
+    averaged_first = torch.relu(1 - torch.tensor(0.0)) + torch.relu(1 + torch.tensor(-1.0))
+    assert hinge_discriminator_loss(real[:1], fake[:1]).item() != averaged_first.item()
+
+
 # ---- samplers against diffusers -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
@@ -343,3 +355,35 @@ def test_noise_forward_matches_the_marginal(schedule):
     x_s = schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), s.expand(20000))
     x_t = noise_forward(x_s, a_s, a_t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
     assert abs(x_t.mean() - a_t.item() * 0.7) < 0.02 and abs(x_t.std() - sig_t.item()) < 0.02
+
+
+def test_refl_window_stays_at_or_below_the_students_first_timestep(caplog):
+    """A dmd student told t = 399 takes pure noise at 399: ReFL must not ask it for x0 at t > 399."""
+    from stepdistill.config import ConfigError
+    from stepdistill.methods.reward import refl_window
+
+    assert refl_window(200, 600, 999) == (200, 600)
+    with caplog.at_level("WARNING"):
+        assert refl_window(200, 600, 399) == (200, 399)
+    assert "t_max=600" in caplog.text
+    with pytest.raises(ConfigError, match="t_min=500"):
+        refl_window(500, 600, 399)
+
+
+def test_third_party_reward_weights_never_unpickle_code(tmp_path, monkeypatch):
+    from stepdistill.methods.reward import RewardUnavailable, load_state_dict_safely
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, plain)
+    assert torch.equal(load_state_dict_safely(plain)["state_dict"]["w"], torch.ones(2))
+
+    class Payload:  # what a malicious checkpoint would carry: an object that runs code when unpickled
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"w": Payload()}, unsafe)
+    with pytest.raises(RewardUnavailable, match="STEPDISTILL_TRUST_PICKLE"):
+        load_state_dict_safely(unsafe)
+    monkeypatch.setenv("STEPDISTILL_TRUST_PICKLE", "1")
+    assert load_state_dict_safely(unsafe) == {"w": None}  # print(...) ran: the opt-in is what allows that

@@ -75,12 +75,13 @@ def diffusers_lora_metadata(state: dict[str, torch.Tensor], rank: int, alpha: fl
 
 def save_diffusers_lora(state: dict[str, torch.Tensor], out_dir, rank: int, alpha: float,
                         targets: Sequence[str] | str | None = None, dtype: torch.dtype | None = None,
-                        prefix: str = UNET_PREFIX) -> Path:
-    """out_dir/pytorch_lora_weights.safetensors: `<prefix>.<module>.lora_A.weight` / `lora_B` keys + alpha metadata."""
+                        prefix: str = UNET_PREFIX, file: str | Path | None = None) -> Path:
+    """out_dir/pytorch_lora_weights.safetensors (or `file`): `<prefix>.<module>.lora_A.weight` / `lora_B` keys + alpha
+    metadata, written atomically."""
     _check_state(state, rank, targets)
     tensors = {f"{prefix}.{k}": _cast(v, dtype) for k, v in state.items()}
     metadata = diffusers_lora_metadata(state, rank, alpha, prefix)
-    return _save_safetensors(tensors, Path(out_dir) / DIFFUSERS_WEIGHT_NAME, metadata)
+    return _save_safetensors(tensors, Path(file) if file else Path(out_dir) / DIFFUSERS_WEIGHT_NAME, metadata)
 
 
 def _metadata_prefix(config: dict) -> str:

@@ -47,10 +47,15 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 @contextmanager
 def atomic_dir(dst) -> Iterator[Path]:
-    """Yield a temp folder beside `dst`; on success it replaces `dst` whole, on any error it is removed."""
+    """Yield a temp folder beside `dst`; on success it replaces `dst` whole, on any error it is removed.
+
+    The temp folder has a fixed name (`.<name>.tmp`), so one left by a killed writer is cleared by the next: one
+    writer per `dst` at a time (rank 0 writes exports)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield tmp
         replace_dir(tmp, dst)

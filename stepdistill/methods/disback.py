@@ -26,9 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,8 +35,8 @@ import torch
 
 from ..config import ConfigError
 from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_combine
-from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
 from ..core.io import atomic_write_text
+from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
 from ..registry import register_method
 from .base import Batch, Event, LossOut, Nets, RunContext
 from .dmd import DMDConfig, DMDDistiller, fake_score_loss
@@ -197,17 +194,12 @@ def write_node(unet, adapter: str, path: Path) -> str:
 
     Every process writes its own copy (same tensors) and reads only that one: no process waits on another's file.
     """
-    from ..export import DIFFUSERS_WEIGHT_NAME, save_diffusers_lora
+    from ..export import save_diffusers_lora
 
     rank, alpha, _ = adapter_config(unet, adapter)
     state = {k: v.float().cpu() for k, v in adapter_state_dict(unet, adapter).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}."))
-    try:
-        save_diffusers_lora(state, tmp, rank, alpha)
-        os.replace(tmp / DIFFUSERS_WEIGHT_NAME, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_diffusers_lora(state, None, rank, alpha, file=path)
     return node_hash(path)
 
 

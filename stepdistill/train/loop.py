@@ -362,6 +362,7 @@ class Trainer:
     def export_stage(self, name: str, recipe_overrides: dict | None, step: int | None = None) -> Path:
         """Write DIR/<name>/ (LoRA files + recipe) atomically from the student adapter after `step` updates."""
         from ..card import write_model_card
+        from ..core.io import atomic_dir
         from ..core.lora import adapter_state_dict
         from ..core.recipe import Recipe
         from ..export import KOHYA_WEIGHT_NAME, save_diffusers_lora, save_kohya_lora
@@ -372,26 +373,20 @@ class Trainer:
         cfg, b = self.cfg, self.built
         step = self.step if step is None else step
         state = {k: v.detach().float().cpu() for k, v in adapter_state_dict(b.nets.unet, "student").items()}
-        tmp = self.out / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         rank, alpha = cfg.lora.rank, cfg.lora.effective_alpha
-        # The diffusers file is always written: it is what `stepdistill export` converts from.
-        save_diffusers_lora(state, tmp, rank, alpha, b.targets, prefix=b.family.denoiser_prefix)
-        if "kohya" in cfg.export.formats:
-            save_kohya_lora(state, tmp / KOHYA_WEIGHT_NAME, rank, alpha)
-        fields = b.distiller.recipe(b.family)
-        fields.update(recipe_overrides or {})
-        Recipe(
-            base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
-            lora_rank=rank, lora_alpha=alpha, training_steps=step, **fields,
-        ).save(tmp)
-        write_model_card(tmp, run_dir=self.out, lora_ref=out)
-        maybe_kill("export", step)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            # The diffusers file is always written: it is what `stepdistill export` converts from.
+            save_diffusers_lora(state, tmp, rank, alpha, b.targets, prefix=b.family.denoiser_prefix)
+            if "kohya" in cfg.export.formats:
+                save_kohya_lora(state, tmp / KOHYA_WEIGHT_NAME, rank, alpha)
+            fields = b.distiller.recipe(b.family)
+            fields.update(recipe_overrides or {})
+            Recipe(
+                base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
+                lora_rank=rank, lora_alpha=alpha, training_steps=step, **fields,
+            ).save(tmp)
+            write_model_card(tmp, run_dir=self.out, lora_ref=out)
+            maybe_kill("export", step)
         if "merged" in cfg.export.formats:
             from ..export import export_lora
 

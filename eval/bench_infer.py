@@ -298,12 +298,17 @@ def add_bench_infer_command(subparsers) -> None:
     p.set_defaults(func=_bench_infer_command)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_infer")
-    add_bench_infer_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["infer", *(sys.argv[1:] if argv is None else argv)])
+def run_subcommand(module: str, add_command, name: str, argv=None) -> None:
+    """`python -m <module> ARGS` as `stepdistill bench <name> ARGS`: one parser, registered the same way."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.func(args)
+
+
+def main(argv=None) -> None:
+    run_subcommand("stepdistill.eval.bench_infer", add_bench_infer_command, "infer", argv)
 
 
 if __name__ == "__main__":

@@ -533,13 +533,9 @@ def add_bench_train_command(subparsers) -> None:
 
 
 def main(argv=None) -> None:
-    import argparse
+    from .bench_infer import run_subcommand
 
-    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_train")
-    add_bench_train_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.func(args)
+    run_subcommand("stepdistill.eval.bench_train", add_bench_train_command, "train", argv)
 
 
 if __name__ == "__main__":

@@ -409,7 +409,8 @@ class Trainer:
         fields.update(recipe_overrides or {})
         Recipe(
             base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
-            lora_rank=rank, lora_alpha=alpha, training_steps=step, **fields,
+            lora_rank=rank, lora_alpha=alpha, training_steps=step,
+            size_conditioning=b.family.size_conditioning(), **fields,
         ).save(tmp)
         maybe_kill("export", step)
         if out.exists():

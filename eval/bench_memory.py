@@ -50,8 +50,7 @@ def measure_one(method: str, family: str, dtype: str, base: str, resolution: int
 
     from ..config import load_config
     from ..resources import preset_path
-    from ..train.loop import Trainer
-    from .bench_train import run_iteration
+    from .bench_train import run_iteration, trainer_from_config
 
     torch.set_num_threads(2)
     after_import = _rss()
@@ -60,8 +59,7 @@ def measure_one(method: str, family: str, dtype: str, base: str, resolution: int
         f"model.path={base}", f"data.prompts={prompts}", f"model.dtype={dtype}", f"model.resolution={resolution}",
         *COMMON, *(s.format(family=family) for s in sets)])
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, out)
-        trainer.setup()
+        trainer = trainer_from_config(cfg, out)
         static = _rss()
         peak_build = _maxrss()
         run_iteration(trainer)

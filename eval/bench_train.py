@@ -167,6 +167,16 @@ def make_trainer(cfg: Config, model, data, out_dir, device):
     return trainer
 
 
+def trainer_from_config(cfg: Config, out_dir):
+    """The real Trainer built from the config's model.path and data, as `stepdistill train` builds it, not yet run
+    (the memory benchmark, eval/bench_memory.py, measures it on full-size folders)."""
+    from ..train.loop import Trainer
+
+    trainer = Trainer(cfg, out_dir)
+    trainer.setup()
+    return trainer
+
+
 def run_iteration(trainer) -> dict:
     """One student update plus its critic updates, advancing the step counter as Trainer.run does."""
     logs = trainer.iteration()

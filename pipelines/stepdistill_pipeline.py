@@ -95,6 +95,8 @@ class StepDistillPipeline(DiffusionPipeline):
             kwargs["timesteps"] = list(self.recipe["timesteps"])
         else:
             kwargs["num_inference_steps"] = self.recipe["num_inference_steps"]
+        for key, value in (self.recipe.get("size_conditioning") or {}).items():
+            kwargs[key] = tuple(value)  # SDXL: the original / target size and crop the student was trained with
         return kwargs
 
     def __call__(self, prompt=None, **kwargs):

@@ -71,6 +71,12 @@ def _toy_teacher(args):
     print(f"toy teacher written to {out}")
 
 
+def _toy_random_pipeline(args):
+    from .models.random_init import DTYPES_ON_DISK, save_random_pipeline
+
+    save_random_pipeline(args.out, args.family, DTYPES_ON_DISK[args.dtype], seed=args.seed)
+
+
 def _toy_judge(args):
     from .toy.judge import train_judge
 
@@ -151,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy reuses SD1.5-toy's)")
     tt.add_argument("--snapshot-every", type=int, default=0, help="also save the pipeline every N UNet steps")
     tt.set_defaults(func=_toy_teacher)
+    rp = toy.add_parser("random-pipeline", help="write a full-size pipeline folder of the released architecture with "
+                        "random weights (no download): for memory and end-to-end checks")
+    rp.add_argument("--family", required=True, choices=families)
+    rp.add_argument("--out", required=True)
+    rp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights on disk (default fp16)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=_toy_random_pipeline)
     tj = toy.add_parser("train-judge", help="retrain the toy judge")
     tj.add_argument("--out", required=True)
     tj.add_argument("--steps", type=int, default=None)

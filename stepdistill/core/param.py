@@ -33,3 +33,14 @@ def x0_eps_from_output(output, x_t, alpha, sigma, prediction_type: str):
     if prediction_type == "v_prediction":
         return x0_eps_from_v(x_t, output, alpha, sigma)
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def target_of(x0, eps, alpha, sigma, prediction_type: str):
+    """What a network of `prediction_type` regresses on (DDPM eq. 14 for eps; v for v_prediction; x0 for sample)."""
+    if prediction_type == "epsilon":
+        return eps.double()
+    if prediction_type == "sample":
+        return x0.double()
+    if prediction_type == "v_prediction":
+        return v_from_x0_eps(x0, eps, alpha, sigma)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")

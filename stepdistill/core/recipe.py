@@ -47,6 +47,9 @@ class Recipe:
     lora_alpha: float = 64.0
     training_steps: int = 0
     lora_scale: float = 1.0
+    # The family's size conditioning the student was trained with, as pipeline call arguments (SDXL: original_size,
+    # crops_coords_top_left, target_size); None for families without any.
+    size_conditioning: dict | None = None
     notes: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -125,6 +128,8 @@ class Recipe:
             kwargs["timesteps"] = list(self.timesteps)
         else:
             kwargs["num_inference_steps"] = self.num_inference_steps
+        for key, value in (self.size_conditioning or {}).items():
+            kwargs[key] = tuple(value)
         return kwargs
 
 

@@ -9,6 +9,16 @@ import torch
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose sqrt(alpha_bar) is shifted to 0 at t = T and rescaled to keep t = 1 (Lin et al. 2023, Alg. 1)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alphas_bar = root**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1.0 - alphas
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """alpha_bar over the teacher's training timesteps, kept in float64 on the CPU."""
@@ -39,8 +49,17 @@ class NoiseSchedule:
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
         else:
             raise ValueError(f"beta_schedule {kind!r} is not supported: use 'linear' or 'scaled_linear'")
+        prediction_type = config.get("prediction_type", "epsilon")
+        if config.get("rescale_betas_zero_snr", False):
+            if prediction_type == "epsilon":
+                raise ValueError(
+                    "scheduler config sets rescale_betas_zero_snr with prediction_type 'epsilon': at zero terminal "
+                    "SNR x0 = (x_t - sigma eps) / alpha divides by alpha_T = 0; use a v_prediction teacher "
+                    "(Lin et al. 2023 sec. 3.2) or set rescale_betas_zero_snr false"
+                )
+            betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        return cls(alphas_cumprod, config.get("prediction_type", "epsilon"))
+        return cls(alphas_cumprod, prediction_type)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -37,7 +37,7 @@ from ..core.solvers import (
 )
 from ..registry import register_method
 from .base import Batch, CriticHeadState, Event, ExportStage, LossOut, Nets, RunContext, trailing_ddim_recipe
-from .dmd import dm_loss, fake_score_loss, through_frozen_nets
+from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
 
 
 @dataclass
@@ -115,7 +115,7 @@ class UnifiedConfig(TSCDConfig):
     segments: list[int] = field(default_factory=lambda: [1])
     dm_weight: float = 1.0  # weight of the distribution-matching term against the consistency term (ours)
     dm_guidance_scale: float | None = None  # teacher CFG in the DM term; null = w ~ U[guidance_min, guidance_max]
-    dm_t_min: float = 0.02  # DM term: t ~ U[dm_t_min T, dm_t_max T) (DMD2's min/max_step_percent)
+    dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2's min/max_step_percent)
     dm_t_max: float = 0.98
     critic_updates_per_student_update: int = 1
     tcd_eta: float = 0.3  # recipe eta (gamma) of TCDScheduler; TCD's default; Hyper-SD's card shows 1.0
@@ -483,7 +483,7 @@ class UnifiedDistiller(ConsistencyDistiller):
         cfg, device = self.cfg, nets.device
         out = super().student_loss(nets, batch, step)
         x0 = self._one_step(nets, batch, grad=True)
-        t = batch.randint(int(cfg.dm_t_min * self.T), int(cfg.dm_t_max * self.T), device=device)
+        t = batch.randint(*dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T), device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         dm = dm_loss(x0, self._dm_teacher(nets, batch), nets.fake_score, batch.cond, self.schedule, t, eps)
         loss = out.loss + cfg.dm_weight * dm

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
 from ..core.io import atomic_write
+from ..core.param import target_of
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
@@ -48,7 +49,7 @@ class DMDConfig(MethodConfig):
     guidance_scale: float | None = None  # teacher CFG in the DM term; null = family default
     generator_loss: str = "dmd"  # dmd (DMD2) | sid (score identity distillation, SiD alpha form)
     sid_alpha: float = 1.2  # SiD's alpha (1.2 in SiD, 1.0 in SiD-LSG)
-    dm_t_min: float = 0.02  # DM term: t ~ U[dm_t_min T, dm_t_max T) (DMD2 min/max_step_percent)
+    dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2 min/max_step_percent)
     dm_t_max: float = 0.98
     critic_updates_per_student_update: int = 5  # DMD2 dfake_gen_update_ratio: 5 SDXL, 10 SD1.5
     gan: bool = False  # GAN head on the fake score's mid block; needs real latents (data.images)
@@ -125,9 +126,20 @@ def sid_generator_loss(x0, teacher, fake_score, cond, schedule, t, eps, alpha: f
 
 
 def fake_score_loss(fake_score, x0, cond, schedule, t, eps):
-    """Denoising score matching on detached student samples: |eps_fake(x_t, t) - eps|^2 per sample (DDPM eq. 14)."""
+    """Denoising score matching on detached student samples, on the teacher's own target per sample: |eps_fake -
+    eps|^2 for an eps teacher (DDPM eq. 14), |v_fake - v|^2 for a v-prediction one, so the fake score is trained
+    with the weighting its base network was (DMD2 regresses the fake UNet on the teacher's prediction type)."""
     x_t = schedule.add_noise(x0.detach(), eps, t)
-    return ((fake_score(x_t, t, cond).eps - eps.double()) ** 2).flatten(1).mean(1)
+    out = fake_score(x_t, t, cond)
+    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
+    kind = schedule.prediction_type
+    pred = target_of(out.x0, out.eps, alpha, sigma, kind)
+    return ((pred - target_of(x0.detach(), eps, alpha, sigma, kind)) ** 2).flatten(1).mean(1)
+
+
+def dm_timestep_bounds(t_min: float, t_max: float, T: int) -> tuple[int, int]:
+    """randint bounds of the DM term's t: [int(t_min T), int(t_max T)] inclusive, as DMD2 draws it ([20, 980])."""
+    return int(t_min * T), min(int(t_max * T) + 1, T)
 
 
 def regression_loss(x0, x0_target):
@@ -259,7 +271,7 @@ class DMDDistiller(CriticHeadState):
             # No samples for the critic: the pair batch's prompts are not the batch's, so it draws its own.
             return LossOut(loss, {"regression_loss": value, "loss": value})
         x0 = self._generate(nets, batch, grad=True)
-        t = batch.randint(int(cfg.dm_t_min * self.T), int(cfg.dm_t_max * self.T), device=device)
+        t = batch.randint(*dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T), device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         if cfg.generator_loss == "dmd":
             loss = dm_loss(x0, self._teacher(nets), nets.fake_score, batch.cond, self.schedule, t, eps)

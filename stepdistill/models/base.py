@@ -149,10 +149,27 @@ class FamilyModel:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    # The pixel size this model is used at when a run sets one (model.resolution); None = the native size.
+    _resolution: int | None = None
+
+    @property
+    def native_resolution(self) -> int:
+        """The UNet's training latent size times the VAE's downsampling."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     @property
     def resolution(self) -> int:
-        """Default pixel size: the UNet's training latent size times the VAE's downsampling."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        """Default pixel size of latents and size conditioning: the run's (train/build.py sets it), else native."""
+        return self._resolution or self.native_resolution
+
+    @resolution.setter
+    def resolution(self, value: int | None) -> None:
+        self._resolution = int(value) if value else None
+
+    def size_conditioning(self, resolution: int | None = None) -> dict | None:
+        """The pipeline call arguments that carry the size conditioning the denoiser got at `resolution` (None: the
+        family has none). A trained LoRA's recipe keeps them, so generation conditions as training did."""
+        return None
 
     def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
         resolution = resolution or self.resolution

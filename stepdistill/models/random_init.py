@@ -80,3 +80,77 @@ def build_family_model(family: str, tiny: bool, vae: str, device, dtype, seed: i
         autoencoder.to(memory_format=torch.channels_last)
     tokenizers = [tokenizer] * len(encoders)
     return family_cls(unet, autoencoder, encoders, tokenizers, family_cls.default_scheduler_config, path="random-init")
+
+
+DTYPES_ON_DISK = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _part_builders(family_cls, cfg: dict, tokenizer) -> list[tuple[str, object]]:
+    """(subfolder, zero-argument builder) of every weighted part, denoiser first (the largest)."""
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    prefix = family_cls.denoiser_prefix
+    builders = [(prefix, lambda: family_cls.denoiser_class(**cfg[prefix])),
+                ("vae", lambda: family_cls.vae_class(**cfg["vae"]))]
+    for encoder, _, encoder_class, _ in family_cls.text_parts:
+        model_class = library_class("transformers", encoder_class)
+        builders.append((encoder, lambda m=model_class, c={**ids, **cfg[encoder]}: m(m.config_class(**c))))
+    return builders
+
+
+def random_pipeline_bytes(family: str, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of weights save_random_pipeline writes (parts built on the meta device: no memory, no time)."""
+    family_cls = get_family(family)
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    total = 0
+    with torch.device("meta"):
+        for _, build in _part_builders(family_cls, model_configs(family, tiny=False), tokenizer):
+            total += sum(p.numel() for p in build().parameters())
+    return total * torch.empty((), dtype=dtype).element_size()
+
+
+def save_random_pipeline(out, family: str, dtype: torch.dtype = torch.float16, seed: int = 0, log=print):
+    """Write a complete diffusers pipeline folder of the family's released architecture (FamilyModel.full_configs)
+    with random weights, stored in `dtype`: what `from_pretrained` and `stepdistill train --set model.path=` load.
+
+    Parts are built, saved and freed one at a time, so the peak is the largest part in float32 (SDXL's UNet, 10 GB).
+    The tokenizer is the project's word-level CLIP tokenizer (models.tokenizer); prompts still pad to 77 tokens.
+    """
+    import shutil
+    from pathlib import Path
+
+    from ..errors import ModelFileError
+    from .tokenizer import save_word_tokenizer
+
+    family_cls = get_family(family)
+    out = Path(out)
+    need = random_pipeline_bytes(family, dtype)
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need * 1.05:
+        raise ModelFileError(f"not enough disk space at {existing}: a random {family} pipeline needs "
+                             f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free; free space or pass another --out")
+    cfg = model_configs(family, tiny=False)
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    builders = _part_builders(family_cls, cfg, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    # model_index.json from the pipeline class itself, built around meta-device parts (nothing allocated).
+    with torch.device("meta"):
+        parts = {name: build() for name, build in builders}
+    scheduler = library_class("diffusers", "EulerDiscreteScheduler").from_config(family_cls.default_scheduler_config)
+    tokenizers = {tok: tokenizer for _, tok, _, _ in family_cls.text_parts}
+    family_cls.pipeline_class(**parts, **tokenizers, scheduler=scheduler, **family_cls.pipeline_kwargs).save_config(out)
+    del parts
+    scheduler.save_pretrained(out / "scheduler")
+    for _, sub, _, _ in family_cls.text_parts:
+        save_word_tokenizer(out / sub, TINY_WORDS)
+    with torch.random.fork_rng(devices=[]):
+        for offset, (name, build) in enumerate(builders):
+            torch.manual_seed(seed + offset)
+            module = build().to(dtype)
+            count = sum(p.numel() for p in module.parameters())
+            log(f"{name}: {count / 1e6:,.1f} M parameters, writing {count * module.dtype.itemsize / 2**30:.2f} GiB")
+            module.save_pretrained(out / name, safe_serialization=True)
+            del module
+    log(f"random {family} pipeline written to {out}")
+    return out

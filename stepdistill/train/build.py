@@ -85,6 +85,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
 
     schedule = NoiseSchedule.from_scheduler_config(family.scheduler_config)
     resolution = cfg.model.resolution or family.resolution
+    family.resolution = resolution  # every cond (prompts, empty, samples) carries this size conditioning (SDXL)
     uncond = family.empty_cond(1)
     run_dtype = dtype if dtype != torch.float32 else None
     teacher = GuidedDenoiser(Denoiser(unet, schedule, None, run_dtype), uncond, Distiller.guidance_scale)

@@ -383,7 +383,8 @@ class Trainer:
             fields.update(recipe_overrides or {})
             Recipe(
                 base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
-                lora_rank=rank, lora_alpha=alpha, training_steps=step, **fields,
+                lora_rank=rank, lora_alpha=alpha, training_steps=step,
+                size_conditioning=b.family.size_conditioning(), **fields,
             ).save(tmp)
             write_model_card(tmp, run_dir=self.out, lora_ref=out)
             maybe_kill("export", step)

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import stepdistill.eval.generate as generation
 import torch
 from PIL import Image
 from stepdistill.eval.generate import MANIFEST, generate_images, read_manifest, student_generate_fn, teacher_generate_fn
 from stepdistill.eval.prompts import PromptRecord, load_prompts, shard
 
-import stepdistill.eval.generate as generation
 from stepdistill.models.tiny import TINY_PROMPTS, build_tiny_pipeline
 
 torch.set_num_threads(1)

@@ -37,6 +37,21 @@ def test_schedule_matches_diffusers(schedule):
     assert alpha.item() == 1.0 and sigma.item() == 0.0
 
 
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_zero_terminal_snr_matches_diffusers(beta_schedule):
+    from diffusers import DDPMScheduler
+
+    config = {**SD_SCHEDULER, "beta_schedule": beta_schedule, "rescale_betas_zero_snr": True,
+              "prediction_type": "v_prediction"}
+    ours = NoiseSchedule.from_scheduler_config(config)
+    ref = DDPMScheduler(**config).alphas_cumprod.double()
+    # diffusers computes in float32, we in float64: equal to float32 precision near alpha_bar ~ 1e-6
+    assert torch.allclose(ours.alphas_cumprod, ref, rtol=1e-4, atol=1e-9)
+    assert ours.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)  # zero SNR at t = T
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr.*v_prediction"):
+        NoiseSchedule.from_scheduler_config({**config, "prediction_type": "epsilon"})
+
+
 def test_unknown_prediction_type_is_rejected():
     with pytest.raises(ValueError, match="prediction_type"):
         NoiseSchedule(torch.ones(10), "score")

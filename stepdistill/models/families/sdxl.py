@@ -80,10 +80,18 @@ class SDXLModel(FamilyModel):
     def force_zeros_for_empty_prompt(self) -> bool:
         return bool(self.pipeline_config.get("force_zeros_for_empty_prompt", True))
 
+    def size_conditioning(self, resolution: int | None = None) -> dict:
+        """SDXL's micro-conditioning at `resolution` (default: the run's, FamilyModel.resolution), as the pipeline's
+        call arguments: an uncropped square image of that size generated at that size."""
+        size = int(resolution or self.resolution)
+        return {"original_size": [size, size], "crops_coords_top_left": [0, 0], "target_size": [size, size]}
+
     def time_ids(self, n: int, resolution: int | None = None, dtype=None) -> torch.Tensor:
-        """SDXL micro-conditioning (original H, W, crop top, left, target H, W) = (H, W, 0, 0, H, W), per sample."""
-        size = resolution or self.resolution
-        ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype or self.text_encoders[1].dtype)
+        """(original H, W, crop top, left, target H, W) per sample, in the order the pipeline's _get_add_time_ids
+        concatenates size_conditioning's three pairs."""
+        size = self.size_conditioning(resolution)
+        row = [*size["original_size"], *size["crops_coords_top_left"], *size["target_size"]]
+        ids = torch.tensor([row], dtype=dtype or self.text_encoders[1].dtype)
         return ids.repeat(n, 1).to(self.text_encoders[1].device)
 
     @torch.no_grad()

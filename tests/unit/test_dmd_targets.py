@@ -1,0 +1,66 @@
+"""dmd's fake score regresses on the teacher's own target (eps or v), and its DM term draws t from DMD2's inclusive
+range [20, 980]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepdistill.core.denoiser import Cond, DenoiserOut
+from stepdistill.core.param import v_from_x0_eps, x0_eps_from_output
+from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.methods.base import Batch, Nets
+from stepdistill.methods.dmd import DMDConfig, DMDDistiller, dm_timestep_bounds, fake_score_loss
+
+SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+class RawNet:
+    """A denoiser whose network output (eps, v or x0 by the schedule's prediction type) is a fixed tensor."""
+
+    def __init__(self, schedule, output):
+        self.schedule, self.output = schedule, output
+
+    def __call__(self, x_t, t, cond, guidance_scale=None):
+        alpha, sigma = self.schedule.alpha_sigma(t, x_t.ndim)
+        return DenoiserOut(*x0_eps_from_output(self.output, x_t, alpha, sigma, self.schedule.prediction_type))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fake_score_regresses_the_teachers_own_target(prediction_type):
+    schedule = NoiseSchedule.from_scheduler_config({**SD, "prediction_type": prediction_type})
+    g = torch.Generator().manual_seed(0)
+    x0, eps, output = (torch.randn(3, 4, 2, 2, generator=g) for _ in range(3))
+    t = torch.tensor([10, 500, 990])
+    loss = fake_score_loss(RawNet(schedule, output), x0, None, schedule, t, eps)
+    alpha, sigma = schedule.alpha_sigma(t)
+    target = eps.double() if prediction_type == "epsilon" else v_from_x0_eps(x0, eps, alpha, sigma)
+    expected = ((output.double() - target) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected)
+    if prediction_type == "v_prediction":
+        # not the eps loss under another name: at t = 990 the two differ by a factor of about 1 / alpha_t^2
+        eps_loss = ((RawNet(schedule, output)(schedule.add_noise(x0, eps, t), t, None).eps - eps.double()) ** 2)
+        assert not torch.allclose(eps_loss.flatten(1).mean(1), expected)
+
+
+def test_dm_timestep_bounds_include_the_upper_end():
+    assert dm_timestep_bounds(0.02, 0.98, 1000) == (20, 981)  # DMD2: randint(min_step, max_step + 1)
+    assert dm_timestep_bounds(0.0, 1.0, 1000) == (0, 1000)  # never past the last timestep
+
+
+def test_dmd_student_loss_draws_t_up_to_980(monkeypatch):
+    schedule = NoiseSchedule.from_scheduler_config(SD)
+    distiller = DMDDistiller(DMDConfig(timesteps=[999], guidance_scale=1.0), schedule)
+    net = RawNet(schedule, torch.zeros(1, 4, 2, 2))
+    nets = Nets(unet=None, schedule=schedule, teacher=net, student=net, fake_score=net)
+    cond = Cond(torch.zeros(1, 3, 8))
+    drawn = []
+    original = Batch.randint
+
+    def recording(self, low, high, device=None):
+        drawn.append((low, high))
+        return original(self, low, high, device)
+
+    monkeypatch.setattr(Batch, "randint", recording)
+    distiller.student_loss(nets, Batch(cond, cond, ["p"], (1, 4, 2, 2)), step=0)
+    assert (20, 981) in drawn

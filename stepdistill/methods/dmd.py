@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
+from ..core.flow import dm_gradient
 from ..core.io import atomic_write
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
@@ -83,11 +84,9 @@ class DMDConfig(MethodConfig):
 
 # ---- the maths, for any denoiser callables ------------------------------------------------------------------
 
-def dmd_gradient(x0, x0_teacher, x0_fake):
-    """DMD's gradient with its eq. 8 normaliser: g = (x0_fake - x0_teacher) / mean|x0 - x0_teacher| per sample."""
-    weight = (x0 - x0_teacher).abs().flatten(1).mean(1).clamp(min=1e-12)
-    grad = (x0_fake - x0_teacher) / weight.reshape(-1, *([1] * (x0.ndim - 1)))
-    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+# DMD's gradient with its eq. 8 normaliser, (x0_fake - x0_teacher) / mean|x0 - x0_teacher| per sample: one
+# implementation for DDPM and flow teachers alike, in core.
+dmd_gradient = dm_gradient
 
 
 def dm_surrogate_loss(x0, grad):

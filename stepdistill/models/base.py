@@ -99,6 +99,9 @@ class FamilyModel:
     # What the denoiser can predict: a DDPM family is one of eps / v / x0 (its scheduler config says which);
     # a flow family predicts a rectified-flow velocity ("flow"). Methods declare the ones they support.
     parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+    # Whether core.attention's processors (model.attention) fit the denoiser; a joint-attention transformer keeps
+    # diffusers' own.
+    attention_backends: ClassVar[bool] = True
     # LoRA target presets by name (lora.targets); {} = the UNet presets of core.lora.LORA_TARGETS.
     lora_target_presets: ClassVar[dict[str, list[str]]] = {}
 

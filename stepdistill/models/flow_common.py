@@ -66,6 +66,7 @@ class FlowFamily(FamilyModel):
     """A rectified-flow transformer teacher: velocity prediction, sigma-valued timesteps, a 16-channel VAE."""
 
     parameterisations: ClassVar[tuple[str, ...]] = ("flow",)
+    attention_backends: ClassVar[bool] = False
     denoiser_class_name = "SD3Transformer2DModel"
     # What the transformer is told at sigma (core.flow.network_timestep): SD3 1000 sigma, FLUX sigma.
     timestep_scale: ClassVar[float] = 1000.0

@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
 from ..core.dist import Dist
 from ..core.lora import add_adapter
@@ -61,7 +61,11 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     family = model or load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
     unet = family.unet
     unet.requires_grad_(False)
-    _set_attention(unet, cfg.model.attention, device)
+    if family.attention_backends:
+        _set_attention(unet, cfg.model.attention, device)
+    elif cfg.model.attention not in ("auto", "sdpa"):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: the {family.name} transformer keeps diffusers' own "
+                          "attention processors (joint text-image attention); set model.attention=auto")
     if cfg.model.channels_last:
         # Base weights only: that is where the convolution FLOPs are; LoRA convolutions are rank-thin.
         unet.to(memory_format=torch.channels_last)

@@ -16,8 +16,11 @@ from ..sd_common import CLIP_L
 FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                  axes_dims_rope=(16, 56, 56))
-# Single-stream blocks: fused attention projections plus the parallel MLP in, one projection out.
-SINGLE = ["proj_mlp", "proj_out"]
+# Single-stream blocks: attention projections (caught by MMDIT_ATTN) plus the parallel MLP in. Their output projection
+# is `proj_out`, a name the transformer's final layer shares: a suffix cannot take one without the other, and diffusers'
+# kohya converter drops the final layer's keys (its converted keys lack the `transformer.` prefix), so neither is a
+# default target.
+SINGLE = ["proj_mlp"]
 
 # kohya / ComfyUI (BFL) names of the double-stream block parts, and the fused q|k|v groups, by diffusers module.
 _DOUBLE = {"attn.to_out.0": "img_attn_proj", "ff.net.0.proj": "img_mlp_0", "ff.net.2": "img_mlp_2",
@@ -58,6 +61,7 @@ class FluxModel(FlowFamily):
         ("text_encoder_2", "tokenizer_2", "T5EncoderModel", "T5TokenizerFast"),
     )
     denoiser_prefix = "transformer"
+    hub_tag = "flux"
     denoiser_class_name = "FluxTransformer2DModel"
     default_resolution = 1024
     default_scheduler_config = FLUX_SCHEDULER_CONFIG

@@ -33,6 +33,7 @@ class SD3Model(FlowFamily):
         ("text_encoder_3", "tokenizer_3", "T5EncoderModel", "T5TokenizerFast"),
     )
     denoiser_prefix = "transformer"
+    hub_tag = "stable-diffusion-3"
     denoiser_class_name = "SD3Transformer2DModel"
     default_resolution = 1024
     default_scheduler_config = SD3_SCHEDULER_CONFIG

@@ -166,3 +166,26 @@ def test_methods_that_cannot_distil_a_flow_teacher_refuse_in_one_line(method, se
     assert "\n" not in str(err.value)
     for ok in ("dmd", "tscd"):
         get_method(ok).distiller_cls.check_parameterisation(get_method(ok).config_cls(), "flow", _families_with)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_prompt_encoding_equals_the_pipelines_encode_prompt(request, family):
+    from stepdistill.models import load_family
+    from stepdistill.models.tiny import TINY_PROMPTS
+
+    model = load_family(request.getfixturevalue(f"tiny_{family}_dir"))
+    pipe = model.pipeline()
+    cond = model.encode_prompts(TINY_PROMPTS[:3])
+    if family == "sd3":
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(TINY_PROMPTS[:3], None, None)
+        empty = model.empty_cond(3)
+        torch.testing.assert_close(empty.encoder_hidden_states, negative, rtol=0, atol=1e-6)
+        torch.testing.assert_close(empty.added_cond_kwargs["pooled_projections"], negative_pooled, rtol=0, atol=1e-6)
+    else:
+        embeds, pooled, _ = pipe.encode_prompt(TINY_PROMPTS[:3], None)
+    assert torch.equal(cond.encoder_hidden_states, embeds)
+    assert torch.equal(cond.added_cond_kwargs["pooled_projections"], pooled)
+    # The schedule the methods see: sigma_t = the scheduler's shifted training sigma, alpha = 1 - sigma.
+    schedule = model.noise_schedule()
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([999, 499, -1]))
+    assert sigma.flatten()[0] == 1.0 and sigma.flatten()[-1] == 0.0 and torch.equal(alpha + sigma, torch.ones_like(alpha))

@@ -102,7 +102,7 @@ def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[in
         if steps is not None and steps != len(recipe["sigmas"]):
             raise ValueError(f"the recipe fixes its sigmas {recipe['sigmas']}: sample with steps=None")
         # sigma_t = shift((t + 1) / T): core.flow.FlowSchedule.unshifted_sigmas read backwards.
-        return [int(round(u * T)) - 1 for u in recipe["sigmas"]]
+        return [round(u * T) - 1 for u in recipe["sigmas"]]
     n = steps or recipe["num_inference_steps"]
     if name == "DDIMScheduler":
         if config.get("timestep_spacing") != "trailing":

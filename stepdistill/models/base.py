@@ -149,7 +149,7 @@ class FamilyModel:
     @classmethod
     def tiny_pipeline(cls, seed: int, words, sample_size: int, arch: dict | None, model_max_length: int = 77):
         """A tiny random-init pipeline when the family builds its own; None: models.tiny builds it generically."""
-        return None
+        return
 
     @classmethod
     def kohya_tensors(cls, state: dict, rank: int, alpha: float, dtype=None) -> dict | None:

@@ -53,13 +53,13 @@ MMDIT_ATTN = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "a
 MMDIT_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 # T5-XXL v1.1 (google/t5-v1_1-xxl, the encoder SD3 and FLUX.1 ship): 4.7 B parameters.
-T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
-              vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-              dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "feed_forward_proj": "gated-gelu",
+              "vocab_size": 32128, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+              "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 # The 16-channel VAE of SD3 and FLUX.1 (their configs differ only in scaling and shift factors).
-FLOW_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                act_fn="silu", use_quant_conv=False, use_post_quant_conv=False, sample_size=1024)
+FLOW_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 16, "norm_num_groups": 32,
+                "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+                "act_fn": "silu", "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024}
 
 
 class FlowFamily(FamilyModel):

@@ -30,7 +30,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .flow_common import DEFAULT_ARCH, FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG  # noqa: F401  (re-exported)
+from .flow_common import DEFAULT_ARCH, FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
 from .tokenizer import TINY_WORDS, build_word_tokenizer, save_word_tokenizer
 
 # T5's SentencePiece marks a word start with this character.

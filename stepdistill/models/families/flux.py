@@ -13,9 +13,9 @@ from ..registry import register_family
 from ..sd_common import CLIP_L
 
 # FLUX.1-dev's transformer (11.9 B): 19 double-stream and 38 single-stream blocks, guidance embedding.
-FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                 axes_dims_rope=(16, 56, 56))
+FLUX1_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+                 "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+                 "axes_dims_rope": (16, 56, 56)}
 # Single-stream blocks: attention projections (caught by MMDIT_ATTN) plus the parallel MLP in. Their output projection
 # is `proj_out`, a name the transformer's final layer shares: a suffix cannot take one without the other, and diffusers'
 # kohya converter drops the final layer's keys (its converted keys lack the `transformer.` prefix), so neither is a
@@ -55,8 +55,8 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
 class FluxModel(FlowFamily):
     name = "flux"
     pipeline_class_name = "FluxPipeline"
-    pipeline_kwargs = dict(image_encoder=None, feature_extractor=None)
-    text_parts = (
+    pipeline_kwargs: ClassVar = {"image_encoder": None, "feature_extractor": None}
+    text_parts: ClassVar = (
         ("text_encoder", "tokenizer", "CLIPTextModel", "CLIPTokenizer"),
         ("text_encoder_2", "tokenizer_2", "T5EncoderModel", "T5TokenizerFast"),
     )
@@ -64,12 +64,12 @@ class FluxModel(FlowFamily):
     hub_tag = "flux"
     denoiser_class_name = "FluxTransformer2DModel"
     default_resolution = 1024
-    default_scheduler_config = FLUX_SCHEDULER_CONFIG
+    default_scheduler_config: ClassVar = FLUX_SCHEDULER_CONFIG
     timestep_scale = 1.0  # FluxPipeline tells the transformer sigma; it multiplies by 1000 inside
     token_patch = 2  # 2x2 packing
     t5_max_length = 512
-    tiny_arch = DEFAULT_ARCH["flux"]
-    full_configs = {
+    tiny_arch: ClassVar = DEFAULT_ARCH["flux"]
+    full_configs: ClassVar = {
         "transformer": FLUX1_DEV,
         "vae": dict(FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159),
         "text_encoder": CLIP_L,
@@ -78,8 +78,8 @@ class FluxModel(FlowFamily):
     bench_batch = 1
     dmd2_critic_ratio = 5
     # dev is guidance-distilled: the real score is one pass at the embedded guidance (below), no CFG (scale 1).
-    method_defaults = {"dmd": {"timesteps": [999], "guidance_scale": 1.0}}
-    lora_target_presets = {"attn": MMDIT_ATTN, "full": MMDIT_ATTN + MMDIT_FF + SINGLE}
+    method_defaults: ClassVar = {"dmd": {"timesteps": [999], "guidance_scale": 1.0}}
+    lora_target_presets: ClassVar = {"attn": MMDIT_ATTN, "full": MMDIT_ATTN + MMDIT_FF + SINGLE}
     # The guidance value FLUX.1-dev's guidance embedding gets, in every pass (teacher, student, fake score) and in the
     # exported recipe (FluxPipeline's guidance_scale); its pipeline's default is 3.5.
     default_embedded_guidance: ClassVar[float] = 3.5

@@ -52,12 +52,19 @@ def base_license(base: str) -> str | None:
     return str(value) if value else None
 
 
+def _family_tag(family: str) -> str:
+    """The Hub tag of the base's family: the family module's `hub_tag` (FAMILY_TAGS kept for older callers)."""
+    from .models.registry import get_family
+
+    return FAMILY_TAGS.get(family) or getattr(get_family(family), "hub_tag", "") or family
+
+
 def front_matter(recipe: Recipe) -> dict:
     meta = {
         "base_model": recipe.base_model,
         "library_name": "diffusers",
         "pipeline_tag": "text-to-image",
-        "tags": ["lora", "text-to-image", "stepdistill", recipe.method, "diffusers", FAMILY_TAGS[recipe.family]],
+        "tags": ["lora", "text-to-image", "stepdistill", recipe.method, "diffusers", _family_tag(recipe.family)],
     }
     license_ = base_license(recipe.base_model)
     if license_:
@@ -81,6 +88,7 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
     """Python that loads base + LoRA with the recipe's sampler and makes one image (`image`)."""
     scheduler_args = "".join(f", {k}={v!r}" for k, v in recipe.scheduler_config.items())
     steps = (f"timesteps={recipe.timesteps!r}" if recipe.timesteps is not None
+             else f"sigmas={recipe.sigmas!r}" if recipe.sigmas is not None
              else f"num_inference_steps={recipe.num_inference_steps}")
     imports = ["DiffusionPipeline", recipe.scheduler_class] + (["UNet2DConditionModel"] if kind == "merged" else [])
     lines = [
@@ -107,7 +115,7 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
         f"    {prompt!r},",
         f"    {steps},",
         f"    guidance_scale={recipe.guidance_scale!r},",
-        f"    eta={recipe.eta!r},",
+        *([] if recipe.sigmas is not None else [f"    eta={recipe.eta!r},"]),  # flow pipelines take no eta
         f'    generator=torch.Generator("cpu").manual_seed({seed}),',
         ").images[0]",
         'image.save("stepdistill.png")',
@@ -154,7 +162,8 @@ def metrics_section(metrics: dict) -> str:
 
 
 def recipe_section(recipe: Recipe) -> str:
-    steps = f"timesteps {recipe.timesteps}" if recipe.timesteps is not None else f"{recipe.num_inference_steps} steps"
+    steps = (f"timesteps {recipe.timesteps}" if recipe.timesteps is not None
+             else f"sigmas {recipe.sigmas}" if recipe.sigmas is not None else f"{recipe.num_inference_steps} steps")
     return (
         "## Sampling recipe\n\n"
         f"`{recipe.scheduler_class}` ({json.dumps(recipe.scheduler_config)}), {steps}, guidance scale "

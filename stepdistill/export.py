@@ -114,16 +114,26 @@ def kohya_module_name(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def save_kohya_lora(state: dict[str, torch.Tensor], path, rank: int, alpha: float,
-                    dtype: torch.dtype | None = None) -> Path:
-    """One kohya file: `lora_unet_<module>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` for every module."""
-    _check_state(state, rank, None)
+def kohya_unet_tensors(state: dict[str, torch.Tensor], rank: int, alpha: float,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """UNet kohya layout: `lora_unet_<module>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` per module."""
     tensors = {}
     for module in lora_modules(state):
         name = kohya_module_name(module)
         tensors[f"{name}.lora_down.weight"] = _cast(state[f"{module}.lora_A.weight"], dtype)
         tensors[f"{name}.lora_up.weight"] = _cast(state[f"{module}.lora_B.weight"], dtype)
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+    return tensors
+
+
+def save_kohya_lora(state: dict[str, torch.Tensor], path, rank: int, alpha: float,
+                    dtype: torch.dtype | None = None, layout=None) -> Path:
+    """One kohya file, in `layout(state, rank, alpha, dtype)`'s key layout (a family's kohya_tensors; default the UNet
+    layout `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha` for every module)."""
+    _check_state(state, rank, None)
+    tensors = (layout or kohya_unet_tensors)(state, rank, alpha, dtype)
+    if tensors is None:
+        raise ValueError("this model family's pipeline loads no kohya-format LoRA: export the diffusers format")
     metadata = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha))}
     return _save_safetensors(tensors, Path(path), metadata)
 
@@ -181,7 +191,7 @@ def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: tor
     if fmt == "diffusers":
         save_diffusers_lora(state, out_dir, rank, alpha, dtype=dtype, prefix=family.denoiser_prefix)
     elif fmt == "kohya":
-        save_kohya_lora(state, out_dir / KOHYA_WEIGHT_NAME, rank, alpha, dtype=dtype)
+        save_kohya_lora(state, out_dir / KOHYA_WEIGHT_NAME, rank, alpha, dtype=dtype, layout=family.kohya_tensors)
     else:
         prefix = family.denoiser_prefix
         unet = family.denoiser_class.from_pretrained(base or recipe.base_model, subfolder=prefix, **dtype_kwargs(dtype))

@@ -104,23 +104,36 @@ def checkpoint_under_adapter(module, *args):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
-class Denoiser:
-    """D(x_t, t, cond) -> (x0, eps) for a UNet under a named adapter (None = teacher, the frozen base)."""
+def unet_call(unet, x_t, timestep, cond: Cond) -> torch.Tensor:
+    """A diffusers UNet2DConditionModel's output at (x_t, timestep, cond): the default network call."""
+    return unet(x_t, timestep, encoder_hidden_states=cond.encoder_hidden_states,
+                added_cond_kwargs=cond.added_cond_kwargs, return_dict=False)[0]
 
-    def __init__(self, unet, schedule: NoiseSchedule, adapter: str | None = None, dtype=None):
+
+class Denoiser:
+    """D(x_t, t, cond) -> (x0, eps) for a denoising network under a named adapter (None = teacher, the frozen base).
+
+    `call(net, x_t, timestep, cond)` runs the network on inputs already in its dtype and returns its output in x_t's
+    layout: unet_call by default; a model family supplies its own (a transformer's pooled projections, packing,
+    position ids, embedded guidance). `timestep` is what the schedule says the network is told
+    (schedule.network_timestep: the integer t, or a flow teacher's scaled sigma).
+    """
+
+    def __init__(self, unet, schedule: NoiseSchedule, adapter: str | None = None, dtype=None, call=None):
         self.unet, self.schedule, self.adapter = unet, schedule, adapter
         self.dtype = dtype  # autocast / input dtype of the network; None = the network's own
+        self.call = call or unet_call
 
     def raw(self, x_t, t, cond: Cond) -> torch.Tensor:
-        """The network's own output (eps, v or x0 by prediction_type)."""
+        """The network's own output (eps, v, x0 or flow velocity by prediction_type)."""
         dtype = self.dtype or next(self.unet.parameters()).dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        timestep = self.schedule.network_timestep(t)
+        if timestep.is_floating_point():
+            timestep = timestep.to(x_t.device, dtype)
         cond = cond.to(x_t.device, dtype)
         with active_adapter(self.unet, self.adapter):
-            out = self.unet(
-                x_t.to(dtype), t, encoder_hidden_states=cond.encoder_hidden_states,
-                added_cond_kwargs=cond.added_cond_kwargs, return_dict=False,
-            )[0]
+            out = self.call(self.unet, x_t.to(dtype), timestep, cond)
         return out
 
     def __call__(self, x_t, t, cond: Cond) -> DenoiserOut:

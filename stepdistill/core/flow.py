@@ -182,7 +182,10 @@ def flow_matching_loss(v_pred, x0, eps):
 
 
 def dm_gradient(x0, x0_real, x0_fake):
-    """DMD's gradient with its eq. 8 normaliser: g = (x0_fake - x0_real) / mean|x0 - x0_real| per sample."""
+    """DMD's gradient with its eq. 8 normaliser: g = (x0_fake - x0_real) / mean|x0 - x0_real| per sample.
+
+    The one implementation: methods.dmd.dmd_gradient is this function. Non-finite entries become 0.
+    """
     x0, x0_real, x0_fake = x0.double(), x0_real.double(), x0_fake.double()
     weight = (x0 - x0_real).abs().flatten(1).mean(1).clamp(min=1e-12)
     grad = (x0_fake - x0_real) / weight.reshape(-1, *([1] * (x0.ndim - 1)))
@@ -192,3 +195,61 @@ def dm_gradient(x0, x0_real, x0_fake):
 def dm_gradient_from_v(x0, x_t, sigma, v_real, v_fake):
     """DMD's gradient for flow teachers: both velocities read as x0 = x_t - sigma v, then dm_gradient."""
     return dm_gradient(x0, x0_from_v(x_t, v_real, sigma), x0_from_v(x_t, v_fake, sigma))
+
+
+# --- the schedule the methods see ------------------------------------------------------------------------------
+
+class FlowSchedule:
+    """A flow teacher seen through NoiseSchedule's interface: integer t in [0, T), t = -1 clean data.
+
+    sigma_t = the teacher's shifted sigma of (t + 1) / T (FlowMatchEulerDiscreteScheduler's training table: t = T - 1
+    is pure noise, sigma = 1) and alpha_t = 1 - sigma_t, so x_t = alpha_t x0 + sigma_t eps is the flow interpolation
+    and a DDIM step in (x0, eps) is an exact Euler step. A pipeline handed the unshifted sigmas (t + 1) / T (see
+    `unshifted_sigmas`) visits exactly these sigma_t.
+    """
+
+    prediction_type = "flow"
+
+    def __init__(self, sigmas: torch.Tensor, timestep_scale: float = 1000.0):
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)  # sigmas[t], ascending in t
+        self.timestep_scale = float(timestep_scale)
+
+    @classmethod
+    def from_scheduler_config(cls, config, mu: float | None = None, timestep_scale: float = 1000.0) -> FlowSchedule:
+        """The training table of FlowMatchEulerDiscreteScheduler(**config), shifted as set_timesteps shifts at `mu`."""
+        config = dict(config)
+        if config.get("shift_terminal"):
+            raise ValueError("shift_terminal is not supported for distillation: remove it from the scheduler config")
+        T = int(config.get("num_train_timesteps", 1000))
+        unshifted = torch.arange(1, T + 1, dtype=torch.float64).numpy() / T
+        sigmas = scheduler_sigmas(T, {k: v for k, v in config.items() if k != "stochastic_sampling"}, mu,
+                                  sigmas=unshifted)[:-1]
+        return cls(sigmas, timestep_scale)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.sigmas.numel()
+
+    def sigma(self, t) -> torch.Tensor:
+        """sigma_t per sample (float64, flat); 0 for t = -1."""
+        t = torch.as_tensor(t).reshape(-1).long()
+        s = self.sigmas.to(t.device)[t.clamp(min=0)]
+        return torch.where(t < 0, torch.zeros_like(s), s)
+
+    def alpha_sigma(self, t, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - sigma_t, sigma_t), float64, shaped to broadcast over x."""
+        sigma = self.sigma(t).reshape((-1,) + (1,) * (ndim - 1))
+        return 1.0 - sigma, sigma
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """x_t = (1 - sigma_t) x0 + sigma_t eps (rectified flow)."""
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return (alpha.to(x0.device) * x0.double() + sigma.to(x0.device) * eps.double()).to(x0.dtype)
+
+    def network_timestep(self, t) -> torch.Tensor:
+        """What the transformer is told at t: sigma_t * timestep_scale (SD3: 1000; FLUX: 1, it scales inside)."""
+        return network_timestep(self.sigma(t), self.timestep_scale)
+
+    def unshifted_sigmas(self, timesteps) -> list[float]:
+        """The `sigmas=` a diffusers flow pipeline must get to visit sigma_t at these t: (t + 1) / T, before its shift."""
+        return [(int(t) + 1) / self.num_train_timesteps for t in timesteps]

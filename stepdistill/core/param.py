@@ -32,6 +32,10 @@ def x0_eps_from_output(output, x_t, alpha, sigma, prediction_type: str):
         return output.double(), eps_from_x0(x_t, output, alpha, sigma)
     if prediction_type == "v_prediction":
         return x0_eps_from_v(x_t, output, alpha, sigma)
+    if prediction_type == "flow":
+        # Rectified-flow velocity v = eps - x0 (alpha = 1 - sigma): x0 = x_t - sigma v, eps = x_t + alpha v.
+        x_t, output = x_t.double(), output.double()
+        return x_t - sigma * output, x_t + alpha * output
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 

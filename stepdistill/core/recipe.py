@@ -40,6 +40,9 @@ class Recipe:
     scheduler_class: str = "DDIMScheduler"
     scheduler_config: dict = field(default_factory=dict)  # overrides of the base model's scheduler config
     timesteps: list[int] | None = None  # explicit timesteps; when set, they fix num_inference_steps
+    # Flow pipelines (StableDiffusion3Pipeline, FluxPipeline): the `sigmas=` they get, before their scheduler's shift;
+    # when set, they fix num_inference_steps. Written only when set, so DDPM recipes keep their old keys.
+    sigmas: list[float] | None = None
     num_inference_steps: int = 4
     guidance_scale: float = 1.0  # diffusers' convention: <= 1 runs without CFG
     eta: float = 0.0
@@ -63,12 +66,22 @@ class Recipe:
             if not self.timesteps:
                 raise ValueError("recipe timesteps is an empty list: give the timesteps or null")
             self.num_inference_steps = len(self.timesteps)
+        if self.sigmas is not None:
+            if self.timesteps is not None:
+                raise ValueError("a recipe gives timesteps or sigmas, not both")
+            self.sigmas = [float(x) for x in self.sigmas]
+            if not self.sigmas or not all(0 < x <= 1 for x in self.sigmas):
+                raise ValueError(f"recipe sigmas must be a non-empty list in (0, 1], got {self.sigmas}")
+            self.num_inference_steps = len(self.sigmas)
         if self.num_inference_steps < 1:
             raise ValueError(f"recipe num_inference_steps must be >= 1, got {self.num_inference_steps}")
         scheduler_class(self.scheduler_class)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["sigmas"] is None:
+            del data["sigmas"]
+        return data
 
     def save(self, directory) -> Path:
         """Write DIR/stepdistill.json atomically (a crash leaves the old file or the new one, never half)."""
@@ -117,6 +130,12 @@ class Recipe:
 
     def call_kwargs(self, scheduler=None) -> dict:
         """Keyword arguments of a diffusers text-to-image call: steps or timesteps, guidance, eta."""
+        if self.sigmas is not None:
+            # Flow pipelines take sigmas (they shift them as in training) and no eta.
+            if self.eta:
+                raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")
+            return {"guidance_scale": self.guidance_scale, "sigmas": list(self.sigmas),
+                    "num_inference_steps": self.num_inference_steps}
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
         if self.timesteps is not None:
             if scheduler is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:

@@ -1,7 +1,8 @@
 """Training-time samplers that visit exactly the steps a diffusers scheduler would, so a student can be checked
 against the exported pipeline: LCMScheduler (consistency multistep, fresh noise between steps),
 DDIMScheduler (deterministic, eta = 0) and TCDScheduler (strategic stochastic sampling), and `recipe_sample`,
-which runs whichever of them an inference recipe (stepdistill.json) names."""
+which runs whichever of them an inference recipe (stepdistill.json) names; on a flow schedule, DDIM is
+FlowMatchEulerDiscreteScheduler's Euler (a recipe with `sigmas`)."""
 
 from __future__ import annotations
 
@@ -94,8 +95,15 @@ def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[in
         if steps is not None and steps != len(recipe["timesteps"]):
             raise ValueError(f"the recipe fixes its timesteps {recipe['timesteps']}: sample with steps=None")
         return [int(t) for t in recipe["timesteps"]]
-    n = steps or recipe["num_inference_steps"]
     name = recipe["scheduler_class"]
+    if recipe.get("sigmas"):
+        if name != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"a recipe with sigmas samples with FlowMatchEulerDiscreteScheduler, not {name}")
+        if steps is not None and steps != len(recipe["sigmas"]):
+            raise ValueError(f"the recipe fixes its sigmas {recipe['sigmas']}: sample with steps=None")
+        # sigma_t = shift((t + 1) / T): core.flow.FlowSchedule.unshifted_sigmas read backwards.
+        return [round(u * T) - 1 for u in recipe["sigmas"]]
+    n = steps or recipe["num_inference_steps"]
     if name == "DDIMScheduler":
         if config.get("timestep_spacing") != "trailing":
             raise ValueError("the training-time DDIM sampler follows timestep_spacing='trailing' only: put it in the "
@@ -114,6 +122,11 @@ def recipe_sample(denoiser, x_T, cond, schedule, recipe, generator=None, steps: 
     timesteps = recipe_timesteps(recipe, steps, T)
     config = recipe.get("scheduler_config") or {}
     name = recipe["scheduler_class"]
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if config.get("stochastic_sampling"):
+            raise ValueError("no training-time sampler for stochastic_sampling: use deterministic Euler")
+        # On a flow schedule (alpha = 1 - sigma) a DDIM step in (x0, eps) is exactly the scheduler's Euler step.
+        return ddim_sample(denoiser, x_T, timesteps, cond, schedule, final_t=-1)
     if name == "DDIMScheduler":
         final_t = -1 if config.get("set_alpha_to_one", True) else 0
         return ddim_sample(denoiser, x_T, timesteps, cond, schedule, final_t, step_ratio=T // len(timesteps))

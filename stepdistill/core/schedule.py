@@ -76,6 +76,10 @@ class NoiseSchedule:
         shape = (-1,) + (1,) * (ndim - 1)
         return abar.sqrt().reshape(shape), (1.0 - abar).sqrt().reshape(shape)
 
+    def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is told at t: the integer timestep itself (a flow schedule tells a scaled sigma)."""
+        return t
+
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t eps (DDPM eq. 4)."""
         alpha, sigma = self.alpha_sigma(t, x0.ndim)

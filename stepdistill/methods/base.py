@@ -135,6 +135,22 @@ def trailing_ddim_recipe(steps: int) -> dict:
     }
 
 
+def flow_euler_recipe(schedule, timesteps, family=None) -> dict:
+    """Sampler fields of a recipe for a flow teacher: FlowMatchEulerDiscreteScheduler (deterministic Euler) handed the
+    unshifted sigmas of the student's timesteps, so the pipeline's shift lands on exactly the trained sigmas; guidance
+    is the family's (0: CFG baked in; FLUX-dev: its embedded guidance value)."""
+    return {
+        "scheduler_class": "FlowMatchEulerDiscreteScheduler", "scheduler_config": {},
+        "sigmas": schedule.unshifted_sigmas(timesteps), "timesteps": None, "num_inference_steps": len(timesteps),
+        "guidance_scale": family.recipe_guidance_scale() if family is not None else 0.0, "eta": 0.0,
+    }
+
+
+def is_flow(schedule) -> bool:
+    """A rectified-flow teacher (alpha = 1 - sigma, velocity prediction)."""
+    return schedule.prediction_type == "flow"
+
+
 class Distiller:
     """Base class of every method: what the builder and the loop use, with defaults.
 
@@ -158,6 +174,24 @@ class Distiller:
     guidance_scale: float = 1.0
     # Critic updates per student update (DMD2's two-time-scale rule); the loop runs that many critic phases.
     critic_updates: int = 1
+    # Teacher parameterisations the method can distil: DDPM eps / v / x0 and, where declared, rectified flow ("flow").
+    parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+
+    @classmethod
+    def check_parameterisation(cls, cfg, parameterisation: str, families_with=None) -> None:
+        """Raise ConfigError (one line) when this method, so configured, cannot distil a `parameterisation` teacher.
+
+        families_with(parameterisations) names the families it can run on, for the message."""
+        if parameterisation not in cls.parameterisations:
+            cls._refuse(cfg, parameterisation, cls.parameterisations, families_with)
+
+    @classmethod
+    def _refuse(cls, cfg, parameterisation, supported, families_with, why: str = "") -> None:
+        from ..config import ConfigError
+
+        names = families_with(supported) if families_with else list(supported)
+        raise ConfigError(f"method {cfg.name!r}{why} cannot distil a {parameterisation!r} teacher: it supports the "
+                          f"families {', '.join(names)} ({'/'.join(supported)} parameterisation)")
 
     def __init__(self, cfg, schedule: NoiseSchedule):
         self.cfg, self.schedule = cfg, schedule

@@ -36,7 +36,18 @@ from ..core.solvers import (
     trailing_timesteps,
 )
 from ..registry import register_method
-from .base import Batch, CriticHeadState, Event, ExportStage, LossOut, Nets, RunContext, trailing_ddim_recipe
+from .base import (
+    Batch,
+    CriticHeadState,
+    Event,
+    ExportStage,
+    LossOut,
+    Nets,
+    RunContext,
+    flow_euler_recipe,
+    is_flow,
+    trailing_ddim_recipe,
+)
 from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
 
 
@@ -260,7 +271,11 @@ class CriticInputs:
 
 
 class ConsistencyDistiller(CriticHeadState):
+    """On a flow teacher (sd3, flux) the same loss runs unchanged: with alpha = 1 - sigma every DDIM step of the pair is
+    an exact Euler step; the recipe is FlowMatchEulerDiscreteScheduler at the segment edges."""
+
     head_state_key = "adv_heads"
+    parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample", "flow")
     extra_adapters: ClassVar[tuple[str, ...]] = ("target",)
     # The critic phase trains only the discriminator heads (parameters("critic")), when a stage has adv_weight > 0.
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ()}
@@ -274,6 +289,17 @@ class ConsistencyDistiller(CriticHeadState):
         self.delta = self.T // cfg.num_ddim_timesteps
         self.head = None
         self._stage = 0
+
+    @classmethod
+    def check_parameterisation(cls, cfg, parameterisation, families_with=None):
+        super().check_parameterisation(cfg, parameterisation, families_with)
+        if parameterisation != "flow":
+            return
+        ddpm = ("epsilon", "v_prediction", "sample")
+        if cfg.boundary == "lcm":  # LCM's c_skip / c_out are defined on DDPM timesteps
+            cls._refuse(cfg, parameterisation, ddpm, families_with, " with method.boundary=lcm (LCM's boundary scalings)")
+        if any(w > 0 for w in cfg.adv_weight):  # the discriminator reads a UNet's down and mid blocks
+            cls._refuse(cfg, parameterisation, ddpm, families_with, " with method.adv_weight > 0")
 
     # ---- set-up and state ----
     def setup(self, nets: Nets, ctx: RunContext):
@@ -432,7 +458,11 @@ class ConsistencyDistiller(CriticHeadState):
 
     # ---- inference ----
     def _recipe_for(self, k: int, steps: int) -> dict:
-        """A k-segment student's sampler: trailing DDIM at k steps (its segment edges), guidance 0 (CFG is baked in)."""
+        """A k-segment student's sampler: trailing DDIM at k steps (its segment edges), guidance 0 (CFG is baked in);
+        on a flow teacher, Euler at the same timesteps."""
+        if is_flow(self.schedule):
+            family = self.ctx.family
+            return flow_euler_recipe(self.schedule, trailing_timesteps(steps, self.T), family)
         if self.cfg.boundary == "lcm" and k == 1:
             return {
                 "scheduler_class": "LCMScheduler",
@@ -460,6 +490,8 @@ class UnifiedDistiller(ConsistencyDistiller):
 
     extra_adapters: ClassVar[tuple[str, ...]] = ("target", "fake_score")
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
+    # Its recipe is TCDScheduler, a DDPM scheduler.
+    parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, cfg: UnifiedConfig, schedule):
         super().__init__(cfg, schedule)

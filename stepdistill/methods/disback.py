@@ -248,6 +248,8 @@ class DisBackDistiller(DMDDistiller):
     # The target holds nodes of the fake_score adapter, so it is built with the critic's rank (train/build.py).
     adapter_ranks: ClassVar[dict[str, str]] = {"target": "critic"}
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
+    # The degradation path and its nodes are built for DDPM UNet teachers only.
+    parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, cfg: DisBackConfig, schedule):
         super().__init__(cfg, schedule)

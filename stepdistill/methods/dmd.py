@@ -26,12 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
+from ..core.flow import dm_gradient, flow_matching_loss
 from ..core.io import atomic_write
 from ..core.param import target_of
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
-from .base import Batch, CriticHeadState, LossOut, Nets, RunContext
+from .base import Batch, CriticHeadState, LossOut, Nets, RunContext, flow_euler_recipe, is_flow
 from .gan import MidBlockHead, gan_discriminator_loss, gan_generator_loss, mid_block_features, mid_block_shape
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,9 @@ class DMDConfig(MethodConfig):
 
 # ---- the maths, for any denoiser callables ------------------------------------------------------------------
 
-def dmd_gradient(x0, x0_teacher, x0_fake):
-    """DMD's gradient with its eq. 8 normaliser: g = (x0_fake - x0_teacher) / mean|x0 - x0_teacher| per sample."""
-    weight = (x0 - x0_teacher).abs().flatten(1).mean(1).clamp(min=1e-12)
-    grad = (x0_fake - x0_teacher) / weight.reshape(-1, *([1] * (x0.ndim - 1)))
-    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+# DMD's gradient with its eq. 8 normaliser, (x0_fake - x0_teacher) / mean|x0 - x0_teacher| per sample: one
+# implementation for DDPM and flow teachers alike, in core.
+dmd_gradient = dm_gradient
 
 
 def dm_surrogate_loss(x0, grad):
@@ -128,11 +127,14 @@ def sid_generator_loss(x0, teacher, fake_score, cond, schedule, t, eps, alpha: f
 def fake_score_loss(fake_score, x0, cond, schedule, t, eps):
     """Denoising score matching on detached student samples, on the teacher's own target per sample: |eps_fake -
     eps|^2 for an eps teacher (DDPM eq. 14), |v_fake - v|^2 for a v-prediction one, so the fake score is trained
-    with the weighting its base network was (DMD2 regresses the fake UNet on the teacher's prediction type)."""
+    with the weighting its base network was (DMD2 regresses the fake UNet on the teacher's prediction type); for a
+    flow teacher, flow matching |v_fake(x_t, t) - (eps - x0)|^2 (the objective the teacher was trained with)."""
     x_t = schedule.add_noise(x0.detach(), eps, t)
     out = fake_score(x_t, t, cond)
-    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
     kind = schedule.prediction_type
+    if kind == "flow":
+        return flow_matching_loss(out.eps - out.x0, x0.detach(), eps)
+    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
     pred = target_of(out.x0, out.eps, alpha, sigma, kind)
     return ((pred - target_of(x0.detach(), eps, alpha, sigma, kind)) ** 2).flatten(1).mean(1)
 
@@ -206,7 +208,11 @@ def lcm_original_steps(timesteps, T: int = 1000) -> int:
 # ---- the method -----------------------------------------------------------------------------------------------
 
 class DMDDistiller(CriticHeadState):
+    """On a flow teacher (sd3, flux) the student is a plain x0 predictor sampled with deterministic Euler (the recipe's
+    FlowMatchEulerDiscreteScheduler), backward simulation included; the fake score fits by flow matching."""
+
     head_state_key = "gan_head"
+    parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample", "flow")
     extra_adapters: ClassVar[tuple[str, ...]] = ("fake_score",)
     trainable: ClassVar[dict[str, tuple[str, ...]]] = {"student": ("student",), "critic": ("fake_score",)}
 
@@ -219,6 +225,14 @@ class DMDDistiller(CriticHeadState):
         self.guidance_scale = cfg.guidance_scale
         self.head = None
         self.pairs = None  # teacher ODE pairs for the regression term, solved on first use
+
+    @classmethod
+    def check_parameterisation(cls, cfg, parameterisation, families_with=None):
+        super().check_parameterisation(cfg, parameterisation, families_with)
+        if parameterisation == "flow" and getattr(cfg, "gan", False):
+            # The GAN head reads a UNet's mid block.
+            cls._refuse(cfg, parameterisation, ("epsilon", "v_prediction", "sample"), families_with,
+                        " with method.gan=true")
 
     # ---- set-up and state ----
     def setup(self, nets: Nets, ctx: RunContext):
@@ -253,11 +267,25 @@ class DMDDistiller(CriticHeadState):
         x = noise[0]
         with torch.no_grad():
             for i in range(int(k.max())):
-                x0 = lcm_x0(nets.student, x, ts[i].expand(n), batch.cond)
-                x_next = self.schedule.add_noise(x0, noise[i + 1], ts[i + 1].expand(n)).to(x.dtype)
+                x_next = self._next(nets, x, ts[i].expand(n), ts[i + 1].expand(n), noise[i + 1], batch.cond)
                 x = torch.where((k > i).reshape(-1, *([1] * len(shape))), x_next, x)
         with torch.set_grad_enabled(grad):
-            return lcm_x0(nets.student, x, ts[k], batch.cond)
+            return self._x0(nets.student, x, ts[k], batch.cond)
+
+    def _x0(self, student, x_t, t, cond):
+        """The student's x0 as its recipe's scheduler reads it: LCMScheduler's boundary form, or a flow model's x0."""
+        if is_flow(self.schedule):
+            return student(x_t, t, cond).x0
+        return lcm_x0(student, x_t, t, cond)
+
+    def _next(self, nets: Nets, x, t, t_next, noise, cond):
+        """One step of the student's sampler: LCM (fresh noise at t_next), or deterministic Euler on a flow teacher."""
+        if is_flow(self.schedule):
+            out = nets.student(x, t, cond)
+            alpha, sigma = self.schedule.alpha_sigma(t_next, x.ndim)
+            return (alpha.to(x.device) * out.x0 + sigma.to(x.device) * out.eps).to(x.dtype)
+        x0 = lcm_x0(nets.student, x, t, cond)
+        return self.schedule.add_noise(x0, noise, t_next).to(x.dtype)
 
     def _teacher(self, nets: Nets):
         return partial(nets.teacher, guidance_scale=self.guidance_scale)
@@ -301,7 +329,7 @@ class DMDDistiller(CriticHeadState):
         cond = self.ctx.prompt_data.cond.index(pairs["prompt_index"][i]).to(nets.device)
         z, target = pairs["z"][i].to(nets.device).float(), pairs["x0"][i].to(nets.device).float()
         t = torch.full((batch.size,), self.timesteps[0], dtype=torch.long, device=nets.device)
-        x0 = lcm_x0(nets.student, z, t, cond)
+        x0 = self._x0(nets.student, z, t, cond)
         return regression_loss(x0, target), x0
 
     def _ode_pairs(self, nets: Nets) -> dict:
@@ -354,6 +382,8 @@ class DMDDistiller(CriticHeadState):
     def recipe(self, family) -> dict:
         if not self.timesteps:
             self._resolve(family)
+        if is_flow(self.schedule):
+            return flow_euler_recipe(self.schedule, self.timesteps, family)
         return {
             "scheduler_class": "LCMScheduler",
             "scheduler_config": {"original_inference_steps": lcm_original_steps(self.timesteps, self.T)},
@@ -368,6 +398,8 @@ class DMDDistiller(CriticHeadState):
                 f"this student was trained for the timesteps {self.timesteps}; sample with steps={len(self.timesteps)} "
                 "or train with method.timesteps set to the steps you want"
             )
+        if is_flow(self.schedule):
+            return ddim_sample(nets.student, x_T, self.timesteps, cond, self.schedule)  # Euler, as the recipe runs
         return lcm_sample(nets.student, x_T, self.timesteps, cond, self.schedule, generator)
 
 

@@ -96,10 +96,67 @@ class FamilyModel:
     dmd2_critic_ratio: ClassVar[int]
     # Per method, defaults of options the method leaves to the family, e.g. {"dmd": {"timesteps": [999]}}.
     method_defaults: ClassVar[dict[str, dict]] = {}
+    # What the denoiser can predict: a DDPM family is one of eps / v / x0 (its scheduler config says which);
+    # a flow family predicts a rectified-flow velocity ("flow"). Methods declare the ones they support.
+    parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+    # Whether core.attention's processors (model.attention) fit the denoiser; a joint-attention transformer keeps
+    # diffusers' own.
+    attention_backends: ClassVar[bool] = True
+    # LoRA target presets by name (lora.targets); {} = the UNet presets of core.lora.LORA_TARGETS.
+    lora_target_presets: ClassVar[dict[str, list[str]]] = {}
+
+    # ---- hooks the builder and the methods ask (defaults: a DDPM UNet family) ----
+    @classmethod
+    def lora_targets(cls, targets):
+        """lora.targets (a preset name or a list of module suffixes) as module suffixes, from this family's presets."""
+        from ..core.lora import resolve_targets
+
+        if isinstance(targets, str) and cls.lora_target_presets:
+            if targets not in cls.lora_target_presets:
+                raise ValueError(f"unknown LoRA target preset {targets!r} for {cls.name}: use one of "
+                                 f"{sorted(cls.lora_target_presets)} or a list of module-name suffixes")
+            return list(cls.lora_target_presets[targets])
+        return resolve_targets(targets)
+
+    def noise_schedule(self, resolution: int | None = None):
+        """The schedule the methods see (alpha_sigma, add_noise, network_timestep), at the training resolution."""
+        from ..core.schedule import NoiseSchedule
+
+        return NoiseSchedule.from_scheduler_config(self.scheduler_config)
+
+    @property
+    def denoiser_call(self):
+        """call(net, x_t, timestep, cond) for core.denoiser.Denoiser; None = a UNet2DConditionModel's call."""
+        return None
+
+    def recipe_guidance_scale(self) -> float:
+        """The guidance_scale a distilled student's pipeline call gets: 0, no CFG (CFG is baked into the student)."""
+        return 0.0
+
+    def offload_text_encoders(self) -> None:
+        """Called once every prompt is encoded (the embedding cache): a family with large text encoders moves them off
+        the accelerator here. The CLIP encoders of SD1.5 / SDXL are small enough to stay."""
 
     @classmethod
     def link_tiny_configs(cls, cfg: dict[str, dict]) -> None:
         """Derive, in place, the denoiser keys that depend on the text encoders (cross-attention width...)."""
+
+    @classmethod
+    def tiny_part_configs(cls, sample_size: int, arch: dict | None, model_max_length: int = 77) -> dict | None:
+        """The tiny configs of every part when the family builds its own (models.tiny's generic builder otherwise)."""
+        return None
+
+    @classmethod
+    def tiny_pipeline(cls, seed: int, words, sample_size: int, arch: dict | None, model_max_length: int = 77):
+        """A tiny random-init pipeline when the family builds its own; None: models.tiny builds it generically."""
+        return
+
+    @classmethod
+    def kohya_tensors(cls, state: dict, rank: int, alpha: float, dtype=None) -> dict | None:
+        """This family's LoRA in the kohya / ComfyUI key layout; None when its pipeline loads no such file."""
+        from ..export import kohya_unet_tensors
+
+        return kohya_unet_tensors(state, rank, alpha, dtype)
 
     @classmethod
     def defaults_for(cls, method: str) -> dict:
@@ -179,7 +236,22 @@ class FamilyModel:
                 f"use e.g. {resolution // self.vae_scale_factor * self.vae_scale_factor}"
             )
         side = resolution // self.vae_scale_factor
-        return (batch, self.unet.config.in_channels, side, side)
+        return (batch, self.latent_channels, side, side)
+
+    @staticmethod
+    def to_pipeline_latents(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents in the layout the family's pipeline takes as `latents=` (FLUX packs 2x2 patches)."""
+        return x
+
+    @staticmethod
+    def from_pipeline_latents(out: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` result back to (B, C, h, w)."""
+        return out
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latents the denoiser works on."""
+        return self.unet.config.in_channels
 
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> Cond:
         raise NotImplementedError
@@ -209,6 +281,7 @@ class FamilyModel:
         scale = self.vae.config.scaling_factor
         stats = self._latent_stats(latents)
         latents = latents / scale if stats is None else latents * stats[1] / scale + stats[0]
+        latents = latents + self._shift_factor
         images = self.vae.decode(latents, return_dict=False)[0]
         return images.float().clamp(-1, 1)
 
@@ -219,8 +292,14 @@ class FamilyModel:
         latents = self.vae.encode(images).latent_dist.sample(generator=generator)
         scale = self.vae.config.scaling_factor
         stats = self._latent_stats(latents)
+        latents = latents - self._shift_factor
         latents = latents * scale if stats is None else (latents - stats[0]) * scale / stats[1]
         return latents.float()
+
+    @property
+    def _shift_factor(self) -> float:
+        """The VAE's latent shift (SD3 / FLUX VAEs: latents = (z - shift) * scale); 0 when it has none."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     def pipeline(self, scheduler=None):
         """A diffusers pipeline sharing these modules (no copies); the folder's scheduler unless one is given."""

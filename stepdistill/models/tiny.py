@@ -37,6 +37,9 @@ def tiny_configs(family: str = "sd15", sample_size: int = 8, arch: dict | None =
                  token_ids: dict | None = None, model_max_length: int = 77) -> dict[str, dict]:
     """Complete configs of every part: defaults, then `arch` overrides, then the derived linking keys."""
     family_cls = get_family(family)
+    own = family_cls.tiny_part_configs(sample_size, arch, model_max_length)
+    if own is not None:
+        return own
     defaults = family_cls.tiny_arch
     arch = arch or {}
     unknown = set(arch) - set(defaults)
@@ -66,6 +69,9 @@ def build_tiny_pipeline(family: str = "sd15", seed: int = 0, words: list[str] | 
                         arch: dict | None = None, scheduler: str = "ddim", model_max_length: int = 77):
     """A randomly initialised pipeline of the family in memory, identical for identical arguments."""
     family_cls = get_family(family)
+    own = family_cls.tiny_pipeline(seed, words, sample_size, arch, model_max_length)
+    if own is not None:
+        return own
     _check_choice("scheduler", scheduler, SCHEDULERS)
     tokenizer = build_word_tokenizer(words or TINY_WORDS, model_max_length)
     token_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -98,6 +104,7 @@ def save_tiny_pipeline(directory, family: str = "sd15", seed: int = 0, words: li
     pipe = build_tiny_pipeline(family, seed, words, sample_size, arch, scheduler, model_max_length)
     pipe.save_pretrained(directory, safe_serialization=True)
     # Add vocab.json + merges.txt next to tokenizer.json so older transformers' CLIPTokenizer loads it too.
-    for _, sub, _, _ in get_family(family).text_parts:
-        save_word_tokenizer(directory / sub, words or TINY_WORDS, model_max_length)
+    for _, sub, _, tokenizer_class in get_family(family).text_parts:
+        if tokenizer_class.startswith("CLIPTokenizer"):
+            save_word_tokenizer(directory / sub, words or TINY_WORDS, model_max_length)
     return directory

@@ -30,47 +30,12 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from .flow_common import DEFAULT_ARCH, FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
 from .tokenizer import TINY_WORDS, build_word_tokenizer, save_word_tokenizer
-
-# The teachers' scheduler_config.json: SD3 / SD3.5 shift statically; FLUX.1-dev shifts by image token count.
-SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
-FLUX_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-    "base_image_seq_len": 256, "max_image_seq_len": 4096,
-}
 
 # T5's SentencePiece marks a word start with this character.
 T5_SPACE = "\u2581"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
-
-# The text widths all differ (SD3: CLIP-L 32, CLIP-G 64, pooled 16 + 40 = 56, T5 128; FLUX: CLIP 32, T5 64), so a
-# mix-up between hidden states, pooled embeddings and the T5 sequence fails loudly. SD3 pads the concatenated CLIP
-# states (32 + 64) to T5's width (128), as the real model pads 768 + 1280 to 4096.
-_CLIP = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_act": "quick_gelu"}
-_T5 = {"d_kv": 16, "d_ff": 64, "num_layers": 2, "num_heads": 4, "feed_forward_proj": "gated-gelu",
-       "dropout_rate": 0.0, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32}
-# Latent channels 16 and no quant convs, like both teachers' VAE; two blocks make the VAE factor 2.
-_VAE = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 16,
-        "use_quant_conv": False, "use_post_quant_conv": False}
-
-DEFAULT_ARCH = {
-    "sd3": {
-        "transformer": {"patch_size": 2, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
-                        "pos_embed_max_size": 32},
-        "vae": dict(_VAE, scaling_factor=1.5305, shift_factor=0.0609),
-        "text_encoder": dict(_CLIP, hidden_size=32, projection_dim=16),
-        "text_encoder_2": dict(_CLIP, hidden_size=64, intermediate_size=128, projection_dim=40, hidden_act="gelu"),
-        "text_encoder_3": dict(_T5, d_model=128),
-    },
-    "flux": {
-        "transformer": {"patch_size": 1, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
-                        "num_attention_heads": 2, "axes_dims_rope": (4, 6, 6), "guidance_embeds": True},
-        "vae": dict(_VAE, scaling_factor=0.3611, shift_factor=0.1159),
-        "text_encoder": dict(_CLIP, hidden_size=32, projection_dim=32),
-        "text_encoder_2": dict(_T5, d_model=64),
-    },
-}
-
 
 def build_t5_word_tokenizer(words: list[str] | None = None, model_max_length: int = 512) -> T5TokenizerFast:
     """A T5 (Unigram) tokenizer whose vocabulary is `words` as whole pieces, plus letters for anything else.

@@ -10,14 +10,14 @@ and the fake score, two adapters of one module, are updated in separate phases.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
 from ..core.dist import Dist
-from ..core.lora import add_adapter, resolve_targets
-from ..core.schedule import NoiseSchedule
+from ..core.lora import add_adapter
 from ..data.prompts import PromptData, read_prompts
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
@@ -61,14 +61,22 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     family = model or load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
     unet = family.unet
     unet.requires_grad_(False)
-    _set_attention(unet, cfg.model.attention, device)
+    if family.attention_backends:
+        _set_attention(unet, cfg.model.attention, device)
+    elif cfg.model.attention not in ("auto", "sdpa"):
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: the {family.name} transformer keeps diffusers' own "
+                          "attention processors (joint text-image attention); set model.attention=auto")
     if cfg.model.channels_last:
         # Base weights only: that is where the convolution FLOPs are; LoRA convolutions are rank-thin.
         unet.to(memory_format=torch.channels_last)
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing(checkpoint_under_adapter)
 
-    targets = resolve_targets(cfg.lora.targets)
+    # Flow vs DDPM parameterisation: a method declares what it can distil (Distiller.parameterisations).
+    resolution = cfg.model.resolution or family.resolution
+    schedule = family.noise_schedule(resolution)
+    distiller_cls.check_parameterisation(cfg.method, schedule.prediction_type, _families_with)
+    targets = family.lora_targets(cfg.lora.targets)
     rank_critic = cfg.lora.critic_rank or cfg.lora.rank
     add_adapter(unet, "student", cfg.lora.rank, cfg.lora.effective_alpha, targets)
     # Which adapter mirrors whom (Distiller.adapter_ranks): by default a target mirrors the student and critics get
@@ -83,17 +91,16 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         if "lora_" in n:
             p.data = p.data.float()
 
-    schedule = NoiseSchedule.from_scheduler_config(family.scheduler_config)
-    resolution = cfg.model.resolution or family.resolution
     family.resolution = resolution  # every cond (prompts, empty, samples) carries this size conditioning (SDXL)
     uncond = family.empty_cond(1)
     run_dtype = dtype if dtype != torch.float32 else None
-    teacher = GuidedDenoiser(Denoiser(unet, schedule, None, run_dtype), uncond, Distiller.guidance_scale)
+    # The network call is the family's (UNet, or a transformer with pooled text, packing, ids, embedded guidance).
+    view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call)
+    teacher = GuidedDenoiser(view(None), uncond, Distiller.guidance_scale)
     nets = Nets(
-        unet=unet, schedule=schedule, teacher=teacher,
-        student=Denoiser(unet, schedule, "student", run_dtype),
-        fake_score=Denoiser(unet, schedule, "fake_score", run_dtype) if "fake_score" in distiller_cls.extra_adapters else None,
-        target=Denoiser(unet, schedule, "target", run_dtype) if "target" in distiller_cls.extra_adapters else None,
+        unet=unet, schedule=schedule, teacher=teacher, student=view("student"),
+        fake_score=view("fake_score") if "fake_score" in distiller_cls.extra_adapters else None,
+        target=view("target") if "target" in distiller_cls.extra_adapters else None,
         device=device,
     )
     ctx = RunContext(latent_shape=family.latent_shape(1, resolution)[1:], uncond=uncond, decode=family.decode,
@@ -119,8 +126,17 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         _compile(unet)
     if data is None:
         data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
+        # Every prompt is encoded now (the embedding cache): the text encoders (T5-XXL: 9.5 GB) leave the GPU.
+        family.offload_text_encoders()
     ctx.prompt_data = data
     return Built(cfg, family, nets, distiller, data, params, targets, ctx)
+
+
+def _families_with(parameterisations) -> list[str]:
+    """The registered families whose denoiser predicts one of `parameterisations` (for refusal messages)."""
+    from ..models.registry import family_names, get_family
+
+    return [n for n in family_names() if set(get_family(n).parameterisations) & set(parameterisations)]
 
 
 def build_data(cfg: Config, family, resolution: int, rank: int, world: int, progress: bool) -> PromptData:

@@ -377,8 +377,9 @@ class Trainer:
         with atomic_dir(out) as tmp:
             # The diffusers file is always written: it is what `stepdistill export` converts from.
             save_diffusers_lora(state, tmp, rank, alpha, b.targets, prefix=b.family.denoiser_prefix)
-            if "kohya" in cfg.export.formats:
-                save_kohya_lora(state, tmp / KOHYA_WEIGHT_NAME, rank, alpha)
+            if "kohya" in cfg.export.formats and b.family.kohya_tensors(state, rank, alpha) is not None:
+                # Families whose pipeline loads no kohya layout (sd3) keep the diffusers file only.
+                save_kohya_lora(state, tmp / KOHYA_WEIGHT_NAME, rank, alpha, layout=b.family.kohya_tensors)
             fields = b.distiller.recipe(b.family)
             fields.update(recipe_overrides or {})
             Recipe(

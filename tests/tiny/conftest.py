@@ -27,3 +27,15 @@ def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "prompts.txt"
     path.write_text("\n".join(TINY_PROMPTS) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A diffusers StableDiffusion3Pipeline folder (MMDiT, CLIP-L + CLIP-G + T5, 16-channel latents 8x8, images 16x16)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd3", family="sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A diffusers FluxPipeline folder (FLUX.1-dev layout: guidance embedding, packed latents, dynamic shift)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "flux", family="flux", seed=0)

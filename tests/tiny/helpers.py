@@ -69,13 +69,18 @@ def student_latents(built, prompt: str, seed: int = 7):
 def pipeline_latents(pipe_cls, base_dir, lora_dir, prompt: str, x_T, steps: int | None = None, seed: int = 7):
     """A fresh diffusers pipeline from base_dir with the exported LoRA and its recipe's scheduler, from x_T."""
     from stepdistill.core.recipe import Recipe
+    from stepdistill.models.registry import get_family
 
     pipe = pipe_cls.from_pretrained(base_dir)
     recipe = Recipe.load(lora_dir)
+    family = get_family(recipe.family)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     pipe.load_lora_weights(str(lora_dir))
     kwargs = recipe.call_kwargs(pipe.scheduler)
     if steps is not None:
         kwargs["num_inference_steps"] = steps
-    return pipe(prompt=[prompt], latents=x_T.clone(), generator=torch.Generator().manual_seed(seed),
-                output_type="latent", **kwargs).images
+    h, w = x_T.shape[-2:]
+    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()), height=h * pipe.vae_scale_factor,
+               width=w * pipe.vae_scale_factor, generator=torch.Generator().manual_seed(seed), output_type="latent",
+               **kwargs).images
+    return family.from_pipeline_latents(out, h, w)

@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from stepdistill.config import load_config
+from stepdistill.config import ConfigError, load_config
+from stepdistill.models.loading import load_family
 from stepdistill.models.registry import family_names, get_family
 from stepdistill.models.tiny import save_tiny_pipeline
 from stepdistill.registry import get_method, method_names
@@ -80,13 +81,33 @@ def _base_state(family_cls, model_dir):
     return family_cls.denoiser_class.from_pretrained(model_dir, subfolder=family_cls.denoiser_prefix).state_dict()
 
 
+def _refusal(cfg, base) -> str | None:
+    """What the method, so configured, says about this family's teacher (None: it can distil it)."""
+    family = load_family(base)
+    parameterisation = family.noise_schedule(family.resolution).prediction_type
+    try:
+        get_method(cfg.method.name).distiller_cls.check_parameterisation(cfg.method, parameterisation)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 @pytest.mark.parametrize("method, family", COMBOS, ids=[f"{m}-{f}" for m, f in COMBOS])
 def test_method_keeps_the_contract_on_family(method, family, bases, prompts_file, reward_model, tmp_path):
     base = bases(family)
     family_cls = get_family(family)
+    cfg = _config(method, family, base, prompts_file, reward_model)
+
+    # A method that cannot distil this kind of teacher refuses at start-up, in one line, before any work.
+    refusal = _refusal(cfg, base)
+    if refusal is not None:
+        with pytest.raises(ConfigError) as raised:
+            Trainer(cfg, tmp_path / "refused").run()
+        assert "cannot distil" in str(raised.value) and "\n" not in str(raised.value)
+        assert not (tmp_path / "refused" / "checkpoints").exists()
+        return
 
     # Straight run.
-    cfg = _config(method, family, base, prompts_file, reward_model)
     trainer = Trainer(cfg, tmp_path / "straight")
     try:
         final = trainer.run()

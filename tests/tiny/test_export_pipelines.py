@@ -338,7 +338,7 @@ def test_recipe_roundtrip_and_errors(tmp_path):
     for change, error in [({"format_version": 99}, "upgrade stepdistill"),
                           ({"scheduler_class": "TCDSchedular"}, "TCDScheduler"),
                           ({"guidance": 2.0}, "guidance_scale"),
-                          ({"family": "sd3"}, "family")]:
+                          ({"family": "sd4"}, "family")]:
         (tmp_path / RECIPE_FILE).write_text(json.dumps({**data, **change}))
         with pytest.raises(ValueError, match=error):
             Recipe.load(tmp_path)

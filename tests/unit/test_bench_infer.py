@@ -63,8 +63,8 @@ def test_cli_smoke_tiny_cpu_one_repeat(tmp_path):
 
 
 def test_unavailable_choices_are_refused():
-    with pytest.raises(ValueError, match="family 'sd3' is not supported"):
-        bench_infer(family="sd3", tiny=True, device="cpu", show=False)
+    with pytest.raises(ValueError, match="family 'sd4' is not supported"):
+        bench_infer(family="sd4", tiny=True, device="cpu", show=False)
     with pytest.raises(ValueError, match="unknown attention backend"):
         bench_infer(family="sd15", tiny=True, device="cpu", backends=["flash"], show=False)
 

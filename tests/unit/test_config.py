@@ -45,7 +45,7 @@ def test_unknown_key_names_the_closest(tmp_path, override, expected):
 @pytest.mark.parametrize("override, match", [
     (["loop.max_steps=abc"], "must be an integer"),
     (["loop.max_steps=0"], ">= 1"),
-    (["model.family=sd3"], "one of"),
+    (["model.family=sd4"], "one of"),
     (["optim.lr=-1"], "optim.lr"),
     (["method.name=dmdd"], "unknown method"),
     (["loop"], "KEY=VALUE"),

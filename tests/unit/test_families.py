@@ -68,7 +68,7 @@ def test_every_registered_family_declares_what_is_asked_of_it(name):
 
 
 def test_the_builtin_families_are_discovered():
-    assert {"sd15", "sdxl"} <= set(family_names())
+    assert {"sd15", "sdxl", "sd3", "flux"} <= set(family_names())
     assert get_family("sdxl").defaults_for("dmd") == {"timesteps": [399], "guidance_scale": 8.0}
     assert get_family("sd15").defaults_for("tscd") == {}
 
@@ -129,7 +129,7 @@ def test_a_new_file_in_families_is_a_new_family(tmp_path, monkeypatch):
 def test_unknown_family_is_one_line_naming_the_close_match(name, close, tmp_path, capsys):
     with pytest.raises(ValueError, match=f"did you mean '{close}'") as err:
         get_family(name)
-    assert "\n" not in str(err.value) and "sd15, sdxl" in str(err.value)
+    assert "\n" not in str(err.value) and ", ".join(family_names()) in str(err.value)
 
     with pytest.raises(ConfigError, match=f"model.family: family '{name}' is not supported .*'{close}'") as err:
         ModelConfig(family=name).validate()

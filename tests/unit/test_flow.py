@@ -287,3 +287,25 @@ def test_dm_gradient_moves_a_shifted_student_to_the_flow_teacher():
 
 def test_uniform_sigmas_is_fluxs_default():
     assert np.allclose(uniform_sigmas(4), [1.0, 0.75, 0.5, 0.25])
+
+
+def test_flow_schedule_is_the_schedulers_training_table_and_ddim_is_euler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.core.flow import FlowSchedule, euler_step
+    from stepdistill.core.param import x0_eps_from_output
+    from stepdistill.core.solvers import ddim_step
+
+    config = {"num_train_timesteps": 1000, "shift": 3.0}
+    schedule = FlowSchedule.from_scheduler_config(config)
+    table = FlowMatchEulerDiscreteScheduler(**config).sigmas.double().flip(0)  # its init table, ascending in t
+    assert torch.allclose(schedule.sigmas, table, atol=1e-6)
+    assert schedule.prediction_type == "flow" and schedule.num_train_timesteps == 1000
+    g = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+    t, t_next = torch.tensor([799, 799]), torch.tensor([399, 399])
+    alpha, sigma = schedule.alpha_sigma(t, 2)
+    x0, eps = x0_eps_from_output(v, x_t, alpha, sigma, "flow")
+    a_next, s_next = schedule.alpha_sigma(t_next, 2)
+    torch.testing.assert_close(ddim_step(x0, eps, a_next, s_next), euler_step(x_t, v, sigma, s_next))
+    assert schedule.unshifted_sigmas([999, 249]) == [1.0, 0.25]

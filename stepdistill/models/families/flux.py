@@ -1,0 +1,212 @@
+"""FLUX.1 family: double- and single-stream transformer over 2x2-packed latents with rotary ids, CLIP-L pooled +
+T5 sequence text, resolution-dependent shift, and (dev) an embedded guidance scale in place of CFG."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ...core.denoiser import Cond
+from ..flow_common import DEFAULT_ARCH, FLOW_VAE, FLUX_SCHEDULER_CONFIG, MMDIT_ATTN, MMDIT_FF, T5_XXL, FlowFamily
+from ..registry import register_family
+from ..sd_common import CLIP_L
+
+# FLUX.1-dev's transformer (11.9 B): 19 double-stream and 38 single-stream blocks, guidance embedding.
+FLUX1_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+                 "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+                 "axes_dims_rope": (16, 56, 56)}
+# Single-stream blocks: attention projections (caught by MMDIT_ATTN) plus the parallel MLP in. Their output projection
+# is `proj_out`, a name the transformer's final layer shares: a suffix cannot take one without the other, and diffusers'
+# kohya converter drops the final layer's keys (its converted keys lack the `transformer.` prefix), so neither is a
+# default target.
+SINGLE = ["proj_mlp"]
+
+# kohya / ComfyUI (BFL) names of the double-stream block parts, and the fused q|k|v groups, by diffusers module.
+_DOUBLE = {"attn.to_out.0": "img_attn_proj", "ff.net.0.proj": "img_mlp_0", "ff.net.2": "img_mlp_2",
+           "attn.to_add_out": "txt_attn_proj", "ff_context.net.0.proj": "txt_mlp_0", "ff_context.net.2": "txt_mlp_2"}
+_DOUBLE_FUSED = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                 "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_SINGLE_FUSED = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4 C): each 2x2 patch becomes one token, channels-major (FluxPipeline's order)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of pack_latents for an (h, w) latent."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """Rotary position ids of the packed tokens: (0, row, col) per token, row-major."""
+    rows = torch.arange(h // 2, device=device).reshape(-1, 1).expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=device).reshape(1, -1).expand(h // 2, w // 2)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    return ids.to(dtype=dtype)
+
+
+@register_family
+class FluxModel(FlowFamily):
+    name = "flux"
+    pipeline_class_name = "FluxPipeline"
+    pipeline_kwargs: ClassVar = {"image_encoder": None, "feature_extractor": None}
+    text_parts: ClassVar = (
+        ("text_encoder", "tokenizer", "CLIPTextModel", "CLIPTokenizer"),
+        ("text_encoder_2", "tokenizer_2", "T5EncoderModel", "T5TokenizerFast"),
+    )
+    denoiser_prefix = "transformer"
+    hub_tag = "flux"
+    denoiser_class_name = "FluxTransformer2DModel"
+    default_resolution = 1024
+    default_scheduler_config: ClassVar = FLUX_SCHEDULER_CONFIG
+    timestep_scale = 1.0  # FluxPipeline tells the transformer sigma; it multiplies by 1000 inside
+    token_patch = 2  # 2x2 packing
+    t5_max_length = 512
+    tiny_arch: ClassVar = DEFAULT_ARCH["flux"]
+    full_configs: ClassVar = {
+        "transformer": FLUX1_DEV,
+        "vae": dict(FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+        "text_encoder": CLIP_L,
+        "text_encoder_2": T5_XXL,
+    }
+    bench_batch = 1
+    dmd2_critic_ratio = 5
+    # dev is guidance-distilled: the real score is one pass at the embedded guidance (below), no CFG (scale 1).
+    method_defaults: ClassVar = {"dmd": {"timesteps": [999], "guidance_scale": 1.0}}
+    lora_target_presets: ClassVar = {"attn": MMDIT_ATTN, "full": MMDIT_ATTN + MMDIT_FF + SINGLE}
+    # The guidance value FLUX.1-dev's guidance embedding gets, in every pass (teacher, student, fake score) and in the
+    # exported recipe (FluxPipeline's guidance_scale); its pipeline's default is 3.5.
+    default_embedded_guidance: ClassVar[float] = 3.5
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedded_guidance = self.default_embedded_guidance
+
+    @staticmethod
+    def to_pipeline_latents(x):
+        return pack_latents(x)
+
+    @staticmethod
+    def from_pipeline_latents(out, h, w):
+        return unpack_latents(out, h, w)
+
+    @classmethod
+    def tiny_part_configs(cls, sample_size, arch, model_max_length=77):
+        from ..tiny_flow import tiny_flux_configs
+
+        return tiny_flux_configs(sample_size, arch, model_max_length=model_max_length)
+
+    @classmethod
+    def tiny_pipeline(cls, seed, words, sample_size, arch, model_max_length=77):
+        from ..tiny_flow import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(seed, words, sample_size, arch, model_max_length, cls.t5_max_length)
+
+    @property
+    def native_resolution(self) -> int:
+        """The VAE's sample size (the transformer has none: it takes any token grid)."""
+        return int(self.vae.config.sample_size)
+
+    @property
+    def guidance_embeds(self) -> bool:
+        return bool(getattr(self.unet.config, "guidance_embeds", False))
+
+    def recipe_guidance_scale(self) -> float:
+        """dev: FluxPipeline's guidance_scale feeds the guidance embedding, so the recipe carries the trained value."""
+        return float(self.embedded_guidance) if self.guidance_embeds else 0.0
+
+    @property
+    def denoiser_call(self):
+        return self._call
+
+    def _call(self, net, x_t, timestep, cond: Cond) -> torch.Tensor:
+        """FluxTransformer2DModel as FluxPipeline calls it, on unpacked latents: pack, ids, guidance, unpack."""
+        b, _, h, w = x_t.shape
+        text = cond.encoder_hidden_states
+        guidance = None
+        if net.config.guidance_embeds:
+            guidance = torch.full((b,), float(self.embedded_guidance), device=x_t.device, dtype=torch.float32)
+        out = net(hidden_states=pack_latents(x_t), timestep=timestep, guidance=guidance,
+                  pooled_projections=cond.added_cond_kwargs["pooled_projections"], encoder_hidden_states=text,
+                  txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device, dtype=text.dtype),
+                  img_ids=image_ids(h, w, x_t.device, text.dtype), return_dict=False)[0]
+        return unpack_latents(out, h, w)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> Cond:
+        """As FluxPipeline.encode_prompt: the T5 sequence, and CLIP's pooled output as the pooled projection."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        clip, t5 = self.text_encoders
+        ids = self._clip_ids(self.tokenizers[0], prompts, self.clip_max_length).to(clip.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output.to(clip.dtype)
+        sequence = self._t5(t5, self.tokenizers[1], prompts)
+        return Cond(sequence, {"pooled_projections": pooled.to(sequence.device)})
+
+    @classmethod
+    def kohya_tensors(cls, state, rank, alpha, dtype=None):
+        """The kohya / ComfyUI (BFL) layout FluxPipeline.load_lora_weights converts: `lora_unet_double_blocks_*`,
+        `lora_unet_single_blocks_*`, `lora_unet_final_layer_linear`.
+
+        BFL fuses q|k|v (and, in single blocks, the MLP in) into one linear; a group of n LoRAs of rank r becomes one
+        of rank n r (A stacked, B block-diagonal, alpha n alpha: the same alpha / r scale), which diffusers splits back
+        exactly. A member the adapter lacks gets zeros. diffusers applies final_layer without alpha, so its B carries
+        the scale and its alpha is r.
+        """
+        from ...export import lora_modules
+
+        def cast(v):
+            return v if dtype is None else v.to(dtype)
+
+        modules, out, used = set(lora_modules(state)), {}, set()
+
+        def single(name, module, scale_into_b=False):
+            a, b_ = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            out[f"{name}.lora_down.weight"] = cast(a)
+            out[f"{name}.lora_up.weight"] = cast(b_ * (alpha / rank) if scale_into_b else b_)
+            out[f"{name}.alpha"] = torch.tensor(float(rank if scale_into_b else alpha), dtype=dtype or torch.float32)
+            used.add(module)
+
+        def fused(name, members):
+            present = [m for m in members if m in modules]
+            if not present:
+                return
+            downs, ups = [], []
+            for m in members:
+                if m in modules:
+                    downs.append(state[f"{m}.lora_A.weight"])
+                    ups.append(state[f"{m}.lora_B.weight"])
+                    used.add(m)
+                else:
+                    raise ValueError(f"{m} has no LoRA but {present[0]} does: BFL's kohya layout fuses them into "
+                                     f"{name}; train with all of {[x.rsplit('.', 1)[-1] for x in members]} targeted")
+            n = len(members)
+            out[f"{name}.lora_down.weight"] = cast(torch.cat(downs))
+            out[f"{name}.lora_up.weight"] = cast(torch.block_diag(*[u.flatten(1) for u in ups]))
+            out[f"{name}.alpha"] = torch.tensor(float(n * alpha), dtype=dtype or torch.float32)
+
+        blocks = sorted({int(m.split(".")[1]) for m in modules if m.startswith("transformer_blocks.")})
+        for i in blocks:
+            prefix = f"transformer_blocks.{i}"
+            for part, bfl in _DOUBLE.items():
+                if f"{prefix}.{part}" in modules:
+                    single(f"lora_unet_double_blocks_{i}_{bfl}", f"{prefix}.{part}")
+            for bfl, parts in _DOUBLE_FUSED.items():
+                fused(f"lora_unet_double_blocks_{i}_{bfl}", [f"{prefix}.{p}" for p in parts])
+        singles = sorted({int(m.split(".")[1]) for m in modules if m.startswith("single_transformer_blocks.")})
+        for i in singles:
+            prefix = f"single_transformer_blocks.{i}"
+            fused(f"lora_unet_single_blocks_{i}_linear1", [f"{prefix}.{p}" for p in _SINGLE_FUSED])
+            if f"{prefix}.proj_out" in modules:
+                single(f"lora_unet_single_blocks_{i}_linear2", f"{prefix}.proj_out")
+        if "proj_out" in modules:
+            single("lora_unet_final_layer_linear", "proj_out", scale_into_b=True)
+        left = sorted(modules - used)
+        if left:
+            raise ValueError(f"no kohya (BFL) name for the FLUX modules {left[:3]}: export the diffusers format")
+        return out

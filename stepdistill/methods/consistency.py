@@ -232,7 +232,9 @@ class FeatureHeads(nn.Module):
 
     def __init__(self, channels: list[int], width: int = 64):
         super().__init__()
-        groups = math.gcd(32, width)
+        # At least two channels per group: at 64 px the deepest full-size feature map is 1x1, where GroupNorm with
+        # one channel per group would have a single value to normalise (an error in training mode).
+        groups = math.gcd(32, max(width // 2, 1))
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, 1, 1))
             for c in channels

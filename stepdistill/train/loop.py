@@ -347,8 +347,11 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         final = self.export_stage("final", None)
+        if hasattr(self.built.data, "sync_report"):  # a stream counts bad records as it reads them (every process)
+            self.built.data.sync_report()
         dist.barrier()
         if dist.rank == 0:
+            (self.out / "data_report.json").write_text(json.dumps(self.data_reports, indent=1) + "\n")
             self._report_data()
         return final
 
@@ -428,14 +431,14 @@ class Trainer:
         from torchvision.utils import save_image
 
         b = self.built
-        idx = list(range(min(n, len(b.data.prompts))))
-        cond = b.data.cond.index(torch.tensor(idx)).to(self.dist.device)
+        prompts, cond = b.data.first_encoded(n)
+        cond = cond.to(self.dist.device)
         g = torch.Generator().manual_seed(self.cfg.seed)
-        x_T = torch.randn((len(idx), *b.nets.extra["latent_shape"]), generator=g).to(self.dist.device)
+        x_T = torch.randn((len(prompts), *b.nets.extra["latent_shape"]), generator=g).to(self.dist.device)
         latents = b.distiller.sample(b.nets, cond, x_T, generator=g)
         images = b.family.decode(latents).float().clamp(-1, 1) * 0.5 + 0.5
         (self.out / "samples").mkdir(exist_ok=True)
-        save_image(images.cpu(), self.out / "samples" / f"step-{self.step:06d}.png", nrow=len(idx))
+        save_image(images.cpu(), self.out / "samples" / f"step-{self.step:06d}.png", nrow=len(prompts))
 
     def close(self):
         if self.dist.world > 1 and torch.distributed.is_initialized():

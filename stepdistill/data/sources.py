@@ -151,7 +151,7 @@ def open_prompts(spec: str, text_field: str = "", max_words: int = 0):
         datasets = _need("datasets")
         try:
             ds = datasets.Dataset.from_json(str(path))
-        except Exception as e:  # pyarrow's JSON reader names the line; keep it to one line
+        except Exception as e:  # noqa: BLE001 - pyarrow's and datasets' errors vary; keep them to one line
             raise DataError(f"{path} is not readable JSON lines ({str(e).splitlines()[0][:200]})") from None
         return ArrowTexts(ds, text_field, path, max_words)
     if suffix == ".parquet":
@@ -250,19 +250,23 @@ class WebDatasetShards:
         for s, path in enumerate(shards):
             samples: dict[str, dict] = {}
             size = path.stat().st_size
+            end = 0
             try:
                 with tarfile.open(path, "r:") as tf:
                     for m in tf:
+                        end = m.offset_data + -(-m.size // 512) * 512
                         if m.isfile() and m.offset_data + m.size <= size:
                             key, ext = base_plus_ext(m.name)
                             if key is not None:
                                 samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
                         elif m.isfile():
                             raise tarfile.ReadError("member past the end of the file")
+                # tarfile stops quietly at a cut between members: a whole tar ends in two zero blocks after the last.
+                if size < end + 1024:
+                    raise tarfile.ReadError("no end-of-archive blocks")
             except (tarfile.TarError, EOFError, OSError):
                 self.index_report["truncated shard"] += 1
-            for key in samples:  # tar order, as written
-                parts = samples[key]
+            for parts in samples.values():  # tar order, as written
                 img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
                 cap = parts.get("txt") or parts.get("json")
                 if img is None:

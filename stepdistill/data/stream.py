@@ -132,7 +132,7 @@ class StreamData:
             while not stop.is_set():
                 try:
                     item = self._produce(order)
-                except BaseException as e:  # handed to the consumer, raised in the training thread
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised in the training thread
                     item = e
                 while not stop.is_set():
                     try:
@@ -279,7 +279,7 @@ def open_data(family, data, resolution: int, seed: int, rank: int = 0, world: in
     """PromptData or StreamData for the config section `data` (data.prompts, data.images, data.cache, ...)."""
     from .images import encode_latents, read_toy_images
 
-    kw = dict(batch_size=data.batch_size, seed=seed, rank=rank, world=world)
+    kw = {"batch_size": data.batch_size, "seed": seed, "rank": rank, "world": world}
     if data.images and data.prompts:
         # One meaning, said out loud: the captions of the images condition every loss term.
         log.warning("data.images=%s and data.prompts=%s are both set: the images' captions are the prompts of every "

@@ -42,12 +42,15 @@ def collect_reports():
         _REPORTS.reset(token)
 
 
-def publish_report(kind: str, source, report) -> None:
-    """Hand a reader's report (a dataclass or dict) to the active collect_reports() block, if any."""
+def publish_report(kind: str, source, report) -> dict:
+    """Hand a reader's report (a dataclass or dict) to the active collect_reports() block, if any. Returns the entry:
+    a reader that keeps counting while training runs (a stream) updates it in place."""
+    fields = asdict(report) if not isinstance(report, dict) else dict(report)
+    entry = {"kind": kind, "source": str(source), **fields}
     reports = _REPORTS.get()
     if reports is not None:
-        fields = asdict(report) if not isinstance(report, dict) else dict(report)
-        reports.append({"kind": kind, "source": str(source), **fields})
+        reports.append(entry)
+    return entry
 
 
 def summarize_reports(reports: list[dict]) -> str:

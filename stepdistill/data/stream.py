@@ -78,9 +78,10 @@ class StreamData:
         if bad_at_index > max_bad_fraction * (len(source) + bad_at_index):
             raise DataError(f"{spec}: {bad_at_index} of {len(source) + bad_at_index} records are unusable "
                             f"({_describe(source.index_report)}), more than data.max_bad_fraction={max_bad_fraction}")
-        self.report = {"kind": source.kind, "source": str(spec), "mode": "stream", "kept": len(source),
-                       **{_key(k): v for k, v in source.index_report.items()}, "skipped_count": bad_at_index}
-        publish_report(source.kind, spec, self.report)  # the same dict: sync_report() fills in what reading found
+        # The published entry itself: sync_report() fills in what reading found.
+        self.report = publish_report(source.kind, spec, {
+            "mode": "stream", "kept": len(source), **{_key(k): v for k, v in source.index_report.items()},
+            "skipped_count": bad_at_index})
         if sum(source.index_report.values()):
             log.warning("%s: %d records left out (%s); the counts are in the run's data_report.json", spec,
                         sum(source.index_report.values()), _describe(source.index_report))

@@ -120,3 +120,38 @@ def test_killing_one_rank_stops_the_job_and_the_rerun_gives_the_same_lora(tiny_s
     proc = torchrun(image_args(killed, tiny_sd15_dir, shards, *sets), nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_lora(straight / "final", killed / "final")
+
+
+def test_stream_and_cache_serve_the_same_batches_and_encodings(tiny_sd15_dir, prompts_file):
+    """What the loop, write_samples and dmd's ODE pairs read is the same whichever data.cache is chosen."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from stepdistill.data.stream import StreamData, open_data
+    from stepdistill.models import load_family
+
+    family = load_family(str(tiny_sd15_dir), "sd15", device=torch.device("cpu"), dtype=torch.float32)
+    cfg = dict(prompts=str(prompts_file), images="", batch_size=3, text_field="", max_bad_fraction=0.05, prefetch=2,
+               max_prompt_words=0)
+    memory = open_data(family, SimpleNamespace(**cfg, cache="memory"), 16, seed=5)
+    stream = open_data(family, SimpleNamespace(**cfg, cache="stream"), 16, seed=5)
+    assert isinstance(stream, StreamData) and not isinstance(memory, StreamData)
+    for _ in range(5):  # past the end of an epoch (10 prompts)
+        pm, cm, um, _ = memory.next()
+        ps, cs, us, _ = stream.next()
+        assert pm == ps
+        assert torch.allclose(cm.encoder_hidden_states, cs.encoder_hidden_states, atol=1e-6)
+        assert torch.equal(um.encoder_hidden_states, us.encoder_hidden_states)
+    assert memory.state_dict()["position"] == stream.state_dict()["position"]
+    assert memory.first_encoded(3)[0] == stream.first_encoded(3)[0]
+    idx = torch.tensor([4, 0, 4])
+    assert torch.allclose(memory.conds.index(idx).encoder_hidden_states, stream.conds.index(idx).encoder_hidden_states,
+                          atol=1e-6)
+    assert len(memory.conds) == len(stream.conds) == len(memory)
+    # A restored stream continues where the saved one stood, not where its prefetch thread had got to.
+    other = open_data(family, SimpleNamespace(**cfg, cache="stream"), 16, seed=5)
+    other.load_state_dict(stream.state_dict())
+    assert other.next()[0] == stream.next()[0]
+    stream.close()
+    other.close()

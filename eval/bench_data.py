@@ -89,9 +89,11 @@ def run_row(n: int, procs: int, cache: str, workdir: Path, model: Path, args) ->
     prompts = write_prompts(workdir / f"prompts_{n}.txt", n)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        worker = ["-m", "stepdistill.eval.bench_data", "--worker", "--model", model, "--prompts", prompts,
-                  "--n", n, "--cache", cache, "--batch", args.batch, "--steps", args.steps, "--data-batches",
-                  args.data_batches, "--threads", args.threads, "--run-dir", Path(tmp) / "run", "--result", result]
+        # One JSON argument: torchrun would read option-like words after the module as its own abbreviations.
+        job = {"model": str(model), "prompts": str(prompts), "n": n, "cache": cache, "batch": args.batch,
+               "steps": args.steps, "data_batches": args.data_batches, "threads": args.threads,
+               "run_dir": str(Path(tmp) / "run"), "result": str(result)}
+        worker = ["-m", "stepdistill.eval.bench_data", "--worker", json.dumps(job)]
         launch = [sys.executable] if procs == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -154,14 +156,13 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_data")
     _add_arguments(p)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("model", "prompts", "run-dir", "result"):
-        p.add_argument(f"--{name}", help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one row, as JSON (run_row)
     args = p.parse_args(argv)
-    args.cache = args.cache[0] if args.worker else args.cache
     logging.basicConfig(level=logging.WARNING)
-    (_worker if args.worker else bench_data)(args)
+    if args.worker:
+        _worker(argparse.Namespace(**json.loads(args.worker)))
+    else:
+        bench_data(args)
 
 
 if __name__ == "__main__":

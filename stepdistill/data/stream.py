@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # data.cache=auto keeps sets of up to this many records in memory and streams larger ones: docs/data.md,
 # "Choosing the cache", has the measurements behind it.
-MEMORY_MAX_RECORDS = 20_000
+MEMORY_MAX_RECORDS = 5_000
 # ... and never more than this many bytes of cached embeddings and latents (SDXL: 315 KB a prompt, 3,400 prompts).
 MEMORY_MAX_BYTES = 1 << 30
 MAX_REPLACEMENTS = 64  # tries to replace one bad record before giving up on the data set

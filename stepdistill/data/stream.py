@@ -75,9 +75,8 @@ class StreamData:
         self.rows = 0  # records this process read, bad ones included
         self._worker = None
         bad_at_index = _bad(source.index_report)
-        if bad_at_index > max_bad_fraction * (len(source) + bad_at_index):
-            raise DataError(f"{spec}: {bad_at_index} of {len(source) + bad_at_index} records are unusable "
-                            f"({_describe(source.index_report)}), more than data.max_bad_fraction={max_bad_fraction}")
+        _check_fraction(spec, bad_at_index, len(source) + bad_at_index, max_bad_fraction,
+                        _describe(source.index_report))
         # The published entry itself: sync_report() fills in what reading found.
         self.report = publish_report(source.kind, spec, {
             "mode": "stream", "kept": len(source), **{_key(k): v for k, v in source.index_report.items()},
@@ -172,9 +171,8 @@ class StreamData:
         for k, v in counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         bad = sum(self.counts.values())
-        if self.rows >= MIN_ROWS_FOR_FRACTION and bad > self.max_bad_fraction * self.rows:
-            raise DataError(f"{self.spec}: {bad} of the {self.rows} records read are unusable "
-                            f"({_describe(self.counts)}), more than data.max_bad_fraction={self.max_bad_fraction}")
+        if self.rows >= MIN_ROWS_FOR_FRACTION:
+            _check_fraction(self.spec, bad, self.rows, self.max_bad_fraction, _describe(self.counts))
         return prompts, cond.to(device), uncond.to(device), latents.to(device) if latents is not None else None
 
     # -- what work done once per run needs (write_samples, dmd's ODE pairs) --
@@ -262,12 +260,10 @@ def _read_all(source, spec, max_bad_fraction):
             records.append(source.get(i))
         except BadRecord as e:
             counts[str(e)] = counts.get(str(e), 0) + 1
-    bad = sum(counts.values())
+    bad = _bad(counts)
     if not records:
         raise DataError(f"{spec} has no usable records ({_describe(counts)}): docs/data.md says what each format needs")
-    if bad > max_bad_fraction * (len(records) + bad):
-        raise DataError(f"{spec}: {bad} of {len(records) + bad} records are unusable ({_describe(counts)}), more "
-                        f"than data.max_bad_fraction={max_bad_fraction}")
+    _check_fraction(spec, bad, len(records) + bad, max_bad_fraction, _describe(counts))
     if bad:
         log.warning("%s: kept %d records, skipped %d (%s); the counts are in the run's data_report.json", spec,
                     len(records), bad, _describe(counts))
@@ -276,16 +272,28 @@ def _read_all(source, spec, max_bad_fraction):
     return records
 
 
+def _check_fraction(spec, bad: int, total: int, max_bad_fraction: float, what: str = "") -> None:
+    if bad > max_bad_fraction * total:
+        raise DataError(f"{spec}: {bad} of {total} records are unusable{f' ({what})' if what else ''}, more than "
+                        f"data.max_bad_fraction={max_bad_fraction}: fix the data, or raise data.max_bad_fraction")
+
+
 def open_data(family, data, resolution: int, seed: int, rank: int = 0, world: int = 1, progress: bool = False):
     """PromptData or StreamData for the config section `data` (data.prompts, data.images, data.cache, ...)."""
-    from .images import encode_latents, read_toy_images
-
-    kw = {"batch_size": data.batch_size, "seed": seed, "rank": rank, "world": world}
+    out = _open_data(family, data, resolution, seed, rank, world, progress)
     if data.images and data.prompts:
         # One meaning, said out loud: the captions of the images condition every loss term.
         log.warning("data.images=%s and data.prompts=%s are both set: the images' captions are the prompts of every "
                     "loss term and data.prompts is not read (unset one to silence this)", data.images, data.prompts)
         publish_report("prompts", data.prompts, {"not_read": 1, "because": f"data.images={data.images} is set"})
+    return out
+
+
+def _open_data(family, data, resolution, seed, rank, world, progress):
+    from .images import encode_latents, read_image_folder, read_toy_images
+    from .sources import ImageFolder
+
+    kw = {"batch_size": data.batch_size, "seed": seed, "rank": rank, "world": world}
     if data.images.startswith("toy:"):
         images, captions = read_toy_images(data.images, resolution, seed)
         latents = encode_latents(family, images, progress=progress)
@@ -309,6 +317,11 @@ def open_data(family, data, resolution: int, seed: int, rank: int = 0, world: in
     if isinstance(source, TextLines):  # today's reader and report for text files
         prompts, _ = read_prompts(data.prompts, data.max_prompt_words)
         return PromptData.from_family(family, prompts, progress=progress, **kw)
+    if isinstance(source, ImageFolder):  # today's reader and report (skipped files by name) for image folders
+        images, captions, report = read_image_folder(data.images, resolution)
+        _check_fraction(data.images, len(report.skipped), len(captions) + len(report.skipped), data.max_bad_fraction)
+        latents = encode_latents(family, images, progress=progress)
+        return PromptData.from_family(family, captions, progress=progress, latents=latents, **kw)
     records = _read_all(source, spec, data.max_bad_fraction)
     latents = None
     if data.images:

@@ -175,7 +175,7 @@ class PromptData:
     def __init__(self, prompts, cond: Cond, uncond: Cond, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  latents: torch.Tensor | None = None):
         self.prompts, self.cond, self.uncond, self.latents = prompts, cond, uncond, latents
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.seed, self.rank, self.world = seed, rank, world
         self.order = Order(len(prompts), batch_size, seed, rank, world)
 
     @classmethod
@@ -197,6 +197,14 @@ class PromptData:
     # Kept as attributes for callers and tests that read them.
     epoch = property(lambda self: self.order.epoch)
     position = property(lambda self: self.order.position)
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int):  # the training benchmark sweeps it on one built run
+        self.order.batch_size = int(value)
 
     def __len__(self):
         return len(self.prompts)

@@ -66,7 +66,7 @@ class StreamData:
         if len(source) == 0:
             raise DataError(f"{spec} has no usable records ({_describe(source.index_report)})")
         self.family, self.source, self.spec = family, source, spec
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.seed, self.rank, self.world = seed, rank, world
         self.prefetch, self.max_bad_fraction = prefetch, max_bad_fraction
         self.order = Order(len(source), batch_size, seed, rank, world)
         with torch.no_grad():
@@ -87,6 +87,15 @@ class StreamData:
 
     def __len__(self):
         return len(self.source)
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int):
+        self._stop()  # prefetched batches have the old size
+        self.order.batch_size = int(value)
 
     # -- reading one record, and its deterministic replacement when it is bad --
     def _read(self, i: int, counts: dict):
@@ -125,7 +134,7 @@ class StreamData:
     # -- the background thread: the next `prefetch` batches, prepared in order while the step runs --
     def _start(self):
         order = Order(len(self.source), self.batch_size, self.seed, self.rank, self.world)
-        order.load_state_dict(self.order.state_dict())
+        order.load_state_dict(self.order.state_dict())  # a copy: self.order moves only as batches are consumed
         q, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
 
         def work():

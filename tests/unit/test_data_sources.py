@@ -229,3 +229,15 @@ def test_stream_choice_threshold():
     assert not use_memory("auto", 10_000, 315 * 1024)  # SDXL embeddings: 3 GB of host memory
     assert use_memory("memory", 10**7, 10**6) and not use_memory("stream", 1, 1)
     assert np.isscalar(MEMORY_MAX_RECORDS)
+
+
+def test_cat_conds_equals_pairwise_cat_with_added_conditioning():
+    from stepdistill.core.denoiser import Cond
+    from stepdistill.data.prompts import cat_conds
+
+    parts = [Cond(torch.randn(n, 3, 4), {"text_embeds": torch.randn(n, 5), "time_ids": torch.randn(n, 6)})
+             for n in (2, 1, 3)]
+    joined, pairwise = cat_conds(parts), parts[0].cat(parts[1]).cat(parts[2])
+    assert torch.equal(joined.encoder_hidden_states, pairwise.encoder_hidden_states)
+    assert all(torch.equal(joined.added_cond_kwargs[k], pairwise.added_cond_kwargs[k]) for k in pairwise.added_cond_kwargs)
+    assert cat_conds([Cond(torch.ones(1, 2))]).added_cond_kwargs is None

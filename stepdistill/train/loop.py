@@ -441,6 +441,9 @@ class Trainer:
         save_image(images.cpu(), self.out / "samples" / f"step-{self.step:06d}.png", nrow=len(prompts))
 
     def close(self):
+        data = getattr(getattr(self, "built", None), "data", None)
+        if hasattr(data, "close"):  # a stream's background thread
+            data.close()
         if self.dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

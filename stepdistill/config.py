@@ -37,14 +37,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = ""  # text file, one prompt per line
+    prompts: str = ""  # .txt (one per line), .jsonl/.json/.parquet, or a datasets save_to_disk folder (docs/data.md)
     batch_size: int = 4  # per process and micro-step
     max_prompt_words: int = 0  # 0 = no limit (the tokenizer truncates to its own length anyway)
-    images: str = ""  # image-caption pairs (folder, or toy:N); when set, captions are the prompts
+    # Image-caption pairs: a folder (.txt captions or metadata.jsonl), a datasets folder with an image column,
+    # WebDataset shards (shards/{000000..000127}.tar or a folder of .tar), or toy:N. When set, the captions are the
+    # prompts of every loss term and data.prompts is not read (a warning says so).
+    images: str = ""
+    text_field: str = ""  # caption / prompt field of json, parquet, datasets and shard records; "" = text or prompt
+    cache: str = "auto"  # memory: encode every prompt (and image) up front | stream: per batch | auto: by set size
+    max_bad_fraction: float = 0.05  # stop when more than this share of the records read are unusable
+    prefetch: int = 2  # batches prepared ahead by a background thread when streaming
 
     def validate(self):
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.max_prompt_words", self.max_prompt_words, 0)
+        _at_least("data.prefetch", self.prefetch, 0)
+        _choice("data.cache", self.cache, ("auto", "memory", "stream"))
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be within [0, 1] (got {self.max_bad_fraction})")
         n = self.images[len("toy:"):] if self.images.startswith("toy:") else "1"
         if not (n.isdigit() and int(n) >= 1):
             raise ConfigError(f"data.images={self.images!r}: write toy:N with N >= 1 images, e.g. toy:20000")

@@ -1,4 +1,6 @@
-"""Prompt sets and the text-embedding cache: prompts are encoded once, so training never runs text encoders per step."""
+"""Prompt files, data reports, the deterministic per-process order, and the in-memory text-embedding cache.
+
+Small sets are encoded once up front (PromptData); large ones stream (data.stream.StreamData, docs/data.md)."""
 
 from __future__ import annotations
 
@@ -40,12 +42,15 @@ def collect_reports():
         _REPORTS.reset(token)
 
 
-def publish_report(kind: str, source, report) -> None:
-    """Hand a reader's report (a dataclass or dict) to the active collect_reports() block, if any."""
+def publish_report(kind: str, source, report) -> dict:
+    """Hand a reader's report (a dataclass or dict) to the active collect_reports() block, if any. Returns the entry:
+    a reader that keeps counting while training runs (a stream) updates it in place."""
+    fields = asdict(report) if not isinstance(report, dict) else dict(report)
+    entry = {"kind": kind, "source": str(source), **fields}
     reports = _REPORTS.get()
     if reports is not None:
-        fields = asdict(report) if not isinstance(report, dict) else dict(report)
-        reports.append({"kind": kind, "source": str(source), **fields})
+        reports.append(entry)
+    return entry
 
 
 def summarize_reports(reports: list[dict]) -> str:
@@ -110,45 +115,39 @@ def _cond_rows(cond: Cond, idx) -> Cond:
     return cond.index(torch.as_tensor(idx, dtype=torch.long))
 
 
-class PromptData:
-    """Cached prompt embeddings served in a deterministic, resumable, per-process order.
+def cat_conds(parts: list[Cond]) -> Cond:
+    """One torch.cat per tensor over all parts (Cond.cat in a loop copies the growing result: quadratic)."""
+    first = parts[0]
+    added = None
+    if first.added_cond_kwargs is not None:
+        added = {k: torch.cat([p.added_cond_kwargs[k] for p in parts]) for k in first.added_cond_kwargs}
+    return Cond(torch.cat([p.encoder_hidden_states for p in parts]), added)
 
-    Order: a permutation of all prompts per epoch drawn from (seed, epoch); process r of W takes every W-th
-    index from r, so W processes together see the same prompts as one process with a W-times larger batch.
-    """
 
-    def __init__(self, prompts, cond: Cond, uncond: Cond, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 latents: torch.Tensor | None = None):
-        self.prompts, self.cond, self.uncond, self.latents = prompts, cond, uncond, latents
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The global order of epoch `epoch`: a permutation of range(n) drawn from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class Order:
+    """Deterministic, resumable, per-process walk over n records: epoch permutations from (seed, epoch); each global
+    batch holds batch_size * world records and process r of W takes rows r::W of it, so W processes together see
+    what one process with a W-times larger batch sees."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.position = 0, 0  # position counts global samples consumed in this epoch
+        self._perm = (None, None)
 
-    @classmethod
-    def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False, latents=None):
-        from tqdm.auto import tqdm
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:  # one randperm per epoch, not per batch (1M records: ~20 ms each)
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
+        return self._perm[1]
 
-        parts, too_long = [], 0
-        for i in tqdm(range(0, len(prompts), chunk), desc="encoding prompts", disable=not progress):
-            parts.append(family.encode_prompts(prompts[i : i + chunk]).to("cpu"))
-            too_long += count_too_long(family, prompts[i : i + chunk])
-        if too_long:
-            log.warning("%d of %d prompts are longer than the text encoder reads (%d tokens): only their start is "
-                        "used", too_long, len(prompts), _max_tokens(family))
-        publish_report("tokenizer", getattr(family, "path", ""), {
-            "kept": len(prompts), "truncated_by_tokenizer": too_long, "max_tokens": _max_tokens(family)})
-        cond = parts[0]
-        for p in parts[1:]:
-            cond = cond.cat(p)
-        return cls(prompts, cond, family.empty_cond(1).to("cpu"), batch_size, seed, rank, world, latents)
-
-    def _permutation(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        return torch.randperm(len(self.prompts), generator=g)
-
-    def next_indices(self) -> list[int]:
-        """Global batch of batch_size * world prompts; this process's share."""
-        global_bs = self.batch_size * self.world
-        out = []
+    def next_global(self) -> tuple[list[int], int]:
+        """The next global batch's record indices (all processes') and the epoch of its first record."""
+        global_bs, out, epoch = self.batch_size * self.world, [], self.epoch
         while len(out) < global_bs:
             perm = self._permutation(self.epoch)
             take = min(global_bs - len(out), len(perm) - self.position)
@@ -156,7 +155,62 @@ class PromptData:
             self.position += take
             if self.position >= len(perm):
                 self.epoch, self.position = self.epoch + 1, 0
-        return out[self.rank :: self.world]
+        return out, epoch
+
+    def next_indices(self) -> list[int]:
+        """Global batch of batch_size * world records; this process's share."""
+        return self.next_global()[0][self.rank :: self.world]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class PromptData:
+    """Cached prompt embeddings (all encoded up front, held in host memory) served in Order's deterministic,
+    resumable, per-process order. The streaming twin with the same interface is data.stream.StreamData."""
+
+    def __init__(self, prompts, cond: Cond, uncond: Cond, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 latents: torch.Tensor | None = None):
+        self.prompts, self.cond, self.uncond, self.latents = prompts, cond, uncond, latents
+        self.seed, self.rank, self.world = seed, rank, world
+        self.order = Order(len(prompts), batch_size, seed, rank, world)
+
+    @classmethod
+    def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False, latents=None):
+        from tqdm.auto import tqdm
+
+        parts, too_long = [], 0
+        with torch.no_grad():
+            for i in tqdm(range(0, len(prompts), chunk), desc="encoding prompts", disable=not progress):
+                parts.append(family.encode_prompts(prompts[i : i + chunk]).to("cpu"))
+                too_long += count_too_long(family, prompts[i : i + chunk])
+        if too_long:
+            log.warning("%d of %d prompts are longer than the text encoder reads (%d tokens): only their start is "
+                        "used", too_long, len(prompts), _max_tokens(family))
+        publish_report("tokenizer", getattr(family, "path", ""), {
+            "kept": len(prompts), "truncated_by_tokenizer": too_long, "max_tokens": _max_tokens(family)})
+        return cls(prompts, cat_conds(parts), family.empty_cond(1).to("cpu"), batch_size, seed, rank, world, latents)
+
+    # Kept as attributes for callers and tests that read them.
+    epoch = property(lambda self: self.order.epoch)
+    position = property(lambda self: self.order.position)
+
+    @property
+    def batch_size(self) -> int:
+        return self.order.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int):  # the training benchmark sweeps it on one built run
+        self.order.batch_size = int(value)
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def next_indices(self) -> list[int]:
+        return self.order.next_indices()
 
     def next(self, device=None):
         """(prompts, cond, uncond, latents or None) of this process's next micro-batch."""
@@ -166,8 +220,34 @@ class PromptData:
         latents = self.latents[torch.as_tensor(idx)].to(device) if self.latents is not None else None
         return [self.prompts[i] for i in idx], cond, uncond, latents
 
+    # -- what work done once per run needs (write_samples, dmd's ODE pairs): the same on PromptData and StreamData --
+    def first_encoded(self, n: int) -> tuple[list[str], Cond]:
+        """The run's first n prompts (file order) and their embeddings, on the CPU."""
+        idx = list(range(min(n, len(self))))
+        return [self.prompts[i] for i in idx], _cond_rows(self.cond, idx)
+
+    def encode_indices(self, idx) -> Cond:
+        """Embeddings of the prompts at `idx` (file order), on the CPU."""
+        return _cond_rows(self.cond, idx)
+
+    @property
+    def conds(self):
+        """All prompts' embeddings as something with len() and .index(idx) (here the cache itself)."""
+        return self.cond
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position}
+        return self.order.state_dict()
 
     def load_state_dict(self, state):
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order.load_state_dict(state)
+
+    def sync_report(self) -> None:
+        """Nothing to gather: the cache read every record up front (StreamData counts as it reads)."""
+
+    def close(self) -> None:
+        """Nothing to stop (StreamData stops its prefetch thread)."""

@@ -15,7 +15,6 @@ trains a UNet student here and an MLP against an analytic teacher in tests/toy/t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -326,7 +325,7 @@ class DMDDistiller(CriticHeadState):
         regresses the teacher's CFG DDIM solve from the same z and prompt. Returns (per-sample loss, student x0)."""
         pairs = self._ode_pairs(nets)
         i = batch.randint(0, len(pairs["z"]), device="cpu")
-        cond = self.ctx.prompt_data.cond.index(pairs["prompt_index"][i]).to(nets.device)
+        cond = self.ctx.prompt_data.encode_indices(pairs["prompt_index"][i]).to(nets.device)
         z, target = pairs["z"][i].to(nets.device).float(), pairs["x0"][i].to(nets.device).float()
         t = torch.full((batch.size,), self.timesteps[0], dtype=torch.long, device=nets.device)
         x0 = self._x0(nets.student, z, t, cond)
@@ -340,9 +339,9 @@ class DMDDistiller(CriticHeadState):
             cfg, data = self.cfg, self.ctx.prompt_data
             meta = {"n": cfg.regression_pairs, "teacher_steps": cfg.regression_teacher_steps,
                     "guidance_scale": float(self.guidance_scale), "seed": data.seed,
-                    "prompts": hashlib.sha256("\n".join(data.prompts).encode()).hexdigest()}
+                    "prompts": data.fingerprint()}
             run_dir = self.ctx.run_dir
-            solve = partial(solve_ode_pairs, self._teacher(nets), data.cond, cfg.regression_pairs,
+            solve = partial(solve_ode_pairs, self._teacher(nets), data.conds, cfg.regression_pairs,
                             self.ctx.latent_shape, cfg.regression_teacher_steps, self.schedule, data.seed,
                             nets.device)
             self.pairs = load_or_solve_pairs(Path(run_dir) / REGRESSION_PAIRS_FILE if run_dir else None, meta, solve)

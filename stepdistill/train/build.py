@@ -18,7 +18,8 @@ from ..config import Config, ConfigError
 from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
 from ..core.dist import Dist
 from ..core.lora import add_adapter
-from ..data.prompts import PromptData, read_prompts
+from ..data.prompts import PromptData
+from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
 
@@ -139,20 +140,9 @@ def _families_with(parameterisations) -> list[str]:
     return [n for n in family_names() if set(get_family(n).parameterisations) & set(parameterisations)]
 
 
-def build_data(cfg: Config, family, resolution: int, rank: int, world: int, progress: bool) -> PromptData:
-    """Prompts alone, or image-caption pairs (captions become the prompts; images are cached as latents)."""
-    if not cfg.data.images:
-        prompts, _ = read_prompts(cfg.data.prompts, cfg.data.max_prompt_words)
-        return PromptData.from_family(family, prompts, cfg.data.batch_size, cfg.seed, rank, world, progress=progress)
-    from ..data.images import encode_latents, read_image_folder, read_toy_images
-
-    if cfg.data.images.startswith("toy:"):
-        images, captions = read_toy_images(cfg.data.images, resolution, cfg.seed)
-    else:
-        images, captions, _ = read_image_folder(cfg.data.images, resolution)
-    latents = encode_latents(family, images, progress=progress)
-    return PromptData.from_family(family, captions, cfg.data.batch_size, cfg.seed, rank, world,
-                                  progress=progress, latents=latents)
+def build_data(cfg: Config, family, resolution: int, rank: int, world: int, progress: bool):
+    """Prompts alone, or image-caption pairs (captions become the prompts), cached or streamed (docs/data.md)."""
+    return open_data(family, cfg.data, resolution, cfg.seed, rank, world, progress=progress)
 
 
 # torch.compile options of the UNet; tests swap in a cheap backend (e.g. {"backend": "eager"}).

@@ -316,8 +316,10 @@ class Trainer:
         bar.close()
         final = self.export_stage("final", None)
         self.tracking.close()
+        self.built.data.sync_report()  # a stream counts the bad records it read (every process)
         dist.barrier()
         if dist.rank == 0:
+            (self.out / "data_report.json").write_text(json.dumps(self.data_reports, indent=1) + "\n")
             self._report_data()
         return final
 
@@ -401,19 +403,22 @@ class Trainer:
         from torchvision.utils import save_image
 
         b = self.built
-        idx = list(range(min(n, len(b.data.prompts))))
-        cond = b.data.cond.index(torch.tensor(idx)).to(self.dist.device)
+        prompts, cond = b.data.first_encoded(n)
+        cond = cond.to(self.dist.device)
         g = torch.Generator().manual_seed(self.cfg.seed)
-        x_T = torch.randn((len(idx), *b.ctx.latent_shape), generator=g).to(self.dist.device)
+        x_T = torch.randn((len(prompts), *b.ctx.latent_shape), generator=g).to(self.dist.device)
         latents = b.distiller.sample(b.nets, cond, x_T, generator=g)
         images = b.family.decode(latents).float().clamp(-1, 1) * 0.5 + 0.5
         (self.out / "samples").mkdir(exist_ok=True)
         path = self.out / "samples" / f"step-{self.step:06d}.png"
-        save_image(images.cpu(), path, nrow=len(idx))
+        save_image(images.cpu(), path, nrow=len(prompts))
         return path
 
     def close(self):
         self.tracking.close()
+        built = getattr(self, "built", None)  # set-up may have failed before the data existed
+        if built is not None:
+            built.data.close()  # a stream's prefetch thread
         if self.dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -331,7 +331,8 @@ def test_bad_images_and_long_captions_are_skipped_counted_and_reported(tiny_sd15
     Image.new("RGB", (24, 24)).save(folder / "uncaptioned.png")
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
-        assert main(_argv("lcm", out, tiny_sd15_dir, prompts_file, f"data.images={folder}", "loop.max_steps=1")) == 0
+        assert main(_argv("lcm", out, tiny_sd15_dir, prompts_file, f"data.images={folder}", "loop.max_steps=1",
+                         "data.max_bad_fraction=0.5")) == 0  # 2 of 5 files bad, on purpose
     report = {r["kind"]: r for r in json.loads((out / "data_report.json").read_text())}
     assert report["images"]["kept"] == 3 and report["images"]["skipped_count"] == 2
     assert sorted(s.split(":")[0] for s in report["images"]["skipped"]) == ["corrupt.png", "uncaptioned.png"]

@@ -56,6 +56,10 @@ def build_family_model(family: str, tiny: bool, vae: str, device, dtype, seed: i
     if vae not in VAES:
         raise ValueError(f"vae {vae!r} is not supported: use one of {', '.join(VAES)}")
     family_cls = get_family(family)
+    if "flow" in family_cls.parameterisations:
+        # The word-level CLIP tokenizer below stands in for every text encoder; T5 needs its own (models.tiny_flow).
+        raise ValueError(f"random-init benchmark models of the {family} family (a flow-matching transformer) are not "
+                         "built yet: benchmark a UNet family, or train on a folder (stepdistill toy random-pipeline)")
     cfg = model_configs(family, tiny)
     # A word-level CLIP tokenizer stands in for CLIP's BPE vocabulary (not shipped offline); prompts are
     # padded to 77 tokens either way, so the text encoders do the same work.

@@ -362,10 +362,10 @@ def _one_line_error(capsys) -> str:
     return err.splitlines()[-1]
 
 
-def _flux_folder(tmp_path):
-    folder = tmp_path / "flux"
+def _unsupported_folder(tmp_path):
+    folder = tmp_path / "hunyuan"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline"}))
     return folder
 
 
@@ -378,7 +378,7 @@ def _prompt_file(tmp_path, text):
 @pytest.mark.parametrize("case, match", [
     ("missing-model", "no model at .*nothing: pass model.path="),
     ("not-a-pipeline", "not a diffusers pipeline folder .no model_index.json"),
-    ("unsupported-pipeline", "FluxPipeline pipeline, which stepdistill does not support"),
+    ("unsupported-pipeline", "HunyuanDiTPipeline pipeline, which stepdistill does not support"),
     ("wrong-family", "model.family='sdxl' but .* holds a sd15 model"),
     ("missing-prompts", "no prompts file at .*absent.txt: pass --set data.prompts=FILE"),
     ("empty-prompts", "has no usable prompts .* one prompt per line"),
@@ -392,7 +392,7 @@ def test_train_bad_input_exits_2_with_one_line(case, match, tiny_sd15_dir, promp
     elif case == "not-a-pipeline":
         model = tmp_path
     elif case == "unsupported-pipeline":
-        model = _flux_folder(tmp_path)
+        model = _unsupported_folder(tmp_path)
     elif case == "wrong-family":
         extra = ["model.family=sdxl"]
     elif case == "missing-prompts":

@@ -329,13 +329,14 @@ def fits(trainer, batch: int, iters: int = 2) -> bool:
     return False
 
 
-def largest_batch(fits_fn, limit: int) -> int:
-    """The largest b in 1..limit with fits_fn(b), for fits_fn true up to some size: doubling, then bisection.
+def largest_batch(fits_fn, limit: int, start: int = 1) -> int:
+    """The largest b in 1..limit with fits_fn(b), for fits_fn true up to some size: doubling from `start`, then
+    bisection (a `start` near the answer saves probes).
 
     0 when even batch 1 does not fit.
     """
     lo, hi = 0, limit + 1  # lo fits (0 trivially); hi is taken not to
-    b = 1
+    b = max(1, min(start, limit))
     while b < hi and fits_fn(b):
         lo, b = b, 2 * b
     hi = min(hi, b)

@@ -3,6 +3,7 @@ JSON, the summary table is written (also when a part fails), the plan is printed
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -22,7 +23,9 @@ def test_tiny_run_writes_every_part_and_the_table(tmp_path, capsys):
     assert {(r["method"], r["family"]) for r in train["rows"]} == set(bench_gpu.TRAIN_ROWS)
     assert all(r["passes"]["calls"] >= 3 for r in train["rows"])
     kernels = {r["kernel"] for r in json.loads((out / "attention.json").read_text())["rows"]}
-    assert {"sdpa", "triton"} <= kernels  # triton in its CPU interpreter
+    assert "sdpa" in kernels
+    if importlib.util.find_spec("triton") is not None:
+        assert "triton" in kernels  # in Triton's CPU interpreter
     summary = (out / "summary.md").read_text()
     assert "## Goals" in summary and "| infer | ok |" in summary
     assert summary in capsys.readouterr().out

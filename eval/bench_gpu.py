@@ -54,6 +54,7 @@ PARTS = {
     "infer": Part(0.25, 105, 20, "SDXL 1024 px 1- and 4-step latency, full / tiny VAE, eager / compiled"),
 }
 DEFAULT_BUDGET_S = 420  # the GPU session is 15 minutes with start-up; the command must end within 8
+H100_80GB_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an "80 GB" H100, in GiB
 GRACE_S = 10  # a part's subprocess is killed this long after its cap; its JSON keeps what it finished
 
 # docs/benchmarks.md, "GPU goals"
@@ -270,7 +271,7 @@ class _OutOfTime(Exception):
     pass
 
 
-def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = 80.0, limit: int = 32):
+def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H100_80GB_GIB, limit: int = 32):
     import tempfile
 
     from stepdistill.train.build import base_dtype
@@ -346,7 +347,7 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
 PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer}
 
 
-def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = 80.0) -> None:
+def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = H100_80GB_GIB) -> None:
     """One part in this process (the driver runs each in its own subprocess)."""
     device = _device(tiny)
     if tiny:
@@ -418,7 +419,7 @@ def _run_subprocess(part: str, out: Path, tiny: bool, cap_s: float, memory_gb: f
 
 
 def bench_gpu(out, parts=None, tiny: bool = False, budget_s: float = DEFAULT_BUDGET_S, dry_run: bool = False,
-              memory_gb: float = 80.0, show: bool = True) -> dict:
+              memory_gb: float = H100_80GB_GIB, show: bool = True) -> dict:
     """Run the parts, each in a subprocess within its cap; DIR/<part>.json, DIR/summary.md; returns the summary."""
     parts = list(parts or PARTS)
     unknown = [p for p in parts if p not in PARTS]
@@ -570,7 +571,8 @@ def add_bench_gpu_command(subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a rehearsal in seconds)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate per part")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="the whole run's time budget")
-    p.add_argument("--memory-gb", type=float, default=80.0, help="GPU memory the batch search may use (part max_batch)")
+    p.add_argument("--memory-gb", type=float, default=H100_80GB_GIB,
+                   help="GiB of GPU memory the batch search may use (part max_batch); default: what an 80 GB H100 has")
     p.add_argument("--run-part", choices=list(PARTS), help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     p.set_defaults(func=_bench_gpu_command)

@@ -36,7 +36,7 @@ shift || true
 mkdir -p "$OUT_DIR"
 
 # What the machine lacks, then stepdistill itself (its harness installs as stepdistill.eval, so it must be installed,
-# not run from the source tree).
+# not run from the source tree; pip leaves build/ and stepdistill.egg-info/ in the checkout, both git-ignored).
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl
 "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "$ROOT"

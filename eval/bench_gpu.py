@@ -274,9 +274,7 @@ class _OutOfTime(Exception):
 def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H100_80GB_GIB, limit: int = 32):
     import tempfile
 
-    from stepdistill.train.build import base_dtype
-
-    from .bench_train import bench_config, bench_data, bench_model, fits, largest_batch, make_trainer
+    from .bench_train import bench_run, fits, largest_batch, make_trainer
 
     if device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
@@ -287,9 +285,7 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
         limit = 4
         plog.note("CPU: no out-of-memory to catch; the search runs to its limit (4)")
     sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
-    cfg = bench_config("dmd", "sdxl", 1, sets)
-    model = bench_model("sdxl", tiny, device, base_dtype(cfg, torch.device(device)))
-    data = bench_data(cfg, model)
+    cfg, model, data = bench_run("dmd", "sdxl", tiny, device, 1, sets)
     probes = []
 
     def probe(b: int) -> bool:

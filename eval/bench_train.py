@@ -404,20 +404,27 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
     return row
 
 
+def bench_run(method: str, family: str, tiny: bool, device, batch: int, overrides=(), resolution: int = 0,
+              seed: int = 0, preset: dict | None = None):
+    """(config, random-init model in the run's base dtype, cached data) of one benchmarked run; make_trainer next."""
+    from ..train.build import base_dtype
+
+    cfg = bench_config(method, family, batch, overrides, resolution, preset)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = bench_model(family, tiny, device, base_dtype(cfg, device), seed)
+    return cfg, model, bench_data(cfg, model, seed)
+
+
 def bench_one(method: str, family: str, tiny: bool, device, batch: int, lever: str = "baseline", overrides=(),
               resolution: int = 0, iters: int = 5, warmup: int = 2, ceiling: dict | None = None,
               max_batch: int = 0, seed: int = 0, preset: dict | None = None) -> dict:
     """Build the run for (method, family, lever) and measure it; max_batch > 0 also searches the largest batch."""
-    from ..train.build import base_dtype
-
     if lever not in LEVERS:
         raise ValueError(f"unknown lever {lever!r}: use one of {', '.join(LEVERS)}")
     sets = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in LEVERS[lever].items()]
-    cfg = bench_config(method, family, batch, [*sets, *overrides], resolution, preset)
+    cfg, model, data = bench_run(method, family, tiny, device, batch, [*sets, *overrides], resolution, seed, preset)
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = bench_model(family, tiny, device, base_dtype(cfg, device), seed)
-    data = bench_data(cfg, model, seed)
     row = {"method": method, "family": family, "tiny": tiny, "lever": lever, "overrides": [*sets, *overrides],
            "resolution": cfg.model.resolution or model.resolution, "batch": batch, "base_dtype": cfg.model.dtype,
            "attention": cfg.model.attention}

@@ -10,6 +10,7 @@ method's critic updates), and reports:
   gradient-checkpointing recomputation that actually ran; docs/benchmarks.md, "FLOP accounting");
 * achieved TFLOP/s = FLOPs per iteration / step time, and its share of a bf16 matmul ceiling measured in the
   same process (the best of a few large square matmuls);
+* network passes: the UNet calls of that iteration (adapter, batch, grad; core/passes.py);
 * peak GPU memory, and with --find-max-batch the largest per-GPU batch that fits.
 
 Efficiency levers are config switches (`--levers` names a set of `--set` overrides per row), so what is
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, _merge, build_config, parse_overrides
+from ..core.passes import PassCounter
 from ..models.registry import family_names, get_family
 from ..registry import method_names
 
@@ -337,13 +339,14 @@ def fits(trainer, batch: int, iters: int = 2) -> bool:
     return False
 
 
-def largest_batch(fits_fn, limit: int) -> int:
-    """The largest b in 1..limit with fits_fn(b), for fits_fn true up to some size: doubling, then bisection.
+def largest_batch(fits_fn, limit: int, start: int = 1) -> int:
+    """The largest b in 1..limit with fits_fn(b), for fits_fn true up to some size: doubling from `start`, then
+    bisection (a `start` near the answer saves probes).
 
     0 when even batch 1 does not fit.
     """
     lo, hi = 0, limit + 1  # lo fits (0 trivially); hi is taken not to
-    b = 1
+    b = max(1, min(start, limit))
     while b < hi and fits_fn(b):
         lo, b = b, 2 * b
     hi = min(hi, b)
@@ -386,7 +389,9 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
     trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
     for _ in range(warmup):
         run_iteration(trainer)  # also compiles, when model.compile is on
-    flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.unet, cfg.model.attention, cfg.model.compile)
+    with PassCounter(trainer.built.nets.unet) as passes:  # the same iteration: its UNet calls (core/passes.py)
+        flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.unet, cfg.model.attention,
+                            cfg.model.compile)
     unit = unet_forward_flops(trainer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -400,6 +405,7 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
         "samples_per_s": samples / (ms * 1e-3), "flops_per_iteration": flops.total,
         "unet_forward_flops": unit, "forwards_per_sample": flops.total / (samples * unit),
         "achieved_tflops": achieved, "flops_by_op": flops.by_op, "flops_by_module": flops.by_module,
+        "passes": passes.summary(),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if ceiling:
@@ -408,20 +414,27 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
     return row
 
 
+def bench_run(method: str, family: str, tiny: bool, device, batch: int, overrides=(), resolution: int = 0,
+              seed: int = 0, preset: dict | None = None):
+    """(config, random-init model in the run's base dtype, cached data) of one benchmarked run; make_trainer next."""
+    from ..train.build import base_dtype
+
+    cfg = bench_config(method, family, batch, overrides, resolution, preset)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = bench_model(family, tiny, device, base_dtype(cfg, device), seed)
+    return cfg, model, bench_data(cfg, model, seed)
+
+
 def bench_one(method: str, family: str, tiny: bool, device, batch: int, lever: str = "baseline", overrides=(),
               resolution: int = 0, iters: int = 5, warmup: int = 2, ceiling: dict | None = None,
               max_batch: int = 0, seed: int = 0, preset: dict | None = None) -> dict:
     """Build the run for (method, family, lever) and measure it; max_batch > 0 also searches the largest batch."""
-    from ..train.build import base_dtype
-
     if lever not in LEVERS:
         raise ValueError(f"unknown lever {lever!r}: use one of {', '.join(LEVERS)}")
     sets = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in LEVERS[lever].items()]
-    cfg = bench_config(method, family, batch, [*sets, *overrides], resolution, preset)
+    cfg, model, data = bench_run(method, family, tiny, device, batch, [*sets, *overrides], resolution, seed, preset)
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = bench_model(family, tiny, device, base_dtype(cfg, device), seed)
-    data = bench_data(cfg, model, seed)
     row = {"method": method, "family": family, "tiny": tiny, "lever": lever, "overrides": [*sets, *overrides],
            "resolution": cfg.model.resolution or model.resolution, "batch": batch, "base_dtype": cfg.model.dtype,
            "attention": cfg.model.attention}
@@ -483,15 +496,20 @@ def format_table(rows: list[dict]) -> str:
     title = (f"device: {first['device']}; {first['ceiling_dtype']} matmul ceiling {first['ceiling_tflops']:.4g} "
              f"TFLOP/s (measured, {n}x{n}x{n}); median of {len(first['iteration_ms_all'])} iterations")
     header = ("method", "family", "res", "batch", "lever", "ms/iter", "samples/s", "TFLOP/iter", "F/sample",
-              "TFLOP/s", "% ceil", "peak GB", "max batch")
+              "TFLOP/s", "% ceil", "peak GB", "max batch", "passes")
     lines = [title, "  ".join(f"{h:>10}" for h in header)]
     for r in rows:
         peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         cells = (r["method"], r["family"] + ("-tiny" if r["tiny"] else ""), r["resolution"], r["batch"], r["lever"],
                  f"{r['iteration_ms']:.1f}", f"{r['samples_per_s']:.2f}", f"{r['flops_per_iteration'] / 1e12:.3g}",
                  f"{r['forwards_per_sample']:.2f}", f"{r['achieved_tflops']:.3g}", f"{100 * r['utilisation']:.1f}",
-                 peak, r.get("max_batch", "-"))
+                 peak, r.get("max_batch", "-"), r["passes"]["calls"])
         lines.append("  ".join(f"{c:>10}" for c in cells))
+    lines.append("passes: UNet calls of one update (adapter:fwd[+bwd]xbatch, count); core/passes.py")
+    for r in rows:
+        calls = ", ".join(f"{label} {n}" for label, n in r["passes"]["by_label"].items())
+        lines.append(f"  {r['method']} {r['family']} {r['lever']}: {r['passes']['calls']} calls, "
+                     f"{r['passes']['forward_rows']} rows forward, {r['passes']['grad_rows']} with grad: {calls}")
     return "\n".join(lines)
 
 

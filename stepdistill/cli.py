@@ -183,11 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     et.set_defaults(func=_eval_toy)
     _optional_commands(ev, "stepdistill.eval.cli", "add_eval_commands")
 
-    bench = sub.add_parser("bench", help="benchmarks: infer | train | eval | data").add_subparsers(dest="bench_command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks: infer | train | eval | data | gpu").add_subparsers(
+        dest="bench_command", required=True)
     _optional_commands(bench, "stepdistill.eval.bench_infer", "add_bench_infer_command")
     _optional_commands(bench, "stepdistill.eval.bench", "add_bench_eval_command")
     _optional_commands(bench, "stepdistill.eval.bench_train", "add_bench_train_command")
     _optional_commands(bench, "stepdistill.eval.bench_data", "add_bench_data_command")
+    _optional_commands(bench, "stepdistill.eval.bench_gpu", "add_bench_gpu_command")
     return p
 
 

@@ -81,6 +81,38 @@ def active_adapter(unet, name: str | None):
             m._active_adapter, m._disable_adapters = active, disabled
 
 
+def _inject_adapter_names(module, args, kwargs):
+    kwargs["adapter_names"] = module._stepdistill_adapter_names
+    return args, kwargs
+
+
+@contextmanager
+def mixed_adapters(unet, names: list[str | None]):
+    """Run `unet` with adapter names[i] on sample i (None: the bare base) in one batched forward.
+
+    PEFT's mixed-batch LoRA forward (the `adapter_names` argument of its LoRA layers): each layer runs its base once on
+    the whole batch and adds each adapter's low-rank term to that adapter's rows only. A layer that some adapter does
+    not have leaves that adapter's rows on the base, as `active_adapter` does.
+    """
+    names = ["__base__" if n is None else n for n in names]
+    layers = lora_layers(unet)
+    saved = [m._disable_adapters for m in layers]
+    handles = []
+    try:
+        object.__setattr__(unet, "_stepdistill_mixed_adapters", names)
+        for m in layers:
+            m._disable_adapters = False
+            object.__setattr__(m, "_stepdistill_adapter_names", names)
+            handles.append(m.register_forward_pre_hook(_inject_adapter_names, with_kwargs=True))
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+        for m, disabled in zip(layers, saved):
+            m._disable_adapters = disabled
+        object.__setattr__(unet, "_stepdistill_mixed_adapters", None)
+
+
 def checkpoint_under_adapter(module, *args):
     """Gradient checkpointing (diffusers' gradient_checkpointing_func) that recomputes under the forward's adapter.
 
@@ -124,22 +156,32 @@ class Denoiser:
         self.dtype = dtype  # autocast / input dtype of the network; None = the network's own
         self.call = call or unet_call
 
-    def raw(self, x_t, t, cond: Cond) -> torch.Tensor:
-        """The network's own output (eps, v, x0 or flow velocity by prediction_type)."""
+    def network_inputs(self, x_t, t, cond: Cond):
+        """(x_t, the timestep the network is told, cond) in the network's dtype."""
         dtype = self.dtype or next(self.unet.parameters()).dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         timestep = self.schedule.network_timestep(t)
         if timestep.is_floating_point():
             timestep = timestep.to(x_t.device, dtype)
-        cond = cond.to(x_t.device, dtype)
+        return x_t.to(dtype), timestep, cond.to(x_t.device, dtype)
+
+    def raw(self, x_t, t, cond: Cond) -> torch.Tensor:
+        """The network's own output (eps, v, x0 or flow velocity by prediction_type)."""
         with active_adapter(self.unet, self.adapter):
-            out = self.call(self.unet, x_t.to(dtype), timestep, cond)
-        return out
+            return self.call(self.unet, *self.network_inputs(x_t, t, cond))
 
     def __call__(self, x_t, t, cond: Cond) -> DenoiserOut:
+        return self.read(self.raw(x_t, t, cond), x_t, t)
+
+    def read(self, out, x_t, t) -> DenoiserOut:
+        """(x0, eps) from the network's output `out` at (x_t, t)."""
         alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t).to(x_t.device).reshape(-1).expand(x_t.shape[0]), x_t.ndim)
-        x0, eps = x0_eps_from_output(self.raw(x_t, t, cond), x_t, alpha, sigma, self.schedule.prediction_type)
+        x0, eps = x0_eps_from_output(out, x_t, alpha, sigma, self.schedule.prediction_type)
         return DenoiserOut(x0, eps)
+
+    def plan(self, x_t, t, cond: Cond):
+        """The UNet rows this call needs, [(denoiser, x_t, t, cond)], and how to read their outputs (denoise_together)."""
+        return [(self, x_t, t, cond)], lambda outs: outs[0]
 
 
 def cfg_combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -158,15 +200,65 @@ class GuidedDenoiser:
         self.denoiser, self.uncond, self.guidance_scale = denoiser, uncond, guidance_scale
 
     def __call__(self, x_t, t, cond: Cond, guidance_scale: float | torch.Tensor | None = None) -> DenoiserOut:
+        rows, combine = self.plan(x_t, t, cond, guidance_scale)
+        return combine([d(*args) for d, *args in rows])
+
+    def with_scale(self, guidance_scale: float | torch.Tensor) -> GuidedDenoiser:
+        """The same denoiser at another default CFG scale (per-sample when a tensor)."""
+        return GuidedDenoiser(self.denoiser, self.uncond, guidance_scale)
+
+    def plan(self, x_t, t, cond: Cond, guidance_scale=None):
+        """[(denoiser, x_t, t, cond)] rows and their combination: one call of 2B rows, then CFG (denoise_together)."""
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         if isinstance(w, (int, float)) and w == 1.0:
-            return self.denoiser(x_t, t, cond)
+            return self.denoiser.plan(x_t, t, cond)
         n = x_t.shape[0]
         uncond = self.uncond.index([0] * n) if len(self.uncond) != n else self.uncond
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(n)
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))
         if torch.is_tensor(w):
             w = w.double().reshape(-1, *([1] * (x_t.ndim - 1)))
-        x0 = cfg_combine(both.x0[:n], both.x0[n:], w)
-        eps = cfg_combine(both.eps[:n], both.eps[n:], w)
-        return DenoiserOut(x0, eps)
+
+        def combine(outs):
+            (both,) = outs
+            return DenoiserOut(cfg_combine(both.x0[:n], both.x0[n:], w), cfg_combine(both.eps[:n], both.eps[n:], w))
+
+        return [(self.denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))], combine
+
+
+def _cat_conds(conds: list[Cond]) -> Cond:
+    out = conds[0]
+    for c in conds[1:]:
+        out = out.cat(c)
+    return out
+
+
+def denoise_together(calls) -> list[DenoiserOut]:
+    """[(denoiser, x_t, t, cond)] -> their outputs, the calls on one UNet run as ONE batched forward without grad.
+
+    A denoiser is a Denoiser or GuidedDenoiser (or anything with their `plan`); rows of different adapters share the
+    call through PEFT's per-sample adapters (mixed_adapters), e.g. DMD's teacher (CFG, 2B rows, base) and fake score
+    (B rows, its adapter) on the same x_t. Equal to calling each in turn up to float rounding. Falls back to one call
+    each where that cannot apply: grad on, a compiled UNet (its graphs guard on the adapter flags), a callable
+    without a plan, or denoisers on different UNets or dtypes.
+    """
+    plans = [d.plan(*args) if hasattr(d, "plan") else None for d, *args in calls]
+    rows = [r for p in plans if p is not None for r in p[0]]
+    joint = (
+        all(p is not None for p in plans) and len(rows) > 1 and not torch.is_grad_enabled()
+        and len({(id(r[0].unet), r[0].dtype, r[0].call, id(r[0].schedule)) for r in rows}) == 1
+        and getattr(rows[0][0].unet, "_compiled_call_impl", None) is None
+    )
+    if not joint:
+        return [d(*args) for d, *args in calls]
+    first = rows[0][0]
+    device = rows[0][1].device
+    dtype = first.dtype or next(first.unet.parameters()).dtype
+    sizes = [x.shape[0] for _, x, _, _ in rows]
+    x = torch.cat([x for _, x, _, _ in rows])
+    t = torch.cat([torch.as_tensor(t, device=device).reshape(-1).expand(x_r.shape[0]) for _, x_r, t, _ in rows])
+    cond = _cat_conds([c.to(device, dtype) for *_, c in rows])
+    names = [n for (d, *_), size in zip(rows, sizes) for n in [d.adapter] * size]
+    with mixed_adapters(first.unet, names):
+        out = first.call(first.unet, *first.network_inputs(x, t, cond))  # the family's call (UNet or transformer)
+    outs = iter(d.read(o, x_r, t_r) for (d, x_r, t_r, _), o in zip(rows, out.split(sizes)))
+    return [combine([next(outs) for _ in plan_rows]) for plan_rows, combine in plans]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MethodConfig
+from ..core.denoiser import DenoiserOut
 from ..core.ema import ema_update_
 from ..core.samplers import ddim_sample, recipe_sample
 from ..core.solvers import (
@@ -337,8 +338,27 @@ class ConsistencyDistiller(CriticHeadState):
             x_end = torch.where(_bcast(t_end < 0, ndim), lcm, x_end)
         return x_end
 
-    def consistency_pair(self, nets: Nets, batch: Batch, k: int, grad: bool = True):
-        """(pred, target, t_end): the student's and the target's images of x_t at the end point of t's segment."""
+    def consistency_pair(self, nets: Nets, batch: Batch, k: int, grad: bool = True, extra=None):
+        """(pred, target, t_end): the student's and the target's images of x_t at the end point of t's segment.
+
+        `extra`, a callable drawing more (x, t) rows for the student after the pair's own draws, has them run in the
+        same batched student call; their DenoiserOut comes back as a fourth item (tscd_unified's one-step sample).
+        """
+        x_t, t, t_end, target = self._pair_inputs(nets, batch, k)
+        x, t_all, cond = x_t, t, batch.cond
+        if extra:
+            x_e, t_e = extra()
+            x, t_all, cond = torch.cat([x_t, x_e]), torch.cat([t, t_e]), cond.cat(cond)
+        n = x_t.shape[0]
+        with torch.set_grad_enabled(grad):
+            out = nets.student(x, t_all, cond)
+            pred = self._to_end(x_t, t, DenoiserOut(out.x0[:n], out.eps[:n]), t_end)
+        if extra:
+            return pred, target, t_end, DenoiserOut(out.x0[n:], out.eps[n:])
+        return pred, target, t_end
+
+    def _pair_inputs(self, nets: Nets, batch: Batch, k: int):
+        """(x_t, t, t_end, target) of a consistency pair: every draw and every no-grad pass it needs."""
         cfg, device = self.cfg, nets.device
         x0_data = self._data_x0(nets, batch)
         t = self.grid[batch.randint(0, len(self.grid))].to(device)
@@ -362,10 +382,7 @@ class ConsistencyDistiller(CriticHeadState):
             target = self._to_end(x_prev, t_prev, target_out, t_end)
             # The teacher already reached the end point: the target is x_prev itself (boundary condition).
             target = torch.where(_bcast(t_prev == t_end, x_t.ndim), x_prev.double(), target)
-
-        with torch.set_grad_enabled(grad):
-            pred = self._to_end(x_t, t, nets.student(x_t, t, batch.cond), t_end)
-        return pred, target, t_end
+        return x_t, t, t_end, target
 
     def distance(self, pred, target):
         if self.cfg.loss == "huber":
@@ -392,11 +409,20 @@ class ConsistencyDistiller(CriticHeadState):
 
     # ---- the losses ----
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+        return self._consistency_loss(nets, batch, step)[0]
+
+    def _consistency_loss(self, nets: Nets, batch: Batch, step: int, extra=None):
+        """(LossOut, DenoiserOut of `extra`'s rows or None): the consistency (+ adversarial) term; `extra` as in
+        consistency_pair, taken only in a stage without the adversarial term (whose draws come before extra's)."""
         i = self.stage(step, self.ctx.max_steps)
         self._stage = i
         k = self.cfg.segments[i]
         w_cons, w_adv = self._weights(i)
-        pred, target, t_end = self.consistency_pair(nets, batch, k)
+        extra_out = None
+        if extra is not None and w_adv == 0:
+            pred, target, t_end, extra_out = self.consistency_pair(nets, batch, k, extra=extra)
+        else:
+            pred, target, t_end = self.consistency_pair(nets, batch, k)
         cons = self.distance(pred, target)
         loss = w_cons * cons
         logs = {"consistency_loss": float(cons.detach().mean()), "k": float(k)}
@@ -409,7 +435,7 @@ class ConsistencyDistiller(CriticHeadState):
             samples = fake.detach()
             inputs = CriticInputs(samples, (samples, real, t_adv))
         logs["loss"] = float(loss.detach().mean())
-        return LossOut(loss, logs, samples=samples, critic_inputs=inputs)
+        return LossOut(loss, logs, samples=samples, critic_inputs=inputs), extra_out
 
     def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut | None:
         """inputs: what student_loss left for this micro-batch; None for a fresh batch (a later critic update)."""
@@ -424,10 +450,12 @@ class ConsistencyDistiller(CriticHeadState):
             pred, target, t_end = self.consistency_pair(nets, batch, k, grad=False)
             adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
         fake, real, t_adv = adv
-        with torch.no_grad():
-            feats_real = teacher_features(nets.teacher.denoiser, real, t_adv, batch.cond)
-            feats_fake = teacher_features(nets.teacher.denoiser, fake.detach(), t_adv, batch.cond)
-        loss = hinge_discriminator_loss(self.head(feats_real), self.head(feats_fake))
+        with torch.no_grad():  # real and fake in one batched call of the teacher
+            feats = teacher_features(nets.teacher.denoiser, torch.cat([real, fake.detach()]), torch.cat([t_adv, t_adv]),
+                                     batch.cond.cat(batch.cond))
+        n = real.shape[0]
+        maps = self.head(feats)  # per head, a logit at every location of real then fake rows
+        loss = hinge_discriminator_loss([m[:n] for m in maps], [m[n:] for m in maps])
         return LossOut(loss, {"adv_d_loss": float(loss.detach().mean())})
 
     def _data_x0(self, nets: Nets, batch: Batch):
@@ -502,21 +530,26 @@ class UnifiedDistiller(ConsistencyDistiller):
     def _dm_teacher(self, nets: Nets, batch: Batch):
         cfg = self.cfg
         if cfg.dm_guidance_scale is not None:
-            return partial(nets.teacher, guidance_scale=cfg.dm_guidance_scale)
+            return nets.teacher.with_scale(cfg.dm_guidance_scale)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * batch.rand(nets.device)
-        return partial(nets.teacher, guidance_scale=w)
+        return nets.teacher.with_scale(w)
+
+    def _one_step_rows(self, nets: Nets, batch: Batch):
+        """(z, t): pure noise at t = T - 1, the input of the 1-step sample of its TCD recipe."""
+        z = batch.randn(*batch.latent_shape[1:], device=nets.device)
+        return z, torch.full((batch.size,), self.T - 1, dtype=torch.long, device=nets.device)
 
     def _one_step(self, nets: Nets, batch: Batch, grad: bool):
-        """x0 of the student from pure noise at t = T - 1: the 1-step sample of its TCD recipe."""
-        z = batch.randn(*batch.latent_shape[1:], device=nets.device)
-        t = torch.full((batch.size,), self.T - 1, dtype=torch.long, device=nets.device)
+        """x0 of the student's 1-step sample."""
+        z, t = self._one_step_rows(nets, batch)
         with torch.set_grad_enabled(grad):
             return nets.student(z, t, batch.cond).x0
 
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
         cfg, device = self.cfg, nets.device
-        out = super().student_loss(nets, batch, step)
-        x0 = self._one_step(nets, batch, grad=True)
+        # The one-step sample rides in the consistency term's student call (one batched pass of 2B rows).
+        out, one_step = self._consistency_loss(nets, batch, step, extra=partial(self._one_step_rows, nets, batch))
+        x0 = one_step.x0 if one_step is not None else self._one_step(nets, batch, grad=True)
         t = batch.randint(*dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T), device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         dm = dm_loss(x0, self._dm_teacher(nets, batch), nets.fake_score, batch.cond, self.schedule, t, eps)

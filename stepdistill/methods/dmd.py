@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
+from ..core.denoiser import denoise_together
 from ..core.flow import dm_gradient, flow_matching_loss
 from ..core.io import atomic_write
 from ..core.param import target_of
@@ -96,11 +97,12 @@ def dm_surrogate_loss(x0, grad):
 
 
 def dm_loss(x0, teacher, fake_score, cond, schedule, t, eps):
-    """The distribution-matching loss: noise x0 to x_t, denoise with teacher and fake score (no grad), surrogate MSE."""
+    """The distribution-matching loss: noise x0 to x_t, denoise with teacher and fake score (no grad, one batched
+    call of both: core.denoiser.denoise_together), surrogate MSE."""
     with torch.no_grad():
         x_t = schedule.add_noise(x0.detach(), eps, t)
-        x0_teacher = teacher(x_t, t, cond).x0
-        x0_fake = fake_score(x_t, t, cond).x0
+        out_teacher, out_fake = denoise_together([(teacher, x_t, t, cond), (fake_score, x_t, t, cond)])
+        x0_teacher, x0_fake = out_teacher.x0, out_fake.x0
         grad = dmd_gradient(x0.detach().double(), x0_teacher, x0_fake)
     return dm_surrogate_loss(x0, grad)
 
@@ -287,7 +289,7 @@ class DMDDistiller(CriticHeadState):
         return self.schedule.add_noise(x0, noise, t_next).to(x.dtype)
 
     def _teacher(self, nets: Nets):
-        return partial(nets.teacher, guidance_scale=self.guidance_scale)
+        return nets.teacher.with_scale(self.guidance_scale)
 
     # ---- the losses ----
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
@@ -309,7 +311,7 @@ class DMDDistiller(CriticHeadState):
         logs = {f"{cfg.generator_loss}_loss": float(loss.detach().mean())}
         if cfg.gan:
             self._real_latents(batch)
-            gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, x, batch)), x0)
+            gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, [x], batch)[0]), x0)
             loss = loss + cfg.gan_generator_weight * gan_g
             logs["gan_g_loss"] = float(gan_g.detach().mean())
         if cfg.regression_weight > 0:
@@ -358,16 +360,23 @@ class DMDDistiller(CriticHeadState):
         logs = {"fake_score_loss": float(loss.detach().mean())}
         if cfg.gan:
             real = self._real_latents(batch).to(device)
-            gan_d = gan_discriminator_loss(self._logits(nets, real, batch), self._logits(nets, samples.detach(), batch))
+            gan_d = gan_discriminator_loss(*self._logits(nets, [real, samples.detach()], batch))
             loss = loss + cfg.gan_discriminator_weight * gan_d
             logs["gan_d_loss"] = float(gan_d.detach().mean())
         return LossOut(loss, logs)
 
-    def _logits(self, nets: Nets, x0, batch: Batch):
-        """Diffusion GAN: the head's logit on the fake score's mid block at x_t, t ~ U[0, gan_t_max T)."""
-        t = batch.randint(0, max(1, int(self.cfg.gan_t_max * self.T)), device=nets.device)
-        x_t = self.schedule.add_noise(x0, batch.randn(*x0.shape[1:], device=nets.device), t)
-        return self.head(mid_block_features(nets.fake_score, x_t, t, batch.cond))
+    def _logits(self, nets: Nets, x0s: list, batch: Batch) -> list:
+        """Diffusion GAN: the head's logits on the fake score's mid block at x_t, t ~ U[0, gan_t_max T), for each of
+        `x0s` (each its own t and noise, drawn in turn); one batched call for all of them (real and fake)."""
+        x_ts, ts = [], []
+        for x0 in x0s:
+            ts.append(batch.randint(0, max(1, int(self.cfg.gan_t_max * self.T)), device=nets.device))
+            x_ts.append(self.schedule.add_noise(x0, batch.randn(*x0.shape[1:], device=nets.device), ts[-1]))
+        cond = batch.cond
+        for _ in x0s[1:]:
+            cond = cond.cat(batch.cond)
+        logits = self.head(mid_block_features(nets.fake_score, torch.cat(x_ts), torch.cat(ts), cond))
+        return list(logits.split([x.shape[0] for x in x_ts]))
 
     def _real_latents(self, batch: Batch):
         if batch.latents is None:

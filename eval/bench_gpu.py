@@ -1,0 +1,586 @@
+"""`stepdistill bench gpu --out DIR`: every GPU figure of docs/benchmarks.md in one prepared run, within a time budget.
+
+Four parts, each in its own subprocess with its own time cap (a crash, an out-of-memory error or a hang in one part
+costs that part only), each writing DIR/<part>.json as its sub-steps finish (so a part stopped at its cap keeps what
+it measured), then DIR/summary.md, a Markdown table with the goals, written at the end also when a part failed:
+
+1. attention: our Triton kernel (core/triton_attention.py) and xformers (when importable) against SDPA, forward and
+   forward+backward, at SD1.5 and SDXL attention shapes in bf16: max error (against a float32 reference and
+   against SDPA) and time;
+2. train: `bench train` (eval/bench_train.py) for dmd, tscd and lcm on SD1.5 at 512 px and SDXL at 1024 px with the
+   default levers: step time, samples/s, achieved TFLOP/s against a bf16 matmul ceiling measured in the part, peak
+   memory, UNet passes per update;
+3. max_batch: the largest SDXL dmd batch that fits in --memory-gb of GPU memory (doubling then bisection, CUDA
+   out-of-memory caught; eval/bench_train.largest_batch);
+4. infer: one-step and four-step SDXL 1024 px generation latency (eval/bench_infer.py), full and tiny VAE, eager and
+   compiled.
+
+Full-size models are random-init, built in code from the family registry (models/random_init.py): no weights, no
+network. `--tiny` runs the same parts on the tiny architectures on the CPU in seconds (what CI runs); `--dry-run`
+prints the plan and a time estimate per part; `--parts` selects parts; `--budget-s` bounds the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Part:
+    share: float  # of the budget left when the part starts, among the parts still to run
+    estimate_s: float  # full-size, one H200: a planning figure, not a measurement
+    estimate_tiny_s: float
+    what: str
+
+
+PARTS = {
+    "attention": Part(0.10, 40, 15, "Triton / xformers vs SDPA at SD1.5 and SDXL attention shapes, bf16, fwd and fwd+bwd"),
+    "train": Part(0.45, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
+    "max_batch": Part(0.20, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
+    "infer": Part(0.25, 105, 20, "SDXL 1024 px 1- and 4-step latency, full / tiny VAE, eager / compiled"),
+}
+DEFAULT_BUDGET_S = 420  # the GPU session is 15 minutes with start-up; the command must end within 8
+H100_80GB_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an "80 GB" H100, in GiB
+GRACE_S = 10  # a part's subprocess is killed this long after its cap; its JSON keeps what it finished
+
+# docs/benchmarks.md, "GPU goals"
+GOALS = {
+    "sdxl_dmd_utilisation": 0.35, "sd15_dmd_utilisation": 0.25, "sdxl_dmd_batch_per_80gb": 4,
+    "triton_bf16_err_vs_sdpa": 1e-2, "triton_time_vs_sdpa": 1.2, "sdxl_1step_full_vae_ms": 170.0,
+    "sdxl_1step_tiny_vae_ms": 45.0,
+}
+
+# name: (B, H, Lq, Lk, D). SD1.5 @ 512 px: 4096 / 1024 / 256 tokens, head dims 40 / 80 / 160; SDXL @ 1024 px: 4096
+# tokens x 10 heads and 1024 x 20, head dim 64; cross attention over 77 text tokens. Batch 2 (CFG's two halves).
+ATTENTION_SHAPES = {
+    "sd15_self_4096_d40": (2, 8, 4096, 4096, 40),
+    "sd15_cross_4096x77_d40": (2, 8, 4096, 77, 40),
+    "sd15_self_1024_d80": (2, 8, 1024, 1024, 80),
+    "sd15_self_256_d160": (2, 8, 256, 256, 160),
+    "sdxl_self_4096_d64": (2, 10, 4096, 4096, 64),
+    "sdxl_self_1024_d64": (2, 20, 1024, 1024, 64),
+    "sdxl_cross_1024x77_d64": (2, 20, 1024, 77, 64),
+}
+TINY_ATTENTION_SHAPES = {"tiny_self_64_d32": (1, 2, 64, 64, 32), "tiny_cross_64x8_d32": (1, 2, 64, 8, 32)}
+TRAIN_ROWS = [("dmd", "sdxl"), ("dmd", "sd15"), ("tscd", "sdxl"), ("tscd", "sd15"), ("lcm", "sdxl"), ("lcm", "sd15")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing results as they come
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PartLog:
+    """DIR/<part>.json, rewritten after every sub-step: status, rows so far, notes."""
+
+    def __init__(self, out: Path, part: str, tiny: bool, device: str, deadline: float):
+        self.path, self.deadline = out / f"{part}.json", deadline
+        self.data = {"part": part, "status": "running", "tiny": tiny, "device": device, "rows": [], "notes": [],
+                     "started": time.time()}
+        self.write()
+
+    def write(self):
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+    def add(self, row: dict):
+        self.data["rows"].append(row)
+        self.write()
+
+    def note(self, text: str):
+        log.info(text)
+        self.data["notes"].append(text)
+        self.write()
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def has_time(self, need_s: float, what: str) -> bool:
+        """Whether `need_s` more seconds fit before the cap; else note that `what` was skipped."""
+        if self.left() >= need_s:
+            return True
+        self.note(f"skipped {what}: {self.left():.0f} s left of the part's cap, about {need_s:.0f} s needed")
+        return False
+
+    def finish(self, status: str = "ok"):
+        self.data.update(status=status, seconds=time.time() - self.data["started"])
+        self.write()
+
+
+def _device(tiny: bool) -> str:
+    if tiny:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench gpu needs a CUDA GPU (or --tiny for the CPU rehearsal on tiny models)")
+    return "cuda"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 1: attention kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _attention_kernels(device: str) -> dict:
+    """name -> attend(q, k, v) over (B, H, L, D), for the kernels this machine has."""
+    import torch.nn.functional as F
+
+    kernels = {"sdpa": F.scaled_dot_product_attention}
+    from stepdistill.core.attention import resolve_backend
+
+    try:
+        if resolve_backend("triton", device) == "triton":
+            from stepdistill.core.triton_attention import flash_attention
+
+            kernels["triton"] = flash_attention
+    except (ImportError, RuntimeError, ValueError) as e:
+        log.info("triton attention unavailable: %s", e)
+    try:
+        import xformers.ops as xops
+
+        kernels["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    except ImportError:
+        pass
+    return kernels
+
+
+def _time_ms(fn, device, repeats: int) -> float:
+    """Median milliseconds of `fn()` after two untimed calls (Triton autotuning happens there)."""
+    from .bench_infer import Clock
+
+    clock = Clock(device)
+    for _ in range(2):
+        fn()
+    marks = [clock.mark()]
+    for _ in range(repeats):
+        fn()
+        marks.append(clock.mark())
+    return statistics.median(clock.elapsed_ms(marks))
+
+
+def _measure_kernel(attend, q, k, v, do, device, repeats: int) -> dict:
+    """One kernel on (q, k, v): its output and gradients (for the errors), forward and forward+backward times."""
+    qkv = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attend(*qkv)
+    grads = torch.autograd.grad(out, qkv, do)
+    with torch.no_grad():
+        fwd_ms = _time_ms(lambda: attend(q, k, v), device, repeats)
+    qkv = [x.clone().requires_grad_() for x in (q, k, v)]
+    all_ms = _time_ms(lambda: torch.autograd.grad(attend(*qkv), qkv, do), device, repeats)
+    return {"out": out.detach(), "grads": [x.detach() for x in grads], "fwd_ms": fwd_ms, "fwd_bwd_ms": all_ms}
+
+
+def _attention_rows(name, shape, kernels, device, dtype, repeats, plog: PartLog) -> list[dict]:
+    """Rows of every kernel at one shape: times, and max errors against float32 math and against SDPA."""
+    import torch.nn.functional as F
+
+    B, H, Lq, Lk, D = shape
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, device=device, dtype=dtype, generator=g) for n in (Lq, Lk, Lk))
+    do = torch.randn(B, H, Lq, D, device=device, dtype=dtype, generator=g)
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(*leaves)
+    ref_grads = torch.autograd.grad(ref, leaves, do.float())
+    results = {}
+    for kname, attend in kernels.items():
+        try:
+            results[kname] = _measure_kernel(attend, q, k, v, do, device, repeats)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # a note, not the end of the part
+            plog.note(f"{kname} on {name}: {type(e).__name__}: {str(e)[:200]}")
+    sdpa, rows = results.get("sdpa"), []
+    for kname, r in results.items():
+        row = {"shape": name, "B_H_Lq_Lk_D": list(shape), "kernel": kname, "dtype": str(dtype).removeprefix("torch."),
+               "fwd_ms": r["fwd_ms"], "fwd_bwd_ms": r["fwd_bwd_ms"],
+               "max_err_out_vs_fp32": (r["out"].float() - ref).abs().max().item(),
+               "max_err_grad_vs_fp32": max((a.float() - b).abs().max().item() for a, b in zip(r["grads"], ref_grads))}
+        if sdpa is not None:
+            row.update(max_err_out_vs_sdpa=(r["out"].float() - sdpa["out"].float()).abs().max().item(),
+                       fwd_ratio_vs_sdpa=r["fwd_ms"] / sdpa["fwd_ms"],
+                       fwd_bwd_ratio_vs_sdpa=r["fwd_bwd_ms"] / sdpa["fwd_bwd_ms"])
+        rows.append(row)
+    return rows
+
+
+def part_attention(plog: PartLog, tiny: bool, device: str):
+    shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
+    dtype = torch.float32 if tiny else torch.bfloat16
+    kernels = _attention_kernels(device)
+    for missing in sorted({"triton", "xformers"} - set(kernels)):
+        plog.note(f"{missing}: not available here (rows without it)")
+    for name, shape in shapes.items():
+        if not plog.has_time(3 if tiny else 6, f"shape {name}"):
+            break
+        for row in _attention_rows(name, shape, kernels, device, dtype, 3 if tiny else 20, plog):
+            plog.add(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 2: training throughput
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_train(plog: PartLog, tiny: bool, device: str):
+    from stepdistill.models.registry import get_family
+
+    from .bench_train import TINY_BATCH, _free_cuda, bench_one, matmul_ceiling
+
+    ceiling = matmul_ceiling(device)
+    plog.data["ceiling"] = ceiling
+    plog.write()
+    iters, warmup = (1, 0) if tiny else (3, 1)
+    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
+    for method, family in TRAIN_ROWS:
+        if not plog.has_time(4 if tiny else 25, f"{method} {family}"):
+            continue  # a later, cheaper row may still fit
+        batch = TINY_BATCH if tiny else get_family(family).bench_batch
+        try:
+            row = bench_one(method, family, tiny, device, batch, "baseline", sets, iters=iters, warmup=warmup,
+                            ceiling=ceiling)
+        except torch.cuda.OutOfMemoryError as e:
+            plog.note(f"{method} {family} batch {batch}: out of memory ({str(e).splitlines()[0][:120]})")
+            continue
+        finally:
+            _free_cuda()
+        plog.add(row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 3: the largest SDXL dmd batch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H100_80GB_GIB, limit: int = 32):
+    import tempfile
+
+    from .bench_train import bench_run, fits, largest_batch, make_trainer
+
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        fraction = min(1.0, memory_gb * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        plog.data.update(memory_gb=memory_gb, memory_fraction=fraction, device_memory_gb=total / 2**30)
+    else:
+        limit = 4
+        plog.note("CPU: no out-of-memory to catch; the search runs to its limit (4)")
+    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
+    cfg, model, data = bench_run("dmd", "sdxl", tiny, device, 1, sets)
+    probes = []
+
+    def probe(b: int) -> bool:
+        if plog.left() < (2 if tiny else 12):
+            raise _OutOfTime
+        t0 = time.time()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ok = fits(trainer, b)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        probes.append({"batch": b, "fits": ok, "seconds": time.time() - t0, "peak_gb": peak if ok else None})
+        plog.data["probes"] = probes
+        plog.write()
+        return ok
+
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as out:
+        trainer = make_trainer(cfg, model, data, out, device)
+        try:
+            best = largest_batch(probe, limit, start=1 if tiny else 4)
+            plog.add({"method": "dmd", "family": "sdxl", "tiny": tiny, "resolution": cfg.model.resolution or
+                      model.resolution, "max_batch": best, "limit": limit, "complete": True})
+        except _OutOfTime:
+            fitting = [p["batch"] for p in probes if p["fits"]]
+            plog.add({"method": "dmd", "family": "sdxl", "tiny": tiny, "max_batch": max(fitting, default=0),
+                      "limit": limit, "complete": False})
+            plog.note("time cap reached during the search: max_batch is a lower bound")
+        finally:
+            trainer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part 4: generation latency
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_infer(plog: PartLog, tiny: bool, device: str):
+    from .bench_infer import bench_infer
+
+    repeats, warmup = (2, 1) if tiny else (10, 2)
+    # Eager first: compilation is the slow sub-step, and the cap then costs only the compiled rows.
+    for compiled in (False, True):
+        for vae in ("full", "tiny"):
+            what = f"{vae} VAE, {'compiled' if compiled else 'eager'}"
+            if compiled and tiny:
+                plog.note(f"skipped {what}: --tiny does not compile (inductor on the CPU takes minutes)")
+                continue
+            if not plog.has_time(3 if tiny else (60 if compiled else 15), what):
+                continue
+            rows = bench_infer(family="sdxl", steps=(1, 4), backends=("auto",), compile=compiled, device=device,
+                               tiny=tiny, repeats=repeats, vae=vae, warmup=warmup, show=False)
+            for row in rows:
+                plog.add(row)
+
+
+PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer}
+
+
+def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = H100_80GB_GIB) -> None:
+    """One part in this process (the driver runs each in its own subprocess)."""
+    device = _device(tiny)
+    if tiny:
+        torch.set_num_threads(1)
+    plog = PartLog(out, part, tiny, device, deadline)
+    try:
+        if part == "max_batch":
+            part_max_batch(plog, tiny, device, memory_gb)
+        else:
+            PART_FUNCTIONS[part](plog, tiny, device)
+        plog.finish("ok" if plog.data["rows"] else "empty")
+    except BaseException as e:
+        plog.note(f"failed: {type(e).__name__}: {str(e)[:500]}")
+        plog.finish("failed")
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plan(parts, budget_s: float, tiny: bool) -> list[dict]:
+    """Each part's share of the budget (were every part to use all of its cap) and its estimated time."""
+    left, rows = budget_s, []
+    for i, name in enumerate(parts):
+        share = sum(PARTS[p].share for p in parts[i:])
+        cap = left * PARTS[name].share / share
+        estimate = PARTS[name].estimate_tiny_s if tiny else PARTS[name].estimate_s
+        rows.append({"part": name, "cap_s": cap, "estimate_s": estimate, "what": PARTS[name].what})
+        left -= cap
+    return rows
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _run_subprocess(part: str, out: Path, tiny: bool, cap_s: float, memory_gb: float, log_file) -> dict:
+    deadline = time.time() + cap_s
+    cmd = [sys.executable, "-m", "stepdistill.eval.bench_gpu", "--run-part", part, "--out", str(out),
+           "--deadline", repr(deadline), "--memory-gb", str(memory_gb)] + (["--tiny"] if tiny else [])
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if tiny:
+        env["TRITON_INTERPRET"] = "1"  # the Triton kernel runs in Triton's CPU interpreter on tiny shapes
+    t0 = time.time()
+    log_file.write(f"\n===== part {part}: cap {cap_s:.0f} s =====\n")
+    log_file.flush()
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=cap_s + GRACE_S)
+        status = None if rc == 0 else f"failed (exit {rc})"
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.wait()
+        status = "timeout"
+    finally:
+        _kill_group(proc)  # compile workers and other children the part left
+    path = out / f"{part}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"part": part, "rows": [], "notes": []}
+    if status is not None:
+        data["status"] = status if data.get("status") in (None, "running") else f"{data['status']} ({status})"
+    data["wall_s"] = time.time() - t0
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return data
+
+
+def bench_gpu(out, parts=None, tiny: bool = False, budget_s: float = DEFAULT_BUDGET_S, dry_run: bool = False,
+              memory_gb: float = H100_80GB_GIB, show: bool = True) -> dict:
+    """Run the parts, each in a subprocess within its cap; DIR/<part>.json, DIR/summary.md; returns the summary."""
+    parts = list(parts or PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}: use {', '.join(PARTS)}")
+    steps = plan(parts, budget_s, tiny)
+    if dry_run:
+        text = format_plan(steps, budget_s, tiny)
+        if show:
+            print(text)
+        return {"plan": steps}
+    if not tiny:
+        _device(tiny)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, end = {}, time.time() + budget_s
+    try:
+        with open(out / "bench_gpu.log", "a") as log_file:
+            for i, name in enumerate(parts):
+                share = sum(PARTS[p].share for p in parts[i:])
+                cap = max(0.0, (end - time.time()) * PARTS[name].share / share)
+                if cap < 5:
+                    results[name] = {"part": name, "status": "skipped (budget spent)", "rows": [], "notes": []}
+                    (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
+                    continue
+                log.info("bench gpu: part %s, cap %.0f s", name, cap)
+                results[name] = _run_subprocess(name, out, tiny, cap, memory_gb, log_file)
+    finally:
+        summary = format_summary(results, tiny, budget_s)
+        (out / "summary.md").write_text(summary)
+        if show:
+            print(summary)
+    return results
+
+
+def format_plan(steps, budget_s, tiny) -> str:
+    lines = [(f"bench gpu plan ({'tiny models, CPU' if tiny else 'full-size models, one CUDA GPU'}), budget "
+              f"{budget_s:.0f} s; caps shift to later parts when a part ends early; estimates are planning figures"),
+             "| part | cap s | estimate s | what |", "|---|---|---|---|"]
+    lines += [f"| {s['part']} | {s['cap_s']:.0f} | {s['estimate_s']:.0f} | {s['what']} |" for s in steps]
+    lines.append(f"| total | {budget_s:.0f} | {sum(s['estimate_s'] for s in steps):.0f} | |")
+    return "\n".join(lines)
+
+
+# ---- the summary table -----------------------------------------------------------------------------------------
+
+
+def _goal(value, goal, higher_is_better: bool, tiny: bool) -> str:
+    if value is None:
+        return "not measured"
+    if tiny:
+        return "n/a (tiny)"
+    ok = value >= goal if higher_is_better else value <= goal
+    return "met" if ok else "missed"
+
+
+def goal_rows(results: dict, tiny: bool) -> list[tuple[str, str, str, str]]:
+    """(goal, target, measured, verdict) for each goal of docs/benchmarks.md."""
+    rows = []
+    train = {(r["method"], r["family"]): r for r in results.get("train", {}).get("rows", [])}
+    for family, key, res in (("sdxl", "sdxl_dmd_utilisation", 1024), ("sd15", "sd15_dmd_utilisation", 512)):
+        r = train.get(("dmd", family))
+        u = r.get("utilisation") if r else None
+        rows.append((f"{family} {res} px dmd, share of the bf16 matmul ceiling", f">= {100 * GOALS[key]:.0f}%",
+                     "-" if u is None else f"{100 * u:.1f}%", _goal(u, GOALS[key], True, tiny)))
+    mb = (results.get("max_batch", {}).get("rows") or [{}])[-1]
+    best = mb.get("max_batch")
+    shown = "-" if best is None else f"{best}{'' if mb.get('complete', True) else ' (lower bound)'}"
+    rows.append(("sdxl 1024 px dmd batch per 80 GB", f">= {GOALS['sdxl_dmd_batch_per_80gb']}", shown,
+                 _goal(best, GOALS["sdxl_dmd_batch_per_80gb"], True, tiny)))
+    att = [r for r in results.get("attention", {}).get("rows", []) if r["kernel"] == "triton"]
+    err = max((r.get("max_err_out_vs_sdpa", 0.0) for r in att), default=None)
+    ratio = max((r.get("fwd_bwd_ratio_vs_sdpa", 0.0) for r in att), default=None)
+    rows.append(("Triton vs SDPA, max abs error in bf16 (worst shape)", f"<= {GOALS['triton_bf16_err_vs_sdpa']}",
+                 "-" if err is None else f"{err:.2e}", _goal(err, GOALS["triton_bf16_err_vs_sdpa"], False, tiny)))
+    rows.append(("Triton time / SDPA time, fwd+bwd (worst shape)", f"<= {GOALS['triton_time_vs_sdpa']}x",
+                 "-" if ratio is None else f"{ratio:.2f}x", _goal(ratio, GOALS["triton_time_vs_sdpa"], False, tiny)))
+    infer = [r for r in results.get("infer", {}).get("rows", []) if r["steps"] == 1]
+    for vae, key in (("full", "sdxl_1step_full_vae_ms"), ("tiny", "sdxl_1step_tiny_vae_ms")):
+        best_ms = min((r["total_ms"] for r in infer if r["vae"] == vae), default=None)
+        rows.append((f"one-step sdxl 1024 px, {vae} VAE (best of eager / compiled)", f"<= {GOALS[key]:.0f} ms",
+                     "-" if best_ms is None else f"{best_ms:.1f} ms", _goal(best_ms, GOALS[key], False, tiny)))
+    return rows
+
+
+def format_summary(results: dict, tiny: bool, budget_s: float) -> str:
+    lines = [f"# bench gpu{' (--tiny: tiny models on the CPU; goals apply to the GPU run)' if tiny else ''}", ""]
+    lines += ["| part | status | rows | seconds | notes |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        notes = "; ".join(r.get("notes", []))[:300].replace("|", "/")
+        lines.append(f"| {name} | {r.get('status')} | {len(r.get('rows', []))} | {r.get('wall_s', 0):.0f} | {notes} |")
+    lines += ["", "## Goals", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
+    lines += [f"| {g} | {t} | {m} | {v} |" for g, t, m, v in goal_rows(results, tiny)]
+    train = results.get("train", {})
+    if train.get("rows"):
+        c = train.get("ceiling", {})
+        lines += ["", f"## Training (matmul ceiling {c.get('tflops', 0):.4g} TFLOP/s {c.get('dtype', '')})", "",
+                  "| method | family | res | batch | ms/iter | samples/s | TFLOP/s | % ceiling | peak GB | UNet calls |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in train["rows"]:
+            peak = "-" if r.get("peak_mem_gb") is None else f"{r['peak_mem_gb']:.1f}"
+            lines.append(f"| {r['method']} | {r['family']} | {r['resolution']} | {r['batch']} | "
+                         f"{r['iteration_ms']:.1f} | {r['samples_per_s']:.2f} | {r['achieved_tflops']:.3g} | "
+                         f"{100 * r.get('utilisation', 0):.1f} | {peak} | {r['passes']['calls']} |")
+    att = results.get("attention", {}).get("rows", [])
+    if att:
+        lines += ["", "## Attention", "", ("| shape | kernel | dtype | fwd ms | fwd+bwd ms | x SDPA (fwd+bwd) | "
+                                           "max err vs SDPA | max err vs fp32 |"), "|---|---|---|---|---|---|---|---|"]
+        for r in att:
+            lines.append(f"| {r['shape']} | {r['kernel']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                         f"{r.get('fwd_bwd_ratio_vs_sdpa', float('nan')):.2f} | "
+                         f"{r.get('max_err_out_vs_sdpa', float('nan')):.2e} | {r['max_err_out_vs_fp32']:.2e} |")
+    infer = results.get("infer", {}).get("rows", [])
+    if infer:
+        lines += ["", "## Generation (SDXL)", "", "| res | steps | VAE | compile | text ms | UNet ms | VAE ms | total ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in infer:
+            lines.append(f"| {r['resolution']} | {r['steps']} | {r['vae']} | {'yes' if r['compile'] else 'no'} | "
+                         f"{r['text_ms']:.1f} | {r['unet_ms']:.1f} | {r['vae_ms']:.1f} | {r['total_ms']:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bench_gpu_command(args):
+    if args.run_part:
+        run_part(args.run_part, Path(args.out), args.tiny, args.deadline, args.memory_gb)
+        return
+    if not args.out and not args.dry_run:
+        sys.exit("stepdistill: error: bench gpu needs --out DIR (or --dry-run)")
+    try:
+        results = bench_gpu(args.out, args.parts, args.tiny, args.budget_s, args.dry_run, args.memory_gb)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"stepdistill: error: {e}")
+    if not args.dry_run and any(r.get("status") != "ok" for r in results.values()):
+        sys.exit(1)
+
+
+def add_bench_gpu_command(subparsers) -> None:
+    """Register `stepdistill bench gpu`."""
+    p = subparsers.add_parser("gpu", help="every GPU figure in one run within a time budget: attention kernels, "
+                                          "training throughput, largest batch, generation latency")
+    p.add_argument("--out", help="folder for <part>.json, summary.md and bench_gpu.log")
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), help=f"default: all ({' '.join(PARTS)})")
+    p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a rehearsal in seconds)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate per part")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="the whole run's time budget")
+    p.add_argument("--memory-gb", type=float, default=H100_80GB_GIB,
+                   help="GiB of GPU memory the batch search may use (part max_batch); default: what an 80 GB H100 has")
+    p.add_argument("--run-part", choices=list(PARTS), help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    p.set_defaults(func=_bench_gpu_command)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_gpu")
+    add_bench_gpu_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["gpu", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

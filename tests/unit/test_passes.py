@@ -1,0 +1,210 @@
+"""Network passes per update (issue 21): the counter hook, and each pass merged away keeps the maths.
+
+Every merge is checked against what ran before it: the same draws, the calls made one by one (the old code path),
+same values and gradients to float tolerance; and the merged iteration logs what the unmerged one logs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+from stepdistill.eval import bench_train as bench
+
+from stepdistill.core import denoiser as denoiser_module
+from stepdistill.core.denoiser import denoise_together
+from stepdistill.core.passes import Pass, PassCounter
+from stepdistill.methods import consistency, dmd
+from stepdistill.methods.base import Batch, NoiseSource
+from stepdistill.methods.gan import gan_discriminator_loss
+
+TINY = ["lora.rank=4", "method.critic_updates_per_student_update=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _trainer(method, sets, out):
+    cfg = bench.bench_config(method, "sd15", 2, [*TINY, *sets])
+    torch.manual_seed(0)
+    model = bench.bench_model("sd15", tiny=True, device="cpu", dtype=torch.float32)
+    trainer = bench.make_trainer(cfg, model, bench.bench_data(cfg, model), out, "cpu")
+    # Fresh adapters equal the base (B = 0): give every adapter its own nonzero weights, or a mix-up would not show.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in trainer.built.nets.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def dmd_gan():
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("dmd", ["method.gan=true"], out)
+        yield trainer
+        trainer.close()
+
+
+def _batch(trainer, seed):
+    b = trainer.built
+    prompts, cond, uncond, latents = b.data.next("cpu")
+    return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=(len(prompts), *b.ctx.latent_shape),
+                 latents=latents, noise=NoiseSource(torch.Generator().manual_seed(seed)))
+
+
+def test_counter_records_adapter_batch_grad_and_early_stops(dmd_gan):
+    nets = dmd_gan.built.nets
+    x = torch.randn(3, *dmd_gan.built.ctx.latent_shape)
+    cond = dmd_gan.built.data.cond.index([0, 1, 2])
+    t = torch.full((3,), 500)
+    with PassCounter(nets.unet) as c:
+        with torch.no_grad():
+            nets.teacher.denoiser(x, t, cond)
+        nets.student(x, t, cond)
+        with torch.no_grad():
+            dmd.mid_block_features(nets.fake_score, x, t, cond)
+    assert c.passes == [Pass(None, 3, False), Pass("student", 3, True), Pass("fake_score", 3, False, full=False)]
+    assert c.summary()["forward_rows"] == 9 and c.summary()["grad_rows"] == 3
+
+
+def test_denoise_together_equals_the_calls_one_by_one_in_one_forward(dmd_gan):
+    """Teacher with per-sample CFG (2B rows, base) + fake score + student, one mixed-adapter call."""
+    nets = dmd_gan.built.nets
+    x = torch.randn(2, *dmd_gan.built.ctx.latent_shape)
+    cond = dmd_gan.built.data.cond.index([0, 1])
+    t = torch.tensor([999, 250])
+    teacher = nets.teacher.with_scale(torch.tensor([1.75, 4.0]))
+    calls = [(teacher, x, t, cond), (nets.fake_score, x, t, cond), (nets.student, x, t, cond)]
+    with torch.no_grad():
+        one_by_one = [d(*args) for d, *args in calls]
+        with PassCounter(nets.unet) as c:
+            together = denoise_together(calls)
+    assert [(p.adapter, p.batch) for p in c.passes] == [("base+fake_score+student", 8)]
+    for a, b in zip(together, one_by_one):
+        torch.testing.assert_close(a.x0, b.x0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.eps, b.eps, rtol=1e-5, atol=1e-5)
+    # the outputs differ between adapters, so a mix-up of rows would have shown
+    assert (one_by_one[1].x0 - one_by_one[2].x0).abs().max() > 1e-3
+    # the adapter flags are as they were
+    layers = denoiser_module.lora_layers(nets.unet)
+    assert not any(m._disable_adapters for m in layers) and not any(m._forward_pre_hooks for m in layers)
+
+
+def test_denoise_together_falls_back_where_it_cannot_merge(dmd_gan):
+    nets = dmd_gan.built.nets
+    x = torch.randn(2, *dmd_gan.built.ctx.latent_shape)
+    cond = dmd_gan.built.data.cond.index([0, 1])
+    t = torch.tensor([999, 250])
+
+    def plain(x_t, t, cond):  # a callable without a plan (e.g. DisBack's teacher_uncond policy)
+        return nets.teacher.denoiser(x_t, t, cond)
+
+    with PassCounter(nets.unet) as c:
+        denoise_together([(plain, x, t, cond), (nets.fake_score, x, t, cond)])  # grad on, no plan
+    assert len(c.passes) == 2
+
+
+def _assert_close_in_norm(new, old, rtol=1e-4):
+    """Gradients summed over one batch of 2B rows instead of two of B: float32 sums in another order, so compare all
+    gradients as one vector (elementwise, entries near zero carry the rounding)."""
+    a, b = torch.cat([g.flatten() for g in new]), torch.cat([g.flatten() for g in old])
+    assert float(b.norm()) > 0
+    assert float((a - b).norm()) <= rtol * float(b.norm())
+
+
+def test_gan_critic_logits_of_real_and_fake_in_one_call_keep_values_and_gradients(dmd_gan):
+    d, nets = dmd_gan.built.distiller, dmd_gan.built.nets
+    batch = _batch(dmd_gan, 3)
+    real = batch.latents
+    fake = torch.randn_like(real).double()
+    params = [*d.head.parameters(), *[p for n, p in nets.unet.named_parameters() if ".fake_score." in n]]
+
+    def run(together: bool):
+        batch.noise = NoiseSource(torch.Generator().manual_seed(7))
+        if together:
+            logits = d._logits(nets, [real, fake], batch)
+        else:  # the calls as they ran before: real first, then fake, each its own draws
+            logits = [d._logits(nets, [real], batch)[0], d._logits(nets, [fake], batch)[0]]
+        loss = gan_discriminator_loss(*logits).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    loss_new, grads_new = run(True)
+    loss_old, grads_old = run(False)
+    torch.testing.assert_close(loss_new, loss_old, rtol=1e-5, atol=1e-6)
+    _assert_close_in_norm(grads_new, grads_old)
+
+
+def test_tscd_discriminator_reads_real_and_fake_in_one_teacher_call():
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("tscd", ["method.adv_weight=[0.1,0.1,0.1,0.1]"], out)
+        d, nets = trainer.built.distiller, trainer.built.nets
+        batch = _batch(trainer, 5)
+        real = batch.latents.double()
+        fake = torch.randn_like(real)
+        t_adv = torch.tensor([300, 700])
+        with PassCounter(nets.unet) as c:
+            new = d._discriminator_loss(nets, batch, (fake, real, t_adv)).loss
+        assert [(p.adapter, p.batch, p.full) for p in c.passes] == [(None, 4, False)]
+        with torch.no_grad():  # the two calls as they ran before
+            feats_real = consistency.teacher_features(nets.teacher.denoiser, real, t_adv, batch.cond)
+            feats_fake = consistency.teacher_features(nets.teacher.denoiser, fake, t_adv, batch.cond)
+        old = consistency.hinge_discriminator_loss(d.head(feats_real), d.head(feats_fake))
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
+        g_new = torch.autograd.grad(new.sum(), list(d.head.parameters()))
+        g_old = torch.autograd.grad(old.sum(), list(d.head.parameters()))
+        _assert_close_in_norm(g_new, g_old)
+        trainer.close()
+
+
+@pytest.mark.parametrize("method", ["dmd", "tscd_unified"])
+def test_iteration_with_teacher_and_fake_score_in_one_call_logs_what_the_separate_calls_did(method, monkeypatch):
+    """One real iteration, merged (now) and with denoise_together made to call one by one (before): same losses and
+    gradient norms, and one UNet call fewer per DM term."""
+    def one_by_one(calls):
+        return [d(*args) for d, *args in calls]
+
+    runs = {}
+    for merged in (True, False):
+        with monkeypatch.context() as m:
+            if not merged:
+                m.setattr(dmd, "denoise_together", one_by_one)
+            with tempfile.TemporaryDirectory() as out:
+                trainer = _trainer(method, [], out)
+                with PassCounter(trainer.built.nets.unet) as c:
+                    logs = bench.run_iteration(trainer)
+                trainer.close()
+        runs[merged] = (logs, len(c.passes))
+    (new, calls_new), (old, calls_old) = runs[True], runs[False]
+    assert calls_new == calls_old - 1
+    for key in ("loss", "student_grad_norm", "critic_grad_norm"):
+        assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-9), key
+
+
+def test_unified_one_step_sample_rides_in_the_consistency_student_call(monkeypatch):
+    """tscd_unified: the student's consistency prediction at x_t and its one-step sample from z, one call of 2B rows
+    with grad (before: two), same losses and gradient norms."""
+    from stepdistill.methods.consistency import UnifiedDistiller
+
+    def separate(self, nets, batch, step, extra=None):  # the code path before: never merge
+        return consistency.ConsistencyDistiller._consistency_loss(self, nets, batch, step)
+
+    runs = {}
+    for merged in (True, False):
+        with monkeypatch.context() as m:
+            if not merged:
+                m.setattr(UnifiedDistiller, "_consistency_loss", separate)
+            with tempfile.TemporaryDirectory() as out:
+                trainer = _trainer("tscd_unified", [], out)
+                with PassCounter(trainer.built.nets.unet) as c:
+                    logs = bench.run_iteration(trainer)
+                trainer.close()
+        runs[merged] = (logs, [p for p in c.passes if p.adapter == "student" and p.grad])
+    (new, grad_new), (old, grad_old) = runs[True], runs[False]
+    assert [p.batch for p in grad_new] == [4] and [p.batch for p in grad_old] == [2, 2]
+    for key in ("loss", "consistency_loss", "dm_loss", "student_grad_norm", "critic_grad_norm"):
+        assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-9), key

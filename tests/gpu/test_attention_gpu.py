@@ -13,20 +13,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
+from stepdistill.eval.bench_gpu import ATTENTION_SHAPES as SHAPES  # the shapes `bench gpu` times
+
 from stepdistill.core.attention import set_attention_backend
 from stepdistill.core.triton_attention import flash_attention
 
-# name: (B, H, Lq, Lk, D) at batch 2. SD1.5 @512: 4096/1024/256 tokens with head dims 40/80/160;
-# SDXL @1024: 4096 tokens x 10 heads and 1024 x 20, head dim 64; cross attention over 77 text tokens.
-SHAPES = {
-    "sd15_self_4096_d40": (2, 8, 4096, 4096, 40),
-    "sd15_cross_4096x77_d40": (2, 8, 4096, 77, 40),
-    "sd15_self_1024_d80": (2, 8, 1024, 1024, 80),
-    "sd15_self_256_d160": (2, 8, 256, 256, 160),
-    "sdxl_self_4096_d64": (2, 10, 4096, 4096, 64),
-    "sdxl_self_1024_d64": (2, 20, 1024, 1024, 64),
-    "sdxl_cross_1024x77_d64": (2, 20, 1024, 77, 64),
-}
 DTYPES = {"float16": (torch.float16, 2e-3, 2e-2), "bfloat16": (torch.bfloat16, 1.6e-2, 6e-2)}
 
 

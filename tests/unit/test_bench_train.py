@@ -16,10 +16,9 @@ from stepdistill.config import ConfigError
 from stepdistill.train import build as build_module
 from stepdistill.train.loop import check_launcher
 
+from .bench_rig import tiny_trainer
+
 ROOT = Path(__file__).resolve().parents[2]
-# Rank 4 on the 32/64-channel tiny UNet keeps LoRA's own matmuls small next to the base's, as rank 64 is on
-# the full-size UNets; the F-unit bounds below rely on that.
-TINY = ["lora.rank=4", "method.critic_updates_per_student_update=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -27,11 +26,7 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _trainer(method, sets, out):
-    cfg = bench.bench_config(method, "sd15", 2, [*TINY, *sets])
-    torch.manual_seed(0)
-    model = bench.bench_model("sd15", tiny=True, device="cpu", dtype=torch.float32)
-    return bench.make_trainer(cfg, model, bench.bench_data(cfg, model), out, "cpu")
+_trainer = tiny_trainer
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from stepdistill.methods import consistency, dmd
 from stepdistill.methods.base import Batch, NoiseSource
 from stepdistill.methods.gan import gan_discriminator_loss
 
-TINY = ["lora.rank=4", "method.critic_updates_per_student_update=2"]
+from .bench_rig import tiny_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +28,7 @@ def _one_thread():
 
 
 def _trainer(method, sets, out):
-    cfg = bench.bench_config(method, "sd15", 2, [*TINY, *sets])
-    torch.manual_seed(0)
-    model = bench.bench_model("sd15", tiny=True, device="cpu", dtype=torch.float32)
-    trainer = bench.make_trainer(cfg, model, bench.bench_data(cfg, model), out, "cpu")
+    trainer = tiny_trainer(method, sets, out)
     # Fresh adapters equal the base (B = 0): give every adapter its own nonzero weights, or a mix-up would not show.
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -211,7 +211,9 @@ class GuidedDenoiser:
         """[(denoiser, x_t, t, cond)] rows and their combination: one call of 2B rows, then CFG (denoise_together)."""
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         if isinstance(w, (int, float)) and w == 1.0:
-            return self.denoiser.plan(x_t, t, cond)
+            if hasattr(self.denoiser, "plan"):
+                return self.denoiser.plan(x_t, t, cond)
+            return [(self.denoiser, x_t, t, cond)], lambda outs: outs[0]
         n = x_t.shape[0]
         uncond = self.uncond.index([0] * n) if len(self.uncond) != n else self.uncond
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(n)
@@ -245,6 +247,7 @@ def denoise_together(calls) -> list[DenoiserOut]:
     rows = [r for p in plans if p is not None for r in p[0]]
     joint = (
         all(p is not None for p in plans) and len(rows) > 1 and not torch.is_grad_enabled()
+        and all(isinstance(r[0], Denoiser) for r in rows)
         and len({(id(r[0].unet), r[0].dtype, r[0].call, id(r[0].schedule)) for r in rows}) == 1
         and getattr(rows[0][0].unet, "_compiled_call_impl", None) is None
     )

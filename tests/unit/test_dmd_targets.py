@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepdistill.core.denoiser import Cond, DenoiserOut
+from stepdistill.core.denoiser import Cond, DenoiserOut, GuidedDenoiser
 from stepdistill.core.param import v_from_x0_eps, x0_eps_from_output
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.methods.base import Batch, Nets
@@ -52,7 +52,8 @@ def test_dmd_student_loss_draws_t_up_to_980(monkeypatch):
     schedule = NoiseSchedule.from_scheduler_config(SD)
     distiller = DMDDistiller(DMDConfig(timesteps=[999], guidance_scale=1.0), schedule)
     net = RawNet(schedule, torch.zeros(1, 4, 2, 2))
-    nets = Nets(unet=None, schedule=schedule, teacher=net, student=net, fake_score=net)
+    teacher = GuidedDenoiser(net, Cond(torch.zeros(1, 3, 8)), 1.0)  # the loop's teacher type (CFG off)
+    nets = Nets(unet=None, schedule=schedule, teacher=teacher, student=net, fake_score=net)
     cond = Cond(torch.zeros(1, 3, 8))
     drawn = []
     original = Batch.randint

@@ -28,7 +28,7 @@ class DemoBudget:
     grid_prompts: int = 6
 
 
-# 300 student updates: the whole demo measured 537 s on 2 CPU cores (README); configs/toy/dmd_1step.yaml runs 600.
+# 300 student updates: the whole demo measured 284 s on 2 CPU cores (README, 2026-12-04); configs/toy/dmd_1step.yaml runs 600.
 FULL = DemoBudget(legs=4, max_steps=300, n_eval=500, n_curve=200)
 QUICK = DemoBudget(legs=2, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
 

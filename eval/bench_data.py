@@ -71,7 +71,9 @@ def _worker(args) -> None:
         data.next()
     data_rate = args.data_batches * args.batch * trainer.dist.world / (time.perf_counter() - t2)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    mode = "stream" if hasattr(data, "sync_report") else "memory"
+    from stepdistill.data.stream import StreamData
+
+    mode = "stream" if isinstance(data, StreamData) else "memory"
     row = torch.tensor([first_step, rss, train_rate, data_rate], dtype=torch.float64)
     if trainer.dist.world > 1:
         torch.distributed.all_reduce(row[:2], op=torch.distributed.ReduceOp.MAX)
@@ -80,9 +82,7 @@ def _worker(args) -> None:
             "prompts": args.n, "processes": trainer.dist.world, "cache": f"{args.cache} -> {mode}",
             "startup_s": row[0].item(), "peak_rss_mib": row[1].item(), "train_samples_per_s": row[2].item(),
             "data_samples_per_s": row[3].item()}))
-    if hasattr(data, "close"):
-        data.close()
-    trainer.close()
+    trainer.close()  # stops a stream's prefetch thread too
 
 
 def run_row(n: int, procs: int, cache: str, workdir: Path, model: Path, args) -> dict:

@@ -21,7 +21,6 @@ GRID_FILE = "samples.png"
 METRICS_FILE = "metrics.json"
 ADAPTER_NAME = "stepdistill"  # the adapter name pipelines.load gives the LoRA
 EXAMPLE_PROMPT = "a photo of a cat"
-FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
 # Training settings shown in the card (the full config is resolved_config.yaml in the run folder).
 SETTINGS = ("model.resolution", "data.batch_size", "loop.grad_accum", "optim.lr", "optim.critic_lr",
             "optim.warmup_steps", "optim.grad_clip", "lora.rank", "lora.alpha", "lora.targets", "lora.critic_rank",
@@ -53,10 +52,10 @@ def base_license(base: str) -> str | None:
 
 
 def _family_tag(family: str) -> str:
-    """The Hub tag of the base's family: the family module's `hub_tag` (FAMILY_TAGS kept for older callers)."""
+    """The Hub tag of the base's family (FamilyModel.hub_tag)."""
     from .models.registry import get_family
 
-    return FAMILY_TAGS.get(family) or getattr(get_family(family), "hub_tag", "") or family
+    return get_family(family).hub_tag or family
 
 
 def front_matter(recipe: Recipe) -> dict:

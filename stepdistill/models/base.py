@@ -68,6 +68,7 @@ class FamilyModel:
     )
 
     name: ClassVar[str]
+    hub_tag: ClassVar[str] = ""  # the Hub tag model cards give this family's LoRAs (empty: the family name)
     # The diffusers pipeline: its model_index.json `_class_name` is how a folder's family is detected.
     pipeline_class_name: ClassVar[str]
     pipeline_class = _Named("diffusers", "pipeline_class_name")

@@ -144,7 +144,9 @@ def test_method_keeps_the_contract_on_family(method, family, bases, prompts_file
         again.run()
     finally:
         again.close()
-    assert again.built is not None and (resumed / "checkpoints").is_dir()
+    # It resumed from the checkpoint rather than starting over: no update was logged twice.
+    steps = [json.loads(line)["step"] for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert steps and len(steps) == len(set(steps)), steps
     assert_same_lora(final, resumed / "final")
 
 

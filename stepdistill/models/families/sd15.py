@@ -13,6 +13,7 @@ from ..sd_common import CLIP_L, SD_SCHEDULER_CONFIG, SD_VAE, TINY_CLIP, TINY_VAE
 @register_family
 class SD15Model(FamilyModel):
     name = "sd15"
+    hub_tag = "stable-diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
     pipeline_kwargs = dict(safety_checker=None, feature_extractor=None, image_encoder=None,
                            requires_safety_checker=False)

@@ -15,6 +15,7 @@ TIME_IDS = 6  # (original H, W, crop top, left, target H, W)
 @register_family
 class SDXLModel(FamilyModel):
     name = "sdxl"
+    hub_tag = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     pipeline_kwargs = dict(feature_extractor=None, image_encoder=None, add_watermarker=False)
     text_parts = (

@@ -189,6 +189,18 @@ def cfg_combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, guidance_scale
     return uncond_out + guidance_scale * (cond_out - uncond_out)
 
 
+def uncond_for(uncond: Cond, cond: Cond, n: int) -> Cond:
+    """The n unconditional rows that pair with `cond`'s: the empty prompt once per row, with `cond`'s size
+    conditioning (SDXL time_ids) where it has one, as StableDiffusionXLPipeline does when no negative size is given.
+    CFG then contrasts the prompt alone, also on real latents whose rows carry each image's own size (Batch.real_cond)."""
+    uncond = uncond.index([0] * n) if len(uncond) != n else uncond
+    ids = (cond.added_cond_kwargs or {}).get("time_ids")
+    if ids is None or uncond.added_cond_kwargs is None or len(ids) != n:
+        return uncond
+    return Cond(uncond.encoder_hidden_states, {**uncond.added_cond_kwargs, "time_ids": ids.to(
+        uncond.added_cond_kwargs["time_ids"].device, uncond.added_cond_kwargs["time_ids"].dtype)})
+
+
 class GuidedDenoiser:
     """CFG on x0 and eps, conditional and unconditional halves run in one batched call.
 
@@ -215,7 +227,7 @@ class GuidedDenoiser:
                 return self.denoiser.plan(x_t, t, cond)
             return [(self.denoiser, x_t, t, cond)], lambda outs: outs[0]
         n = x_t.shape[0]
-        uncond = self.uncond.index([0] * n) if len(self.uncond) != n else self.uncond
+        uncond = uncond_for(self.uncond, cond, n)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(n)
         if torch.is_tensor(w):
             w = w.double().reshape(-1, *([1] * (x_t.ndim - 1)))

@@ -1,8 +1,9 @@
 """Image-caption sets: real latents for consistency distillation and GAN terms.
 
 Sources: a folder (image files with same-stem .txt captions, or a metadata.jsonl of {"file_name", "text"}),
-or `toy:N`, N images of the built-in toy world. Images are centre-cropped and resized to the model's
-resolution, encoded once by the VAE and cached with their caption embeddings.
+or `toy:N`, N images of the built-in toy world. Images are resized (shorter side) to the model's resolution and
+centre-cropped, encoded once by the VAE and cached with their caption embeddings; each keeps its original size and
+crop offset (`image_sizes`), SDXL's micro-conditioning of that image (models/families/sdxl.py, docs/data.md).
 """
 
 from __future__ import annotations
@@ -46,35 +47,67 @@ def _folder_items(root: Path, report: ImageReport) -> list[tuple[Path, str]]:
             for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Centre crop to a square, resize (bicubic) to resolution, as float [-1, 1] [3, H, W]."""
+# One row per image: (original height, original width, crop top, crop left), SDXL's c_size and c_crop.
+SIZE_FIELDS = ("original_height", "original_width", "crop_top", "crop_left")
+
+
+def centre_crop(im, resolution: int):
+    """A PIL image resized (bicubic) so that its shorter side is `resolution`, then centre-cropped to a square:
+    (the square, (original H, W, crop top, left)).
+
+    The size row follows diffusers' SDXL training example (train_text_to_image_sdxl.py), the convention SDXL's
+    micro-conditioning was trained with (Podell et al. 2023, sec. 2.2): the original size is the image's own, before
+    any resize or crop; the crop offsets are in the pixels of the resized image, where the crop is taken.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    h, w = im.height, im.width
+    scale = resolution / min(h, w)
+    rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    top, left = int(round((rh - resolution) / 2.0)), int(round((rw - resolution) / 2.0))
+    im = im.resize((rw, rh), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
+    return im, (h, w, top, left)
+
+
+def to_tensor(im) -> torch.Tensor:
+    """An RGB PIL image as float [-1, 1] [3, H, W]."""
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def read_image_folder(root, resolution: int) -> tuple[torch.Tensor, list[str], ImageReport]:
-    """All usable (image, caption) pairs; corrupt, missing or uncaptioned images are skipped and counted."""
+def uncropped_sizes(n: int, resolution: int) -> torch.Tensor:
+    """Size rows of n images made at `resolution` (the toy world): original = resolution, no crop."""
+    return torch.tensor([[resolution, resolution, 0, 0]], dtype=torch.long).repeat(n, 1)
+
+
+def _load_image(path: Path, resolution: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """centre_crop of the file: (float [-1, 1] [3, H, W], its size row)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im, size = centre_crop(im.convert("RGB"), resolution)
+    return to_tensor(im), size
+
+
+def read_image_folder(root, resolution: int) -> tuple[torch.Tensor, list[str], torch.Tensor, ImageReport]:
+    """All usable (image, caption) pairs and their size rows (SIZE_FIELDS, long [N, 4]); corrupt, missing or
+    uncaptioned images are skipped and counted."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"no image folder at {root}: pass --set data.images=DIR (images with .txt captions or a "
                         "metadata.jsonl), or data.images=toy:N for the toy world")
     from PIL import Image
 
-    report, images, captions = ImageReport(), [], []
+    report, images, captions, sizes = ImageReport(), [], [], []
     for path, caption in _folder_items(root, report):
         if not caption.strip():
             report.skipped.append(f"{path.name}: no caption")
             continue
         try:
-            images.append(_load_image(path, resolution))
+            image, size = _load_image(path, resolution)
+            images.append(image)
             captions.append(caption)
+            sizes.append(size)
         except FileNotFoundError:
             report.skipped.append(f"{path.name}: missing")
         except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -90,7 +123,7 @@ def read_image_folder(root, resolution: int) -> tuple[torch.Tensor, list[str], I
                         "and a non-empty caption (same-stem .txt, or metadata.jsonl rows {\"file_name\", \"text\"})")
     publish_report("images", root, {"kept": report.kept, "skipped_count": len(report.skipped),
                                     "skipped": report.skipped[:MAX_LISTED]})
-    return torch.stack(images), captions, report
+    return torch.stack(images), captions, torch.tensor(sizes, dtype=torch.long), report
 
 
 def read_toy_images(spec: str, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:

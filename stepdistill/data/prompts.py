@@ -173,13 +173,18 @@ class PromptData:
     resumable, per-process order. The streaming twin with the same interface is data.stream.StreamData."""
 
     def __init__(self, prompts, cond: Cond, uncond: Cond, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 latents: torch.Tensor | None = None):
+                 latents: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None):
+        if (latents is None) != (image_sizes is None):
+            # Real latents without their size rows would condition SDXL on the run's size instead of the image's.
+            raise ValueError("PromptData: pass image_sizes (data.images.SIZE_FIELDS rows) with latents, and only then")
         self.prompts, self.cond, self.uncond, self.latents = prompts, cond, uncond, latents
+        self.image_sizes = image_sizes  # long [N, 4]: each image's original (H, W) and crop (top, left)
         self.seed, self.rank, self.world = seed, rank, world
         self.order = Order(len(prompts), batch_size, seed, rank, world)
 
     @classmethod
-    def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False, latents=None):
+    def from_family(cls, family, prompts, batch_size, seed, rank=0, world=1, chunk=64, progress=False, latents=None,
+                    image_sizes=None):
         from tqdm.auto import tqdm
 
         parts, too_long = [], 0
@@ -192,7 +197,8 @@ class PromptData:
                         "used", too_long, len(prompts), _max_tokens(family))
         publish_report("tokenizer", getattr(family, "path", ""), {
             "kept": len(prompts), "truncated_by_tokenizer": too_long, "max_tokens": _max_tokens(family)})
-        return cls(prompts, cat_conds(parts), family.empty_cond(1).to("cpu"), batch_size, seed, rank, world, latents)
+        return cls(prompts, cat_conds(parts), family.empty_cond(1).to("cpu"), batch_size, seed, rank, world, latents,
+                   image_sizes)
 
     # Kept as attributes for callers and tests that read them.
     epoch = property(lambda self: self.order.epoch)
@@ -213,12 +219,14 @@ class PromptData:
         return self.order.next_indices()
 
     def next(self, device=None):
-        """(prompts, cond, uncond, latents or None) of this process's next micro-batch."""
+        """(prompts, cond, uncond, latents or None, image_sizes or None) of this process's next micro-batch."""
         idx = self.next_indices()
         cond = _cond_rows(self.cond, idx).to(device)
         uncond = _cond_rows(self.uncond, [0] * len(idx)).to(device)
-        latents = self.latents[torch.as_tensor(idx)].to(device) if self.latents is not None else None
-        return [self.prompts[i] for i in idx], cond, uncond, latents
+        if self.latents is None:
+            return [self.prompts[i] for i in idx], cond, uncond, None, None
+        rows = torch.as_tensor(idx)
+        return [self.prompts[i] for i in idx], cond, uncond, self.latents[rows].to(device), self.image_sizes[rows]
 
     # -- what work done once per run needs (write_samples, dmd's ODE pairs): the same on PromptData and StreamData --
     def first_encoded(self, n: int) -> tuple[list[str], Cond]:

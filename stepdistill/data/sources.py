@@ -2,7 +2,8 @@
 
 A source is indexed once (offsets, an Arrow memory map or tar member offsets: a few bytes per record) and then
 read one record at a time, so a process reads only the records of its share and host memory stays flat in the
-size of the set. `get(i)` returns the record or raises BadRecord(reason); callers skip and count those.
+size of the set. `get(i)` returns the record, (text, image or None, size row or None), or raises BadRecord(reason);
+callers skip and count those. An image's size row is its original (H, W) and crop (top, left), data.images.SIZE_FIELDS.
 
 Prompts: .txt (one per line), .jsonl / .json / .parquet (a `text` or `prompt` field, or data.text_field), or a
 folder written by datasets' save_to_disk. Images: a folder (same-stem .txt captions or metadata.jsonl), a
@@ -107,7 +108,7 @@ class TextLines:
 
     def get(self, i: int):
         raw = _pread(self.path, int(self.starts[i]), int(self.lengths[i]))
-        return _clean_text(raw, self.max_words), None
+        return _clean_text(raw, self.max_words), None, None
 
 
 class ArrowTexts:
@@ -125,7 +126,7 @@ class ArrowTexts:
         return len(self.ds)
 
     def get(self, i: int):
-        return _clean_text(self.ds[int(i)][self.field], self.max_words), None
+        return _clean_text(self.ds[int(i)][self.field], self.max_words), None, None
 
 
 def _load_datasets_folder(path: Path):
@@ -162,23 +163,21 @@ def open_prompts(spec: str, text_field: str = "", max_words: int = 0):
 # ---- images ----------------------------------------------------------------------------------------------------
 
 def decode_image(data, resolution: int):
-    """Bytes or a path -> centre crop, bicubic resize, float [-1, 1] [3, H, W]; BadRecord when unreadable."""
-    import torch
+    """Bytes or a path -> (float [-1, 1] [3, H, W], size row): data.images.centre_crop's resize and crop, with the
+    image's original size and crop offset for SDXL's micro-conditioning; BadRecord when unreadable."""
     from PIL import Image
+
+    from .images import centre_crop, to_tensor
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im = im.convert("RGB")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+            im, size = centre_crop(im.convert("RGB"), resolution)
+            return to_tensor(im), size
     except FileNotFoundError:
         raise BadRecord("missing image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         # PIL reports corrupt and truncated files as OSError (UnidentifiedImageError is one).
         raise BadRecord("unreadable image") from None
-    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 class ImageFolder:
@@ -199,7 +198,7 @@ class ImageFolder:
 
     def get(self, i: int):
         path, caption = self.items[i]
-        return _clean_text(caption), decode_image(path, self.resolution)
+        return (_clean_text(caption), *decode_image(path, self.resolution))
 
 
 class ArrowImages:
@@ -229,7 +228,7 @@ class ArrowImages:
             value = value.get("bytes") or value.get("path")
         if value is None:
             raise BadRecord("missing image")
-        return caption, decode_image(value, self.resolution)
+        return (caption, *decode_image(value, self.resolution))
 
 
 class WebDatasetShards:
@@ -294,7 +293,7 @@ class WebDatasetShards:
             field = self.text_field or next((f for f in TEXT_FIELDS if f in row), TEXT_FIELDS[0])
             raw = row.get(field)
         caption = _clean_text(raw)
-        return caption, decode_image(_pread(path, io_, isz), self.resolution)
+        return (caption, *decode_image(_pread(path, io_, isz), self.resolution))
 
 
 def shard_paths(spec: str) -> list[Path] | None:

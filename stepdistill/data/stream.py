@@ -3,7 +3,7 @@
 `open_data` reads data.* and returns either PromptData (every prompt, and image latent, encoded up front and held
 in host memory: today's behaviour, the fastest for small sets) or StreamData (records read, decoded and encoded
 per batch by a background thread, a few batches ahead: start-up and host memory do not grow with the set).
-Both serve `next(device) -> (prompts, cond, uncond, latents)`, `state_dict()` / `load_state_dict()`, and, for work
+Both serve `next(device) -> (prompts, cond, uncond, latents, image_sizes)` (the last two None without images), `state_dict()` / `load_state_dict()`, and, for work
 done once per run, `first_encoded(n)`, `encode_indices(idx)`, `conds`, `fingerprint()` (docs/data.md).
 
 Order: the same Order as PromptData (epoch permutations of (seed, epoch); rows rank::world of each global batch),
@@ -111,21 +111,23 @@ class StreamData:
 
     @torch.no_grad()
     def _make(self, idx: list[int], epoch: int):
-        """This process's batch on the CPU (prompts, cond, uncond, latents or None) and the bad records met."""
+        """This process's batch on the CPU (prompts, cond, uncond, latents or None, image_sizes or None) and the bad
+        records met."""
         counts: dict[str, int] = {}
         rows = [self._read(i, counts) for i in idx]
-        prompts = [text for _, (text, _) in rows]
+        prompts = [text for _, (text, _, _) in rows]
         cond = self.family.encode_prompts(prompts).to("cpu")
         uncond = self.uncond.index(torch.zeros(len(idx), dtype=torch.long))
-        latents = None
+        latents = sizes = None
         if rows[0][1][1] is not None:
-            images = torch.stack([image for _, (_, image) in rows])
+            images = torch.stack([image for _, (_, image, _) in rows])
+            sizes = torch.tensor([size for _, (_, _, size) in rows], dtype=torch.long)
             # The VAE posterior's noise per record, from (seed, epoch, record): the same in any batch split.
             gens = [torch.Generator(self.family.device).manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + j)
                     for j, _ in rows]
             x = images.to(self.family.device, self.family.vae.dtype)
             latents = self.family.encode_images(x, generator=gens).float().cpu()
-        return (prompts, cond, uncond, latents), counts, len(idx) + sum(counts.values())
+        return (prompts, cond, uncond, latents, sizes), counts, len(idx) + sum(counts.values())
 
     def _produce(self, order: Order):
         idx, epoch = order.next_global()
@@ -164,7 +166,7 @@ class StreamData:
             self._worker = None
 
     def next(self, device=None):
-        """(prompts, cond, uncond, latents or None) of this process's next micro-batch."""
+        """(prompts, cond, uncond, latents or None, image_sizes or None) of this process's next micro-batch."""
         if self.prefetch == 0:
             item = self._produce(self.order)
         else:
@@ -174,7 +176,7 @@ class StreamData:
             if isinstance(item, BaseException):
                 self._worker = None
                 raise item
-        ((prompts, cond, uncond, latents), counts, rows), state = item
+        ((prompts, cond, uncond, latents, sizes), counts, rows), state = item
         self.order.load_state_dict(state)
         self.rows += rows
         for k, v in counts.items():
@@ -182,7 +184,7 @@ class StreamData:
         bad = sum(self.counts.values())
         if self.rows >= MIN_ROWS_FOR_FRACTION:
             _check_fraction(self.spec, bad, self.rows, self.max_bad_fraction, _describe(self.counts))
-        return prompts, cond.to(device), uncond.to(device), latents.to(device) if latents is not None else None
+        return prompts, cond.to(device), uncond.to(device), latents.to(device) if latents is not None else None, sizes
 
     # -- what work done once per run needs (write_samples, dmd's ODE pairs) --
     @torch.no_grad()
@@ -299,14 +301,15 @@ def open_data(family, data, resolution: int, seed: int, rank: int = 0, world: in
 
 
 def _open_data(family, data, resolution, seed, rank, world, progress):
-    from .images import encode_latents, read_image_folder, read_toy_images
+    from .images import encode_latents, read_image_folder, read_toy_images, uncropped_sizes
     from .sources import ImageFolder
 
     kw = {"batch_size": data.batch_size, "seed": seed, "rank": rank, "world": world}
     if data.images.startswith("toy:"):
         images, captions = read_toy_images(data.images, resolution, seed)
         latents = encode_latents(family, images, progress=progress)
-        return PromptData.from_family(family, captions, progress=progress, latents=latents, **kw)
+        return PromptData.from_family(family, captions, progress=progress, latents=latents,
+                                      image_sizes=uncropped_sizes(len(images), resolution), **kw)
     per_record = _embedding_bytes(family)
     if data.images:
         source = open_images(data.images, resolution, data.text_field)
@@ -327,12 +330,14 @@ def _open_data(family, data, resolution, seed, rank, world, progress):
         prompts, _ = read_prompts(data.prompts, data.max_prompt_words)
         return PromptData.from_family(family, prompts, progress=progress, **kw)
     if isinstance(source, ImageFolder):  # today's reader and report (skipped files by name) for image folders
-        images, captions, report = read_image_folder(data.images, resolution)
+        images, captions, sizes, report = read_image_folder(data.images, resolution)
         _check_fraction(data.images, len(report.skipped), len(captions) + len(report.skipped), data.max_bad_fraction)
         latents = encode_latents(family, images, progress=progress)
-        return PromptData.from_family(family, captions, progress=progress, latents=latents, **kw)
+        return PromptData.from_family(family, captions, progress=progress, latents=latents, image_sizes=sizes, **kw)
     records = _read_all(source, spec, data.max_bad_fraction)
-    latents = None
+    latents = sizes = None
     if data.images:
-        latents = encode_latents(family, torch.stack([image for _, image in records]), progress=progress)
-    return PromptData.from_family(family, [text for text, _ in records], progress=progress, latents=latents, **kw)
+        latents = encode_latents(family, torch.stack([image for _, image, _ in records]), progress=progress)
+        sizes = torch.tensor([size for _, _, size in records], dtype=torch.long)
+    return PromptData.from_family(family, [text for text, _, _ in records], progress=progress, latents=latents,
+                                  image_sizes=sizes, **kw)

@@ -56,10 +56,18 @@ class Batch:
     latent_shape: tuple[int, ...]  # (B, C, h, w) of the student's samples
     latents: torch.Tensor | None = None  # real VAE latents (GAN head, regression), when configured
     noise: NoiseSource | None = None  # set by the loop; methods draw ALL randomness through the helpers below
+    # cond for the rows of `latents`: each real image's own size conditioning (SDXL time_ids,
+    # FamilyModel.with_image_sizes); None = cond. Samples the student or teacher generates keep `cond`.
+    real_cond: Cond | None = None
 
     @property
     def size(self) -> int:
         return len(self.prompts)
+
+    @property
+    def data_cond(self) -> Cond:
+        """The conditioning of every network call on (noised) real latents: real_cond, else cond."""
+        return self.real_cond if self.real_cond is not None else self.cond
 
     def _source(self, device):
         return self.noise or NoiseSource(torch.default_generator, device=device)

@@ -345,10 +345,10 @@ class ConsistencyDistiller(CriticHeadState):
         same batched student call; their DenoiserOut comes back as a fourth item (tscd_unified's one-step sample).
         """
         x_t, t, t_end, target = self._pair_inputs(nets, batch, k)
-        x, t_all, cond = x_t, t, batch.cond
-        if extra:
+        x, t_all, cond = x_t, t, batch.data_cond  # the pair is noised real data when the run has images
+        if extra:  # generated rows: the run's own size conditioning
             x_e, t_e = extra()
-            x, t_all, cond = torch.cat([x_t, x_e]), torch.cat([t, t_e]), cond.cat(cond)
+            x, t_all, cond = torch.cat([x_t, x_e]), torch.cat([t, t_e]), cond.cat(batch.cond)
         n = x_t.shape[0]
         with torch.set_grad_enabled(grad):
             out = nets.student(x, t_all, cond)
@@ -372,13 +372,16 @@ class ConsistencyDistiller(CriticHeadState):
         eps = batch.randn(*x0_data.shape[1:], device=device).to(x0_data.dtype)
         x_t = self.schedule.add_noise(x0_data, eps, t)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * batch.rand(device)
+        # Real latents: each image's own size conditioning in every call on its trajectory (diffusers'
+        # train_lcm_distill_sdxl_wds.py does the same); a teacher sample: batch.cond (data_cond is cond then).
+        cond = batch.data_cond
 
         with torch.no_grad():
-            teacher = nets.teacher(x_t, t, batch.cond, guidance_scale=w)
+            teacher = nets.teacher(x_t, t, cond, guidance_scale=w)
             a_prev, s_prev = self.schedule.alpha_sigma(t_prev, x_t.ndim)
             x_prev = ddim_step(teacher.x0, teacher.eps, a_prev.to(device), s_prev.to(device)).to(x_t.dtype)
             target_net = nets.target if cfg.target == "ema" else nets.student
-            target_out = target_net(x_prev, t_prev.clamp(min=0), batch.cond)
+            target_out = target_net(x_prev, t_prev.clamp(min=0), cond)
             target = self._to_end(x_prev, t_prev, target_out, t_end)
             # The teacher already reached the end point: the target is x_prev itself (boundary condition).
             target = torch.where(_bcast(t_prev == t_end, x_t.ndim), x_prev.double(), target)
@@ -429,7 +432,7 @@ class ConsistencyDistiller(CriticHeadState):
         samples, inputs = None, None
         if w_adv > 0:
             fake, real, t_adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
-            g = through_frozen_nets(lambda x: hinge_generator_loss(self._logits(nets, x, t_adv, batch.cond)), fake)
+            g = through_frozen_nets(lambda x: hinge_generator_loss(self._logits(nets, x, t_adv, batch.data_cond)), fake)
             loss = loss + w_adv * g
             logs["adv_g_loss"] = float(g.detach().mean())
             samples = fake.detach()
@@ -450,9 +453,10 @@ class ConsistencyDistiller(CriticHeadState):
             pred, target, t_end = self.consistency_pair(nets, batch, k, grad=False)
             adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
         fake, real, t_adv = adv
+        cond = batch.data_cond  # both sides come from the same (real, when the run has images) x_t
         with torch.no_grad():  # real and fake in one batched call of the teacher
             feats = teacher_features(nets.teacher.denoiser, torch.cat([real, fake.detach()]), torch.cat([t_adv, t_adv]),
-                                     batch.cond.cat(batch.cond))
+                                     cond.cat(cond))
         n = real.shape[0]
         maps = self.head(feats)  # per head, a logit at every location of real then fake rows
         loss = hinge_discriminator_loss([m[:n] for m in maps], [m[n:] for m in maps])

@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 
 from ..config import ConfigError
-from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_combine
+from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_combine, uncond_for
 from ..core.io import atomic_write_text
 from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
 from ..registry import register_method
@@ -176,7 +176,7 @@ def guided_by_teacher_uncond(node, teacher, uncond: Cond, guidance_scale: float,
     c = node(x_t, t, cond)
     if guidance_scale == 1.0:
         return c
-    u = teacher(x_t, t, uncond.index([0] * x_t.shape[0]))
+    u = teacher(x_t, t, uncond_for(uncond, cond, x_t.shape[0]))
     return DenoiserOut(cfg_combine(c.x0, u.x0, guidance_scale), cfg_combine(c.eps, u.eps, guidance_scale))
 
 

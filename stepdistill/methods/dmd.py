@@ -311,7 +311,7 @@ class DMDDistiller(CriticHeadState):
         logs = {f"{cfg.generator_loss}_loss": float(loss.detach().mean())}
         if cfg.gan:
             self._real_latents(batch)
-            gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, [x], batch)[0]), x0)
+            gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, [(x, batch.cond)], batch)[0]), x0)
             loss = loss + cfg.gan_generator_weight * gan_g
             logs["gan_g_loss"] = float(gan_g.detach().mean())
         if cfg.regression_weight > 0:
@@ -360,21 +360,23 @@ class DMDDistiller(CriticHeadState):
         logs = {"fake_score_loss": float(loss.detach().mean())}
         if cfg.gan:
             real = self._real_latents(batch).to(device)
-            gan_d = gan_discriminator_loss(*self._logits(nets, [real, samples.detach()], batch))
+            # Real latents carry each image's own size conditioning (batch.data_cond); the samples the run's.
+            gan_d = gan_discriminator_loss(*self._logits(nets, [(real, batch.data_cond), (samples.detach(), batch.cond)],
+                                                         batch))
             loss = loss + cfg.gan_discriminator_weight * gan_d
             logs["gan_d_loss"] = float(gan_d.detach().mean())
         return LossOut(loss, logs)
 
-    def _logits(self, nets: Nets, x0s: list, batch: Batch) -> list:
-        """Diffusion GAN: the head's logits on the fake score's mid block at x_t, t ~ U[0, gan_t_max T), for each of
-        `x0s` (each its own t and noise, drawn in turn); one batched call for all of them (real and fake)."""
+    def _logits(self, nets: Nets, inputs: list, batch: Batch) -> list:
+        """Diffusion GAN: the head's logits on the fake score's mid block at x_t, t ~ U[0, gan_t_max T), for each
+        (x0, cond) of `inputs` (each its own t and noise, drawn in turn); one batched call for all (real and fake)."""
         x_ts, ts = [], []
-        for x0 in x0s:
+        for x0, _ in inputs:
             ts.append(batch.randint(0, max(1, int(self.cfg.gan_t_max * self.T)), device=nets.device))
             x_ts.append(self.schedule.add_noise(x0, batch.randn(*x0.shape[1:], device=nets.device), ts[-1]))
-        cond = batch.cond
-        for _ in x0s[1:]:
-            cond = cond.cat(batch.cond)
+        cond = inputs[0][1]
+        for _, c in inputs[1:]:
+            cond = cond.cat(c)
         logits = self.head(mid_block_features(nets.fake_score, torch.cat(x_ts), torch.cat(ts), cond))
         return list(logits.split([x.shape[0] for x in x_ts]))
 

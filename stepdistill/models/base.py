@@ -229,6 +229,11 @@ class FamilyModel:
         family has none). A trained LoRA's recipe keeps them, so generation conditions as training did."""
         return None
 
+    def with_image_sizes(self, cond: Cond, image_sizes: torch.Tensor, resolution: int | None = None) -> Cond:
+        """`cond` for real images with these size rows (data.images.SIZE_FIELDS: original H, W, crop top, left), made
+        into latents at `resolution`. The default: unchanged, for families without size conditioning."""
+        return cond
+
     def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
         resolution = resolution or self.resolution
         if resolution % self.vae_scale_factor:

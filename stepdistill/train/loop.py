@@ -232,9 +232,11 @@ class Trainer:
         noise = NoiseSource(self.noise_generator, self.dist.rank, self.dist.world, self.dist.device)
         out = []
         for _ in range(self.cfg.loop.grad_accum):
-            prompts, cond, uncond, latents = b.data.next(self.dist.device)
+            prompts, cond, uncond, latents, sizes = b.data.next(self.dist.device)
             shape = (len(prompts), *b.ctx.latent_shape)
-            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=latents, noise=noise))
+            real_cond = b.family.with_image_sizes(cond, sizes) if sizes is not None else None
+            out.append(Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=latents, noise=noise,
+                             real_cond=real_cond))
         return out
 
     def iteration(self) -> dict:

@@ -138,8 +138,8 @@ def test_stream_and_cache_serve_the_same_batches_and_encodings(tiny_sd15_dir, pr
     stream = open_data(family, SimpleNamespace(**cfg, cache="stream"), 16, seed=5)
     assert isinstance(stream, StreamData) and not isinstance(memory, StreamData)
     for _ in range(5):  # past the end of an epoch (10 prompts)
-        pm, cm, um, _ = memory.next()
-        ps, cs, us, _ = stream.next()
+        pm, cm, um, _, _ = memory.next()
+        ps, cs, us, _, _ = stream.next()
         assert pm == ps
         assert torch.allclose(cm.encoder_hidden_states, cs.encoder_hidden_states, atol=1e-6)
         assert torch.equal(um.encoder_hidden_states, us.encoder_hidden_states)

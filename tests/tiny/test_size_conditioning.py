@@ -1,15 +1,19 @@
 """SDXL's size conditioning (time_ids) follows model.resolution in every cond of a run, the recipe records it, and a
-fresh pipeline called with the recipe conditions the same way (so it reproduces the student)."""
+fresh pipeline called with the recipe conditions the same way (so it reproduces the student). Real images condition
+with their own original size and crop (data.images.SIZE_FIELDS), in every network call on their latents."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 
 from stepdistill.config import load_config
 from stepdistill.core.recipe import Recipe
+from stepdistill.data.images import read_image_folder
 from stepdistill.models import load_family
+from stepdistill.models.tiny import TINY_PROMPTS
 from stepdistill.train.loop import Trainer
 
 from .helpers import ROOT, pipeline_latents, student_latents
@@ -70,3 +74,101 @@ def test_fresh_pipeline_with_the_recipe_reproduces_the_student(trained, tiny_sdx
     ours, _, x_T = student_latents(b, prompt)
     theirs = pipeline_latents(StableDiffusionXLPipeline, tiny_sdxl_dir, final, prompt, x_T, steps=4)
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=1e-4)
+
+
+# ---- real images: each its own original size and crop -------------------------------------------------------------
+
+def test_real_image_time_ids_at_a_non_default_resolution(tiny_sdxl_dir):
+    model = load_family(tiny_sdxl_dir)
+    model.resolution = 512
+    cond = model.encode_prompts(["a red cat", "a blue car"])
+    real = model.with_image_sizes(cond, torch.tensor([[600, 1200, 0, 256], [900, 512, 100, 0]]))
+    assert real.added_cond_kwargs["time_ids"].tolist() == [[600, 1200, 0, 256, 512, 512],
+                                                           [900, 512, 100, 0, 512, 512]]
+    assert real.encoder_hidden_states is cond.encoder_hidden_states
+    assert real.added_cond_kwargs["text_embeds"] is cond.added_cond_kwargs["text_embeds"]
+    assert_time_ids(cond, 512)  # generated samples keep (res, res, 0, 0, res, res)
+    with pytest.raises(ValueError, match="one per real image"):
+        model.with_image_sizes(cond, torch.zeros(3, 4, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Four captioned images of different, mostly non-square sizes (width, height)."""
+    root = tmp_path_factory.mktemp("images")
+    for i, (w, h) in enumerate([(80, 40), (40, 96), (50, 36), (32, 32)]):
+        Image.new("RGB", (w, h), (40 * i, 200, 90)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(TINY_PROMPTS[i])
+    return root
+
+
+def _spied_run(config, sets, out, monkeypatch):
+    """Train with a spy on the UNet: (time_ids of each call made inside an iteration, the run's image size rows)."""
+    calls, inside = [], [False]
+    setup, iteration = Trainer.setup, Trainer.iteration
+
+    def spy(module, args, kwargs):
+        if inside[0]:
+            calls.append(kwargs["added_cond_kwargs"]["time_ids"].detach().cpu().long().tolist())
+
+    def spied_setup(self, built=None):
+        result = setup(self, built)
+        self.built.nets.unet.register_forward_pre_hook(spy, with_kwargs=True)
+        return result
+
+    def spied_iteration(self):
+        inside[0] = True
+        try:
+            return iteration(self)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(Trainer, "setup", spied_setup)
+    monkeypatch.setattr(Trainer, "iteration", spied_iteration)
+    cfg = load_config(ROOT / config, [*sets, "loop.progress=false", "model.resolution=32"])
+    trainer = Trainer(cfg, out)
+    trainer.run()
+    trainer.close()
+    return calls
+
+
+def _image_rows(folder, resolution=32):
+    _, _, sizes, _ = read_image_folder(folder, resolution)
+    return {tuple(r) + (resolution, resolution) for r in sizes.tolist()}
+
+
+GENERATED = (32, 32, 0, 0, 32, 32)
+
+
+def test_consistency_on_real_images_conditions_every_call_on_each_images_size(tiny_sdxl_dir, image_folder, tmp_path,
+                                                                               monkeypatch):
+    """LCM on real latents (streamed: StreamData's path): student, teacher (both CFG halves) and target all read the
+    images' own rows, never the run's uncropped square."""
+    rows = _image_rows(image_folder)
+    assert GENERATED not in rows and len(rows) == 4
+    calls = _spied_run("configs/tiny/lcm_sdxl.yaml", [
+        f"model.path={tiny_sdxl_dir}", f"data.images={image_folder}", "data.cache=stream", "loop.max_steps=2"],
+        tmp_path / "run", monkeypatch)
+    assert len(calls) >= 6  # per step: teacher (2B rows), target, student
+    for ids in calls:
+        assert {tuple(r) for r in ids} <= rows, ids
+    cfg_calls = [ids for ids in calls if len(ids) == 4]  # the teacher's CFG: cond rows, then uncond rows
+    assert cfg_calls and all(ids[:2] == ids[2:] for ids in cfg_calls)
+
+
+def test_dmd_gan_reads_real_latents_with_their_sizes_and_samples_with_the_runs(tiny_sdxl_dir, image_folder, tmp_path,
+                                                                                monkeypatch):
+    """DMD's GAN critic call holds real rows (each image's size) then generated rows (the run's); every other call
+    is on generated samples and keeps the run's ids."""
+    rows = _image_rows(image_folder)
+    calls = _spied_run("configs/tiny/dmd_sdxl.yaml", [
+        f"model.path={tiny_sdxl_dir}", f"data.images={image_folder}", "data.cache=memory", "method.gan=true",
+        "method.regression_steps=0", "loop.max_steps=1"], tmp_path / "run", monkeypatch)
+    mixed = [ids for ids in calls if {tuple(r) for r in ids} & rows]
+    assert mixed, "no network call saw the real images' size rows"
+    for ids in mixed:  # the critic's one call: B real rows, then B generated rows
+        n = len(ids) // 2
+        assert {tuple(r) for r in ids[:n]} <= rows and all(tuple(r) == GENERATED for r in ids[n:]), ids
+    for ids in calls:
+        if ids not in mixed:
+            assert all(tuple(r) == GENERATED for r in ids), ids

@@ -167,7 +167,7 @@ def gan_built(tiny_sd15_dir, prompts_file):
 
 
 def _batch(built, latents=True):
-    prompts, cond, uncond, _ = built.data.next()
+    prompts, cond, uncond, _, _ = built.data.next()
     shape = (len(prompts), *built.ctx.latent_shape)
     return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape,
                  latents=torch.randn(shape) if latents else None)

@@ -104,7 +104,7 @@ def test_image_folder_skips_corrupt_truncated_and_uncaptioned(tmp_path, caplog):
     (tmp_path / "blank.txt").write_text("  \n")
     (tmp_path / "notes.md").write_text("not an image")  # other files are not part of the set
     with collect_reports() as reports:
-        images, captions, report = read_image_folder(tmp_path, 16)
+        images, captions, _, report = read_image_folder(tmp_path, 16)
     assert images.shape == (1, 3, 16, 16) and captions == ["a red square"]
     assert images.min() >= -1 and images.max() <= 1
     assert report.kept == 1 and sorted(s.split(" (")[0] for s in report.skipped) == [
@@ -118,7 +118,7 @@ def test_metadata_jsonl_with_missing_files_and_bad_rows(tmp_path):
     rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "gone.png", "text": "a cat"},
             "{not json", {"file_name": "a.png"}, [1, 2], {"file_name": "a.png", "text": None}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    images, captions, report = read_image_folder(tmp_path, 8)
+    images, captions, _, report = read_image_folder(tmp_path, 8)
     assert captions == ["a red square"] and images.shape == (1, 3, 8, 8)
     bad_row = 'not {"file_name": ..., "text": ...}'
     assert sorted(report.skipped) == sorted(["gone.png: missing", "a.png: no caption"] + [
@@ -146,6 +146,6 @@ def test_images_are_exact_after_skipping(tmp_path):
         (tmp_path / f"{name}.txt").write_text(f"caption {name}")
     (tmp_path / "b.png").write_bytes(b"bad")
     (tmp_path / "b.txt").write_text("caption b")
-    images, captions, _ = read_image_folder(tmp_path, 16)
+    images, captions, _, _ = read_image_folder(tmp_path, 16)
     assert captions == ["caption a", "caption c"]
     assert torch.allclose(images[0, 0], torch.ones(16, 16)) and torch.allclose(images[1, 2], torch.ones(16, 16))

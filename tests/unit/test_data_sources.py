@@ -135,8 +135,9 @@ def test_image_folder_with_txt_captions_and_a_bad_image(tmp_path):
     (tmp_path / "c.png").write_bytes(png_bytes())  # no caption
     source = open_images(str(tmp_path), 8)
     assert isinstance(source, ImageFolder) and len(source) == 3
-    caption, image = source.get(0)
+    caption, image, size = source.get(0)
     assert caption == "a red square"
+    assert size == (20, 20, 0, 0)  # SDXL's original size and crop offset, data.images.SIZE_FIELDS
     check_image(image)
     assert texts(source)[1:] == ["<unreadable image>", "<empty caption>"]
 

@@ -48,7 +48,7 @@ def dmd_gan():
 
 def _batch(trainer, seed):
     b = trainer.built
-    prompts, cond, uncond, latents = b.data.next("cpu")
+    prompts, cond, uncond, latents, _ = b.data.next("cpu")
     return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=(len(prompts), *b.ctx.latent_shape),
                  latents=latents, noise=NoiseSource(torch.Generator().manual_seed(seed)))
 
@@ -123,9 +123,9 @@ def test_gan_critic_logits_of_real_and_fake_in_one_call_keep_values_and_gradient
     def run(together: bool):
         batch.noise = NoiseSource(torch.Generator().manual_seed(7))
         if together:
-            logits = d._logits(nets, [real, fake], batch)
+            logits = d._logits(nets, [(real, batch.cond), (fake, batch.cond)], batch)
         else:  # the calls as they ran before: real first, then fake, each its own draws
-            logits = [d._logits(nets, [real], batch)[0], d._logits(nets, [fake], batch)[0]]
+            logits = [d._logits(nets, [(real, batch.cond)], batch)[0], d._logits(nets, [(fake, batch.cond)], batch)[0]]
         loss = gan_discriminator_loss(*logits).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]

@@ -95,6 +95,20 @@ class SDXLModel(FamilyModel):
         ids = torch.tensor([row], dtype=dtype or self.text_encoders[1].dtype)
         return ids.repeat(n, 1).to(self.text_encoders[1].device)
 
+    def with_image_sizes(self, cond: Cond, image_sizes: torch.Tensor, resolution: int | None = None) -> Cond:
+        """`cond` with each real image's own time_ids: (its original H, W, its crop top, left, target H, W), as SDXL
+        was trained on real images (Podell et al. 2023, sec. 2.2; diffusers' train_text_to_image_sdxl.py): an image
+        seen through a crop of a larger original must be conditioned as one, not as an uncropped `resolution` square.
+        The target is the latents' size, `resolution` (default: the run's)."""
+        size = int(resolution or self.resolution)
+        sizes = torch.as_tensor(image_sizes).reshape(-1, 4)
+        if len(sizes) != len(cond):
+            raise ValueError(f"{len(sizes)} image size rows for {len(cond)} conditionings: one per real image")
+        old = cond.added_cond_kwargs["time_ids"]
+        target = torch.tensor([size, size], dtype=sizes.dtype).expand(len(sizes), 2)
+        time_ids = torch.cat([sizes, target], dim=1).to(old.device, old.dtype)
+        return Cond(cond.encoder_hidden_states, {**cond.added_cond_kwargs, "time_ids": time_ids})
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> Cond:
         """As StableDiffusionXLPipeline.encode_prompt (clip_skip None) and its added conditioning at `resolution`."""

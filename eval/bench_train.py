@@ -144,14 +144,17 @@ def bench_model(family: str, tiny: bool, device, dtype, seed: int = 0):
 
 def bench_data(cfg: Config, model, seed: int = 0):
     """Cached prompt embeddings (as in every run) and, when data.images is set, cached random latents."""
+    from ..data.images import uncropped_sizes
     from ..data.prompts import PromptData
     from ..models.tiny import TINY_PROMPTS
 
-    latents = None
+    latents = sizes = None
     if cfg.data.images:
         shape = model.latent_shape(len(TINY_PROMPTS), cfg.model.resolution or None)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    return PromptData.from_family(model, list(TINY_PROMPTS), cfg.data.batch_size, cfg.seed, latents=latents)
+        sizes = uncropped_sizes(len(TINY_PROMPTS), shape[-1] * model.vae_scale_factor)  # "images" made at that size
+    return PromptData.from_family(model, list(TINY_PROMPTS), cfg.data.batch_size, cfg.seed, latents=latents,
+                                  image_sizes=sizes)
 
 
 def make_trainer(cfg: Config, model, data, out_dir, device):

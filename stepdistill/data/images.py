@@ -63,8 +63,9 @@ def centre_crop(im, resolution: int):
 
     h, w = im.height, im.width
     scale = resolution / min(h, w)
+    # The long side is rounded (torchvision's Resize in that example truncates: at most 1 px apart).
     rh, rw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    top, left = int(round((rh - resolution) / 2.0)), int(round((rw - resolution) / 2.0))
+    top, left = round((rh - resolution) / 2), round((rw - resolution) / 2)  # round half to even, as diffusers
     im = im.resize((rw, rh), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
     return im, (h, w, top, left)
 

@@ -96,7 +96,7 @@ def test_real_image_time_ids_at_a_non_default_resolution(tiny_sdxl_dir):
 def image_folder(tmp_path_factory):
     """Four captioned images of different, mostly non-square sizes (width, height)."""
     root = tmp_path_factory.mktemp("images")
-    for i, (w, h) in enumerate([(80, 40), (40, 96), (50, 36), (32, 32)]):
+    for i, (w, h) in enumerate([(80, 40), (40, 96), (50, 36), (48, 48)]):
         Image.new("RGB", (w, h), (40 * i, 200, 90)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text(TINY_PROMPTS[i])
     return root

@@ -17,7 +17,7 @@ from stepdistill.data.stream import _read_all
 IMAGES = {
     "wide": ((40, 20), (20, 40, 0, 8)),  # resized to 32 x 16: left = (32 - 16) / 2
     "tall": ((30, 60), (60, 30, 8, 0)),  # resized to 16 x 32: top = 8
-    "odd": ((21, 16), (16, 21, 0, 2)),  # not resized; round(2.5) = 2, as diffusers' int(round(...))
+    "odd": ((21, 16), (16, 21, 0, 2)),  # not resized; round(2.5) = 2 (half to even), as diffusers rounds
     "square": ((16, 16), (16, 16, 0, 0)),
 }
 

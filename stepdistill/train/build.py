@@ -22,6 +22,7 @@ from ..data.prompts import PromptData
 from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
+from .shard import shard_base
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,6 +124,9 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
             for p in adapter_parameters(unet, a):
                 p.requires_grad_(False)
 
+    if cfg.model.shard == "fsdp2":
+        # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
+        shard_base(unet, family.shard_units(), ctx.dist)
     if cfg.model.compile:
         _compile(unet)
     if data is None:

@@ -42,7 +42,8 @@ def check_launcher(environ, cfg: Config) -> None:
 
     The loop does its own data-parallel gradient sync of the LoRA tensors and never wraps a model, so an
     accelerate config asking for FSDP, DeepSpeed or Megatron would run as plain data parallelism; its
-    mixed-precision and dynamo settings would not apply either. docs/scaling.md says what to use instead.
+    mixed-precision and dynamo settings would not apply either. docs/scaling.md says what to use instead (for FSDP:
+    model.shard=fsdp2, which shards the frozen base itself).
     """
     def on(key):
         return environ.get(key, "").lower() in ("1", "true", "yes")

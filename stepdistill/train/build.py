@@ -22,7 +22,7 @@ from ..data.prompts import PromptData
 from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
-from .shard import shard_base
+from .shard import move_unsharded, shard_base
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +60,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     spec = get_method(cfg.method.name)
     distiller_cls: type[Distiller] = spec.distiller_cls
     dtype = base_dtype(cfg, device)
-    family = model or load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
+    # A base to be sharded loads on the CPU: fully_shard moves it to `device` one block at a time, so no process
+    # ever holds the whole base on the GPU (the point when it does not fit there).
+    load_device = torch.device("cpu") if cfg.model.shard == "fsdp2" else device
+    family = model or load_family(cfg.model.path, cfg.model.family, device=load_device, dtype=dtype)
     unet = family.unet
     unet.requires_grad_(False)
     if family.attention_backends:
@@ -92,6 +95,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     for n, p in unet.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
+    if cfg.model.shard == "fsdp2":
+        # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
+        shard_base(unet, family.shard_units(), Dist(world, rank, device))
+        move_unsharded(family, device)
 
     family.resolution = resolution  # every cond (prompts, empty, samples) carries this size conditioning (SDXL)
     uncond = family.empty_cond(1)
@@ -124,9 +131,6 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
             for p in adapter_parameters(unet, a):
                 p.requires_grad_(False)
 
-    if cfg.model.shard == "fsdp2":
-        # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
-        shard_base(unet, family.shard_units(), ctx.dist)
     if cfg.model.compile:
         _compile(unet)
     if data is None:

@@ -48,6 +48,20 @@ def shard_base(net: torch.nn.Module, units: list[torch.nn.Module], dist: Dist) -
              dist.rank, dist.world, held[0], whole[0], held[1] / 2**20, whole[1] / 2**20)
 
 
+def move_unsharded(family, device: torch.device) -> None:
+    """Put on `device` what shard_base left where the family was loaded: the LoRA tensors (FSDP moves only the
+    tensors it manages), the denoiser's root buffers if any, the VAE and the text encoders."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for t in (*family.unet.parameters(), *family.unet.buffers()):
+            if not isinstance(t, DTensor) and t.device != device:
+                t.data = t.data.to(device)
+    family.vae.to(device)
+    for encoder in family.text_encoders:
+        encoder.to(device)
+
+
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """This process's part of `p`: the local shard of a DTensor, `p` itself otherwise."""
     from torch.distributed.tensor import DTensor

@@ -27,7 +27,7 @@ def torchrun(args) -> str:
     """stderr of a 2-process run of the CLI (it must succeed)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "stepdistill.cli", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 
@@ -98,7 +98,10 @@ def test_shard_units_are_distinct_blocks_holding_most_of_the_base(family):
     net = getattr(pipe, cls.denoiser_prefix)
     model = cls(net, pipe.vae, [], [], {})
     units = model.shard_units()
-    assert units and len({id(u) for u in units}) == len(units)
-    inside = {id(p) for u in units for p in u.parameters()}
-    assert sum(p.numel() for u in units for p in u.parameters()) == sum(p.numel() for p in net.parameters() if id(p) in inside)
+    assert units and all(any(u is m for m in net.modules()) for u in units)
+    per_unit = [{id(p) for p in u.parameters()} for u in units]
+    inside = set().union(*per_unit)
+    assert sum(map(len, per_unit)) == len(inside), "a unit nests inside another"
+    if family == "flux":
+        assert any(u is b for u in units for b in net.single_transformer_blocks)
     assert 2 * sum(p.numel() for p in net.parameters() if id(p) in inside) > sum(p.numel() for p in net.parameters())

@@ -22,7 +22,7 @@ from ..data.prompts import PromptData
 from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
-from .shard import move_unsharded, shard_base
+from .shard import move_unsharded, require_processes, shard_base
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,7 +62,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     dtype = base_dtype(cfg, device)
     # A base to be sharded loads on the CPU: fully_shard moves it to `device` one block at a time, so no process
     # ever holds the whole base on the GPU (the point when it does not fit there).
-    load_device = torch.device("cpu") if cfg.model.shard == "fsdp2" else device
+    load_device = device
+    if cfg.model.shard == "fsdp2":
+        require_processes(world)  # before minutes of loading
+        load_device = torch.device("cpu")
     family = model or load_family(cfg.model.path, cfg.model.family, device=load_device, dtype=dtype)
     unet = family.unet
     unet.requires_grad_(False)

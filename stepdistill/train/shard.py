@@ -28,11 +28,16 @@ def is_lora(name: str) -> bool:
     return "lora_" in name
 
 
-def shard_base(net: torch.nn.Module, units: list[torch.nn.Module], dist: Dist) -> None:
-    """fully_shard each of `units` (blocks of `net`), then `net` itself; every LoRA tensor is left out."""
-    if dist.world == 1:
+def require_processes(world: int) -> None:
+    """Refuse a single process: there is nothing to split the base with, and silently ignoring the setting would not do."""
+    if world == 1:
         raise ConfigError("model.shard=fsdp2 needs several processes (it splits the base between them) and this run has "
                           "one: launch with torchrun --nproc_per_node N (or accelerate launch), or set model.shard=none")
+
+
+def shard_base(net: torch.nn.Module, units: list[torch.nn.Module], dist: Dist) -> None:
+    """fully_shard each of `units` (blocks of `net`), then `net` itself; every LoRA tensor is left out."""
+    require_processes(dist.world)
     if not units:
         raise ConfigError(f"model.shard=fsdp2: the {type(net).__name__} lists no blocks to shard (FamilyModel.shard_units)")
     from torch.distributed.device_mesh import init_device_mesh

@@ -18,7 +18,7 @@ from stepdistill.models.registry import get_family
 from stepdistill.models.tiny import build_tiny_pipeline
 from stepdistill.train.shard import shard_base
 
-from .helpers import ROOT, cli_env, lora_tensors, train_args
+from .helpers import ROOT, cli_env, lora_tensors, run_cli, train_args
 
 HOLDS = re.compile(r"rank (\d) of 2 holds (\d+) of (\d+) frozen base parameters")
 
@@ -76,10 +76,14 @@ def test_sharded_base_trains_the_same_lora_and_resumes_either_way(family, config
         assert_close_lora(plain / "final", into / "final")
 
 
-def test_sharding_a_single_process_is_refused():
+def test_sharding_a_single_process_is_refused(tiny_sd15_dir, prompts_file, tmp_path):
     unet = build_tiny_pipeline("sd15", seed=0).unet
     with pytest.raises(ConfigError, match="needs several processes.*torchrun"):
         shard_base(unet, list(unet.down_blocks), Dist(1, 0, "cpu"))
+    proc = run_cli(train_args("configs/tiny/dmd_sd15.yaml", tmp_path / "run", tiny_sd15_dir, prompts_file,
+                              "model.shard=fsdp2"), check=False)
+    assert proc.returncode != 0 and "model.shard=fsdp2 needs several processes" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_shard_setting_is_checked():

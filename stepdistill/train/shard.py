@@ -8,8 +8,9 @@ The LoRA tensors of every adapter are `ignored_params`: FSDP neither shards nor 
 tensors on every process. Their gradients are then averaged exactly once, by the loop's own all-reduce
 (loop.sync_gradients), as without sharding; the optimizer, gradient clipping, checkpoints (full tensors, same
 format) and exports are unchanged, and adapter switching (peft's per-layer active adapter) only toggles flags on
-layers whose base weight FSDP gathers on entry. Sharding the adapters and their AdamW moments too would save
-another ~5 GB per process at FLUX.1-dev r64 (docs/memory.md sec. 7), at the cost of DTensor checkpoints: not done.
+layers whose base weight FSDP gathers on entry. Sharding the adapters, their gradients and AdamW moments too (about
+6 GB on every process at FLUX.1-dev r64 by docs/memory.md sec. 7's estimate) would cost DTensor checkpoints and
+optimizer states: not done.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def shard_base(net: torch.nn.Module, units: list[torch.nn.Module], dist: Dist) -
 
 
 def move_unsharded(family, device: torch.device) -> None:
-    """Put on `device` what shard_base left where the family was loaded: the LoRA tensors (FSDP moves only the
-    tensors it manages), the denoiser's root buffers if any, the VAE and the text encoders."""
+    """Put on `device` what shard_base left where the family was loaded: the LoRA tensors (fully_shard moves only
+    the tensors it manages to its mesh's device), the VAE and the text encoders."""
     from torch.distributed.tensor import DTensor
 
     with torch.no_grad():

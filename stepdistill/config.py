@@ -24,11 +24,18 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet (compiles once per adapter and shape: minutes at start)
     channels_last: bool = False  # NHWC UNet weights: the fast cuDNN convolution layout on tensor cores
+    # none | fsdp2: shard the frozen base over the processes with FSDP2 (fully_shard per block); LoRA stays whole
+    # on every process. For a base that does not fit one GPU next to its activations (docs/memory.md sec. 7).
+    shard: str = "none"
 
     def validate(self):
         _family("model.family", self.family)
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
+        _choice("model.shard", self.shard, ("none", "fsdp2"))
+        if self.shard != "none" and self.compile:
+            raise ConfigError("model.shard=fsdp2 with model.compile=true is not supported (untested together): set "
+                              "one of them off")
         _at_least("model.resolution", self.resolution, 0)
         if self.resolution % 8:
             raise ConfigError(f"model.resolution must be a multiple of 8, the VAE's downsampling (got {self.resolution}); "

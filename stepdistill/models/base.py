@@ -130,6 +130,13 @@ class FamilyModel:
         """call(net, x_t, timestep, cond) for core.denoiser.Denoiser; None = a UNet2DConditionModel's call."""
         return None
 
+    def shard_units(self) -> list:
+        """The denoiser's blocks that FSDP2 shards one by one (model.shard=fsdp2): each is all-gathered just before it
+        runs and freed after, so a process holds its shard of the base plus one block whole. The UNet's down, mid and
+        up blocks; what is left (embeddings, conv_in / conv_out) is sharded with the root."""
+        unet = self.unet
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
     def recipe_guidance_scale(self) -> float:
         """The guidance_scale a distilled student's pipeline call gets: 0, no CFG (CFG is baked into the student)."""
         return 0.0

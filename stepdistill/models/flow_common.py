@@ -103,6 +103,10 @@ class FlowFamily(FamilyModel):
         """The pipelines' tokenizer_max_length: the first tokenizer's model_max_length (77 for CLIP)."""
         return self.tokenizers[0].model_max_length
 
+    def shard_units(self) -> list:
+        """The MMDiT's joint transformer blocks (model.shard=fsdp2)."""
+        return list(self.unet.transformer_blocks)
+
     def offload_text_encoders(self) -> None:
         """T5-XXL alone is 9.5 GB in bf16: once the prompts are encoded, every text encoder goes to the CPU (encoding
         a new prompt still works there, slowly)."""

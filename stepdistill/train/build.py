@@ -22,6 +22,7 @@ from ..data.prompts import PromptData
 from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
+from .shard import move_unsharded, require_processes, shard_base
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,7 +60,13 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     spec = get_method(cfg.method.name)
     distiller_cls: type[Distiller] = spec.distiller_cls
     dtype = base_dtype(cfg, device)
-    family = model or load_family(cfg.model.path, cfg.model.family, device=device, dtype=dtype)
+    # A base to be sharded loads on the CPU: fully_shard moves it to `device` one block at a time, so no process
+    # ever holds the whole base on the GPU (the point when it does not fit there).
+    load_device = device
+    if cfg.model.shard == "fsdp2":
+        require_processes(world)  # before minutes of loading
+        load_device = torch.device("cpu")
+    family = model or load_family(cfg.model.path, cfg.model.family, device=load_device, dtype=dtype)
     unet = family.unet
     unet.requires_grad_(False)
     if family.attention_backends:
@@ -91,6 +98,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     for n, p in unet.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
+    if cfg.model.shard == "fsdp2":
+        # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
+        shard_base(unet, family.shard_units(), Dist(world, rank, device))
+        move_unsharded(family, device)
 
     family.resolution = resolution  # every cond (prompts, empty, samples) carries this size conditioning (SDXL)
     uncond = family.empty_cond(1)

@@ -26,6 +26,7 @@ from ..methods.base import Batch, ExportStage, NoiseSource
 from . import checkpoint as ckpt
 from .build import Built, build
 from .faults import maybe_kill
+from .shard import is_sharded
 from .tracking import Tracking, learning_rates
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,19 @@ def check_launcher(environ, cfg: Config) -> None:
 
     The loop does its own data-parallel gradient sync of the LoRA tensors and never wraps a model, so an
     accelerate config asking for FSDP, DeepSpeed or Megatron would run as plain data parallelism; its
-    mixed-precision and dynamo settings would not apply either. docs/scaling.md says what to use instead.
+    mixed-precision and dynamo settings would not apply either. docs/scaling.md says what to use instead (for FSDP:
+    model.shard=fsdp2, which shards the frozen base itself).
     """
     def on(key):
         return environ.get(key, "").lower() in ("1", "true", "yes")
 
-    for key, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+    if on("ACCELERATE_USE_FSDP"):
+        raise ConfigError(
+            "this accelerate config asks for FSDP, which stepdistill does not use through accelerate (it never hands "
+            "accelerate the model): launch with configs/accelerate/multi_gpu.yaml and set model.shard=fsdp2 to shard "
+            "the frozen base; see docs/scaling.md"
+        )
+    for key, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
                       ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
         if on(key):
             raise ConfigError(
@@ -311,8 +319,10 @@ class Trainer:
                 with open(log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 self.tracking.log(record)
-            if cfg.loop.sample_every and self.step % cfg.loop.sample_every == 0 and dist.rank == 0:
-                self.tracking.log_image(self.step, self.write_samples())
+            if cfg.loop.sample_every and self.step % cfg.loop.sample_every == 0 and (dist.rank == 0 or self.sharded):
+                path = self.write_samples()  # a sharded base's forward is a collective: every process runs it
+                if dist.rank == 0:
+                    self.tracking.log_image(self.step, path)
             if self.step % cfg.loop.checkpoint_every == 0 or self.step == cfg.loop.max_steps:
                 self.save_checkpoint()
         bar.close()
@@ -399,9 +409,14 @@ class Trainer:
             export_lora(out, "merged", out / "merged")
         return out
 
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.built.nets.unet)
+
     @torch.no_grad()
     def write_samples(self, n: int = 4):
-        """samples/step-NNNNNN.png: the student on the run's first prompts and fixed noise, watched over training."""
+        """samples/step-NNNNNN.png: the student on the run's first prompts and fixed noise, watched over training
+        (written by rank 0; None elsewhere, where only a sharded base makes the other processes take part)."""
         from torchvision.utils import save_image
 
         b = self.built
@@ -410,6 +425,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed)
         x_T = torch.randn((len(prompts), *b.ctx.latent_shape), generator=g).to(self.dist.device)
         latents = b.distiller.sample(b.nets, cond, x_T, generator=g)
+        if self.dist.rank != 0:
+            return None
         images = b.family.decode(latents).float().clamp(-1, 1) * 0.5 + 0.5
         (self.out / "samples").mkdir(exist_ok=True)
         path = self.out / "samples" / f"step-{self.step:06d}.png"

@@ -88,6 +88,10 @@ class FluxModel(FlowFamily):
         super().__init__(*args, **kwargs)
         self.embedded_guidance = self.default_embedded_guidance
 
+    def shard_units(self) -> list:
+        """The double-stream blocks, then the single-stream ones (model.shard=fsdp2)."""
+        return [*self.unet.transformer_blocks, *self.unet.single_transformer_blocks]
+
     @staticmethod
     def to_pipeline_latents(x):
         return pack_latents(x)

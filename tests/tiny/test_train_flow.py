@@ -14,6 +14,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from stepdistill import pipelines
+from stepdistill.card import CARD_FILE
 from stepdistill.config import ConfigError, load_config
 from stepdistill.core.lora import adapter_state_dict
 from stepdistill.core.recipe import Recipe
@@ -99,6 +100,9 @@ def test_pipelines_load_fused_and_merged_export_reproduce_the_student(trained, t
     recipe = Recipe.load(final)
     merged = export_run(trainer.out, "merged", tmp_path / "merged")
     assert (merged / "transformer" / "config.json").is_file() and not list(merged.glob("*.safetensors"))
+    # Its model card loads the merged transformer in place of the base's.
+    assert f'pipe.transformer = {type(trainer.built.nets.unet).__name__}.from_pretrained(lora, subfolder="transformer")' \
+        in (merged / CARD_FILE).read_text()
     loaded = {"lora": pipelines.load(model, final), "fused": pipelines.load(model, final, fuse=True),
               "merged": pipelines.load(None, merged)}
     assert applied_lora_layers(loaded["lora"].transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME))

@@ -58,9 +58,11 @@ def family_of(base, recipe: Recipe | None = None) -> str:
     return recipe.family
 
 
-def _unet_lora_shapes(pipe, lora_dir, prefix: str = "unet") -> dict[str, dict[str, tuple]]:
+def _denoiser_lora_shapes(pipe, lora_dir, prefix: str = "unet") -> dict[str, dict[str, tuple]]:
     """module path -> {"A": shape, "B": shape} for the denoiser part (keys `prefix.`) of a LoRA file, any key style."""
-    state = pipe.lora_state_dict(str(lora_dir))[0]
+    state = pipe.lora_state_dict(str(lora_dir))
+    # The UNet pipelines' loaders return (state, network_alphas); SD3's and FLUX's the state alone.
+    state = state if isinstance(state, dict) else state[0]
     modules: dict[str, dict[str, tuple]] = {}
     for key, value in state.items():
         if not key.startswith(f"{prefix}."):
@@ -74,16 +76,18 @@ def _unet_lora_shapes(pipe, lora_dir, prefix: str = "unet") -> dict[str, dict[st
 
 
 def check_lora_fits(pipe, lora_dir, recipe: Recipe, base) -> None:
-    """Raise when a LoRA's UNet modules are absent from the base UNet or have other shapes (another architecture)."""
+    """Raise when a LoRA's denoiser modules (UNet or transformer) are absent from the base's or have other shapes
+    (another architecture)."""
     prefix = get_family(recipe.family).denoiser_prefix
-    modules = _unet_lora_shapes(pipe, lora_dir, prefix)
+    modules = _denoiser_lora_shapes(pipe, lora_dir, prefix)
     where = f"this LoRA was trained for {recipe.family} ({recipe.base_model}) and does not fit {base}"
     if not modules:
-        raise ValueError(f"{lora_dir} has no UNet LoRA weights: export it again with `stepdistill export`")
+        raise ValueError(f"{lora_dir} has no {prefix} LoRA weights: export it again with `stepdistill export`")
     layers = dict(getattr(pipe, prefix).named_modules())
     absent = sorted(m for m in modules if m not in layers)
     if absent:
-        raise ValueError(f"{where}: its UNet has no modules {absent[:3]} ({len(absent)} in all); use the base it was trained on")
+        raise ValueError(f"{where}: its {prefix} has no modules {absent[:3]} ({len(absent)} in all); use the base it was "
+                         "trained on")
     for module, shapes in modules.items():
         weight = getattr(layers[module], "weight", None)
         if weight is None or set(shapes) != {"A", "B"}:
@@ -106,7 +110,7 @@ class _Records(logging.Handler):
 
 
 class _DropTextEncoderNotes(logging.Filter):
-    """Our LoRAs are UNet-only by design, so diffusers' note that a text encoder got no LoRA keys is noise."""
+    """Our LoRAs are denoiser-only by design, so diffusers' note that a text encoder got no LoRA keys is noise."""
 
     def __init__(self, family: str):
         super().__init__()
@@ -135,7 +139,7 @@ def _strict_lora_loading(family: str, what: str):
     problems = [m for m in handler.messages + [str(w.message) for w in caught]
                 if any(s in m.lower() for s in _DROPPED_WEIGHTS)]
     if problems:
-        raise ValueError(f"{what} did not load completely into the base UNet: {problems[0][:500]}")
+        raise ValueError(f"{what} did not load completely into the base denoiser: {problems[0][:500]}")
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -155,6 +159,12 @@ def _load_vae(vae, dtype):
     return getattr(diffusers, class_name).from_pretrained(vae, **dtype_kwargs(dtype))
 
 
+def _architecture(denoiser) -> dict:
+    """A denoiser's config without diffusers' bookkeeping (`_class_name`, `_name_or_path`...): equal for a merged
+    export and the base it was merged into."""
+    return {k: v for k, v in denoiser.config.items() if not k.startswith("_")}
+
+
 def _is_merged(lora_dir: Path, prefix: str = "unet") -> bool:
     """A `stepdistill export --format merged` folder: a full denoiser (in `prefix`/) instead of LoRA weights."""
     return (lora_dir / prefix / "config.json").is_file() and not any(lora_dir.glob("*.safetensors"))
@@ -166,7 +176,7 @@ def _load_extra(pipe, item, index: int) -> tuple[str, float]:
     path, name = Path(path), f"extra_{index}"
     folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
     with warnings.catch_warnings():
-        # Several adapters on one UNet is what the caller asked for.
+        # Several adapters on one denoiser is what the caller asked for.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
     return name, float(ratio)
@@ -192,10 +202,11 @@ def load(base, lora_dir, device="cpu", dtype=torch.float32, fuse: bool = False, 
     names, weights = [], []
     if _is_merged(lora_dir, family.denoiser_prefix):
         prefix = family.denoiser_prefix
-        unet = family.denoiser_class.from_pretrained(lora_dir, subfolder=prefix, **dtype_kwargs(dtype))
-        if unet.config.get("cross_attention_dim") != getattr(pipe, prefix).config.get("cross_attention_dim"):
-            raise ValueError(f"the merged UNet in {lora_dir} was trained for {recipe.family} ({recipe.base_model}), not {base}")
-        setattr(pipe, prefix, unet.to(device))
+        denoiser = family.denoiser_class.from_pretrained(lora_dir, subfolder=prefix, **dtype_kwargs(dtype))
+        if _architecture(denoiser) != _architecture(getattr(pipe, prefix)):
+            raise ValueError(f"the merged {prefix} in {lora_dir} was trained for {recipe.family} ({recipe.base_model}), "
+                             f"not {base}")
+        setattr(pipe, prefix, denoiser.to(device))
     else:
         check_lora_fits(pipe, lora_dir, recipe, base)
         try:

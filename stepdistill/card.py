@@ -71,16 +71,25 @@ def front_matter(recipe: Recipe) -> dict:
     return meta
 
 
-def _weights_kind(folder: Path) -> str:
-    """diffusers | kohya | merged: what the export folder holds (the snippet loads that)."""
+def _denoiser(recipe: Recipe) -> tuple[str, str]:
+    """(class name, subfolder) of the recipe's family's denoiser: a merged export holds it (unet/, transformer/)."""
+    from .models.registry import get_family
+
+    family = get_family(recipe.family)
+    return family.denoiser_class_name, family.denoiser_prefix
+
+
+def _weights_kind(folder: Path, prefix: str = "unet") -> str:
+    """diffusers | kohya | merged: what the export folder holds (the snippet loads that); `prefix`: the merged
+    denoiser's subfolder."""
     if (folder / DIFFUSERS_WEIGHT_NAME).is_file():
         return "diffusers"
     if (folder / KOHYA_WEIGHT_NAME).is_file():
         return "kohya"
-    if (folder / "unet" / "config.json").is_file():
+    if (folder / prefix / "config.json").is_file():
         return "merged"
     raise FileNotFoundError(f"{folder} holds no LoRA ({DIFFUSERS_WEIGHT_NAME} or {KOHYA_WEIGHT_NAME}) and no merged "
-                            "unet/: export the run first (stepdistill export)")
+                            f"{prefix}/: export the run first (stepdistill export)")
 
 
 def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: str = EXAMPLE_PROMPT, seed: int = 0) -> str:
@@ -89,7 +98,8 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
     steps = (f"timesteps={recipe.timesteps!r}" if recipe.timesteps is not None
              else f"sigmas={recipe.sigmas!r}" if recipe.sigmas is not None
              else f"num_inference_steps={recipe.num_inference_steps}")
-    imports = ["DiffusionPipeline", recipe.scheduler_class] + (["UNet2DConditionModel"] if kind == "merged" else [])
+    denoiser_class, prefix = _denoiser(recipe)
+    imports = ["DiffusionPipeline", recipe.scheduler_class] + ([denoiser_class] if kind == "merged" else [])
     lines = [
         "import torch",
         f"from diffusers import {', '.join(imports)}",
@@ -102,7 +112,7 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
         f"pipe.scheduler = {recipe.scheduler_class}.from_config(pipe.scheduler.config{scheduler_args})",
     ]
     if kind == "merged":
-        lines.append('pipe.unet = UNet2DConditionModel.from_pretrained(lora, subfolder="unet").to(device)')
+        lines.append(f'pipe.{prefix} = {denoiser_class}.from_pretrained(lora, subfolder="{prefix}").to(device)')
     else:
         weight = DIFFUSERS_WEIGHT_NAME if kind == "diffusers" else KOHYA_WEIGHT_NAME
         lines += [
@@ -204,7 +214,7 @@ def render_model_card(folder, run_dir=None, repo_id: str | None = None, lora_ref
     """
     folder, run_dir = Path(folder), Path(run_dir) if run_dir is not None else None
     recipe = Recipe.load(folder)
-    kind = _weights_kind(folder)
+    kind = _weights_kind(folder, _denoiser(recipe)[1])
     title = repo_id.split("/")[-1] if repo_id else f"{recipe.method} LoRA for {recipe.base_model}"
     parts = [
         "---\n" + yaml.safe_dump(front_matter(recipe), sort_keys=False) + "---\n",

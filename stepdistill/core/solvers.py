@@ -74,6 +74,14 @@ def noise_forward(x_s, alpha_s, alpha_t, z):
     return ratio * x_s.double() + (1.0 - ratio**2).clamp(min=0).sqrt() * z.double()
 
 
+def noise_forward_path(x_s, alpha_s, sigma_s, alpha_t, sigma_t, z):
+    """q(x_t | x_s) on any Gaussian path x_t = alpha_t x0 + sigma_t eps, t later than s: with r = alpha_t / alpha_s,
+    x_t = r x_s + sqrt(sigma_t^2 - r^2 sigma_s^2) z. On DDPM's (alpha^2 + sigma^2 = 1) this is noise_forward; on
+    rectified flow (alpha = 1 - sigma) it is the forward transition of the flow's marginals."""
+    ratio = alpha_t / alpha_s
+    return ratio * x_s.double() + (sigma_t**2 - ratio**2 * sigma_s**2).clamp(min=0).sqrt() * z.double()
+
+
 def tcd_intermediate(t_next: int, eta: float) -> int:
     """TCD's s = floor((1 - eta) t_next) (gamma = eta), computed as TCDScheduler.step does (float32 tensor maths)."""
     return int(torch.floor((1 - eta) * torch.tensor(int(t_next))).long())

@@ -9,8 +9,9 @@ segment, and their distance is the loss. The network never sees t_end: the map i
 student stays an ordinary eps-prediction UNet that a plain diffusers scheduler can run.
 
 Optional adversarial term (Hyper-SD's "MSE + adversarial" hybrid, discriminator as in PCM): both sides of the
-consistency pair are noised forward into their segment and judged by small heads on the frozen teacher's down- and
-mid-block features; its weight is set per stage, growing as k falls.
+consistency pair are noised forward into their segment on the teacher's path and judged by small heads on the frozen
+teacher's features (a UNet's down and mid blocks, a transformer's blocks up to its middle: methods.gan); its weight is
+set per stage, growing as k falls.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..core.solvers import (
     ddim_step,
     lcm_boundary_scalings,
     lcm_origin_timesteps,
-    noise_forward,
+    noise_forward_path,
     segment_start,
     trailing_timesteps,
 )
@@ -50,6 +51,7 @@ from .base import (
     trailing_ddim_recipe,
 )
 from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
+from .gan import feature_reader
 
 
 @dataclass
@@ -195,36 +197,15 @@ def _bcast(v, ndim):
 
 # ---- the discriminator: heads on the frozen teacher's features -----------------------------------------------
 
-class _FeaturesDone(Exception):
-    """Raised after the mid block: the up path is not needed for the discriminator."""
-
-
 def teacher_features(denoiser, x_t, t, cond) -> list[torch.Tensor]:
-    """Outputs of every down block and of the mid block of `denoiser.unet` on (x_t, t, cond) under its adapter."""
-    unet, feats = denoiser.unet, []
-
-    def keep(module, inputs, output):
-        feats.append(output[0] if isinstance(output, tuple) else output)
-
-    def stop(module, inputs, output):
-        keep(module, inputs, output)
-        raise _FeaturesDone
-
-    handles = [b.register_forward_hook(keep) for b in unet.down_blocks] + [unet.mid_block.register_forward_hook(stop)]
-    try:
-        denoiser.raw(x_t, t, cond)
-    except _FeaturesDone:
-        return feats
-    finally:
-        for h in handles:
-            h.remove()
-    raise RuntimeError("the UNet returned without running its mid_block: the discriminator needs a UNet with one")
+    """The discriminator's feature maps of `denoiser.unet` on (x_t, t, cond) under its adapter: a UNet's down blocks
+    and mid block, or a transformer's image tokens after blocks evenly spaced up to its middle (methods.gan)."""
+    return feature_reader(denoiser.unet).pyramid(denoiser, x_t, t, cond)
 
 
 def feature_channels(unet) -> list[int]:
-    """Channels of teacher_features: each down block's output, then the mid block's."""
-    channels = list(unet.config.block_out_channels)
-    return channels + [channels[-1]]
+    """Channels of teacher_features."""
+    return feature_reader(unet).pyramid_channels()
 
 
 class FeatureHeads(nn.Module):
@@ -301,8 +282,6 @@ class ConsistencyDistiller(CriticHeadState):
         ddpm = ("epsilon", "v_prediction", "sample")
         if cfg.boundary == "lcm":  # LCM's c_skip / c_out are defined on DDPM timesteps
             cls._refuse(cfg, parameterisation, ddpm, families_with, " with method.boundary=lcm (LCM's boundary scalings)")
-        if any(w > 0 for w in cfg.adv_weight):  # the discriminator reads a UNet's down and mid blocks
-            cls._refuse(cfg, parameterisation, ddpm, families_with, " with method.adv_weight > 0")
 
     # ---- set-up and state ----
     def setup(self, nets: Nets, ctx: RunContext):
@@ -400,11 +379,11 @@ class ConsistencyDistiller(CriticHeadState):
         t_adv = (t_end + 1 + torch.floor(batch.rand(device) * width).long()).clamp(max=self.T - 1)
         z_fake = batch.randn(*pred.shape[1:], device=device)
         z_real = batch.randn(*pred.shape[1:], device=device)
-        alpha_end, _ = self.schedule.alpha_sigma(t_end, ndim)
-        alpha_adv, _ = self.schedule.alpha_sigma(t_adv, ndim)
-        alpha_end, alpha_adv = alpha_end.to(device), alpha_adv.to(device)
-        fake = noise_forward(pred, alpha_end, alpha_adv, z_fake)
-        real = noise_forward(target, alpha_end, alpha_adv, z_real)
+        # On the teacher's own path (DDPM or flow), so the discriminator sees x_t as the teacher was trained on.
+        end = [v.to(device) for v in self.schedule.alpha_sigma(t_end, ndim)]
+        adv = [v.to(device) for v in self.schedule.alpha_sigma(t_adv, ndim)]
+        fake = noise_forward_path(pred, *end, *adv, z_fake)
+        real = noise_forward_path(target, *end, *adv, z_real)
         return fake, real, t_adv
 
     def _logits(self, nets: Nets, x_adv, t_adv, cond):

@@ -6,8 +6,8 @@ at a random t and denoised by the teacher (with CFG) and by a fake score that ke
 distribution; their difference, normalised per sample, is the gradient that moves G's samples towards the
 teacher's distribution. The fake score is a second LoRA on the same frozen base (DESIGN.md sec. 3), updated
 `critic_updates_per_student_update` times per student update (DMD2's two-time-scale rule). Optional: a GAN head on
-the fake score's mid-block features with real latents (DMD2 sec. 4.2), and a regression warm-up on teacher ODE
-pairs (DMD's regression loss, in latent space).
+the fake score's middle features (a UNet's mid block, a transformer's middle block) with real latents (DMD2 sec.
+4.2), and a regression warm-up on teacher ODE pairs (DMD's regression loss, in latent space).
 
 The maths is written as pure functions of denoiser callables D(x_t, t, cond) -> (x0, eps), so the same code
 trains a UNet student here and an MLP against an analytic teacher in tests/toy/test_dmd_gaussian.py.
@@ -33,7 +33,7 @@ from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets, RunContext, flow_euler_recipe, is_flow
-from .gan import MidBlockHead, gan_discriminator_loss, gan_generator_loss, mid_block_features, mid_block_shape
+from .gan import feature_reader, gan_discriminator_loss, gan_generator_loss
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DMDConfig(MethodConfig):
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2 min/max_step_percent)
     dm_t_max: float = 0.98
     critic_updates_per_student_update: int = 5  # DMD2 dfake_gen_update_ratio: 5 SDXL, 10 SD1.5
-    gan: bool = False  # GAN head on the fake score's mid block; needs real latents (data.images)
+    gan: bool = False  # GAN head on the fake score's middle features; needs real latents (data.images)
     gan_generator_weight: float = 5e-3  # DMD2 gen_cls_loss_weight: 5e-3 SDXL, 1e-3 SD1.5
     gan_discriminator_weight: float = 1e-2  # DMD2 guidance_cls_loss_weight
     gan_t_max: float = 1.0  # diffusion GAN: real and fake latents noised at t ~ U[0, gan_t_max T)
@@ -225,15 +225,8 @@ class DMDDistiller(CriticHeadState):
         self.critic_updates = cfg.critic_updates_per_student_update
         self.guidance_scale = cfg.guidance_scale
         self.head = None
+        self.features = None  # where the GAN head reads the fake score (methods.gan.feature_reader)
         self.pairs = None  # teacher ODE pairs for the regression term, solved on first use
-
-    @classmethod
-    def check_parameterisation(cls, cfg, parameterisation, families_with=None):
-        super().check_parameterisation(cfg, parameterisation, families_with)
-        if parameterisation == "flow" and getattr(cfg, "gan", False):
-            # The GAN head reads a UNet's mid block.
-            cls._refuse(cfg, parameterisation, ("epsilon", "v_prediction", "sample"), families_with,
-                        " with method.gan=true")
 
     # ---- set-up and state ----
     def setup(self, nets: Nets, ctx: RunContext):
@@ -241,8 +234,8 @@ class DMDDistiller(CriticHeadState):
         # Resolves self.guidance_scale, which the builder then makes the teacher's default.
         self._resolve(ctx.family)
         if self.cfg.gan:
-            channels, side = mid_block_shape(nets.unet, ctx.latent_shape)
-            self.head = MidBlockHead(channels, side).to(nets.device)
+            self.features = feature_reader(nets.unet)
+            self.head = self.features.head(nets.fake_score, ctx.latent_shape, ctx.uncond).to(nets.device)
 
     def _resolve(self, family):
         """Options left to the family (timesteps [], guidance_scale null) take the family's defaults."""
@@ -368,8 +361,9 @@ class DMDDistiller(CriticHeadState):
         return LossOut(loss, logs)
 
     def _logits(self, nets: Nets, inputs: list, batch: Batch) -> list:
-        """Diffusion GAN: the head's logits on the fake score's mid block at x_t, t ~ U[0, gan_t_max T), for each
-        (x0, cond) of `inputs` (each its own t and noise, drawn in turn); one batched call for all (real and fake)."""
+        """Diffusion GAN: the head's logits on the fake score's middle features (a UNet's mid block, a transformer's
+        middle block) at x_t, t ~ U[0, gan_t_max T) on the teacher's schedule (DDPM or flow), for each (x0, cond) of
+        `inputs` (each its own t and noise, drawn in turn); one batched call for all of them (real and fake)."""
         x_ts, ts = [], []
         for x0, _ in inputs:
             ts.append(batch.randint(0, max(1, int(self.cfg.gan_t_max * self.T)), device=nets.device))
@@ -377,7 +371,7 @@ class DMDDistiller(CriticHeadState):
         cond = inputs[0][1]
         for _, c in inputs[1:]:
             cond = cond.cat(c)
-        logits = self.head(mid_block_features(nets.fake_score, torch.cat(x_ts), torch.cat(ts), cond))
+        logits = self.head(self.features.middle(nets.fake_score, torch.cat(x_ts), torch.cat(ts), cond))
         return list(logits.split([x.shape[0] for x in x_ts]))
 
     def _real_latents(self, batch: Batch):

@@ -1,8 +1,13 @@
-"""The GAN term of DMD2 (arXiv 2405.14867 sec. 4.2): a small classifier on the fake score's mid-block features.
+"""The GAN term of DMD2 (arXiv 2405.14867 sec. 4.2): a small classifier on the fake score's intermediate features.
 
-The fake score's UNet doubles as the discriminator's feature extractor: its encoder and mid block run on noisy
-latents (diffusion-GAN style) and a conv head turns the bottleneck into one logit. The features are read with a
-forward hook on `unet.mid_block`, so the UNet's own forward is used as it is.
+The fake score's network doubles as the discriminator's feature extractor: it runs on noisy latents (diffusion-GAN
+style) up to the middle of the network and a conv head turns those features into one logit. The features are read
+with forward hooks, so the network's own forward runs as it is, and the forward stops once they are read.
+
+Where the features are read depends on the kind of network, not on the family (`feature_reader`): a UNet's mid block
+(`UNetFeatures`), or a transformer's image tokens after its middle block, laid back on their latent grid
+(`TokenFeatures`: SD3's MMDiT, FLUX's double- and single-stream blocks). tscd's discriminator reads several levels
+through the same readers (`pyramid`).
 """
 
 from __future__ import annotations
@@ -14,28 +19,138 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _MidBlockReached(Exception):
-    """Raised by the hook to stop the UNet after its mid block: the up blocks are not needed for the logit."""
+class _FeaturesRead(Exception):
+    """Raised by the last hook to stop the network once every feature it needs is read."""
 
-    def __init__(self, features):
-        super().__init__()
-        self.features = features
+
+def read_block_outputs(denoiser, x_t, t, cond, blocks, pick) -> list[torch.Tensor]:
+    """pick(output) of each of `blocks` on (x_t, t, cond) under the denoiser's adapter, in order; the forward stops
+    after the last one (the rest of the network is not needed)."""
+    feats = []
+
+    def keep(module, inputs, output):
+        feats.append(pick(output))
+        if module is blocks[-1]:
+            raise _FeaturesRead
+
+    handles = [b.register_forward_hook(keep) for b in blocks]
+    try:
+        denoiser.raw(x_t, t, cond)
+    except _FeaturesRead:
+        return feats
+    finally:
+        for h in handles:
+            h.remove()
+    raise RuntimeError(f"the {type(denoiser.unet).__name__} returned without running the blocks the discriminator reads")
+
+
+class UNetFeatures:
+    """A UNet's features: its mid block's output (dmd's head); every down block's and the mid block's (tscd's heads)."""
+
+    def __init__(self, unet):
+        self.net = unet
+
+    @staticmethod
+    def _first(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    def middle(self, denoiser, x_t, t, cond) -> torch.Tensor:
+        return read_block_outputs(denoiser, x_t, t, cond, [self.net.mid_block], self._first)[0]
+
+    def middle_shape(self, denoiser, latent_shape, cond) -> tuple[int, int]:
+        return mid_block_shape(self.net, latent_shape)
+
+    def head(self, denoiser, latent_shape, cond) -> nn.Module:
+        """DMD2's classifier for `middle`'s features."""
+        return MidBlockHead(*self.middle_shape(denoiser, latent_shape, cond))
+
+    def pyramid(self, denoiser, x_t, t, cond) -> list[torch.Tensor]:
+        return read_block_outputs(denoiser, x_t, t, cond, [*self.net.down_blocks, self.net.mid_block], self._first)
+
+    def pyramid_channels(self) -> list[int]:
+        channels = list(self.net.config.block_out_channels)
+        return channels + [channels[-1]]
+
+
+class TokenFeatures:
+    """A transformer's features: the image tokens after a block, as a (B, D, h/p, w/p) map on the latent grid.
+
+    The blocks are the network's in order (SD3: transformer_blocks; FLUX: the double-stream blocks, then the
+    single-stream ones). The middle one is the GAN head's, as a UNet's mid block sits halfway through it; tscd's heads
+    read up to PYRAMID_LEVELS blocks evenly spaced up to it (a UNet's down blocks and mid block)."""
+
+    PYRAMID_LEVELS = 4
+
+    def __init__(self, net):
+        self.net = net
+        self.blocks = [*net.transformer_blocks, *getattr(net, "single_transformer_blocks", [])]
+        self.mid = (len(self.blocks) - 1) // 2
+        n = min(self.PYRAMID_LEVELS, self.mid + 1)
+        self.levels = sorted({(self.mid + 1) * (j + 1) // n - 1 for j in range(n)})
+
+    def _read(self, denoiser, x_t, t, cond, blocks) -> list[torch.Tensor]:
+        # The image token count is the first block's input length (after SD3's patch embedding or FLUX's packing).
+        seen = {}
+
+        def count(module, args, kwargs):
+            seen["n"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1]
+
+        def image_tokens(output):
+            # Blocks return (text, image) tokens; FLUX's single-stream blocks of older diffusers one [text; image] tensor.
+            return output[-1] if isinstance(output, tuple) else output[:, -seen["n"]:]
+
+        handle = self.blocks[0].register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            tokens = read_block_outputs(denoiser, x_t, t, cond, blocks, image_tokens)
+        finally:
+            handle.remove()
+        return [tokens_to_map(x, x_t.shape[-2:]) for x in tokens]
+
+    def middle(self, denoiser, x_t, t, cond) -> torch.Tensor:
+        return self._read(denoiser, x_t, t, cond, [self.blocks[self.mid]])[0]
+
+    @torch.no_grad()
+    def middle_shape(self, denoiser, latent_shape, cond) -> tuple[int, int]:
+        """(channels, side) of `middle`, read off one forward on a zero latent (the token grid depends on the patching)."""
+        device = next(self.net.parameters()).device
+        x = torch.zeros((1, *latent_shape), device=device)
+        features = self.middle(denoiser, x, torch.zeros(1, dtype=torch.long, device=device), cond.index([0]))
+        return features.shape[1], features.shape[-1]
+
+    def head(self, denoiser, latent_shape, cond) -> nn.Module:
+        """DMD2's classifier for `middle`'s features, after a projection to a narrower width."""
+        return TokenHead(*self.middle_shape(denoiser, latent_shape, cond))
+
+    def pyramid(self, denoiser, x_t, t, cond) -> list[torch.Tensor]:
+        return self._read(denoiser, x_t, t, cond, [self.blocks[i] for i in self.levels])
+
+    def pyramid_channels(self) -> list[int]:
+        return [self.net.inner_dim] * len(self.levels)
+
+
+def tokens_to_map(tokens: torch.Tensor, latent_hw) -> torch.Tensor:
+    """(B, N, D) row-major image tokens of an (h, w) latent -> (B, D, h/p, w/p), p the tokens' patch side."""
+    b, n, d = tokens.shape
+    h, w = latent_hw
+    p = math.isqrt(h * w // n)
+    if p * p * n != h * w:
+        raise RuntimeError(f"{n} image tokens do not tile a {h}x{w} latent with square patches")
+    return tokens.transpose(1, 2).reshape(b, d, h // p, w // p)
+
+
+def feature_reader(net) -> UNetFeatures | TokenFeatures:
+    """Where a discriminator reads `net`: a UNet's mid block, or a transformer's blocks; by what the network has."""
+    if hasattr(net, "mid_block") and hasattr(net, "down_blocks"):
+        return UNetFeatures(net)
+    if hasattr(net, "transformer_blocks"):
+        return TokenFeatures(net)
+    raise ValueError(f"the discriminator cannot read a {type(net).__name__}: it reads a UNet's mid block or a "
+                     "transformer's blocks; turn the GAN term off (method.gan=false, method.adv_weight=[])")
 
 
 def mid_block_features(denoiser, x_t, t, cond) -> torch.Tensor:
     """The output of `denoiser.unet.mid_block` on (x_t, t, cond), with the denoiser's adapter active."""
-
-    def stop(module, inputs, output):
-        raise _MidBlockReached(output)
-
-    handle = denoiser.unet.mid_block.register_forward_hook(stop)
-    try:
-        denoiser.raw(x_t, t, cond)
-    except _MidBlockReached as reached:
-        return reached.features
-    finally:
-        handle.remove()
-    raise RuntimeError("the UNet returned without running its mid_block: the GAN head needs a UNet with a mid block")
+    return UNetFeatures(denoiser.unet).middle(denoiser, x_t, t, cond)
 
 
 def mid_block_shape(unet, latent_shape) -> tuple[int, int]:
@@ -51,9 +166,9 @@ class MidBlockHead(nn.Module):
     105 M on SDXL's 32x32 one).
     """
 
-    def __init__(self, channels: int, side: int):
+    def __init__(self, channels: int, side: int, groups: int | None = None):
         super().__init__()
-        groups = math.gcd(32, channels)
+        groups = groups or math.gcd(32, channels)
         layers = []
         while side > 4:
             layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
@@ -63,6 +178,28 @@ class MidBlockHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features.float()).flatten(1).mean(1)
+
+
+# A transformer's token width is 1536 (SD3.5 Medium) to 3072 (FLUX.1) at a 64x64 grid: MidBlockHead at that width
+# would be 0.2 to 0.8 B parameters, so a 1x1 conv first projects the tokens to at most this many channels.
+TOKEN_HEAD_WIDTH = 256
+
+
+class TokenHead(nn.Module):
+    """Token map (B, D, s, s) -> one logit: a 1x1 conv to min(D, TOKEN_HEAD_WIDTH) channels, then MidBlockHead.
+
+    5.6 M parameters on SD3.5 Medium's 64x64 grid of 1536-wide tokens at 1024 px, 6.0 M on FLUX.1's 3072-wide ones."""
+
+    def __init__(self, channels: int, side: int):
+        super().__init__()
+        width = min(channels, TOKEN_HEAD_WIDTH)
+        self.project = nn.Conv2d(channels, width, 1)
+        # At least two channels per GroupNorm group: the head's last norm sees a 1x1 map, where a group of one channel
+        # normalises to a constant and the logit would not depend on the input (a narrow, e.g. tiny, transformer).
+        self.head = MidBlockHead(width, side, groups=math.gcd(32, max(width // 2, 1)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.project(features.float()))
 
 
 def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -66,16 +66,23 @@ def student_latents(built, prompt: str, seed: int = 7):
     return built.distiller.sample(built.nets, cond, x_T, generator=torch.Generator().manual_seed(seed)), cond, x_T
 
 
-def pipeline_latents(pipe_cls, base_dir, lora_dir, prompt: str, x_T, steps: int | None = None, seed: int = 7):
-    """A fresh diffusers pipeline from base_dir with the exported LoRA and its recipe's scheduler, from x_T."""
+def fresh_pipeline(pipe_cls, base_dir, lora_dir, weight_name=None):
+    """A fresh diffusers pipeline from base_dir with the exported LoRA and its recipe's scheduler: (pipe, recipe)."""
     from stepdistill.core.recipe import Recipe
-    from stepdistill.models.registry import get_family
 
     pipe = pipe_cls.from_pretrained(base_dir)
+    pipe.set_progress_bar_config(disable=True)
     recipe = Recipe.load(lora_dir)
-    family = get_family(recipe.family)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.load_lora_weights(str(lora_dir))
+    pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
+    return pipe, recipe
+
+
+def run_pipeline(pipe, recipe, prompt: str, x_T, steps: int | None = None, seed: int = 7):
+    """`pipe` from the student's x_T (B, C, h, w) with the recipe's call arguments; latents back in (B, C, h, w)."""
+    from stepdistill.models.registry import get_family
+
+    family = get_family(recipe.family)
     kwargs = recipe.call_kwargs(pipe.scheduler)
     if steps is not None:
         kwargs["num_inference_steps"] = steps
@@ -84,3 +91,52 @@ def pipeline_latents(pipe_cls, base_dir, lora_dir, prompt: str, x_T, steps: int 
                width=w * pipe.vae_scale_factor, generator=torch.Generator().manual_seed(seed), output_type="latent",
                **kwargs).images
     return family.from_pipeline_latents(out, h, w)
+
+
+def pipeline_latents(pipe_cls, base_dir, lora_dir, prompt: str, x_T, steps: int | None = None, seed: int = 7):
+    """A fresh diffusers pipeline from base_dir with the exported LoRA and its recipe's scheduler, from x_T."""
+    pipe, recipe = fresh_pipeline(pipe_cls, base_dir, lora_dir)
+    return run_pipeline(pipe, recipe, prompt, x_T, steps, seed)
+
+
+def applied_lora_layers(denoiser) -> int:
+    """How many layers of a pipeline's denoiser carry a loaded LoRA."""
+    return sum(1 for m in denoiser.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+
+
+def lora_file_modules(path) -> set[str]:
+    """The modules a LoRA file holds tensors for (diffusers keys: `<module>.lora_A.weight`...)."""
+    return {k.rsplit(".lora_", 1)[0] for k in load_file(str(path))}
+
+
+def gan_batch(built, latents=True):
+    """The next batch of a built run, with random real latents (what data.images supplies) unless latents=False."""
+    from stepdistill.methods.base import Batch
+
+    prompts, cond, uncond, _, _ = built.data.next()
+    shape = (len(prompts), *built.ctx.latent_shape)
+    return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape,
+                 latents=torch.randn(shape) if latents else None)
+
+
+def grads_reached(built, adapters=("student", "fake_score")) -> dict[str, bool]:
+    """Which of the adapters and the distiller's head hold a non-zero gradient."""
+    from stepdistill.core.lora import adapter_parameters
+
+    unet, head = built.nets.unet, built.distiller.head
+    groups = {name: adapter_parameters(unet, name).values() for name in adapters}
+    groups["head"] = head.parameters()
+    return {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for name, ps in groups.items()}
+
+
+def zero_grads(built):
+    for p in list(built.nets.unet.parameters()) + list(built.distiller.head.parameters()):
+        p.grad = None
+
+
+def randomise_lora_b(unet, std: float = 0.05):
+    """Non-zero lora_B everywhere, so that every adapter affects the output and receives gradients."""
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)

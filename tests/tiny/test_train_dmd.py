@@ -19,7 +19,6 @@ from stepdistill.core.lora import adapter_parameters, adapter_state_dict
 from stepdistill.core.recipe import Recipe
 from stepdistill.core.samplers import ddim_sample
 from stepdistill.core.solvers import trailing_timesteps
-from stepdistill.methods.base import Batch
 from stepdistill.methods.dmd import REGRESSION_PAIRS_FILE, fake_score_loss
 from stepdistill.methods.gan import mid_block_features
 from stepdistill.train.build import build
@@ -29,11 +28,15 @@ from .helpers import (
     ROOT,
     assert_base_unchanged,
     assert_same_lora,
+    gan_batch,
+    grads_reached,
     lora_tensors,
     pipeline_latents,
+    randomise_lora_b,
     run_cli,
     student_latents,
     train_args,
+    zero_grads,
 )
 
 RUNS = {
@@ -158,52 +161,29 @@ def gan_built(tiny_sd15_dir, prompts_file):
     cfg = _config("configs/tiny/dmd_sd15.yaml", tiny_sd15_dir, prompts_file, "method.gan=true")
     torch.manual_seed(0)
     built = build(cfg, torch.device("cpu"), progress=False)
-    # Non-zero lora_B everywhere, so that every adapter affects the output and receives gradients.
-    with torch.no_grad():
-        for n, p in built.nets.unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomise_lora_b(built.nets.unet)
     return built
-
-
-def _batch(built, latents=True):
-    prompts, cond, uncond, _, _ = built.data.next()
-    shape = (len(prompts), *built.ctx.latent_shape)
-    return Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape,
-                 latents=torch.randn(shape) if latents else None)
-
-
-def _grads(built):
-    unet, head = built.nets.unet, built.distiller.head
-    groups = {"student": adapter_parameters(unet, "student").values(),
-              "fake_score": adapter_parameters(unet, "fake_score").values(), "head": head.parameters()}
-    return {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for name, ps in groups.items()}
-
-
-def _zero_grads(built):
-    for p in list(built.nets.unet.parameters()) + list(built.distiller.head.parameters()):
-        p.grad = None
 
 
 def test_gan_gradients_reach_only_their_phase(gan_built):
     b, distiller = gan_built, gan_built.distiller
     assert set(map(id, b.params["critic"])) >= set(map(id, distiller.head.parameters()))
-    _zero_grads(b)
-    out = distiller.student_loss(b.nets, _batch(b), step=0)
+    zero_grads(b)
+    out = distiller.student_loss(b.nets, gan_batch(b), step=0)
     out.loss.mean().backward()
     assert "gan_g_loss" in out.logs and math.isfinite(out.logs["gan_g_loss"])
-    assert _grads(b) == {"student": True, "fake_score": False, "head": False}
-    _zero_grads(b)
-    out = distiller.critic_loss(b.nets, _batch(b), out.samples)
+    assert grads_reached(b) == {"student": True, "fake_score": False, "head": False}
+    zero_grads(b)
+    out = distiller.critic_loss(b.nets, gan_batch(b), out.samples)
     out.loss.mean().backward()
     assert "gan_d_loss" in out.logs and math.isfinite(out.logs["gan_d_loss"])
-    assert _grads(b) == {"student": False, "fake_score": True, "head": True}
-    _zero_grads(b)
+    assert grads_reached(b) == {"student": False, "fake_score": True, "head": True}
+    zero_grads(b)
 
 
 def test_gan_without_real_latents_says_to_set_data_images(gan_built):
     with pytest.raises(ConfigError, match="data.images"):
-        gan_built.distiller.critic_loss(gan_built.nets, _batch(gan_built, latents=False), None)
+        gan_built.distiller.critic_loss(gan_built.nets, gan_batch(gan_built, latents=False), None)
 
 
 def test_gan_head_state_round_trips(gan_built):
@@ -218,7 +198,7 @@ def test_gan_head_state_round_trips(gan_built):
 
 def test_mid_block_features_are_the_full_forward_s(gan_built):
     nets = gan_built.nets
-    batch = _batch(gan_built)
+    batch = gan_batch(gan_built)
     x_t, t = torch.randn(batch.latent_shape), torch.full((batch.size,), 500)
     seen = []
     handle = nets.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o))
@@ -233,7 +213,7 @@ def test_gradient_checkpointing_recomputes_under_the_right_adapter(gan_built):
     """The fake score's gradients must not depend on gradient checkpointing (backward recomputes blocks after
     active_adapter has switched back to another adapter)."""
     nets, schedule = gan_built.nets, gan_built.nets.schedule
-    batch = _batch(gan_built)
+    batch = gan_batch(gan_built)
     torch.manual_seed(1)
     x0, t = torch.randn(batch.latent_shape), torch.randint(0, 1000, (batch.size,))
     eps = torch.randn_like(x0)

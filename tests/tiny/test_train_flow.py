@@ -13,17 +13,25 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+from stepdistill import pipelines
+from stepdistill.card import CARD_FILE
 from stepdistill.config import ConfigError, load_config
 from stepdistill.core.lora import adapter_state_dict
 from stepdistill.core.recipe import Recipe
-from stepdistill.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, save_diffusers_lora, save_kohya_lora
+from stepdistill.export import (
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    export_lora,
+    export_run,
+    save_diffusers_lora,
+    save_kohya_lora,
+)
 from stepdistill.models.families.flux import FluxModel
-from stepdistill.models.registry import get_family
 from stepdistill.registry import get_method
 from stepdistill.train.build import _families_with
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, student_latents
+from .helpers import ROOT, applied_lora_layers, fresh_pipeline, lora_file_modules, run_pipeline, student_latents
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 RUNS = {
@@ -45,30 +53,6 @@ def trained(request, prompts_file, tmp_path_factory):
     cfg = load_config(ROOT / preset, [f"model.path={model}", f"data.prompts={prompts_file}", "loop.progress=false"])
     trainer = Trainer(cfg, tmp_path_factory.mktemp(request.param) / "run")
     return family, model, trainer, trainer.run()
-
-
-def _applied_lora_layers(transformer) -> int:
-    return sum(1 for m in transformer.modules() if hasattr(m, "lora_A") and len(m.lora_A))
-
-
-def _fresh_pipeline(family, model, lora_dir, weight_name=None):
-    pipe = PIPELINES[family].from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    recipe = Recipe.load(lora_dir)
-    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
-    return pipe, recipe
-
-
-def _pipeline_latents(family, pipe, recipe, x_T):
-    """The stock pipeline from the student's x_T, with the recipe's sigmas and guidance; latents in (B, C, h, w)."""
-    h, w = x_T.shape[-2:]
-    family_cls = get_family(family)
-    size = h * pipe.vae_scale_factor
-    out = pipe(prompt=[PROMPT], latents=family_cls.to_pipeline_latents(x_T.clone()), height=size, width=size,
-               output_type="latent", generator=torch.Generator().manual_seed(7),
-               **recipe.call_kwargs(pipe.scheduler)).images
-    return family_cls.from_pipeline_latents(out, h, w)
 
 
 def test_losses_finite_recipe_and_base_unchanged(trained):
@@ -95,17 +79,40 @@ def test_losses_finite_recipe_and_base_unchanged(trained):
 def test_export_reproduces_the_student_in_a_stock_pipeline(trained):
     family, model, trainer, final = trained
     ours, _, x_T = student_latents(trainer.built, PROMPT)
-    pipe, recipe = _fresh_pipeline(family, model, final)
+    pipe, recipe = fresh_pipeline(PIPELINES[family], model, final)
     # Every LoRA module in the file became a LoRA layer of the transformer.
-    modules = {k.rsplit(".lora_", 1)[0] for k in load_file(str(final / DIFFUSERS_WEIGHT_NAME))}
-    assert _applied_lora_layers(pipe.transformer) == len(modules)
-    theirs = _pipeline_latents(family, pipe, recipe, x_T)
+    assert applied_lora_layers(pipe.transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME))
+    theirs = run_pipeline(pipe, recipe, PROMPT, x_T)
     assert torch.allclose(ours.float(), theirs.float(), atol=1e-4), (ours - theirs).abs().max()
     # ... and the LoRA matters: the bare base gives something else.
     bare = PIPELINES[family].from_pretrained(model)
     bare.set_progress_bar_config(disable=True)
     bare.scheduler = recipe.make_scheduler(bare.scheduler.config)
-    assert (_pipeline_latents(family, bare, recipe, x_T) - theirs).abs().max() > 1e-4
+    assert (run_pipeline(bare, recipe, PROMPT, x_T) - theirs).abs().max() > 1e-4
+
+
+def test_pipelines_load_fused_and_merged_export_reproduce_the_student(trained, tmp_path):
+    """pipelines.load gives the family's stock pipeline with the recipe's scheduler, running the training-time student:
+    with the LoRA loaded (every module of the file applied), fused into the weights, and from a `stepdistill export
+    --format merged` folder (the merged transformer, no LoRA file)."""
+    family, model, trainer, final = trained
+    ours, _, x_T = student_latents(trainer.built, PROMPT)
+    recipe = Recipe.load(final)
+    merged = export_run(trainer.out, "merged", tmp_path / "merged")
+    assert (merged / "transformer" / "config.json").is_file() and not list(merged.glob("*.safetensors"))
+    # Its model card loads the merged transformer in place of the base's.
+    assert f'pipe.transformer = {type(trainer.built.nets.unet).__name__}.from_pretrained(lora, subfolder="transformer")' \
+        in (merged / CARD_FILE).read_text()
+    loaded = {"lora": pipelines.load(model, final), "fused": pipelines.load(model, final, fuse=True),
+              "merged": pipelines.load(None, merged)}
+    assert applied_lora_layers(loaded["lora"].transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME))
+    for how, pipe in loaded.items():
+        assert type(pipe) is PIPELINES[family] and type(pipe.scheduler).__name__ == recipe.scheduler_class, how
+        if how != "lora":
+            assert applied_lora_layers(pipe.transformer) == 0, how
+        pipe.set_progress_bar_config(disable=True)
+        theirs = run_pipeline(pipe, recipe, PROMPT, x_T)
+        torch.testing.assert_close(theirs.float(), ours.float(), atol=1e-4, rtol=1e-4, msg=how)
 
 
 def test_flux_kohya_file_loads_with_every_tensor_applied(trained, tmp_path):
@@ -114,6 +121,8 @@ def test_flux_kohya_file_loads_with_every_tensor_applied(trained, tmp_path):
     family, model, trainer, final = trained
     if family != "flux":
         assert not (final / KOHYA_WEIGHT_NAME).exists()  # StableDiffusion3Pipeline loads no kohya layout
+        with pytest.raises(ValueError, match="loads no kohya"):
+            export_lora(final, "kohya", tmp_path / "kohya")
         return
     assert (final / KOHYA_WEIGHT_NAME).is_file()
     state = adapter_state_dict(trainer.built.nets.unet, "student")
@@ -127,14 +136,20 @@ def test_flux_kohya_file_loads_with_every_tensor_applied(trained, tmp_path):
     Recipe.load(final).save(tmp_path / "k")
     kohya = load_file(str(tmp_path / "k" / KOHYA_WEIGHT_NAME))
     assert any("double_blocks_0_img_attn_qkv" in k for k in kohya) and any("double_blocks_0_txt_mlp_2" in k for k in kohya)
-    pipe_d, recipe = _fresh_pipeline(family, model, tmp_path / "d")
-    pipe_k, _ = _fresh_pipeline(family, model, tmp_path / "k", weight_name=KOHYA_WEIGHT_NAME)
+    pipe_d, recipe = fresh_pipeline(PIPELINES[family], model, tmp_path / "d")
+    pipe_k, _ = fresh_pipeline(PIPELINES[family], model, tmp_path / "k", weight_name=KOHYA_WEIGHT_NAME)
     modules = {k.rsplit(".lora_", 1)[0] for k in state}
-    n_k, n_d = _applied_lora_layers(pipe_k.transformer), _applied_lora_layers(pipe_d.transformer)
+    n_k, n_d = applied_lora_layers(pipe_k.transformer), applied_lora_layers(pipe_d.transformer)
     assert n_k == n_d == len(modules), (n_k, n_d, len(modules))
     x_T = torch.randn((1, *trainer.built.ctx.latent_shape), generator=torch.Generator().manual_seed(3))
-    a, b = _pipeline_latents(family, pipe_d, recipe, x_T), _pipeline_latents(family, pipe_k, recipe, x_T)
+    a, b = run_pipeline(pipe_d, recipe, PROMPT, x_T), run_pipeline(pipe_k, recipe, PROMPT, x_T)
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # pipelines.load takes the kohya folder as it is (the one .safetensors in it), every tensor applied.
+    pipe_l = pipelines.load(model, tmp_path / "k")
+    pipe_l.set_progress_bar_config(disable=True)
+    assert applied_lora_layers(pipe_l.transformer) == len(modules)
+    c = run_pipeline(pipe_l, recipe, PROMPT, x_T)
+    assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
 
 
 def test_flux_kohya_single_block_linear1_splits_back_exactly():
@@ -158,7 +173,6 @@ def test_flux_kohya_single_block_linear1_splits_back_exactly():
 
 @pytest.mark.parametrize("method, sets, why", [
     ("disback", {}, ""), ("reward", {}, ""), ("lcm", {}, "boundary=lcm"), ("tscd_unified", {}, ""),
-    ("dmd", {"gan": True}, "gan"), ("tscd", {"adv_weight": [0.1]}, "adv_weight"),
 ])
 def test_methods_that_cannot_distil_a_flow_teacher_refuse_in_one_line(method, sets, why):
     spec = get_method(method)
@@ -166,8 +180,10 @@ def test_methods_that_cannot_distil_a_flow_teacher_refuse_in_one_line(method, se
     with pytest.raises(ConfigError, match=f"{why}.*cannot distil a 'flow' teacher: it supports the families sd15, sdxl") as err:
         spec.distiller_cls.check_parameterisation(cfg, "flow", _families_with)
     assert "\n" not in str(err.value)
-    for ok in ("dmd", "tscd"):
-        get_method(ok).distiller_cls.check_parameterisation(get_method(ok).config_cls(), "flow", _families_with)
+    # dmd's GAN head and tscd's adversarial term read a transformer's blocks too (tests/tiny/test_flow_gan.py).
+    for ok, ok_sets in (("dmd", {}), ("tscd", {}), ("dmd", {"gan": True}), ("tscd", {"adv_weight": [0.1]})):
+        spec = get_method(ok)
+        spec.distiller_cls.check_parameterisation(spec.config_cls(**ok_sets), "flow", _families_with)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -17,7 +17,7 @@ from stepdistill.core.denoiser import denoise_together
 from stepdistill.core.passes import Pass, PassCounter
 from stepdistill.methods import consistency, dmd
 from stepdistill.methods.base import Batch, NoiseSource
-from stepdistill.methods.gan import gan_discriminator_loss
+from stepdistill.methods.gan import gan_discriminator_loss, mid_block_features
 
 from .bench_rig import tiny_trainer
 
@@ -63,7 +63,7 @@ def test_counter_records_adapter_batch_grad_and_early_stops(dmd_gan):
             nets.teacher.denoiser(x, t, cond)
         nets.student(x, t, cond)
         with torch.no_grad():
-            dmd.mid_block_features(nets.fake_score, x, t, cond)
+            mid_block_features(nets.fake_score, x, t, cond)
     assert c.passes == [Pass(None, 3, False), Pass("student", 3, True), Pass("fake_score", 3, False, full=False)]
     assert c.summary()["forward_rows"] == 9 and c.summary()["grad_rows"] == 3
 

@@ -12,6 +12,7 @@ from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.core.solvers import (
     ddim_step,
     noise_forward,
+    noise_forward_path,
     segment_boundaries,
     segment_start,
     tcd_timesteps,
@@ -355,6 +356,28 @@ def test_noise_forward_matches_the_marginal(schedule):
     x_s = schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), s.expand(20000))
     x_t = noise_forward(x_s, a_s, a_t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
     assert abs(x_t.mean() - a_t.item() * 0.7) < 0.02 and abs(x_t.std() - sig_t.item()) < 0.02
+
+
+def test_noise_forward_path_is_ddpms_and_keeps_the_flow_marginal(schedule):
+    """tscd's adversarial inputs on any teacher's path: DDPM's transition on DDPM, and on a rectified flow (SD3's
+    shifted sigmas) x_s ~ q(x_s | x0) noised to t is q(x_t | x0) = N((1 - sigma_t) x0, sigma_t^2)."""
+    from stepdistill.core.flow import FlowSchedule
+
+    g = torch.Generator().manual_seed(3)
+    x_s, z = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    s, t = torch.tensor([300]), torch.tensor([800])
+    torch.testing.assert_close(noise_forward_path(x_s, *schedule.alpha_sigma(s, 2), *schedule.alpha_sigma(t, 2), z),
+                               noise_forward(x_s, schedule.alpha_sigma(s, 2)[0], schedule.alpha_sigma(t, 2)[0], z))
+    flow = FlowSchedule.from_scheduler_config({"num_train_timesteps": 1000, "shift": 3.0})
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    x_s = flow.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), s.expand(20000))
+    a_t, sig_t = flow.alpha_sigma(t, 2)
+    x_t = noise_forward_path(x_s, *flow.alpha_sigma(s, 2), a_t, sig_t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    assert abs(a_t.item() + sig_t.item() - 1) < 1e-12
+    assert abs(x_t.mean() - a_t.item() * 0.7) < 0.02 and abs(x_t.std() - sig_t.item()) < 0.02
+    # From clean data (t_end = -1: sigma 0) it is add_noise itself.
+    clean = noise_forward_path(x0[:3], *flow.alpha_sigma(torch.tensor([-1]), 2), a_t, sig_t, x0[:3])
+    torch.testing.assert_close(clean, flow.add_noise(x0[:3], x0[:3], t.expand(3)))
 
 
 def test_refl_window_stays_at_or_below_the_students_first_timestep(caplog):

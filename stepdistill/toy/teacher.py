@@ -24,13 +24,17 @@ import torch.nn.functional as F
 from ..core import flow
 from ..core.ema import ema_update_
 from ..core.schedule import NoiseSchedule
+from ..errors import ConfigError
 from ..models.registry import get_family
 from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 from ..models.tokenizer import save_word_tokenizer
 from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
-DEFAULT_STEPS = {"sd15": 2000, "sdxl": 500, "sd3": 2000}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
+DEFAULT_STEPS = {"sd15": 2000, "sdxl": 500, "sd3": 750}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
+# SD3-toy's step costs 2.5x SD1.5-toy's on a CPU (its joint attention carries T5's 256 padded tokens beside the 64 image
+# tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
+DEFAULT_BATCH_SIZE = {"sd15": 128, "sdxl": 128, "sd3": 64}
 MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
 # SD3-toy's sampling shift. SD3 shifts by 3 at 1024 px (4096 latent tokens) and trained its 256 px stage (1024
 # tokens) unshifted (Esser et al. 2024, sec. 5.3.2: shift grows with resolution); the toy's 16x16 latents are 64
@@ -347,7 +351,7 @@ def train_toy_teacher(
     family: str = "sd15",
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     vae_steps: int = 1000,
     vae_batch_size: int = 64,
@@ -377,10 +381,11 @@ def train_toy_teacher(
     from diffusers import AutoencoderKL
 
     if family not in TOY_ARCH:
-        raise ValueError(f"there is no toy teacher recipe for family {family!r}: use one of {sorted(TOY_ARCH)} "
+        raise ConfigError(f"there is no toy teacher recipe for family {family!r}: use one of {sorted(TOY_ARCH)} "
                          "(the flow recipe is SD3's; a FLUX-toy teacher is not built)")
     out_dir = Path(out_dir)
     steps = DEFAULT_STEPS[family] if steps is None else steps
+    batch_size = DEFAULT_BATCH_SIZE[family] if batch_size is None else batch_size
     torch.manual_seed(seed)
     # Subnormal floats are slow on x86 CPUs (a step measured ~8% faster with them flushed). Process-wide, and part of
     # the recipe: the shipped teachers were trained with it.

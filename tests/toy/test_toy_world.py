@@ -226,7 +226,7 @@ def test_flow_loss_is_zero_for_the_exact_velocity():
     cond = {"pooled_projections": torch.zeros(6, 1)}
     assert flow_loss(exact, x0, sigma, eps, None, cond).item() < 1e-8
     torch.testing.assert_close(seen["t"], (1000 * sigma).float())
-    wrong = lambda **kw: SimpleNamespace(sample=x0 - eps)  # noqa: E731
+    wrong = lambda **kw: SimpleNamespace(sample=x0 - eps)
     assert flow_loss(wrong, x0, sigma, eps, None, cond).item() > 1.0
 
 

@@ -60,7 +60,9 @@ def family_of(base, recipe: Recipe | None = None) -> str:
 
 def _unet_lora_shapes(pipe, lora_dir, prefix: str = "unet") -> dict[str, dict[str, tuple]]:
     """module path -> {"A": shape, "B": shape} for the denoiser part (keys `prefix.`) of a LoRA file, any key style."""
-    state = pipe.lora_state_dict(str(lora_dir))[0]
+    state = pipe.lora_state_dict(str(lora_dir))
+    # SD1.5/SDXL loaders return (state_dict, network_alphas); SD3's and FLUX's return the state dict alone.
+    state = state[0] if isinstance(state, tuple) else state
     modules: dict[str, dict[str, tuple]] = {}
     for key, value in state.items():
         if not key.startswith(f"{prefix}."):

@@ -27,7 +27,7 @@ from .judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
 from .world import ToyWorld, to_float, toy_asset_path, toy_prompts
 
 # Guidance of the shipped teachers at their evaluation setting (25 steps of their own sampler: DDIM for SD1.5/SDXL,
-# flow Euler for SD3), the scale that measured best at 25 steps; see docs/toy_world.md.
+# flow Euler for SD3); see docs/toy_world.md. SD3-toy's 4.0 is SD1.5-toy's value, not yet swept on its own teacher.
 TEACHER_GUIDANCE_SCALE = 4.0
 TEACHER_GUIDANCE = {"sd15": TEACHER_GUIDANCE_SCALE, "sdxl": TEACHER_GUIDANCE_SCALE, "sd3": 4.0}
 TEACHER_STEPS = 25

@@ -32,8 +32,8 @@ from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
 DEFAULT_STEPS = {"sd15": 2000, "sdxl": 500, "sd3": 750}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
-# SD3-toy's step costs 2.5x SD1.5-toy's on a CPU (its joint attention carries T5's 256 padded tokens beside the 64 image
-# tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
+# An SD3-toy batch-128 step measured about 2 s on 2 CPU threads (its joint blocks carry T5's 256 padded tokens beside
+# the 64 image tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
 DEFAULT_BATCH_SIZE = {"sd15": 128, "sdxl": 128, "sd3": 64}
 MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
 # SD3-toy's sampling shift. SD3 shifts by 3 at 1024 px (4096 latent tokens) and trained its 256 px stage (1024

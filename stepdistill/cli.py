@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toy", help="the built-in toy world").add_subparsers(dest="toy_command", required=True)
     tt = toy.add_parser("train-teacher", help="retrain a toy teacher pipeline")
     tt.add_argument("--out", required=True)
-    tt.add_argument("--family", default="sd15", choices=families)
+    tt.add_argument("--family", default="sd15", choices=families,
+                    help="sd15 | sdxl | sd3 (SD3-toy: a rectified flow; FLUX-toy is not built)")
     tt.add_argument("--steps", type=int, default=None)
     tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy reuses SD1.5-toy's)")
+    tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy and SD3-toy reuse "
+                    "SD1.5-toy's)")
     tt.add_argument("--snapshot-every", type=int, default=0, help="also save the pipeline every N UNet steps")
     tt.set_defaults(func=_toy_teacher)
     rp = toy.add_parser("random-pipeline", help="write a full-size pipeline folder of the released architecture with "

@@ -26,8 +26,10 @@ from ..metrics.fid import FeatureStats
 from .judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
 from .world import ToyWorld, to_float, toy_asset_path, toy_prompts
 
-# Guidance of the shipped teachers at their evaluation setting (DDIM, 25 steps); see docs/toy_world.md.
+# Guidance of the shipped teachers at their evaluation setting (25 steps of their own sampler: DDIM for SD1.5/SDXL,
+# flow Euler for SD3); see docs/toy_world.md. SD3-toy's 4.0 is SD1.5-toy's value, not yet swept on its own teacher.
 TEACHER_GUIDANCE_SCALE = 4.0
+TEACHER_GUIDANCE = {"sd15": TEACHER_GUIDANCE_SCALE, "sdxl": TEACHER_GUIDANCE_SCALE, "sd3": 4.0}
 TEACHER_STEPS = 25
 REF_STATS_FILE = "judge_ref_stats.npz"
 REF_N, REF_SEED = 10_000, 1_000_000  # real images for the reference statistics; a seed no prompt set uses
@@ -143,8 +145,15 @@ def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None
     }
 
 
+def teacher_guidance(family: str) -> float:
+    if family not in TEACHER_GUIDANCE:
+        raise ValueError(f"no toy teacher for family {family!r}: the shipped ones are {sorted(TEACHER_GUIDANCE)}")
+    return TEACHER_GUIDANCE[family]
+
+
 def teacher_pipeline(family: str = "sd15", device="cpu"):
-    """The shipped toy teacher (assets/toy/<family>) as a diffusers pipeline with its DDIM scheduler."""
+    """The shipped toy teacher (assets/toy/<family>) as a diffusers pipeline with its own scheduler (DDIM for
+    SD1.5/SDXL, FlowMatchEulerDiscreteScheduler for SD3)."""
     from diffusers import DiffusionPipeline
 
     path = toy_asset_path(family)
@@ -160,7 +169,7 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
                  base=None, device="cpu", progress: bool = True) -> dict:
     """Evaluate the shipped toy teacher (teacher=True) or a student LoRA folder on the toy world; write JSON to out.
 
-    Teacher: DDIM at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE_SCALE).
+    Teacher: its scheduler at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE[family]).
     Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
     """
     from ..eval.generate import student_generate_fn, teacher_generate_fn
@@ -169,9 +178,10 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
         raise ValueError("evaluate either the teacher (--teacher) or a student (--lora DIR), not both or neither")
     if teacher:
         steps = steps or TEACHER_STEPS
-        guidance_scale = TEACHER_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-        generate_fn = teacher_generate_fn(teacher_pipeline(family, device), steps, guidance_scale)
-        model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": "DDIMScheduler",
+        guidance_scale = teacher_guidance(family) if guidance_scale is None else guidance_scale
+        pipe = teacher_pipeline(family, device)
+        generate_fn = teacher_generate_fn(pipe, steps, guidance_scale)
+        model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": type(pipe.scheduler).__name__,
                  "guidance_scale": guidance_scale}
     else:
         import dataclasses

@@ -1,10 +1,14 @@
-"""Train the toy world's teachers: real diffusers SD1.5- and SDXL-architecture pipelines, small enough for a CPU.
+"""Train the toy world's teachers: real diffusers SD1.5-, SDXL- and SD3-architecture pipelines, small enough for a CPU.
 
 The recipe is Stable Diffusion's, scaled down: an AutoencoderKL (downsampling 2: 32x32 RGB <-> 16x16x4 latents)
 trained first for reconstruction, its latents scaled to unit variance (SD's scaling_factor), then the UNet and
 text encoder(s) trained together with the eps-prediction loss on SD's noise schedule (scaled_linear
 0.00085..0.012, 1000 steps) and 10% caption dropout, so classifier-free guidance works. The result is saved
 with save_pretrained and loads with StableDiffusion(XL)Pipeline.from_pretrained like any SD checkpoint.
+
+The SD3-toy teacher is a rectified flow instead (SD3's recipe): an MMDiT transformer on the same VAE's latents,
+trained to predict v = eps - x0 at x_t = (1 - sigma) x0 + sigma eps, with sigma drawn logit-normal as SD3 trains; it
+loads with StableDiffusion3Pipeline and samples with its FlowMatchEulerDiscreteScheduler.
 """
 
 from __future__ import annotations
@@ -17,16 +21,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import flow
 from ..core.ema import ema_update_
 from ..core.schedule import NoiseSchedule
+from ..errors import ConfigError
 from ..models.registry import get_family
 from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 from ..models.tokenizer import save_word_tokenizer
 from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
-DEFAULT_STEPS = {"sd15": 2000, "sdxl": 500}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
+DEFAULT_STEPS = {"sd15": 2000, "sdxl": 500, "sd3": 750}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
+# An SD3-toy batch-128 step measured about 2 s on 2 CPU threads (its joint blocks carry T5's 256 padded tokens beside
+# the 64 image tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
+DEFAULT_BATCH_SIZE = {"sd15": 128, "sdxl": 128, "sd3": 64}
 MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
+# SD3-toy's sampling shift. SD3 shifts by 3 at 1024 px (4096 latent tokens) and trained its 256 px stage (1024
+# tokens) unshifted (Esser et al. 2024, sec. 5.3.2: shift grows with resolution); the toy's 16x16 latents are 64
+# tokens, so no shift. Training draws sigma logit-normal around 0.5 (SD3's best sampler, sec. 5.1) and then shifts
+# it like the scheduler, which at shift 1 is the identity.
+SD3_TOY_SHIFT = 1.0
 
 # Architecture overrides of models.tiny's defaults. The VAE is shared by both families. It downsamples by 2
 # only (32x32x3 <-> 16x16x4): a downsampling-4 VAE (8x8x4 latents) blurred small shapes so much that the judge
@@ -71,7 +85,21 @@ TOY_ARCH = {
             "projection_dim": 32,
         },
     },
+    # An MMDiT (SD3Transformer2DModel) on the shared 4-channel VAE: patch 2 makes the 16x16 latents 64 image tokens,
+    # joined in every block by the text tokens (two CLIPs' 16 and T5's 256, the pipeline's max_sequence_length).
+    # SD3 reads both CLIPs at their penultimate layer (so one layer more each) and pools their projections.
+    "sd3": {
+        "transformer": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4,
+                        "pos_embed_max_size": 16},
+        "vae": {**_VAE, "use_quant_conv": True, "use_post_quant_conv": True, "shift_factor": 0.0},
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                         "projection_dim": 32},
+        "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "projection_dim": 32},
+        "text_encoder_3": {"d_model": 96, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+    },
 }
+FLOW_FAMILIES = ("sd3",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,6 +188,8 @@ def encode_text(pipe, family: str, input_ids: list[torch.Tensor], drop: torch.Te
     """
     if family == "sd15":
         return pipe.text_encoder(input_ids[0]).last_hidden_state, None
+    if family == "sd3":
+        return encode_text_sd3(pipe, input_ids)
     hidden, pooled = [], None
     for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids):
         out = encoder(ids, output_hidden_states=True)
@@ -172,9 +202,24 @@ def encode_text(pipe, family: str, input_ids: list[torch.Tensor], drop: torch.Te
     return hidden, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+def encode_text_sd3(pipe, input_ids: list[torch.Tensor]):
+    """As StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate states side by side, zero-padded to T5's
+    width, then T5's sequence; pooled = both CLIP projections. A dropped caption was tokenized as "", which is what
+    the pipeline encodes for its negative prompt (it has no force_zeros_for_empty_prompt)."""
+    hidden, pooled = [], []
+    for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids[:2]):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    t5 = pipe.text_encoder_3(input_ids[2]).last_hidden_state
+    clip = torch.cat(hidden, dim=-1)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,10 +233,47 @@ def denoising_loss(unet, schedule: NoiseSchedule, x0, t, eps, encoder_hidden_sta
     return F.mse_loss(eps_hat, eps)
 
 
+def logit_normal_sigmas(n: int, gen: torch.Generator, shift: float, mean: float = 0.0, std: float = 1.0):
+    """sigma = shift(sigmoid(u)), u ~ N(mean, std): SD3's logit-normal timestep sampling (Esser et al. eq. 19),
+    which spends the training on the middle of the path, then the scheduler's static shift (eq. 23)."""
+    u = torch.sigmoid(mean + std * torch.randn(n, generator=gen, dtype=torch.float64))
+    return flow.shift_sigma(u, shift)
+
+
+def flow_loss(transformer, x0, sigma, eps, encoder_hidden_states, added_cond_kwargs):
+    """Rectified-flow loss |v_theta(x_t, sigma) - (eps - x0)|^2 at x_t = (1 - sigma) x0 + sigma eps, the transformer
+    told t = 1000 sigma as StableDiffusion3Pipeline tells it; x_t in float32 (the maths in float64)."""
+    s = flow.as_sigma(sigma)
+    x_t = flow.add_noise(x0, eps, s).float()
+    v = transformer(hidden_states=x_t, timestep=(1000.0 * sigma).float(), encoder_hidden_states=encoder_hidden_states,
+                    pooled_projections=added_cond_kwargs["pooled_projections"]).sample
+    return flow.flow_matching_loss(v, x0, eps).mean()
+
+
+def _denoise_loss(pipe, family: str, schedule, x0, gen: torch.Generator, hidden, added):
+    """The family's training loss on one batch: eps-prediction (SD1.5, SDXL) or rectified flow (SD3)."""
+    # Noise level first, then the noise: the order the shipped SD1.5/SDXL teachers drew them in.
+    if family in FLOW_FAMILIES:
+        sigma = logit_normal_sigmas(len(x0), gen, pipe.scheduler.config.shift)
+        return flow_loss(pipe.transformer, x0, sigma, torch.randn(x0.shape, generator=gen), hidden, added)
+    t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=gen)
+    return denoising_loss(pipe.unet, schedule, x0, t, torch.randn(x0.shape, generator=gen), hidden, added)
+
+
+def _text_lengths(family: str, tokenizers) -> list[int]:
+    """Token lengths the pipeline encodes prompts at: the tokenizers' own, and for SD3's T5 the pipeline's
+    max_sequence_length (256), which the transformer is trained to read."""
+    lengths = [tok.model_max_length for tok in tokenizers]
+    if family == "sd3":
+        lengths[2] = get_family(family).t5_max_length
+    return lengths
+
+
 def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], steps: int,
                    batch_size: int, lr: float, caption_dropout: float, ema_decay: float, seed: int,
                    progress: bool, snapshot=None, snapshot_every: int = 0) -> float:
-    """Train UNet and text encoder(s) jointly; the EMA of their weights is written back at the end.
+    """Train the denoiser (UNet or transformer) and text encoder(s) jointly; the EMA of their weights is written back
+    at the end.
 
     snapshot(step), when given, is called every snapshot_every steps with the EMA weights swapped in (to save
     and inspect a teacher before training ends).
@@ -199,36 +281,37 @@ def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor]
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
-    text_parts = get_family(family).text_parts
-    encoders = [getattr(pipe, encoder) for encoder, _, _, _ in text_parts]
-    tokenizers = [getattr(pipe, tokenizer) for _, tokenizer, _, _ in text_parts]
-    modules = {"unet": pipe.unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders)}}
+    family_cls = get_family(family)
+    schedule = None if family in FLOW_FAMILIES else NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
+    encoders = [getattr(pipe, encoder) for encoder, _, _, _ in family_cls.text_parts]
+    tokenizers = [getattr(pipe, tokenizer) for _, tokenizer, _, _ in family_cls.text_parts]
+    modules = {family_cls.denoiser_prefix: getattr(pipe, family_cls.denoiser_prefix),
+               **{f"text_encoder_{i}": e for i, e in enumerate(encoders)}}
     params = {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
     for m in modules.values():
         m.train().requires_grad_(True)
-    ids = [tokenize(tok, captions) for tok in tokenizers]
-    empty_ids = [tokenize(tok, [""]) for tok in tokenizers]
+    lengths = _text_lengths(family, tokenizers)
+    ids = [tokenize(tok, captions, n) for tok, n in zip(tokenizers, lengths)]
+    empty_ids = [tokenize(tok, [""], n) for tok, n in zip(tokenizers, lengths)]
     latent_mean, latent_std = latents
-    scale = pipe.vae.config.scaling_factor
+    scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0
 
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     sched = warmup_constant(opt, warmup=200)
     ema = [p.detach().clone() for p in params.values()]
     loss_avg = None
-    bar = tqdm(range(steps), desc=f"{family} unet", disable=not progress)
+    bar = tqdm(range(steps), desc=f"{family} {family_cls.denoiser_prefix}", disable=not progress)
     for step in bar:
-        # Draw a batch: latents re-sampled from each image's posterior, scaled to unit variance.
+        # Draw a batch: latents re-sampled from each image's posterior, scaled to unit variance (the pipelines decode
+        # latents / scaling_factor + shift_factor; SD3-toy's shift_factor is 0).
         idx = torch.randint(0, len(captions), (batch_size,), generator=gen)
         noise = torch.randn(latent_mean[idx].shape, generator=gen)
-        x0 = (latent_mean[idx] + latent_std[idx] * noise) * scale
+        x0 = (latent_mean[idx] + latent_std[idx] * noise - shift) * scale
         # Caption dropout teaches the unconditional model that classifier-free guidance subtracts.
         drop = torch.rand(batch_size, generator=gen) < caption_dropout
         batch_ids = [torch.where(drop[:, None], e, i[idx]) for i, e in zip(ids, empty_ids)]
         hidden, added = encode_text(pipe, family, batch_ids, drop)
-        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        loss = denoising_loss(pipe.unet, schedule, x0, t, eps, hidden, added)
+        loss = _denoise_loss(pipe, family, schedule, x0, gen, hidden, added)
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,7 +351,7 @@ def train_toy_teacher(
     family: str = "sd15",
     steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     vae_steps: int = 1000,
     vae_batch_size: int = 64,
@@ -285,21 +368,24 @@ def train_toy_teacher(
 
     Args:
         out_dir: folder for the pipeline (created; loads with StableDiffusion(XL)Pipeline.from_pretrained).
-        family: "sd15" or "sdxl" (architecture and conditioning of the real family, at toy size).
+        family: "sd15", "sdxl" or "sd3" (architecture, conditioning and training objective of the real family, at
+            toy size; sd3 is a rectified flow sampled by FlowMatchEulerDiscreteScheduler).
         steps: UNet + text encoder optimisation steps (None: DEFAULT_STEPS[family], what the CLI passes
             without --steps).
         seed: seeds the data, the initial weights and every random draw: same arguments, same teacher.
         vae_from: a toy pipeline folder whose VAE to reuse instead of training one (e.g. SDXL-toy reusing
-            SD1.5-toy's), so the two teachers share a latent space and the VAE's CPU time is spent once.
+            SD1.5-toy's), so the teachers share a latent space and the VAE's CPU time is spent once.
         snapshot_every: also save the pipeline (EMA weights) to out_dir every this many steps (0: only at the end).
     Records the recipe and CPU seconds in out_dir/toy_teacher.json.
     """
     from diffusers import AutoencoderKL
 
     if family not in TOY_ARCH:
-        raise ValueError(f"family {family!r} is not supported: use one of {sorted(TOY_ARCH)}")
+        raise ConfigError(f"there is no toy teacher recipe for family {family!r}: use one of {sorted(TOY_ARCH)} "
+                         "(the flow recipe is SD3's; a FLUX-toy teacher is not built)")
     out_dir = Path(out_dir)
     steps = DEFAULT_STEPS[family] if steps is None else steps
+    batch_size = DEFAULT_BATCH_SIZE[family] if batch_size is None else batch_size
     torch.manual_seed(seed)
     # Subnormal floats are slow on x86 CPUs (a step measured ~8% faster with them flushed). Process-wide, and part of
     # the recipe: the shipped teachers were trained with it.
@@ -307,25 +393,36 @@ def train_toy_teacher(
     start = time.process_time()
     pipe = build_tiny_pipeline(family, seed, words=list(TOY_WORDS), sample_size=LATENT_SIZE, arch=TOY_ARCH[family],
                                scheduler="ddim", model_max_length=MAX_TOKENS)
+    if family in FLOW_FAMILIES:
+        pipe.scheduler = type(pipe.scheduler).from_config(toy_scheduler_config(family))
     images, captions, _ = ToyWorld().sample(num_images, seed=seed)  # uint8: 3 KB an image
     record = {"family": family, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
               "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}
+    if family in FLOW_FAMILIES:
+        record.update(objective="rectified flow (v = eps - x0)", sigma_sampling="logit-normal(0, 1)",
+                      shift=SD3_TOY_SHIFT)
 
     # Stage 1: the autoencoder, and SD's scaling factor 1 / std(latents) so the UNet sees unit-variance data.
     if vae_from is not None:
         pipe.vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval().requires_grad_(False)
         record["vae_from"] = str(vae_from)
+        if pipe.vae.config.latent_channels != TOY_ARCH[family]["vae"]["latent_channels"]:
+            raise ValueError(f"{vae_from}/vae has {pipe.vae.config.latent_channels} latent channels; the toy "
+                             f"{family} denoiser reads {TOY_ARCH[family]['vae']['latent_channels']}: use a toy VAE")
     else:
         record["vae_mse"] = train_vae(pipe.vae, images, vae_steps, vae_batch_size, vae_lr, kl_weight, seed, progress,
                                       full_steps=vae_steps // 5)
         record.update(vae_steps=vae_steps, vae_batch_size=vae_batch_size, vae_lr=vae_lr, kl_weight=kl_weight)
+    if family in FLOW_FAMILIES:
+        # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor: SD1.5-toy's VAE has none (None).
+        pipe.vae.register_to_config(shift_factor=0.0)
     latent_mean, latent_std = encode_posterior(pipe.vae, images)
     if vae_from is None:
         scaling_factor = float(1.0 / latent_mean.std())
         pipe.vae.register_to_config(scaling_factor=round(scaling_factor, 5))
     record["vae_seconds"] = round(time.process_time() - start, 1)
 
-    # Stage 2: UNet and text encoder(s) on the eps loss with caption dropout.
+    # Stage 2: UNet or transformer and text encoder(s), on the eps or flow loss, with caption dropout.
     def save(step: int, loss: float | None = None) -> None:
         save_toy_pipeline(pipe, out_dir, family)
         done = {**record, "steps_done": step, "cpu_seconds": round(time.process_time() - start, 1)}
@@ -339,10 +436,18 @@ def train_toy_teacher(
     return out_dir
 
 
+def toy_scheduler_config(family: str) -> dict:
+    """The shipped scheduler's config: SD's DDIM (SD1.5, SDXL) or SD3's flow Euler at the toy's shift."""
+    if family in FLOW_FAMILIES:
+        return {**get_family(family).default_scheduler_config, "shift": SD3_TOY_SHIFT}
+    return SD_SCHEDULER_CONFIG
+
+
 def save_toy_pipeline(pipe, out_dir: Path, family: str) -> None:
     """save_pretrained, plus tokenizer vocab.json/merges.txt so every transformers version reads them."""
-    pipe.scheduler = type(pipe.scheduler).from_config(SD_SCHEDULER_CONFIG)
+    pipe.scheduler = type(pipe.scheduler).from_config(toy_scheduler_config(family))
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    for _, sub, _, _ in get_family(family).text_parts:
-        save_word_tokenizer(out_dir / sub, list(TOY_WORDS), MAX_TOKENS)
+    for _, sub, _, tokenizer_class in get_family(family).text_parts:
+        if tokenizer_class == "CLIPTokenizer":  # SD3's T5 tokenizer saved itself (tokenizer.json)
+            save_word_tokenizer(out_dir / sub, list(TOY_WORDS), MAX_TOKENS)
 

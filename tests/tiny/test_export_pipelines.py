@@ -351,3 +351,17 @@ def test_recipe_roundtrip_and_errors(tmp_path):
     steps = recipe_for("b", "sd15", 2, scheduler_class="DDIMScheduler")
     assert steps.call_kwargs(ddim) == {"guidance_scale": 1.0, "eta": 0.0, "num_inference_steps": 2}
     assert isinstance(steps.make_scheduler(ddim.config), DDIMScheduler)
+
+
+@pytest.mark.parametrize("returns_tuple", [True, False])
+def test_lora_shapes_read_both_loader_return_styles(returns_tuple):
+    """SD1.5/SDXL's lora_state_dict returns (state, alphas); SD3's and FLUX's return the state alone (an SD3 student's
+    `eval toy --lora` failed with KeyError 0 on it)."""
+    state = {"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 64),
+             "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4)}
+
+    class Stub:
+        def lora_state_dict(self, path):
+            return (state, None) if returns_tuple else state
+
+    assert pipelines._unet_lora_shapes(Stub(), "unused", "transformer") == {"blocks.0.attn.to_q": {"A": (4, 64), "B": (64, 4)}}

@@ -137,16 +137,29 @@ def test_evaluation_sees_a_collapsed_background(judge):
     assert collapsed["recall"] < normal["recall"]
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
 def test_shipped_teacher_loads_and_generates(family):
     from diffusers import DiffusionPipeline
+
+    from stepdistill.toy.teacher import SD3_TOY_SHIFT
 
     torch.set_num_threads(1)
     path = toy_asset_path(family)
     pipe = DiffusionPipeline.from_pretrained(path)
-    expected = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[family]
+    expected = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                "sd3": "StableDiffusion3Pipeline"}[family]
     assert type(pipe).__name__ == expected
-    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    if family == "sd3":
+        # A rectified flow on the SD1.5-toy VAE's 4-channel latents, sampled by SD3's flow Euler scheduler.
+        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert pipe.scheduler.config.shift == SD3_TOY_SHIFT
+        assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == 4
+        assert pipe.vae.config.shift_factor == 0.0
+        for word in TOY_WORDS:  # T5: one piece per word, then </s>
+            assert len(pipe.tokenizer_3(word).input_ids) == 2
+    else:
+        assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+        assert pipe.scheduler.config.prediction_type == "epsilon"
     for word in TOY_WORDS:  # the project's own vocabulary: one token per word
         assert len(pipe.tokenizer(word).input_ids) == 3
     pipe.set_progress_bar_config(disable=True)
@@ -156,6 +169,65 @@ def test_shipped_teacher_loads_and_generates(family):
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all() and images.std() > 0.05
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert total < 15 * 2**20
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_toy_teacher_recipe_runs_and_reloads(family, tmp_path):
+    """A few steps of each family's recipe on a few images (SDXL and SD3 reuse the shipped SD1.5-toy VAE): the
+    folder reloads with the family's pipeline, its scheduler and toy_teacher.json, and generates."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.toy.teacher import train_toy_teacher
+
+    torch.set_num_threads(1)
+    vae = {"vae_steps": 2, "vae_batch_size": 4} if family == "sd15" else {"vae_from": toy_asset_path("sd15")}
+    out = train_toy_teacher(tmp_path / family, family=family, steps=2, batch_size=4, num_images=16,
+                            snapshot_every=1, progress=False, **vae)
+    record = json.loads((out / "toy_teacher.json").read_text())
+    assert record["family"] == family and record["steps_done"] == 2 and np.isfinite(record["final_loss"])
+    pipe = DiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    flow = family == "sd3"
+    assert (type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler") == flow
+    assert (record.get("sigma_sampling") == "logit-normal(0, 1)") == flow
+    images = pipe(["a large red circle in the middle"], num_inference_steps=2, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_flux_toy_teacher_is_refused(tmp_path):
+    from stepdistill.toy.teacher import train_toy_teacher
+
+    with pytest.raises(ValueError, match="FLUX-toy teacher is not built"):
+        train_toy_teacher(tmp_path, family="flux", steps=1)
+
+
+def test_flow_loss_is_zero_for_the_exact_velocity():
+    """The toy SD3 loss regresses v = eps - x0 at x_t = (1 - sigma) x0 + sigma eps: a 'transformer' that returns
+    exactly that velocity scores 0, one that returns x0 - eps does not; the transformer is told 1000 sigma."""
+    from types import SimpleNamespace
+
+    from stepdistill.toy.teacher import flow_loss, logit_normal_sigmas
+
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
+    sigma = logit_normal_sigmas(6, gen, shift=1.0)
+    assert ((sigma > 0) & (sigma < 1)).all()
+    seen = {}
+
+    def exact(hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        seen["t"] = timestep
+        s = sigma.float()[:, None, None, None]
+        x0_back = (hidden_states - s * eps) / (1 - s)  # recover x0 from x_t to show x_t was built as stated
+        return SimpleNamespace(sample=eps - x0_back)
+
+    cond = {"pooled_projections": torch.zeros(6, 1)}
+    assert flow_loss(exact, x0, sigma, eps, None, cond).item() < 1e-8
+    torch.testing.assert_close(seen["t"], (1000 * sigma).float())
+    wrong = lambda **kw: SimpleNamespace(sample=x0 - eps)
+    assert flow_loss(wrong, x0, sigma, eps, None, cond).item() > 1.0
 
 
 @pytest.mark.slow

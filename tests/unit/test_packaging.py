@@ -30,7 +30,11 @@ def test_wheel_installs_only_stepdistill_names(wheel):
     assert tops == {"stepdistill"}
     for needed in ("stepdistill/eval/fid.py", "stepdistill/pipelines/__init__.py", "stepdistill/toy/demo.py",
                    "stepdistill/configs/toy/dmd_1step.yaml", "stepdistill/assets/toy/judge.safetensors",
-                   "stepdistill/assets/toy/sd15/unet/diffusion_pytorch_model.safetensors"):
+                   "stepdistill/assets/toy/sd15/unet/diffusion_pytorch_model.safetensors",
+                   "stepdistill/assets/toy/sd3/transformer/diffusion_pytorch_model.safetensors",
+                   "stepdistill/assets/toy/sd3/tokenizer_3/tokenizer.json",
+                   "stepdistill/assets/toy/sd3/scheduler/scheduler_config.json",
+                   "stepdistill/configs/toy/dmd_1step_sd3.yaml"):
         assert needed in names, needed
     presets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
     assert {f"stepdistill/{p}" for p in presets} <= set(names)

@@ -27,9 +27,15 @@ class ModelConfig:
     # none | fsdp2: shard the frozen base over the processes with FSDP2 (fully_shard per block); LoRA stays whole
     # on every process. For a base that does not fit one GPU next to its activations (docs/memory.md sec. 7).
     shard: str = "none"
+    # T5 prompt length of the flow families (SD3/FLUX); null = the family's pipeline default (SD3 256, FLUX 512).
+    # Prompts are padded to it, so a short one saves joint-attention work on padding (docs/architecture.md).
+    max_sequence_length: int | None = None
 
     def validate(self):
         _family("model.family", self.family)
+        if self.max_sequence_length is not None:
+            _at_least("model.max_sequence_length", self.max_sequence_length, 1)
+            _t5_family("model.max_sequence_length", self.family)
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
         _choice("model.shard", self.shard, ("none", "fsdp2"))
@@ -207,6 +213,16 @@ def _family(key, value):
         get_family(value)
     except UnknownFamilyError as e:
         raise ConfigError(f"{key}: {e}, or 'auto' to detect it from model.path") from None
+
+
+def _t5_family(key, family):
+    """Refuse a T5 setting for a family without T5 (an explicit one; 'auto' is checked after loading)."""
+    if family == "auto":
+        return
+    from .models.registry import get_family
+
+    if not hasattr(get_family(family), "t5_max_length"):
+        raise ConfigError(f"{key}: the {family} family encodes no T5 prompt; remove the key (it is for sd3/flux)")
 
 
 def _at_least(key, value, low):

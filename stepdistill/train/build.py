@@ -67,6 +67,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         require_processes(world)  # before minutes of loading
         load_device = torch.device("cpu")
     family = model or load_family(cfg.model.path, cfg.model.family, device=load_device, dtype=dtype)
+    _set_t5_length(family, cfg.model.max_sequence_length)
     unet = family.unet
     unet.requires_grad_(False)
     if family.attention_backends:
@@ -182,3 +183,13 @@ def _set_attention(unet, backend: str, device):
             raise
         return
     set_attention_backend(unet, backend, device=device)
+
+
+def _set_t5_length(family, length):
+    """model.max_sequence_length: the instance's T5 padding length (shadows the family's pipeline default)."""
+    if length is None:
+        return
+    if not hasattr(family, "t5_max_length"):
+        raise ConfigError(f"model.max_sequence_length={length}: the {family.name} family encodes no T5 prompt; "
+                          "remove the key (it is for sd3/flux)")
+    family.t5_max_length = int(length)

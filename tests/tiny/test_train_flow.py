@@ -207,3 +207,32 @@ def test_prompt_encoding_equals_the_pipelines_encode_prompt(request, family):
     schedule = model.noise_schedule()
     alpha, sigma = schedule.alpha_sigma(torch.tensor([999, 499, -1]))
     assert sigma.flatten()[0] == 1.0 and sigma.flatten()[-1] == 0.0 and torch.equal(alpha + sigma, torch.ones_like(alpha))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_max_sequence_length_pads_t5_as_the_pipeline_call_does(request, family):
+    """model.max_sequence_length: the instance's T5 length equals the pipeline's max_sequence_length argument."""
+    from stepdistill.models import load_family
+    from stepdistill.models.tiny import TINY_PROMPTS
+    from stepdistill.train.build import _set_t5_length
+
+    model = load_family(request.getfixturevalue(f"tiny_{family}_dir"))
+    _set_t5_length(model, 8)
+    pipe = model.pipeline()
+    cond = model.encode_prompts(TINY_PROMPTS[:2])
+    if family == "sd3":
+        embeds, *_ = pipe.encode_prompt(TINY_PROMPTS[:2], None, None, max_sequence_length=8)
+        assert cond.encoder_hidden_states.shape[1] == 77 + 8  # CLIP's 77 tokens, then T5's
+    else:
+        embeds, _, _ = pipe.encode_prompt(TINY_PROMPTS[:2], None, max_sequence_length=8)
+        assert cond.encoder_hidden_states.shape[1] == 8
+    assert torch.equal(cond.encoder_hidden_states, embeds)
+    assert type(model).t5_max_length != 8  # the class default is untouched
+
+
+def test_max_sequence_length_refused_for_a_family_without_t5(tiny_sd15_dir):
+    from stepdistill.models import load_family
+    from stepdistill.train.build import _set_t5_length
+
+    with pytest.raises(ConfigError, match="encodes no T5"):
+        _set_t5_length(load_family(tiny_sd15_dir), 8)

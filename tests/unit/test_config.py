@@ -49,6 +49,8 @@ def test_unknown_key_names_the_closest(tmp_path, override, expected):
     (["optim.lr=-1"], "optim.lr"),
     (["method.name=dmdd"], "unknown method"),
     (["loop"], "KEY=VALUE"),
+    (["model.family=sd15", "model.max_sequence_length=8"], "encodes no T5"),
+    (["model.family=sd3", "model.max_sequence_length=0"], ">= 1"),
 ])
 def test_bad_values_are_clear_errors(tmp_path, override, match):
     p = _write(tmp_path, "method: lcm\nmodel: {path: m}\ndata: {prompts: p}\n")

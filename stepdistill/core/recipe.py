@@ -53,6 +53,9 @@ class Recipe:
     # The family's size conditioning the student was trained with, as pipeline call arguments (SDXL: original_size,
     # crops_coords_top_left, target_size); None for families without any.
     size_conditioning: dict | None = None
+    # Flow families: the T5 prompt length the student was trained at (the pipeline call's max_sequence_length);
+    # None (and recipes older than the key) = the pipeline's default.
+    max_sequence_length: int | None = None
     notes: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -134,8 +137,11 @@ class Recipe:
             # Flow pipelines take sigmas (they shift them as in training) and no eta.
             if self.eta:
                 raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")
-            return {"guidance_scale": self.guidance_scale, "sigmas": list(self.sigmas),
-                    "num_inference_steps": self.num_inference_steps}
+            kwargs = {"guidance_scale": self.guidance_scale, "sigmas": list(self.sigmas),
+                      "num_inference_steps": self.num_inference_steps}
+            if self.max_sequence_length is not None:
+                kwargs["max_sequence_length"] = self.max_sequence_length
+            return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
         if self.timesteps is not None:
             if scheduler is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:

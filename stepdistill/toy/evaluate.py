@@ -164,6 +164,14 @@ def teacher_pipeline(family: str = "sd15", device="cpu"):
     return pipe.to(device)
 
 
+def teacher_max_sequence_length(family: str) -> int | None:
+    """The T5 length the shipped toy teacher was trained at (its toy_teacher.json), to sample it at; None = no T5."""
+    info = toy_asset_path(family) / "toy_teacher.json"
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("max_sequence_length")
+
+
 def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: int = 500, out=None,
                  guidance_scale: float | None = None, family: str = "sd15", seed: int = 0, batch_size: int = 50,
                  base=None, device="cpu", progress: bool = True) -> dict:
@@ -180,9 +188,11 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
         steps = steps or TEACHER_STEPS
         guidance_scale = teacher_guidance(family) if guidance_scale is None else guidance_scale
         pipe = teacher_pipeline(family, device)
-        generate_fn = teacher_generate_fn(pipe, steps, guidance_scale)
+        length = teacher_max_sequence_length(family)
+        generate_fn = teacher_generate_fn(pipe, steps, guidance_scale,
+                                          **({} if length is None else {"max_sequence_length": length}))
         model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": type(pipe.scheduler).__name__,
-                 "guidance_scale": guidance_scale}
+                 "guidance_scale": guidance_scale, **({} if length is None else {"max_sequence_length": length})}
     else:
         import dataclasses
 

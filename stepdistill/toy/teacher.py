@@ -35,6 +35,9 @@ DEFAULT_STEPS = {"sd15": 2000, "sdxl": 2000, "sd3": 750}  # UNet steps of the sh
 # An SD3-toy batch-128 step measured about 2 s on 2 CPU threads (its joint blocks carry T5's 256 padded tokens beside
 # the 64 image tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
 DEFAULT_BATCH_SIZE = {"sd15": 128, "sdxl": 128, "sd3": 64}
+# SD3-toy's T5 prompt length (the pipeline's max_sequence_length): every toy caption fits (checked at training), and
+# the joint attention does not spend its work on 240 padding tokens as at the pipeline's default 256.
+DEFAULT_T5_LENGTH = 16
 MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
 # SD3-toy's sampling shift. SD3 shifts by 3 at 1024 px (4096 latent tokens) and trained its 256 px stage (1024
 # tokens) unshifted (Esser et al. 2024, sec. 5.3.2: shift grows with resolution); the toy's 16x16 latents are 64
@@ -260,18 +263,18 @@ def _denoise_loss(pipe, family: str, schedule, x0, gen: torch.Generator, hidden,
     return denoising_loss(pipe.unet, schedule, x0, t, torch.randn(x0.shape, generator=gen), hidden, added)
 
 
-def _text_lengths(family: str, tokenizers) -> list[int]:
+def _text_lengths(family: str, tokenizers, t5_length: int | None = None) -> list[int]:
     """Token lengths the pipeline encodes prompts at: the tokenizers' own, and for SD3's T5 the pipeline's
-    max_sequence_length (256), which the transformer is trained to read."""
+    max_sequence_length (t5_length, or the pipeline default 256), which the transformer is trained to read."""
     lengths = [tok.model_max_length for tok in tokenizers]
     if family == "sd3":
-        lengths[2] = get_family(family).t5_max_length
+        lengths[2] = t5_length or get_family(family).t5_max_length
     return lengths
 
 
 def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], steps: int,
                    batch_size: int, lr: float, caption_dropout: float, ema_decay: float, seed: int,
-                   progress: bool, snapshot=None, snapshot_every: int = 0) -> float:
+                   progress: bool, snapshot=None, snapshot_every: int = 0, t5_length: int | None = None) -> float:
     """Train the denoiser (UNet or transformer) and text encoder(s) jointly; the EMA of their weights is written back
     at the end.
 
@@ -290,7 +293,7 @@ def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor]
     params = {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
     for m in modules.values():
         m.train().requires_grad_(True)
-    lengths = _text_lengths(family, tokenizers)
+    lengths = _text_lengths(family, tokenizers, t5_length)
     ids = [tokenize(tok, captions, n) for tok, n in zip(tokenizers, lengths)]
     empty_ids = [tokenize(tok, [""], n) for tok, n in zip(tokenizers, lengths)]
     latent_mean, latent_std = latents
@@ -363,6 +366,7 @@ def train_toy_teacher(
     vae_from=None,
     snapshot_every: int = 0,
     progress: bool = True,
+    max_sequence_length: int | None = None,
 ) -> Path:
     """Train a toy teacher pipeline on the toy world and save it to out_dir (diffusers format).
 
@@ -376,6 +380,8 @@ def train_toy_teacher(
         vae_from: a toy pipeline folder whose VAE to reuse instead of training one (e.g. SDXL-toy reusing
             SD1.5-toy's), so the teachers share a latent space and the VAE's CPU time is spent once.
         snapshot_every: also save the pipeline (EMA weights) to out_dir every this many steps (0: only at the end).
+        max_sequence_length: SD3's T5 prompt length (None: DEFAULT_T5_LENGTH); refused when it would truncate a
+            toy caption, or for a family without T5. Recorded in toy_teacher.json; sample with the same length.
     Records the recipe and CPU seconds in out_dir/toy_teacher.json.
     """
     from diffusers import AutoencoderKL
@@ -398,6 +404,9 @@ def train_toy_teacher(
     images, captions, _ = ToyWorld().sample(num_images, seed=seed)  # uint8: 3 KB an image
     record = {"family": family, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
               "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}
+    t5_length = _toy_t5_length(family, max_sequence_length, pipe)
+    if t5_length is not None:
+        record["max_sequence_length"] = t5_length
     if family in FLOW_FAMILIES:
         record.update(objective="rectified flow (v = eps - x0)", sigma_sampling="logit-normal(0, 1)",
                       shift=SD3_TOY_SHIFT)
@@ -431,7 +440,8 @@ def train_toy_teacher(
         (out_dir / "toy_teacher.json").write_text(json.dumps(done, indent=2) + "\n")
 
     loss = train_denoiser(pipe, family, (latent_mean, latent_std), captions, steps, batch_size, lr, caption_dropout,
-                          ema_decay, seed + 1, progress, snapshot=save, snapshot_every=snapshot_every)
+                          ema_decay, seed + 1, progress, snapshot=save, snapshot_every=snapshot_every,
+                          t5_length=t5_length)
     save(steps, loss)
     return out_dir
 
@@ -451,3 +461,28 @@ def save_toy_pipeline(pipe, out_dir: Path, family: str) -> None:
         if tokenizer_class == "CLIPTokenizer":  # SD3's T5 tokenizer saved itself (tokenizer.json)
             save_word_tokenizer(out_dir / sub, list(TOY_WORDS), MAX_TOKENS)
 
+
+
+def _toy_t5_length(family: str, length: int | None, pipe) -> int | None:
+    """The T5 length a toy teacher trains at: SD3's default DEFAULT_T5_LENGTH; refused if a toy caption would not fit."""
+    if getattr(pipe, "tokenizer_3", None) is None:
+        if length is not None:
+            raise ConfigError(f"max_sequence_length={length}: the {family} toy teacher has no T5 encoder; drop it")
+        return None
+    length = DEFAULT_T5_LENGTH if length is None else length
+    need = longest_t5_caption(pipe.tokenizer_3)
+    if length < need:
+        raise ConfigError(f"max_sequence_length={length} truncates toy captions (the longest is {need} T5 tokens "
+                          f"with </s>): use at least {need}")
+    return length
+
+
+def longest_t5_caption(tokenizer) -> int:
+    """T5 tokens (with the end token) of the longest toy caption: the shortest max_sequence_length that keeps all."""
+    import itertools
+
+    from .world import COLOURS, LAYOUTS, SHAPES, SIZES, caption_from_label
+
+    objects = list(itertools.product(range(len(SHAPES)), range(len(COLOURS)), range(len(SIZES))))
+    captions = {caption_from_label((layout, *a, *b)) for layout in range(len(LAYOUTS)) for a in objects for b in objects}
+    return max(len(ids) for ids in tokenizer(sorted(captions), add_special_tokens=True).input_ids)

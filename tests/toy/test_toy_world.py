@@ -192,9 +192,27 @@ def test_toy_teacher_recipe_runs_and_reloads(family, tmp_path):
     flow = family == "sd3"
     assert (type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler") == flow
     assert (record.get("sigma_sampling") == "logit-normal(0, 1)") == flow
+    assert record.get("max_sequence_length") == (16 if flow else None)  # SD3's short T5 length, recorded
     images = pipe(["a large red circle in the middle"], num_inference_steps=2, guidance_scale=2.0,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("family, length, match", [("sd3", 8, "truncates toy captions"),
+                                                   ("sd15", 16, "no T5 encoder")])
+def test_toy_teacher_t5_length_is_refused_when_it_cannot_apply(family, length, match, tmp_path):
+    from stepdistill.config import ConfigError
+    from stepdistill.toy.teacher import train_toy_teacher
+
+    with pytest.raises(ConfigError, match=match):
+        train_toy_teacher(tmp_path, family=family, steps=1, num_images=4, max_sequence_length=length)
+
+
+def test_shipped_sd3_toy_teacher_records_the_length_it_was_trained_at():
+    from stepdistill.toy.evaluate import teacher_max_sequence_length
+
+    assert teacher_max_sequence_length("sd3") == 256  # trained before the short default: sampled at 256
+    assert teacher_max_sequence_length("sd15") is None
 
 
 def test_flux_toy_teacher_is_refused(tmp_path):

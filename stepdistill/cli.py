@@ -67,7 +67,8 @@ def _toy_teacher(args):
 
     steps = {"steps": args.steps} if args.steps else {}
     out = train_toy_teacher(args.out, family=args.family, seed=args.seed, vae_from=args.vae_from,
-                            snapshot_every=args.snapshot_every, **steps)
+                            snapshot_every=args.snapshot_every, max_sequence_length=args.max_sequence_length,
+                            **steps)
     print(f"toy teacher written to {out}")
 
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy and SD3-toy reuse "
                     "SD1.5-toy's)")
     tt.add_argument("--snapshot-every", type=int, default=0, help="also save the pipeline every N UNet steps")
+    tt.add_argument("--max-sequence-length", type=int, default=None,
+                    help="SD3-toy's T5 prompt length (default 16: every toy caption fits); sample at the same length")
     tt.set_defaults(func=_toy_teacher)
     rp = toy.add_parser("random-pipeline", help="write a full-size pipeline folder of the released architecture with "
                         "random weights (no download): for memory and end-to-end checks")

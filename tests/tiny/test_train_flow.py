@@ -40,6 +40,9 @@ RUNS = {
     "tscd_sd3": ("sd3", "configs/tiny/tscd_sd3.yaml"),
     "dmd_flux": ("flux", "configs/tiny/dmd_flux.yaml"),
     "tscd_flux": ("flux", "configs/tiny/tscd_flux.yaml"),
+    # A short T5 length (model.max_sequence_length): the recipe carries it to the stock pipeline call.
+    "dmd_sd3_t5len8": ("sd3", "configs/tiny/dmd_sd3.yaml", ["model.max_sequence_length=8"]),
+    "dmd_flux_t5len8": ("flux", "configs/tiny/dmd_flux.yaml", ["model.max_sequence_length=8"]),
 }
 PROMPT = "a red cat on the sea"
 
@@ -48,9 +51,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def trained(request, prompts_file, tmp_path_factory):
-    family, preset = RUNS[request.param]
+    family, preset, *sets = RUNS[request.param]
     model = request.getfixturevalue(f"tiny_{family}_dir")
-    cfg = load_config(ROOT / preset, [f"model.path={model}", f"data.prompts={prompts_file}", "loop.progress=false"])
+    cfg = load_config(ROOT / preset, [f"model.path={model}", f"data.prompts={prompts_file}", "loop.progress=false",
+                                      *(sets[0] if sets else [])])
     trainer = Trainer(cfg, tmp_path_factory.mktemp(request.param) / "run")
     return family, model, trainer, trainer.run()
 
@@ -80,6 +84,8 @@ def test_export_reproduces_the_student_in_a_stock_pipeline(trained):
     family, model, trainer, final = trained
     ours, _, x_T = student_latents(trainer.built, PROMPT)
     pipe, recipe = fresh_pipeline(PIPELINES[family], model, final)
+    # The T5 length trained at travels in the recipe (the configured one, else the family's default).
+    assert recipe.max_sequence_length == (trainer.cfg.model.max_sequence_length or type(trainer.built.family).t5_max_length)
     # Every LoRA module in the file became a LoRA layer of the transformer.
     assert applied_lora_layers(pipe.transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME))
     theirs = run_pipeline(pipe, recipe, PROMPT, x_T)

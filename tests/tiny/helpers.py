@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -140,3 +141,21 @@ def randomise_lora_b(unet, std: float = 0.05):
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, std)
+
+
+def assert_gan_gradients_reach_only_their_phase(built):
+    """A dmd run with method.gan=true: the generator's GAN term moves only the student, the discriminator's only the
+    fake score and the head (which the critic optimiser holds)."""
+    distiller = built.distiller
+    assert set(map(id, built.params["critic"])) >= set(map(id, distiller.head.parameters()))
+    zero_grads(built)
+    out = distiller.student_loss(built.nets, gan_batch(built), step=0)
+    out.loss.mean().backward()
+    assert "gan_g_loss" in out.logs and math.isfinite(out.logs["gan_g_loss"])
+    assert grads_reached(built) == {"student": True, "fake_score": False, "head": False}
+    zero_grads(built)
+    out = distiller.critic_loss(built.nets, gan_batch(built), out.samples)
+    out.loss.mean().backward()
+    assert "gan_d_loss" in out.logs and math.isfinite(out.logs["gan_d_loss"])
+    assert grads_reached(built) == {"student": False, "fake_score": True, "head": True}
+    zero_grads(built)

@@ -17,7 +17,15 @@ from stepdistill.methods.gan import TokenFeatures, TokenHead, feature_reader
 from stepdistill.train.build import build
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, assert_same_lora, gan_batch, grads_reached, randomise_lora_b, zero_grads
+from .helpers import (
+    ROOT,
+    assert_gan_gradients_reach_only_their_phase,
+    assert_same_lora,
+    gan_batch,
+    grads_reached,
+    randomise_lora_b,
+    zero_grads,
+)
 
 FAMILIES = ["sd3", "flux"]
 
@@ -58,19 +66,7 @@ def dmd_gan(request, prompts_file):
 
 
 def test_dmd_gan_gradients_reach_only_their_phase(dmd_gan):
-    b, distiller = dmd_gan, dmd_gan.distiller
-    assert set(map(id, b.params["critic"])) >= set(map(id, distiller.head.parameters()))
-    zero_grads(b)
-    out = distiller.student_loss(b.nets, gan_batch(b), step=0)
-    out.loss.mean().backward()
-    assert "gan_g_loss" in out.logs and math.isfinite(out.logs["gan_g_loss"])
-    assert grads_reached(b) == {"student": True, "fake_score": False, "head": False}
-    zero_grads(b)
-    out = distiller.critic_loss(b.nets, gan_batch(b), out.samples)
-    out.loss.mean().backward()
-    assert "gan_d_loss" in out.logs and math.isfinite(out.logs["gan_d_loss"])
-    assert grads_reached(b) == {"student": False, "fake_score": True, "head": True}
-    zero_grads(b)
+    assert_gan_gradients_reach_only_their_phase(dmd_gan)
 
 
 def test_middle_features_are_the_image_tokens_of_the_full_forward(dmd_gan):

@@ -31,7 +31,7 @@ from ..models.tokenizer import save_word_tokenizer
 from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
-DEFAULT_STEPS = {"sd15": 2000, "sdxl": 2000, "sd3": 750}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
+DEFAULT_STEPS = {"sd15": 2000, "sdxl": 2000, "sd3": 4000}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
 # An SD3-toy batch-128 step measured about 2 s on 2 CPU threads (its joint blocks carry T5's 256 padded tokens beside
 # the 64 image tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
 DEFAULT_BATCH_SIZE = {"sd15": 128, "sdxl": 128, "sd3": 64}

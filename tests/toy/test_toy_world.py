@@ -211,7 +211,7 @@ def test_toy_teacher_t5_length_is_refused_when_it_cannot_apply(family, length, m
 def test_shipped_sd3_toy_teacher_records_the_length_it_was_trained_at():
     from stepdistill.toy.evaluate import teacher_max_sequence_length
 
-    assert teacher_max_sequence_length("sd3") == 256  # trained before the short default: sampled at 256
+    assert teacher_max_sequence_length("sd3") == 16  # the shipped teacher was trained at the short default
     assert teacher_max_sequence_length("sd15") is None
 
 

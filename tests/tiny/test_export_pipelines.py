@@ -364,4 +364,4 @@ def test_lora_shapes_read_both_loader_return_styles(returns_tuple):
         def lora_state_dict(self, path):
             return (state, None) if returns_tuple else state
 
-    assert pipelines._unet_lora_shapes(Stub(), "unused", "transformer") == {"blocks.0.attn.to_q": {"A": (4, 64), "B": (64, 4)}}
+    assert pipelines._denoiser_lora_shapes(Stub(), "unused", "transformer") == {"blocks.0.attn.to_q": {"A": (4, 64), "B": (64, 4)}}

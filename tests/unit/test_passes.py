@@ -158,6 +158,23 @@ def test_tscd_discriminator_reads_real_and_fake_in_one_teacher_call():
         trainer.close()
 
 
+def _merged_and_before(monkeypatch, method, owner, name, before):
+    """(logs, UNet passes) of one real iteration as the code runs now, then with owner.name patched to `before` (the
+    code path before the calls were merged)."""
+    runs = []
+    for merged in (True, False):
+        with monkeypatch.context() as m:
+            if not merged:
+                m.setattr(owner, name, before)
+            with tempfile.TemporaryDirectory() as out:
+                trainer = _trainer(method, [], out)
+                with PassCounter(trainer.built.nets.unet) as c:
+                    logs = bench.run_iteration(trainer)
+                trainer.close()
+        runs.append((logs, list(c.passes)))
+    return runs
+
+
 @pytest.mark.parametrize("method", ["dmd", "tscd_unified"])
 def test_iteration_with_teacher_and_fake_score_in_one_call_logs_what_the_separate_calls_did(method, monkeypatch):
     """One real iteration, merged (now) and with denoise_together made to call one by one (before): same losses and
@@ -165,19 +182,8 @@ def test_iteration_with_teacher_and_fake_score_in_one_call_logs_what_the_separat
     def one_by_one(calls):
         return [d(*args) for d, *args in calls]
 
-    runs = {}
-    for merged in (True, False):
-        with monkeypatch.context() as m:
-            if not merged:
-                m.setattr(dmd, "denoise_together", one_by_one)
-            with tempfile.TemporaryDirectory() as out:
-                trainer = _trainer(method, [], out)
-                with PassCounter(trainer.built.nets.unet) as c:
-                    logs = bench.run_iteration(trainer)
-                trainer.close()
-        runs[merged] = (logs, len(c.passes))
-    (new, calls_new), (old, calls_old) = runs[True], runs[False]
-    assert calls_new == calls_old - 1
+    (new, passes_new), (old, passes_old) = _merged_and_before(monkeypatch, method, dmd, "denoise_together", one_by_one)
+    assert len(passes_new) == len(passes_old) - 1
     for key in ("loss", "student_grad_norm", "critic_grad_norm"):
         assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-9), key
 
@@ -190,18 +196,9 @@ def test_unified_one_step_sample_rides_in_the_consistency_student_call(monkeypat
     def separate(self, nets, batch, step, extra=None):  # the code path before: never merge
         return consistency.ConsistencyDistiller._consistency_loss(self, nets, batch, step)
 
-    runs = {}
-    for merged in (True, False):
-        with monkeypatch.context() as m:
-            if not merged:
-                m.setattr(UnifiedDistiller, "_consistency_loss", separate)
-            with tempfile.TemporaryDirectory() as out:
-                trainer = _trainer("tscd_unified", [], out)
-                with PassCounter(trainer.built.nets.unet) as c:
-                    logs = bench.run_iteration(trainer)
-                trainer.close()
-        runs[merged] = (logs, [p for p in c.passes if p.adapter == "student" and p.grad])
-    (new, grad_new), (old, grad_old) = runs[True], runs[False]
+    (new, passes_new), (old, passes_old) = _merged_and_before(monkeypatch, "tscd_unified", UnifiedDistiller,
+                                                              "_consistency_loss", separate)
+    grad_new, grad_old = ([p for p in ps if p.adapter == "student" and p.grad] for ps in (passes_new, passes_old))
     assert [p.batch for p in grad_new] == [4] and [p.batch for p in grad_old] == [2, 2]
     for key in ("loss", "consistency_loss", "dm_loss", "student_grad_norm", "critic_grad_norm"):
         assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-9), key

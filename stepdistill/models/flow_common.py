@@ -66,6 +66,10 @@ class FlowFamily(FamilyModel):
     """A rectified-flow transformer teacher: velocity prediction, sigma-valued timesteps, a 16-channel VAE."""
 
     parameterisations: ClassVar[tuple[str, ...]] = ("flow",)
+    # What SD3 and FLUX share: the denoiser is `transformer/`, no IP-Adapter parts, trained at 1024 px.
+    pipeline_kwargs: ClassVar = {"image_encoder": None, "feature_extractor": None}
+    denoiser_prefix = "transformer"
+    default_resolution = 1024
     attention_backends: ClassVar[bool] = False
     denoiser_class_name = "SD3Transformer2DModel"
     # What the transformer is told at sigma (core.flow.network_timestep): SD3 1000 sigma, FLUX sigma.

@@ -55,15 +55,12 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
 class FluxModel(FlowFamily):
     name = "flux"
     pipeline_class_name = "FluxPipeline"
-    pipeline_kwargs: ClassVar = {"image_encoder": None, "feature_extractor": None}
     text_parts: ClassVar = (
         ("text_encoder", "tokenizer", "CLIPTextModel", "CLIPTokenizer"),
         ("text_encoder_2", "tokenizer_2", "T5EncoderModel", "T5TokenizerFast"),
     )
-    denoiser_prefix = "transformer"
     hub_tag = "flux"
     denoiser_class_name = "FluxTransformer2DModel"
-    default_resolution = 1024
     default_scheduler_config: ClassVar = FLUX_SCHEDULER_CONFIG
     timestep_scale = 1.0  # FluxPipeline tells the transformer sigma; it multiplies by 1000 inside
     token_patch = 2  # 2x2 packing

@@ -28,16 +28,13 @@ SD35_LARGE = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_chann
 class SD3Model(FlowFamily):
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
-    pipeline_kwargs: ClassVar = {"image_encoder": None, "feature_extractor": None}
     text_parts: ClassVar = (
         ("text_encoder", "tokenizer", "CLIPTextModelWithProjection", "CLIPTokenizer"),
         ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", "CLIPTokenizer"),
         ("text_encoder_3", "tokenizer_3", "T5EncoderModel", "T5TokenizerFast"),
     )
-    denoiser_prefix = "transformer"
     hub_tag = "stable-diffusion-3"
     denoiser_class_name = "SD3Transformer2DModel"
-    default_resolution = 1024
     default_scheduler_config: ClassVar = SD3_SCHEDULER_CONFIG
     timestep_scale = 1000.0  # StableDiffusion3Pipeline tells the transformer t = 1000 sigma
     t5_max_length = 256

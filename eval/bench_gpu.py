@@ -87,8 +87,8 @@ TRAIN_ROWS = [("dmd", "sdxl"), ("dmd", "sd15"), ("tscd", "sdxl"), ("tscd", "sd15
 class PartLog:
     """DIR/<part>.json, rewritten after every sub-step: status, rows so far, notes."""
 
-    def __init__(self, out: Path, part: str, tiny: bool, device: str, deadline: float):
-        self.path, self.deadline = out / f"{part}.json", deadline
+    def __init__(self, out: Path, part: str, tiny: bool, device: str, deadline: float, only=()):
+        self.path, self.deadline, self.only = out / f"{part}.json", deadline, set(only)
         self.data = {"part": part, "status": "running", "tiny": tiny, "device": device, "rows": [], "notes": [],
                      "started": time.time()}
         self.write()
@@ -109,6 +109,13 @@ class PartLog:
 
     def left(self) -> float:
         return self.deadline - time.time()
+
+    def wanted(self, key: str) -> bool:
+        """Whether the sub-step `key` was asked for (--only; a rerun of what a first run missed)."""
+        if not self.only or key in self.only:
+            return True
+        self.note(f"not asked for: {key} (--only)")
+        return False
 
     def has_time(self, need_s: float, what: str) -> bool:
         """Whether `need_s` more seconds fit before the cap; else note that `what` was skipped."""
@@ -224,6 +231,8 @@ def part_attention(plog: PartLog, tiny: bool, device: str):
     for missing in sorted({"triton", "xformers"} - set(kernels)):
         plog.note(f"{missing}: not available here (rows without it)")
     for name, shape in shapes.items():
+        if not plog.wanted(name):
+            continue
         if not plog.has_time(3 if tiny else 6, f"shape {name}"):
             break
         for row in _attention_rows(name, shape, kernels, device, dtype, 3 if tiny else 20, plog):
@@ -248,6 +257,8 @@ def part_train(plog: PartLog, tiny: bool, device: str):
     iters, warmup = (1, 0) if tiny else (3, 1)
     sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
     for method, family in TRAIN_ROWS:
+        if not plog.wanted(f"{method}:{family}"):
+            continue
         if not plog.has_time(4 if tiny else 25, f"{method} {family}"):
             continue  # a later, cheaper row may still fit
         batch = TINY_BATCH if tiny else get_family(family).bench_batch
@@ -329,6 +340,8 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
     for compiled in (False, True):
         for vae in ("full", "tiny"):
             what = f"{vae} VAE, {'compiled' if compiled else 'eager'}"
+            if not plog.wanted(f"{vae}:{'compiled' if compiled else 'eager'}"):
+                continue
             if compiled and tiny:
                 plog.note(f"skipped {what}: --tiny does not compile (inductor on the CPU takes minutes)")
                 continue
@@ -343,12 +356,12 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
 PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer}
 
 
-def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = H100_80GB_GIB) -> None:
+def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = H100_80GB_GIB, only=()) -> None:
     """One part in this process (the driver runs each in its own subprocess)."""
     device = _device(tiny)
     if tiny:
         torch.set_num_threads(1)
-    plog = PartLog(out, part, tiny, device, deadline)
+    plog = PartLog(out, part, tiny, device, deadline, only)
     try:
         if part == "max_batch":
             part_max_batch(plog, tiny, device, memory_gb)
@@ -364,6 +377,13 @@ def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float
 # ---------------------------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def sub_steps(tiny: bool) -> list[str]:
+    """Every name --only takes: attention shapes, train rows METHOD:FAMILY, infer cases VAE:eager|compiled."""
+    shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
+    return [*shapes, *(f"{m}:{f}" for m, f in TRAIN_ROWS),
+            *(f"{vae}:{mode}" for mode in ("eager", "compiled") for vae in ("full", "tiny"))]
 
 
 def plan(parts, budget_s: float, tiny: bool) -> list[dict]:
@@ -385,10 +405,11 @@ def _kill_group(proc):
         pass
 
 
-def _run_subprocess(part: str, out: Path, tiny: bool, cap_s: float, memory_gb: float, log_file) -> dict:
+def _run_subprocess(part: str, out: Path, tiny: bool, cap_s: float, memory_gb: float, log_file, only=()) -> dict:
     deadline = time.time() + cap_s
     cmd = [sys.executable, "-m", "stepdistill.eval.bench_gpu", "--run-part", part, "--out", str(out),
            "--deadline", repr(deadline), "--memory-gb", str(memory_gb)] + (["--tiny"] if tiny else [])
+    cmd += ["--only", *only] if only else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if tiny:
         env["TRITON_INTERPRET"] = "1"  # the Triton kernel runs in Triton's CPU interpreter on tiny shapes
@@ -415,12 +436,15 @@ def _run_subprocess(part: str, out: Path, tiny: bool, cap_s: float, memory_gb: f
 
 
 def bench_gpu(out, parts=None, tiny: bool = False, budget_s: float = DEFAULT_BUDGET_S, dry_run: bool = False,
-              memory_gb: float = H100_80GB_GIB, show: bool = True) -> dict:
+              memory_gb: float = H100_80GB_GIB, show: bool = True, only=()) -> dict:
     """Run the parts, each in a subprocess within its cap; DIR/<part>.json, DIR/summary.md; returns the summary."""
     parts = list(parts or PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}: use {', '.join(PARTS)}")
+    strays = sorted(set(only) - set(sub_steps(tiny)))
+    if strays:
+        raise ValueError(f"unknown --only step(s) {strays}: use {', '.join(sub_steps(tiny))}")
     steps = plan(parts, budget_s, tiny)
     if dry_run:
         text = format_plan(steps, budget_s, tiny)
@@ -442,7 +466,7 @@ def bench_gpu(out, parts=None, tiny: bool = False, budget_s: float = DEFAULT_BUD
                     (out / f"{name}.json").write_text(json.dumps(results[name], indent=1))
                     continue
                 log.info("bench gpu: part %s, cap %.0f s", name, cap)
-                results[name] = _run_subprocess(name, out, tiny, cap, memory_gb, log_file)
+                results[name] = _run_subprocess(name, out, tiny, cap, memory_gb, log_file, only)
     finally:
         summary = format_summary(results, tiny, budget_s)
         (out / "summary.md").write_text(summary)
@@ -546,12 +570,13 @@ def format_summary(results: dict, tiny: bool, budget_s: float) -> str:
 
 def _bench_gpu_command(args):
     if args.run_part:
-        run_part(args.run_part, Path(args.out), args.tiny, args.deadline, args.memory_gb)
+        run_part(args.run_part, Path(args.out), args.tiny, args.deadline, args.memory_gb, args.only)
         return
     if not args.out and not args.dry_run:
         sys.exit("stepdistill: error: bench gpu needs --out DIR (or --dry-run)")
     try:
-        results = bench_gpu(args.out, args.parts, args.tiny, args.budget_s, args.dry_run, args.memory_gb)
+        results = bench_gpu(args.out, args.parts, args.tiny, args.budget_s, args.dry_run, args.memory_gb,
+                            only=args.only)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"stepdistill: error: {e}")
     if not args.dry_run and any(r.get("status") != "ok" for r in results.values()):
@@ -569,6 +594,10 @@ def add_bench_gpu_command(subparsers) -> None:
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="the whole run's time budget")
     p.add_argument("--memory-gb", type=float, default=H100_80GB_GIB,
                    help="GiB of GPU memory the batch search may use (part max_batch); default: what an 80 GB H100 has")
+    p.add_argument("--only", nargs="+", default=[], metavar="STEP",
+                   help="run only these sub-steps (a rerun of what a first run missed): attention shape names "
+                        "(e.g. sdxl_self_4096_d64), train rows METHOD:FAMILY (e.g. tscd:sdxl), infer cases "
+                        "VAE:eager|compiled (e.g. tiny:compiled); parts given in --parts run in that order")
     p.add_argument("--run-part", choices=list(PARTS), help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     p.set_defaults(func=_bench_gpu_command)

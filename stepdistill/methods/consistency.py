@@ -340,7 +340,7 @@ class ConsistencyDistiller(CriticHeadState):
         """(x_t, t, t_end, target) of a consistency pair: every draw and every no-grad pass it needs."""
         cfg, device = self.cfg, nets.device
         x0_data = self._data_x0(nets, batch)
-        t = self.grid[batch.randint(0, len(self.grid))].to(device)
+        t = self.grid[batch.randint(0, len(self.grid), device=self.grid.device)].to(device)  # grid indexed where it lives
         t_b = segment_start(t, k, self.T)
         t_prev = torch.maximum(t - self.delta, t_b)
         if cfg.end_point == "random":

@@ -41,7 +41,7 @@ def test_dry_run_prints_the_plan_within_the_budget(tmp_path, capsys):
 
 
 def test_summary_is_written_when_a_part_breaks(tmp_path, monkeypatch):
-    def fake(part, out, tiny, cap_s, memory_gb, log_file):
+    def fake(part, out, tiny, cap_s, memory_gb, log_file, only=()):
         if part == "train":
             raise RuntimeError("the part broke")
         return {"part": part, "status": "ok", "rows": [], "notes": []}
@@ -64,3 +64,13 @@ def test_largest_batch_can_start_near_the_answer():
     assert probes[0] == 4 and 1 not in probes
     assert largest_batch(lambda b: b <= 2, 32, start=4) == 2
     assert largest_batch(lambda b: False, 32, start=4) == 0
+
+
+def test_only_reruns_the_named_sub_steps_and_refuses_unknown_ones(tmp_path):
+    """--only: a second GPU run measures what the first one missed, and nothing it already has."""
+    bench_gpu.bench_gpu(tmp_path, ["train"], tiny=True, budget_s=120, show=False, only=["tscd:sd15"])
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert [(r["method"], r["family"]) for r in train["rows"]] == [("tscd", "sd15")]
+    assert any("not asked for: dmd:sdxl" in n for n in train["notes"])
+    with pytest.raises(ValueError, match="unknown --only step"):
+        bench_gpu.bench_gpu(tmp_path, ["train"], tiny=True, budget_s=60, show=False, only=["tscd:sd9"])

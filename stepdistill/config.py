@@ -132,6 +132,9 @@ class LoopConfig:
     max_nonfinite_in_a_row: int = 20
     progress: bool = True
     report_to: list[str] = field(default_factory=lambda: ["none"])  # none | tensorboard | wandb (a list: both)
+    # Export the exponential moving average of the student adapter (decay per student update, ramped from the
+    # start: core.ema.ramped_decay) instead of its last iterate; 0 = the last iterate. Checkpoints carry the average.
+    ema_decay: float = 0.0
 
     def validate(self):
         _at_least("loop.max_steps", self.max_steps, 1)
@@ -141,6 +144,8 @@ class LoopConfig:
         _at_least("loop.checkpoint_every", self.checkpoint_every, 1)
         _at_least("loop.keep_last", self.keep_last, 1)
         _at_least("loop.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"loop.ema_decay must be in [0, 1) (got {self.ema_decay}); 0 exports the last iterate")
         _choice("loop.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         for name in self._report_names():
             _choice("loop.report_to", name, ("none", *TRACKERS))

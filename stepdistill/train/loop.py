@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, dump_config
 from ..core.dist import Dist
+from ..core.ema import StudentEMA
+from ..core.lora import adapter_parameters
 from ..data.prompts import collect_reports, summarize_reports
 from ..errors import TrainingError
 from ..methods.base import Batch, ExportStage, NoiseSource
@@ -157,6 +159,8 @@ class Trainer:
         self.autocast = _autocast(cfg, dist.device)
         # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
         self.noise_generator = torch.Generator().manual_seed(cfg.seed)
+        self.ema = (StudentEMA(adapter_parameters(self.built.nets.unet, "student"), cfg.loop.ema_decay)
+                    if cfg.loop.ema_decay else None)
         self._resume()
 
     def checkpoint_bytes(self) -> int:
@@ -198,6 +202,7 @@ class Trainer:
         for phase, opt in self.optimizers.items():
             opt.load_state_dict(shared["optimizers"][phase])
         b.distiller.load_state_dict(shared["distiller"])
+        self._resume_ema(shared.get("ema"), path)
         self.step = shared["step"]
         self.nonfinite_total = shared["nonfinite_total"]
         self.nonfinite_in_a_row = shared["nonfinite_in_a_row"]
@@ -207,6 +212,15 @@ class Trainer:
         self.last_checkpoint = path
         if self.dist.rank == 0:
             log.info("resumed from %s (step %d)", path, self.step)
+
+    def _resume_ema(self, state: dict | None, path) -> None:
+        if self.ema is None:
+            return
+        if state is None:  # loop.ema_decay turned on for a run that trained without it
+            log.warning("checkpoint %s holds no student EMA: the average starts from its weights", path)
+            self.ema = StudentEMA(self.ema.live, self.ema.decay)
+            return
+        self.ema.load_state_dict(state)
 
     # -- one iteration --
     def _phase(self, phase: str, loss_fn, batches):
@@ -264,6 +278,8 @@ class Trainer:
             skipped |= "critic_skipped" in clogs
             for k, v in clogs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.ratio
+        if self.ema is not None:  # before after_step: a stage export there writes the average
+            self.ema.update()
         for event in b.distiller.after_step(b.nets, step):
             self._carry_out(event)
         logs = self.dist.mean_logs(logs)
@@ -348,6 +364,7 @@ class Trainer:
             "lora": {n: p.detach().cpu().clone() for n, p in b.nets.unet.named_parameters() if "lora_" in n},
             "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()},
             "distiller": b.distiller.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
@@ -374,7 +391,8 @@ class Trainer:
                             "loop knows (stepdistill.methods.base.Event)")
 
     def export_stage(self, name: str, recipe_overrides: dict | None, step: int | None = None) -> Path:
-        """Write DIR/<name>/ (LoRA files + recipe) atomically from the student adapter after `step` updates."""
+        """Write DIR/<name>/ (LoRA files + recipe) atomically from the student adapter after `step` updates (its
+        moving average with loop.ema_decay)."""
         from ..card import write_model_card
         from ..core.io import atomic_dir
         from ..core.lora import adapter_state_dict
@@ -386,7 +404,8 @@ class Trainer:
             return out
         cfg, b = self.cfg, self.built
         step = self.step if step is None else step
-        state = {k: v.detach().float().cpu() for k, v in adapter_state_dict(b.nets.unet, "student").items()}
+        live = self.ema.shadow if self.ema is not None else adapter_state_dict(b.nets.unet, "student")
+        state = {k: v.detach().float().cpu() for k, v in live.items()}
         rank, alpha = cfg.lora.rank, cfg.lora.effective_alpha
         with atomic_dir(out) as tmp:
             # The diffusers file is always written: it is what `stepdistill export` converts from.

@@ -40,6 +40,8 @@ RUNS = {
     "tscd": (LCM, ("method.name=tscd", "method.segments=[2, 1]", "method.stage_steps=[2, 1]", "loop.max_steps=3",
                    "loop.checkpoint_every=1")),
     "dmd": ("configs/tiny/dmd_sd15.yaml", ("loop.max_steps=3", "loop.checkpoint_every=1")),
+    # loop.ema_decay: the exported average must come back from the checkpoint too
+    "dmd_ema": ("configs/tiny/dmd_sd15.yaml", ("loop.max_steps=3", "loop.checkpoint_every=1", "loop.ema_decay=0.9")),
     # disback: stage 1 (recording node 1) is step 1, stage 2 (backtracking) steps 2-3.
     "disback": ("configs/tiny/disback_sd15.yaml", ("loop.max_steps=3", "loop.checkpoint_every=1")),
 }
@@ -54,6 +56,7 @@ KILLS = [
     ("tscd", "checkpoint:2", 1),  # just after the stage boundary: stage export published, its checkpoint not
     ("dmd", "mid-step:2", 1),  # between the student and the critic updates
     ("dmd", "checkpoint:2", 1),
+    ("dmd_ema", "mid-step:3", 2),
     ("disback", "checkpoint:1", 0),  # stage 1 -> 2: node 1 recorded and backtracking begun, checkpoint not published
     ("disback", "mid-step:2", 1),  # the first backtracking step, resumed from the stage-boundary checkpoint
 ]

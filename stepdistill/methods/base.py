@@ -167,7 +167,8 @@ class Distiller:
     `guidance_scale`, and gives each optimizer phase the adapters in `trainable` plus `parameters(phase)`. Each
     iteration the loop calls `student_loss` per micro-batch, then `critic_loss` per critic update (the first with
     each micro-batch's `LossOut.critic_inputs`, later ones with None and a fresh batch; `critic_updates` of them),
-    then `after_step` once, and carries out the events it returns. Exports take `recipe(family)`; preview images
+    then `after_step` once, and carries out the events it returns. Each optimizer step runs at the phase's rate
+    (warm-up included) times `lr_scale(phase)`. Exports take `recipe(family)`; preview images
     `sample(...)`; checkpoints `state_dict()` / `load_state_dict()`.
     """
 
@@ -226,6 +227,11 @@ class Distiller:
     def after_step(self, nets: Nets, step: int) -> list[Event]:
         """After iteration `step`'s updates (EMA target, node switch); returns what the loop should do now."""
         return []
+
+    def lr_scale(self, phase: str) -> float:
+        """Factor on optimizer phase `phase`'s learning rate (after warm-up) for the update now being made; the loop
+        asks before every optimizer step, so a scale that follows the method's state survives a resume with it."""
+        return 1.0
 
     def recipe(self, family) -> dict:
         """Sampler fields of the exported recipe: scheduler_class, scheduler_config, timesteps, num_inference_steps,

@@ -65,12 +65,16 @@ class DisBackConfig(DMDConfig):
     switch_tolerance: float = 0.02  # adaptive: a new low must lie this much (relative) below the previous one
     switch_smoothing: float = 0.9  # adaptive: EMA decay applied to the DM loss before looking for lows
     node_guidance: str = "node"  # CFG of intermediate nodes: node | teacher_uncond | ramp (docs/disback.md)
+    lr_scale_after_teacher: float = 1.0  # student lr factor from the first update against the teacher (node 0) on
 
     def validate(self):
         super().validate()
         for key, low in (("num_nodes", 0), ("interval", 1), ("steps_per_node", 1), ("switch_patience", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"method.{key} must be >= {low} (got {getattr(self, key)})")
+        if not (self.lr_scale_after_teacher > 0 and math.isfinite(self.lr_scale_after_teacher)):
+            raise ConfigError(f"method.lr_scale_after_teacher must be a finite number > 0, 1 = unchanged "
+                              f"(got {self.lr_scale_after_teacher})")
         for key in ("prompt_dropout", "switch_tolerance", "switch_smoothing"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"method.{key} must be in [0, 1) (got {getattr(self, key)})")
@@ -268,6 +272,9 @@ class DisBackDistiller(DMDDistiller):
         self.nets = nets
         if self.cfg.num_nodes == 0:
             self.targets = [{"node": 0, "since_step": 1}]
+            if self.cfg.lr_scale_after_teacher != 1.0:
+                log.warning("method.lr_scale_after_teacher=%g has no effect with method.num_nodes=0: plain dmd has "
+                            "no switch to the teacher and keeps optim.lr throughout", self.cfg.lr_scale_after_teacher)
 
     # ---- files ----
     def nodes_dir(self) -> Path:
@@ -349,6 +356,12 @@ class DisBackDistiller(DMDDistiller):
         # fix of the score mismatch); it equals the auxiliary score now, but the load proves the file.
         self._load("fake_score", self.cfg.num_nodes)
         self._set_target(self.cfg.num_nodes - 1, step)
+
+    def lr_scale(self, phase: str) -> float:
+        """The student's rate drops by lr_scale_after_teacher from the update whose target is the teacher (the
+        switch, fixed or adaptive); it follows target_node, which checkpoints keep, so a resumed run keeps it."""
+        after_switch = self.cfg.num_nodes > 0 and self.path.stage(self._step) == 2 and self.target_node == 0
+        return self.cfg.lr_scale_after_teacher if phase == "student" and after_switch else 1.0
 
     # ---- the losses ----
     def _teacher(self, nets: Nets):

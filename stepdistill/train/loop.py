@@ -241,8 +241,11 @@ class Trainer:
         opt = self.optimizers.get(phase)
         if opt is None:
             return outs, logs
+        # Set before every step from the base rate, never carried in the optimizer: a resumed optimizer's saved
+        # param_group lr is overwritten here, so the rate follows the step and the method's restored state.
+        lr = warmup_lr(self.base_lrs[phase], self.step, cfg.optim.warmup_steps) * self.built.distiller.lr_scale(phase)
         for g in opt.param_groups:
-            g["lr"] = warmup_lr(self.base_lrs[phase], self.step, cfg.optim.warmup_steps)
+            g["lr"] = lr
         stepped, gnorm = apply_update(self.built.params[phase], opt, finite, cfg, self.dist)
         logs[f"{phase}_grad_norm"] = gnorm
         if not stepped:

@@ -87,6 +87,8 @@ def test_ramp_guidance_and_prompt_dropout():
     (["method.switch=adaptive", "method.generator_loss=sid"], "generator_loss=dmd"),
     (["method.prompt_dropout=1.0"], "prompt_dropout"),
     (["method.interval=0"], "interval"),
+    (["method.lr_scale_after_teacher=0"], "lr_scale_after_teacher"),
+    (["method.lr_scale_after_teacher=-0.5"], "lr_scale_after_teacher"),
 ])
 def test_config_errors_say_which_key(sets, match):
     with pytest.raises(ConfigError, match=match):
@@ -188,6 +190,26 @@ def test_resume_across_the_stage_boundary_is_bit_identical(legs, straight):
     keys = ("step", "disback_stage", "target_node", "target_since", "loss", "aux_loss")
     assert [{k: x.get(k) for k in keys} for x in _logs(run)] == [{k: x.get(k) for k in keys} for x in _logs(straight[0].out)]
     assert _manifest(run) == _manifest(straight[0].out)
+
+
+def test_student_lr_drops_at_the_switch_to_the_teacher_and_stays_dropped_after_resume(
+        tiny_sd15_dir, prompts_file, tmp_path):
+    """PATH3 targets the teacher from step 6. In legs ending at 5 (before the switch), 6 (just after) and 7, each
+    resumed from the previous leg's checkpoint: the student runs at optim.lr until step 5 and at a quarter of it from
+    step 6 on, in the resumed legs too; the critic keeps its rate."""
+    run = tmp_path / "run"
+    for end in (5, 6, 7):
+        trainer = Trainer(_config(SD15, tiny_sd15_dir, prompts_file, *PATH3, "method.lr_scale_after_teacher=0.25",
+                                  f"loop.max_steps={end}"), run)
+        trainer.run()
+    assert trainer.last_checkpoint.name == "step-000007"
+    lines = _logs(run)
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6, 7]
+    assert [x["target_node"] for x in lines[3:]] == [2, 1, 0, 0]
+    assert [x["student_lr"] for x in lines[3:]] == pytest.approx([1e-3, 1e-3, 2.5e-4, 2.5e-4], rel=1e-12)
+    assert all(x["critic_lr"] == pytest.approx(1e-3, rel=1e-12) for x in lines)
+    # the optimizer the last leg resumed holds the lowered rate, not the one saved before the switch
+    assert trainer.optimizers["student"].param_groups[0]["lr"] == pytest.approx(2.5e-4, rel=1e-12)
 
 
 def test_resume_refuses_an_altered_node(legs, tiny_sd15_dir, prompts_file, tmp_path):

@@ -56,7 +56,7 @@ def test_drivers_use_only_declared_members_and_never_probe():
                 seen.add(what)
     assert not problems, "\n".join(problems)
     # The check does see the loop's calls (it would pass vacuously if the pattern matched nothing).
-    assert {"student_loss", "critic_loss", "after_step", "setup", "parameters", "recipe", "sample"} <= seen
+    assert {"student_loss", "critic_loss", "after_step", "setup", "parameters", "recipe", "sample", "lr_scale"} <= seen
 
 
 def test_run_facts_are_typed_fields_not_string_keys():
@@ -96,6 +96,7 @@ def test_base_class_defaults():
     d = OnlyStudentLoss(OnlyStudentLossConfig(), _schedule())
     assert d.critic_loss(None, None, None) is None and d.after_step(None, 0) == []
     assert d.parameters("student") == [] and d.parameters("critic") == []
+    assert d.lr_scale("student") == 1.0 and d.lr_scale("critic") == 1.0
     assert d.state_dict() == {} and d.load_state_dict({}) is None
     assert d.extra_adapters == () and dict(d.trainable) == {"student": ("student",)}
     assert d.guidance_scale == 1.0 and d.critic_updates == 1

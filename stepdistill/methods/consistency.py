@@ -11,7 +11,8 @@ student stays an ordinary eps-prediction UNet that a plain diffusers scheduler c
 Optional adversarial term (Hyper-SD's "MSE + adversarial" hybrid, discriminator as in PCM): both sides of the
 consistency pair are noised forward into their segment on the teacher's path and judged by small heads on the frozen
 teacher's features (a UNet's down and mid blocks, a transformer's blocks up to its middle: methods.gan); its weight is
-set per stage, growing as k falls.
+set per stage, growing as k falls. Its real side is the consistency target (PCM) or, with adv_real=data, the batch's
+real latents noised to the same timestep.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class TSCDConfig(MethodConfig):
     consistency_weight: list[float] = field(default_factory=list)  # per stage; empty = 1 in every stage
     adv_weight: list[float] = field(default_factory=list)  # per stage; empty or all 0 = no adversarial term
     adv_head_channels: int = 64  # width of each discriminator head
+    # The discriminator's real side: target (the consistency target noised into the segment, PCM) | data (the batch's
+    # real latents noised to the same t_adv: judges the student against the data, not against its own EMA target).
+    adv_real: str = "target"
     inference_steps: int = 0  # recipe steps for the final LoRA; 0 = k of the last stage (LCM preset: 4)
     init_lora: str = ""  # start the student (and target) from a stepdistill LoRA folder, e.g. a previous RUN/final
 
@@ -94,9 +98,13 @@ class TSCDConfig(MethodConfig):
         for key, value, allowed in (("end_point", self.end_point, ("random", "edge")),
                                     ("boundary", self.boundary, ("ddim", "lcm")),
                                     ("target", self.target, ("ema", "online")),
-                                    ("loss", self.loss, ("huber", "mse"))):
+                                    ("loss", self.loss, ("huber", "mse")),
+                                    ("adv_real", self.adv_real, ("target", "data"))):
             if value not in allowed:
                 raise ConfigError(f"method.{key} must be one of {list(allowed)} (got {value!r})")
+        if self.adv_real != "target" and not any(w > 0 for w in self.adv_weight):
+            raise ConfigError(f"method.adv_real={self.adv_real!r} has no effect without the adversarial term: set "
+                              "method.adv_weight (one weight per stage) or drop adv_real")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"method.ema_decay must be in [0, 1) (got {self.ema_decay})")
         if self.guidance_min > self.guidance_max:
@@ -373,7 +381,8 @@ class ConsistencyDistiller(CriticHeadState):
 
     # ---- the adversarial term ----
     def _adv_inputs(self, nets: Nets, batch: Batch, pred, target, t_end, k: int):
-        """Both sides noised forward from t_end to t_adv ~ U[t_end + 1, t_end + T/k] with independent noise (PCM)."""
+        """Both sides noised forward from t_end to t_adv ~ U[t_end + 1, t_end + T/k] with independent noise (PCM); with
+        adv_real=data the real side is the batch's data noised from x0 to t_adv (the same draws, so runs line up)."""
         device, ndim = nets.device, pred.ndim
         width = self.T // k
         t_adv = (t_end + 1 + torch.floor(batch.rand(device) * width).long()).clamp(max=self.T - 1)
@@ -383,8 +392,19 @@ class ConsistencyDistiller(CriticHeadState):
         end = [v.to(device) for v in self.schedule.alpha_sigma(t_end, ndim)]
         adv = [v.to(device) for v in self.schedule.alpha_sigma(t_adv, ndim)]
         fake = noise_forward_path(pred, *end, *adv, z_fake)
-        real = noise_forward_path(target, *end, *adv, z_real)
+        if self.cfg.adv_real == "data":  # q(x_t_adv | x0) of the real latents: the marginal the student should reach
+            clean = [v.to(device) for v in self.schedule.alpha_sigma(torch.full_like(t_adv, -1), ndim)]
+            real = noise_forward_path(self._real_latents(batch).to(device), *clean, *adv, z_real)
+        else:
+            real = noise_forward_path(target, *end, *adv, z_real)
         return fake, real, t_adv
+
+    @staticmethod
+    def _real_latents(batch: Batch):
+        if batch.latents is None:
+            raise ConfigError("method.adv_real=data needs real latents: set data.images=FOLDER (image-caption pairs, "
+                              "or toy:N for the toy world) or use method.adv_real=target")
+        return batch.latents
 
     def _logits(self, nets: Nets, x_adv, t_adv, cond):
         return self.head(teacher_features(nets.teacher.denoiser, x_adv, t_adv, cond))
@@ -424,7 +444,8 @@ class ConsistencyDistiller(CriticHeadState):
         return self._discriminator_loss(nets, batch, inputs.adv if inputs else None)
 
     def _discriminator_loss(self, nets: Nets, batch: Batch, adv) -> LossOut | None:
-        """The heads' hinge loss on the consistency target (real) and the student's side (fake), both noised to t_adv."""
+        """The heads' hinge loss on the real side (consistency target, or data: adv_real) and the student's side (fake),
+        both noised to t_adv."""
         if self._weights(self._stage)[1] == 0 or self.head is None:
             return None
         if adv is None:  # a fresh batch: a new pair, without student gradient

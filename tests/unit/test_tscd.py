@@ -380,6 +380,43 @@ def test_noise_forward_path_is_ddpms_and_keeps_the_flow_marginal(schedule):
     torch.testing.assert_close(clean, flow.add_noise(x0[:3], x0[:3], t.expand(3)))
 
 
+def test_adversarial_real_side_is_the_data_marginal_with_adv_real_data(schedule):
+    """adv_real=data: the discriminator's real side is the batch's latents noised from x0 to t_adv with the same
+    draws as adv_real=target, so only the real side changes; the fake side and t_adv are the same in both."""
+    n, k = 16, 4
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
+    pred, target = torch.randn_like(x0), torch.randn_like(x0)
+    t_end = torch.randint(-1, 750, (n,), generator=g)
+    nets = Nets(unet=None, schedule=schedule, teacher=None, student=None)
+
+    def adv(real_side, latents=x0):
+        cfg = TSCDConfig(segments=[k], adv_weight=[0.5], adv_real=real_side)
+        cfg.validate()
+        batch = Batch(cond=None, uncond=None, prompts=[""] * n, latent_shape=(n, 1, 2, 2), latents=latents,
+                      noise=NoiseSource(torch.Generator().manual_seed(9)))
+        return ConsistencyDistiller(cfg, schedule)._adv_inputs(nets, batch, pred, target, t_end, k)
+
+    fake_t, real_t, t_adv = adv("target")
+    fake_d, real_d, t_adv_d = adv("data")
+    assert torch.equal(t_adv, t_adv_d) and torch.equal(fake_t, fake_d)
+    assert ((t_adv > t_end) & (t_adv <= t_end + 1000 // k)).all()
+    replay = NoiseSource(torch.Generator().manual_seed(9))
+    replay.rand(n), replay.randn(n, 1, 2, 2)  # t_adv's draw, then the fake side's noise
+    z_real = replay.randn(n, 1, 2, 2).double()
+    torch.testing.assert_close(real_d, schedule.add_noise(x0, z_real, t_adv))
+    with pytest.raises(ConfigError, match="data.images"):
+        adv("data", latents=None)
+
+
+def test_adv_real_is_checked():
+    with pytest.raises(ConfigError, match="no effect without the adversarial term"):
+        TSCDConfig(adv_real="data").validate()
+    with pytest.raises(ConfigError, match="adv_real must be one of"):
+        TSCDConfig(adv_weight=[0, 0, 0, 1.0], adv_real="teacher").validate()
+    TSCDConfig(adv_weight=[0, 0, 0.1, 0.2], adv_real="data").validate()
+
+
 def test_refl_window_stays_at_or_below_the_students_first_timestep(caplog):
     """A dmd student told t = 399 takes pure noise at 399: ReFL must not ask it for x0 at t > 399."""
     from stepdistill.config import ConfigError

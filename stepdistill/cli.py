@@ -93,7 +93,7 @@ def _eval_toy(args):
 
     try:
         run_eval_toy(lora=args.lora, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
-                     guidance_scale=args.guidance_scale, family=args.family)
+                     guidance_scale=args.guidance_scale, family=args.family, timestep_spacing=args.timestep_spacing)
     except ValueError as e:
         # eval's ValueErrors are about its inputs: the LoRA, its recipe, the flags (as in eval.cli).
         raise ModelError(str(e)) from e
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--steps", type=int, default=None)
     et.add_argument("--n", type=int, default=500)
     et.add_argument("--guidance-scale", type=float, default=None)
+    et.add_argument("--timestep-spacing", default=None, choices=("leading", "trailing", "linspace"),
+                    help="the teacher's DDIM timestep spacing (default: its scheduler's, leading)")
     et.add_argument("--family", default="sd15", choices=families)
     et.add_argument("--out", required=True, help="metrics JSON")
     et.set_defaults(func=_eval_toy)

@@ -17,7 +17,6 @@ real latents noised to the same timestep.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,7 +51,7 @@ from .base import (
     trailing_ddim_recipe,
 )
 from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
-from .gan import feature_reader
+from .gan import feature_reader, head_norm
 
 
 @dataclass
@@ -222,11 +221,9 @@ class FeatureHeads(nn.Module):
 
     def __init__(self, channels: list[int], width: int = 64):
         super().__init__()
-        # At least two channels per group: at 64 px the deepest full-size feature map is 1x1, where GroupNorm with
-        # one channel per group would have a single value to normalise (an error in training mode).
-        groups = math.gcd(32, max(width // 2, 1))
+        # head_norm keeps MIN_GROUP_CHANNELS channels a group: at 64 px the deepest full-size map is 1x1 (methods.gan).
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, 1, 1))
+            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), head_norm(width), nn.SiLU(), nn.Conv2d(width, 1, 1))
             for c in channels
         )
 

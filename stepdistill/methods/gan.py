@@ -159,6 +159,21 @@ def mid_block_shape(unet, latent_shape) -> tuple[int, int]:
     return channels[-1], latent_shape[-1] // 2 ** (len(channels) - 1)
 
 
+# Channels per GroupNorm group in a discriminator head, at least. A head's last norm sees a 1x1 map (DMD2's head
+# always; tscd's deepest head at small resolutions), where a group holds only its channels' values. With two, each
+# normalises to about +-1, the sign of their difference, which the features' shared pattern fixes whatever the sample:
+# the logit barely depends on the input, no gradient passes, and the discriminator sits at chance. Measured on the toy
+# teacher's 64-channel mid block (real toy latents against the one-step student's, 300 Adam steps): logistic D loss
+# 1.34 (2 ln 2 = 1.39) with two channels a group, 0.63 with eight (docs/dmd.md, "The GAN head").
+MIN_GROUP_CHANNELS = 8
+
+
+def head_norm(channels: int) -> nn.GroupNorm:
+    """DMD2's 32 groups where the width allows it (40 channels a group on SD's 1280), fewer on a narrow head so that
+    every group keeps MIN_GROUP_CHANNELS channels."""
+    return nn.GroupNorm(math.gcd(32, max(channels // MIN_GROUP_CHANNELS, 1)), channels)
+
+
 class MidBlockHead(nn.Module):
     """Bottleneck features -> one logit: [Conv 4x4 stride 2, GroupNorm, SiLU] down to 4x4, a conv over the rest, 1x1.
 
@@ -166,14 +181,13 @@ class MidBlockHead(nn.Module):
     105 M on SDXL's 32x32 one).
     """
 
-    def __init__(self, channels: int, side: int, groups: int | None = None):
+    def __init__(self, channels: int, side: int):
         super().__init__()
-        groups = groups or math.gcd(32, channels)
         layers = []
         while side > 4:
-            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), head_norm(channels), nn.SiLU()]
             side //= 2
-        layers += [nn.Conv2d(channels, channels, side), nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+        layers += [nn.Conv2d(channels, channels, side), head_norm(channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -194,9 +208,7 @@ class TokenHead(nn.Module):
         super().__init__()
         width = min(channels, TOKEN_HEAD_WIDTH)
         self.project = nn.Conv2d(channels, width, 1)
-        # At least two channels per GroupNorm group: the head's last norm sees a 1x1 map, where a group of one channel
-        # normalises to a constant and the logit would not depend on the input (a narrow, e.g. tiny, transformer).
-        self.head = MidBlockHead(width, side, groups=math.gcd(32, max(width // 2, 1)))
+        self.head = MidBlockHead(width, side)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.project(features.float()))

@@ -164,6 +164,19 @@ def teacher_pipeline(family: str = "sd15", device="cpu"):
     return pipe.to(device)
 
 
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def with_timestep_spacing(scheduler, spacing: str):
+    """The scheduler with another timestep_spacing: at 4 DDIM steps, leading (the toy teachers' own) runs 751, 501, 251,
+    1 and trailing (the tscd students' recipe) 999, 749, 499, 249."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep spacing {spacing!r} is not one of {list(TIMESTEP_SPACINGS)}")
+    if "timestep_spacing" not in scheduler.config:
+        raise ValueError(f"the teacher's {type(scheduler).__name__} has no timestep_spacing: drop --timestep-spacing")
+    return type(scheduler).from_config(scheduler.config, timestep_spacing=spacing)
+
+
 def teacher_max_sequence_length(family: str) -> int | None:
     """The T5 length the shipped toy teacher was trained at (its toy_teacher.json), to sample it at; None = no T5."""
     info = toy_asset_path(family) / "toy_teacher.json"
@@ -174,11 +187,12 @@ def teacher_max_sequence_length(family: str) -> int | None:
 
 def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: int = 500, out=None,
                  guidance_scale: float | None = None, family: str = "sd15", seed: int = 0, batch_size: int = 50,
-                 base=None, device="cpu", progress: bool = True) -> dict:
+                 base=None, device="cpu", progress: bool = True, timestep_spacing: str | None = None) -> dict:
     """Evaluate the shipped toy teacher (teacher=True) or a student LoRA folder on the toy world; write JSON to out.
 
-    Teacher: its scheduler at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE[family]).
-    Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
+    Teacher: its scheduler at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE[family]);
+    timestep_spacing (leading, trailing, linspace) replaces its scheduler's, e.g. to run it on a student's trailing
+    schedule. Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
     """
     from ..eval.generate import student_generate_fn, teacher_generate_fn
 
@@ -188,12 +202,17 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
         steps = steps or TEACHER_STEPS
         guidance_scale = teacher_guidance(family) if guidance_scale is None else guidance_scale
         pipe = teacher_pipeline(family, device)
+        if timestep_spacing is not None:
+            pipe.scheduler = with_timestep_spacing(pipe.scheduler, timestep_spacing)
         length = teacher_max_sequence_length(family)
         generate_fn = teacher_generate_fn(pipe, steps, guidance_scale,
                                           **({} if length is None else {"max_sequence_length": length}))
         model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": type(pipe.scheduler).__name__,
-                 "guidance_scale": guidance_scale, **({} if length is None else {"max_sequence_length": length})}
+                 "guidance_scale": guidance_scale, "timestep_spacing": pipe.scheduler.config.timestep_spacing,
+                 **({} if length is None else {"max_sequence_length": length})}
     else:
+        if timestep_spacing is not None:
+            raise ValueError("--timestep-spacing applies to the teacher: a student runs its recipe's scheduler")
         import dataclasses
 
         from .. import pipelines

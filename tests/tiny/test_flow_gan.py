@@ -87,7 +87,7 @@ def test_middle_features_are_the_image_tokens_of_the_full_forward(dmd_gan):
     assert torch.equal(features.flatten(2).transpose(1, 2), seen[0])
     # ... and another adapter (the student's) gives other features: the head reads the fake score's branch.
     assert not torch.equal(reader.middle(nets.student, x_t, t, batch.cond), features)
-    # The logit depends on the sample (a head whose last GroupNorm saw one channel per group would be constant).
+    # The logit depends on the sample (methods.gan.head_norm keeps enough channels in each group of its last norm).
     logits = dmd_gan.distiller.head(features)
     assert logits.shape == (batch.size,) and not torch.allclose(logits[0], logits[1:])
 

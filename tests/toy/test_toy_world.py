@@ -257,3 +257,23 @@ def test_teacher_alignment_at_25_steps():
     torch.set_num_threads(1)
     result = run_eval_toy(teacher=True, steps=25, n=500, progress=False)
     assert result["alignment"] >= 0.9
+
+
+def test_teacher_timestep_spacing_is_the_students_schedule_on_request(tmp_path):
+    """`eval toy --teacher --timestep-spacing trailing` runs the teacher on a tscd student's 4 steps (999 ... 249); the
+    default stays its own leading schedule (751 ... 1); a student refuses the flag (it runs its recipe)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.toy.evaluate import run_eval_toy, toy_asset_path, with_timestep_spacing
+
+    teacher = DDIMScheduler.from_pretrained(toy_asset_path("sd15"), subfolder="scheduler")
+    for spacing, expected in (("leading", [751, 501, 251, 1]), ("trailing", [999, 749, 499, 249])):
+        scheduler = with_timestep_spacing(teacher, spacing)
+        scheduler.set_timesteps(4)
+        assert scheduler.timesteps.tolist() == expected
+    with pytest.raises(ValueError, match="not one of"):
+        with_timestep_spacing(teacher, "uniform")
+    with pytest.raises(ValueError, match="no timestep_spacing"):
+        with_timestep_spacing(FlowMatchEulerDiscreteScheduler(), "trailing")
+    with pytest.raises(ValueError, match="applies to the teacher"):
+        run_eval_toy(lora=tmp_path, timestep_spacing="trailing", n=2, progress=False)

@@ -65,12 +65,13 @@ def ddim_sample(denoiser, x_T, timesteps, cond, schedule, final_t: int = -1, ste
     return x
 
 
-@torch.no_grad()
-def tcd_sample(denoiser, x_T, timesteps, cond, schedule, eta: float = 0.3, generator=None):
+def tcd_sample(denoiser, x_T, timesteps, cond, schedule, eta: float = 0.3, generator=None, return_x0: bool = False):
     """TCD's strategic stochastic sampling (Zheng et al. 2024, sec. 4.3; diffusers TCDScheduler.step).
 
     Each step jumps with DDIM from t to s = floor((1 - eta) t_next), then noises forward from s to t_next; the
     last step stops at s = 0 (alpha_0 < 1, as the scheduler does) without noise. eta = 0 is deterministic DDIM.
+    With return_x0, also the last step's x0 prediction (the image before the scheduler's alpha_0 step): (x, x0).
+    Autograd as the caller has it (recipe_sample turns it off; tscd_unified's DM term backpropagates through it).
     """
     x = x_T
     n = x.shape[0]
@@ -85,7 +86,7 @@ def tcd_sample(denoiser, x_T, timesteps, cond, schedule, eta: float = 0.3, gener
             alpha_next, _ = schedule.alpha_sigma(torch.full((n,), t_next), x.ndim)
             x_s = noise_forward(x_s, alpha_s.to(x.device), alpha_next.to(x.device), _noise_like(x, generator))
         x = x_s.to(x_T.dtype)
-    return x
+    return (x, out.x0) if return_x0 else x
 
 
 def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[int]:
@@ -116,6 +117,7 @@ def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[in
     raise ValueError(f"no training-time sampler for {name}: use DDIMScheduler (trailing), LCMScheduler or TCDScheduler")
 
 
+@torch.no_grad()
 def recipe_sample(denoiser, x_T, cond, schedule, recipe, generator=None, steps: int | None = None):
     """Sample as the recipe's diffusers scheduler would (recipe: the dict a distiller's recipe() returns)."""
     T = schedule.num_train_timesteps

@@ -28,13 +28,14 @@ from torch import nn
 from ..config import ConfigError, MethodConfig
 from ..core.denoiser import DenoiserOut
 from ..core.ema import ema_update_
-from ..core.samplers import ddim_sample, recipe_sample
+from ..core.samplers import ddim_sample, recipe_sample, tcd_sample
 from ..core.solvers import (
     ddim_step,
     lcm_boundary_scalings,
     lcm_origin_timesteps,
     noise_forward_path,
     segment_start,
+    tcd_timesteps,
     trailing_timesteps,
 )
 from ..registry import register_method
@@ -141,6 +142,10 @@ class UnifiedConfig(TSCDConfig):
     critic_updates_per_student_update: int = 1
     tcd_eta: float = 0.3  # recipe eta (gamma) of TCDScheduler; TCD's default; Hyper-SD's card shows 1.0
     inference_steps: int = 1
+    # The DM term's sample: the student's dm_steps-step sample from pure noise on the recipe's timesteps (DDIM steps:
+    # needs tcd_eta 0 above one step), the gradient through every step; 0 = the recipe's inference_steps. One step is
+    # Hyper-SD's unified LoRA. (ours)
+    dm_steps: int = 0
 
     def validate(self):
         super().validate()
@@ -152,6 +157,16 @@ class UnifiedConfig(TSCDConfig):
             raise ConfigError("method.critic_updates_per_student_update must be >= 1")
         if self.dm_weight < 0:
             raise ConfigError(f"method.dm_weight must be >= 0 (got {self.dm_weight})")
+        if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
+            raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
+                              f"(got {self.dm_steps}; 0 = inference_steps)")
+        if self.dm_sample_steps > 1 and self.tcd_eta != 0:
+            raise ConfigError(f"the DM term's {self.dm_sample_steps}-step sample takes deterministic DDIM steps, but the "
+                              f"recipe's TCD eta is {self.tcd_eta}: set method.tcd_eta=0 (or method.dm_steps=1)")
+
+    @property
+    def dm_sample_steps(self) -> int:
+        return self.dm_steps or self.inference_steps or 1
 
 
 # ---- the maths ------------------------------------------------------------------------------------------------
@@ -546,11 +561,24 @@ class UnifiedDistiller(ConsistencyDistiller):
         with torch.set_grad_enabled(grad):
             return nets.student(z, t, batch.cond).x0
 
+    def _dm_sample(self, nets: Nets, batch: Batch, grad: bool):
+        """x0 of the student's dm_steps-step sample from pure noise, as its recipe's TCDScheduler at eta 0 draws it
+        (DDIM steps between the recipe's timesteps), the gradient through every step; the 1-step sample at one step."""
+        n = self.cfg.dm_sample_steps
+        if n == 1:
+            return self._one_step(nets, batch, grad)
+        z, _ = self._one_step_rows(nets, batch)
+        with torch.set_grad_enabled(grad):
+            return tcd_sample(nets.student, z, tcd_timesteps(n, self.cfg.num_ddim_timesteps, self.T), batch.cond,
+                              self.schedule, eta=0.0, return_x0=True)[1]
+
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
         cfg, device = self.cfg, nets.device
         # The one-step sample rides in the consistency term's student call (one batched pass of 2B rows).
-        out, one_step = self._consistency_loss(nets, batch, step, extra=partial(self._one_step_rows, nets, batch))
-        x0 = one_step.x0 if one_step is not None else self._one_step(nets, batch, grad=True)
+        # A one-step sample rides in the consistency term's student call (one batched pass of 2B rows).
+        extra = partial(self._one_step_rows, nets, batch) if cfg.dm_sample_steps == 1 else None
+        out, one_step = self._consistency_loss(nets, batch, step, extra=extra)
+        x0 = one_step.x0 if one_step is not None else self._dm_sample(nets, batch, grad=True)
         t = batch.randint(*dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T), device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         dm = dm_loss(x0, self._dm_teacher(nets, batch), nets.fake_score, batch.cond, self.schedule, t, eps)
@@ -562,7 +590,7 @@ class UnifiedDistiller(ConsistencyDistiller):
 
     def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut:
         device = nets.device
-        x0 = inputs.samples if inputs else self._one_step(nets, batch, grad=False)
+        x0 = inputs.samples if inputs else self._dm_sample(nets, batch, grad=False)
         t = batch.randint(0, self.T, device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         loss = fake_score_loss(nets.fake_score, x0, batch.cond, self.schedule, t, eps)

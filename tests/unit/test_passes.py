@@ -6,6 +6,7 @@ same values and gradients to float tolerance; and the merged iteration logs what
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import pytest
@@ -202,3 +203,26 @@ def test_unified_one_step_sample_rides_in_the_consistency_student_call(monkeypat
     assert [p.batch for p in grad_new] == [4] and [p.batch for p in grad_old] == [2, 2]
     for key in ("loss", "consistency_loss", "dm_loss", "student_grad_norm", "critic_grad_norm"):
         assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-9), key
+
+
+def test_unified_dm_term_on_the_recipes_multi_step_sample():
+    """tscd_unified with a 4-step recipe (tcd_eta 0): the DM term's sample is the recipe's 4-step TCD sample from pure
+    noise, the student called 4 times with grad (the gradient through every step), its x0 the last step's x0."""
+    from stepdistill.core.samplers import tcd_sample
+    from stepdistill.core.solvers import tcd_timesteps
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("tscd_unified", ["method.inference_steps=4", "method.tcd_eta=0"], out)
+        b = trainer.built
+        batch = _batch(trainer, 0)
+        with PassCounter(b.nets.unet) as c:
+            x0 = b.distiller._dm_sample(b.nets, batch, grad=True)
+        batch = dataclasses.replace(batch, noise=NoiseSource(torch.Generator().manual_seed(0)))  # the same draws again
+        z = batch.randn(*batch.latent_shape[1:])
+        with torch.no_grad():
+            x, want = tcd_sample(b.nets.student, z, tcd_timesteps(4, 40), batch.cond, b.distiller.schedule, eta=0.0,
+                                 return_x0=True)
+        trainer.close()
+    assert [(p.adapter, p.grad) for p in c.passes] == [("student", True)] * 4
+    assert x0.requires_grad and torch.allclose(x0.detach(), want, atol=1e-5)
+    assert not torch.allclose(x.float(), want.float())  # the returned x0 is not the scheduler's alpha_0-scaled last step

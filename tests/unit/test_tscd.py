@@ -102,6 +102,13 @@ def test_stage_bounds_and_config_checks():
         TSCDConfig(init_lora="/no/such/run/final").validate()
     LCMConfig().validate()  # one segment on LCM's grid of 50
     UnifiedConfig().validate()
+    # The DM term's sample follows the recipe's steps (dm_steps 0); above one step it takes DDIM steps, so TCD's eta is 0.
+    assert UnifiedConfig(inference_steps=4, tcd_eta=0.0).dm_sample_steps == 4
+    assert UnifiedConfig(inference_steps=4, dm_steps=1).dm_sample_steps == 1
+    with pytest.raises(ConfigError, match="set method.tcd_eta=0"):
+        UnifiedConfig(inference_steps=4).validate()
+    with pytest.raises(ConfigError, match="method.dm_steps must be in"):
+        UnifiedConfig(dm_steps=-1).validate()
 
 
 @pytest.mark.parametrize("preset", ["hyper", "pcm4", "lcm", "unified"])

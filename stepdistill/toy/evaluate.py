@@ -208,7 +208,9 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
         generate_fn = teacher_generate_fn(pipe, steps, guidance_scale,
                                           **({} if length is None else {"max_sequence_length": length}))
         model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": type(pipe.scheduler).__name__,
-                 "guidance_scale": guidance_scale, "timestep_spacing": pipe.scheduler.config.timestep_spacing,
+                 "guidance_scale": guidance_scale,
+                 # DDIM's spacing; the SD3 teacher's flow scheduler has none.
+                 **({k: pipe.scheduler.config[k] for k in ("timestep_spacing",) if k in pipe.scheduler.config}),
                  **({} if length is None else {"max_sequence_length": length})}
     else:
         if timestep_spacing is not None:

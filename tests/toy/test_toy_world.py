@@ -277,3 +277,14 @@ def test_teacher_timestep_spacing_is_the_students_schedule_on_request(tmp_path):
         with_timestep_spacing(FlowMatchEulerDiscreteScheduler(), "trailing")
     with pytest.raises(ValueError, match="applies to the teacher"):
         run_eval_toy(lora=tmp_path, timestep_spacing="trailing", n=2, progress=False)
+
+
+@pytest.mark.parametrize(("family", "spacing", "recorded"), [("sd15", "trailing", "trailing"), ("sd15", None, "leading"),
+                                                            ("sd3", None, None)])
+def test_teacher_result_records_its_spacing_and_the_flow_teacher_has_none(monkeypatch, family, spacing, recorded):
+    """The result names the DDIM teacher's spacing; the SD3 teacher's flow scheduler has none (it once raised here)."""
+    from stepdistill.toy import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_toy", lambda *a, **k: {})
+    result = evaluate.run_eval_toy(teacher=True, family=family, steps=2, n=2, timestep_spacing=spacing, progress=False)
+    assert result.get("timestep_spacing") == recorded

@@ -131,7 +131,19 @@ class ExportStage:
     recipe_overrides: dict | None = None
 
 
-Event = ExportStage  # what after_step may return; the loop carries each out in order
+@dataclass(frozen=True)
+class ResetOptimizer:
+    """Event: forget `phase`'s optimizer state (Adam's moments and step count), as a run started here would.
+
+    For a stage whose loss has another scale: Adam's second moment (beta2 0.999) remembers the old gradients for
+    about a thousand updates, so gradients far larger than it holds move each weight by many times the learning rate
+    (up to lr / sqrt(n (1 - beta2)) at the new loss's n-th update) where a fresh optimizer moves it by about lr.
+    """
+
+    phase: str
+
+
+Event = ExportStage | ResetOptimizer  # what after_step may return; the loop carries each out in order
 
 
 def trailing_ddim_recipe(steps: int) -> dict:

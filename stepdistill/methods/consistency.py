@@ -46,6 +46,7 @@ from .base import (
     ExportStage,
     LossOut,
     Nets,
+    ResetOptimizer,
     RunContext,
     flow_euler_recipe,
     is_flow,
@@ -135,7 +136,9 @@ class UnifiedConfig(TSCDConfig):
 
     name: str = "tscd_unified"
     segments: list[int] = field(default_factory=lambda: [1])
-    dm_weight: float = 1.0  # weight of the distribution-matching term against the consistency term (ours)
+    # Weight of the distribution-matching term against the consistency term: one for every stage, or one per stage;
+    # 0 in a stage leaves it consistency only, without fake-score updates (a DM stage after consistency stages). (ours)
+    dm_weight: list[float] = field(default_factory=lambda: [1.0])
     dm_guidance_scale: float | None = None  # teacher CFG in the DM term; null = w ~ U[guidance_min, guidance_max]
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2's min/max_step_percent)
     dm_t_max: float = 0.98
@@ -155,8 +158,14 @@ class UnifiedConfig(TSCDConfig):
             raise ConfigError(f"method.tcd_eta must be in [0, 1] (got {self.tcd_eta})")
         if self.critic_updates_per_student_update < 1:
             raise ConfigError("method.critic_updates_per_student_update must be >= 1")
-        if self.dm_weight < 0:
-            raise ConfigError(f"method.dm_weight must be >= 0 (got {self.dm_weight})")
+        if len(self.dm_weight) not in (1, len(self.segments)):
+            raise ConfigError(f"method.dm_weight needs one weight, or one per method.segments entry "
+                              f"({len(self.segments)}; got {self.dm_weight})")
+        if any(w < 0 for w in self.dm_weight):
+            raise ConfigError(f"method.dm_weight entries must be >= 0 (got {self.dm_weight})")
+        if not any(w > 0 for w in self.dm_weight):
+            raise ConfigError("method.dm_weight is 0 in every stage, so the run has no DM term: use method.name=tscd "
+                              "(or lcm) for a consistency-only student")
         if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
             raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
                               f"(got {self.dm_steps}; 0 = inference_steps)")
@@ -167,6 +176,9 @@ class UnifiedConfig(TSCDConfig):
     @property
     def dm_sample_steps(self) -> int:
         return self.dm_steps or self.inference_steps or 1
+
+    def dm_weight_of(self, stage: int) -> float:
+        return self.dm_weight[stage] if len(self.dm_weight) > 1 else self.dm_weight[0]
 
 
 # ---- the maths ------------------------------------------------------------------------------------------------
@@ -531,7 +543,8 @@ class UnifiedDistiller(ConsistencyDistiller):
     """Consistency (k = 1, random end point) + DMD's distribution matching on the one-step sample from t = 999.
 
     The fake score, a second LoRA on the shared base, keeps fitting the student's one-step samples in the critic
-    phase (dmd.fake_score_loss); the DM gradient is DMD's, from stepdistill.methods.dmd.
+    phase (dmd.fake_score_loss); the DM gradient is DMD's, from stepdistill.methods.dmd. With progressive segments and
+    a per-stage dm_weight it is also a consistency run with a DM stage at the end (configs/toy/tscd_4step.yaml).
     """
 
     extra_adapters: ClassVar[tuple[str, ...]] = ("target", "fake_score")
@@ -572,9 +585,15 @@ class UnifiedDistiller(ConsistencyDistiller):
             return tcd_sample(nets.student, z, tcd_timesteps(n, self.cfg.num_ddim_timesteps, self.T), batch.cond,
                               self.schedule, eta=0.0, return_x0=True)[1]
 
+    def _dm_weight(self, step: int) -> float:
+        """The DM weight of the stage that `step` falls in."""
+        return self.cfg.dm_weight_of(self.stage(step, self.ctx.max_steps))
+
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
         cfg, device = self.cfg, nets.device
-        # The one-step sample rides in the consistency term's student call (one batched pass of 2B rows).
+        w_dm = self._dm_weight(step)
+        if w_dm == 0:  # a consistency-only stage
+            return self._consistency_loss(nets, batch, step)[0]
         # A one-step sample rides in the consistency term's student call (one batched pass of 2B rows).
         extra = partial(self._one_step_rows, nets, batch) if cfg.dm_sample_steps == 1 else None
         out, one_step = self._consistency_loss(nets, batch, step, extra=extra)
@@ -582,14 +601,18 @@ class UnifiedDistiller(ConsistencyDistiller):
         t = batch.randint(*dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T), device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         dm = dm_loss(x0, self._dm_teacher(nets, batch), nets.fake_score, batch.cond, self.schedule, t, eps)
-        loss = out.loss + cfg.dm_weight * dm
+        loss = out.loss + w_dm * dm
         logs = {**out.logs, "dm_loss": float(dm.detach().mean()), "loss": float(loss.detach().mean())}
         samples = x0.detach()
         adv = out.critic_inputs.adv if out.critic_inputs else None
         return LossOut(loss, logs, samples=samples, critic_inputs=CriticInputs(samples, adv))
 
-    def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut:
+    def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut | None:
         device = nets.device
+        if self.cfg.dm_weight_of(self._stage) == 0:
+            # A consistency-only stage: the fake score waits for the DM stage, and the extra critic updates (the fake
+            # score's, DMD2's two time-scale rule) are skipped: one discriminator update per student update, as tscd.
+            return super().critic_loss(nets, batch, inputs) if inputs is not None else None
         x0 = inputs.samples if inputs else self._dm_sample(nets, batch, grad=False)
         t = batch.randint(0, self.T, device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
@@ -600,6 +623,17 @@ class UnifiedDistiller(ConsistencyDistiller):
             loss = loss + d.loss
             logs.update(d.logs)
         return LossOut(loss, logs)
+
+    def after_step(self, nets: Nets, step: int) -> list[Event]:
+        """The consistency stages' events, and a fresh student optimizer where the DM term starts: its gradients are
+        ~25x the consistency term's (toy SD1.5: grad norm 0.002 -> 0.05), which Adam's second moment, kept from the
+        consistency stages, would turn into steps of many times lr (docs/tscd.md, "Third round")."""
+        events = super().after_step(nets, step)
+        i, cfg = self.stage(step, self.ctx.max_steps), self.cfg
+        ends = stage_bounds(cfg.segments, cfg.stage_steps, self.ctx.max_steps)
+        if step + 1 == ends[i] and i + 1 < len(ends) and cfg.dm_weight_of(i) == 0 < cfg.dm_weight_of(i + 1):
+            events.append(ResetOptimizer("student"))
+        return events
 
     def recipe(self, family) -> dict:
         """TCDScheduler on the training grid (original_inference_steps = N), eta as configured, guidance 0."""

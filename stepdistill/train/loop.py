@@ -24,7 +24,7 @@ from ..core.ema import StudentEMA
 from ..core.lora import adapter_parameters
 from ..data.prompts import collect_reports, summarize_reports
 from ..errors import TrainingError
-from ..methods.base import Batch, ExportStage, NoiseSource
+from ..methods.base import Batch, ExportStage, NoiseSource, ResetOptimizer
 from . import checkpoint as ckpt
 from .build import Built, build
 from .faults import maybe_kill
@@ -389,6 +389,9 @@ class Trainer:
         if isinstance(event, ExportStage):
             # after_step ends update self.step + 1 (run() counts it just after), so the export belongs to that step.
             self.export_stage(event.name, event.recipe_overrides, step=self.step + 1)
+        elif isinstance(event, ResetOptimizer):
+            if event.phase in self.optimizers:
+                self.optimizers[event.phase].state.clear()
         else:
             raise TypeError(f"{type(self.built.distiller).__name__}.after_step returned {event!r}, not an event the "
                             "loop knows (stepdistill.methods.base.Event)")

@@ -226,3 +226,28 @@ def test_unified_dm_term_on_the_recipes_multi_step_sample():
     assert [(p.adapter, p.grad) for p in c.passes] == [("student", True)] * 4
     assert x0.requires_grad and torch.allclose(x0.detach(), want, atol=1e-5)
     assert not torch.allclose(x.float(), want.float())  # the returned x0 is not the scheduler's alpha_0-scaled last step
+
+
+def test_unified_dm_weight_per_stage_leaves_consistency_stages_without_dm_or_fake_score():
+    """tscd_unified with dm_weight [0, 0.1]: the first stage is consistency only (no DM term, no fake-score pass, no
+    critic loss, no extra critic update); the second adds the DM term and trains the fake score in every critic
+    update."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("tscd_unified", ["method.segments=[4,4]", "method.stage_steps=[2,2]",
+                                            "method.dm_weight=[0,0.1]", "method.inference_steps=4",
+                                            "method.tcd_eta=0", "loop.max_steps=4"], out)
+        b = trainer.built
+        stages = []
+        for step in (0, 2):
+            batch = _batch(trainer, step)
+            with PassCounter(b.nets.unet) as c:
+                student = b.distiller.student_loss(b.nets, batch, step)
+                critic = b.distiller.critic_loss(b.nets, batch, student.critic_inputs)
+                later = b.distiller.critic_loss(b.nets, _batch(trainer, 9), None)  # a later critic update (TTUR)
+            stages.append((student, critic, later, {p.adapter for p in c.passes}))
+        trainer.close()
+    (s0, c0, later0, adapters0), (s1, c1, later1, adapters1) = stages
+    assert "dm_loss" not in s0.logs and c0 is None and later0 is None and "fake_score" not in adapters0
+    assert "fake_score_loss" in later1.logs
+    assert "dm_loss" in s1.logs and "fake_score_loss" in c1.logs and "fake_score" in adapters1
+    assert s1.loss.requires_grad and c1.loss.requires_grad

@@ -109,6 +109,13 @@ def test_stage_bounds_and_config_checks():
         UnifiedConfig(inference_steps=4).validate()
     with pytest.raises(ConfigError, match="method.dm_steps must be in"):
         UnifiedConfig(dm_steps=-1).validate()
+    # dm_weight: one weight for every stage, or one per stage; a run with no DM term at all is tscd.
+    assert UnifiedConfig(segments=[8, 4], dm_weight=[0.0, 0.1]).dm_weight_of(0) == 0.0
+    assert UnifiedConfig(segments=[8, 4], dm_weight=[0.5]).dm_weight_of(1) == 0.5
+    with pytest.raises(ConfigError, match="one per method.segments entry"):
+        UnifiedConfig(segments=[8, 4, 2], dm_weight=[0.0, 0.1]).validate()
+    with pytest.raises(ConfigError, match="use method.name=tscd"):
+        UnifiedConfig(segments=[8, 4], dm_weight=[0.0, 0.0]).validate()
 
 
 @pytest.mark.parametrize("preset", ["hyper", "pcm4", "lcm", "unified"])

@@ -1,0 +1,39 @@
+"""Events a method asks the loop for at a stage boundary: tscd_unified's fresh student optimizer where its DM term starts."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from stepdistill.methods.base import ResetOptimizer
+
+from .bench_rig import tiny_trainer
+
+
+def _state_size(opt):
+    return sum(len(s) for s in opt.state.values())
+
+
+def test_the_student_optimizer_starts_afresh_where_the_dm_term_starts():
+    """dm_weight [0, 0.1, 0.1]: the end of stage 1 (consistency only) resets the student's Adam state and nothing
+    else; the end of stage 2 (DM weight unchanged) resets nothing."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = tiny_trainer("tscd_unified", ["method.segments=[4,4,4]", "method.stage_steps=[2,1,1]",
+                                                "method.dm_weight=[0,0.1,0.1]", "method.inference_steps=4",
+                                                "method.tcd_eta=0", "loop.max_steps=4"], out)
+        b = trainer.built
+        events = {step: b.distiller.after_step(b.nets, step) for step in range(4)}
+        student, critic = trainer.optimizers["student"], trainer.optimizers["critic"]
+        sizes = []
+        for step in range(3):
+            trainer.step = step
+            trainer.iteration()
+            sizes.append((_state_size(student), _state_size(critic)))
+        trainer.close()
+    resets = {step: [e for e in ev if isinstance(e, ResetOptimizer)] for step, ev in events.items()}
+    assert resets == {0: [], 1: [ResetOptimizer("student")], 2: [], 3: []}
+    (s0, c0), (s1, _), (s2, c2) = sizes
+    assert s0 > 0 and s1 == 0 and s2 == s0  # cleared after step 1's update, filled again by step 2's
+    assert c0 == 0 < c2  # the fake score trains from the DM stage on

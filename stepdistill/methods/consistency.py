@@ -629,9 +629,8 @@ class UnifiedDistiller(ConsistencyDistiller):
         ~25x the consistency term's (toy SD1.5: grad norm 0.002 -> 0.05), which Adam's second moment, kept from the
         consistency stages, would turn into steps of many times lr (docs/tscd.md, "Third round")."""
         events = super().after_step(nets, step)
-        i, cfg = self.stage(step, self.ctx.max_steps), self.cfg
-        ends = stage_bounds(cfg.segments, cfg.stage_steps, self.ctx.max_steps)
-        if step + 1 == ends[i] and i + 1 < len(ends) and cfg.dm_weight_of(i) == 0 < cfg.dm_weight_of(i + 1):
+        now, after = self.stage(step, self.ctx.max_steps), self.stage(step + 1, self.ctx.max_steps)
+        if self.cfg.dm_weight_of(now) == 0 < self.cfg.dm_weight_of(after):
             events.append(ResetOptimizer("student"))
         return events
 

@@ -390,7 +390,10 @@ class Trainer:
             # after_step ends update self.step + 1 (run() counts it just after), so the export belongs to that step.
             self.export_stage(event.name, event.recipe_overrides, step=self.step + 1)
         elif isinstance(event, ResetOptimizer):
-            if event.phase in self.optimizers:
+            if event.phase not in self.built.params:
+                raise TypeError(f"{type(self.built.distiller).__name__}.after_step asked to reset the optimizer of phase "
+                                f"{event.phase!r}; the phases are {sorted(self.built.params)}")
+            if event.phase in self.optimizers:  # a phase without parameters has no optimizer state to forget
                 self.optimizers[event.phase].state.clear()
         else:
             raise TypeError(f"{type(self.built.distiller).__name__}.after_step returned {event!r}, not an event the "

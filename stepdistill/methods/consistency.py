@@ -17,6 +17,7 @@ real latents noised to the same timestep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -139,6 +140,9 @@ class UnifiedConfig(TSCDConfig):
     # Weight of the distribution-matching term against the consistency term: one for every stage, or one per stage;
     # 0 in a stage leaves it consistency only, without fake-score updates (a DM stage after consistency stages). (ours)
     dm_weight: list[float] = field(default_factory=lambda: [1.0])
+    # Factor on the student's optim.lr in a stage with the DM term (the critic keeps its own rate): a DM stage after
+    # consistency stages moves the student off the data at the consistency stages' rate (docs/tscd.md). (ours)
+    dm_lr_scale: float = 1.0
     dm_guidance_scale: float | None = None  # teacher CFG in the DM term; null = w ~ U[guidance_min, guidance_max]
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2's min/max_step_percent)
     dm_t_max: float = 0.98
@@ -166,6 +170,9 @@ class UnifiedConfig(TSCDConfig):
         if not any(w > 0 for w in self.dm_weight):
             raise ConfigError("method.dm_weight is 0 in every stage, so the run has no DM term: use method.name=tscd "
                               "(or lcm) for a consistency-only student")
+        if not (self.dm_lr_scale > 0 and math.isfinite(self.dm_lr_scale)):
+            raise ConfigError(f"method.dm_lr_scale must be a finite number > 0, 1 = optim.lr unchanged "
+                              f"(got {self.dm_lr_scale})")
         if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
             raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
                               f"(got {self.dm_steps}; 0 = inference_steps)")
@@ -633,6 +640,11 @@ class UnifiedDistiller(ConsistencyDistiller):
         if self.cfg.dm_weight_of(now) == 0 < self.cfg.dm_weight_of(after):
             events.append(ResetOptimizer("student"))
         return events
+
+    def lr_scale(self, phase: str) -> float:
+        """method.dm_lr_scale on the student's rate in a stage with the DM term (the stage of the update being made:
+        student_loss has set it)."""
+        return self.cfg.dm_lr_scale if phase == "student" and self.cfg.dm_weight_of(self._stage) > 0 else 1.0
 
     def recipe(self, family) -> dict:
         """TCDScheduler on the training grid (original_inference_steps = N), eta as configured, guidance 0."""

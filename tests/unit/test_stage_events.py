@@ -1,9 +1,11 @@
-"""Events a method asks the loop for at a stage boundary: tscd_unified's fresh student optimizer where its DM term starts."""
+"""What a method asks the loop for at a stage boundary: tscd_unified's fresh student optimizer where its DM term starts,
+and its student rate there (method.dm_lr_scale)."""
 
 from __future__ import annotations
 
 import tempfile
 
+import pytest
 import torch
 
 from stepdistill.methods.base import ResetOptimizer
@@ -37,3 +39,22 @@ def test_the_student_optimizer_starts_afresh_where_the_dm_term_starts():
     (s0, c0), (s1, _), (s2, c2) = sizes
     assert s0 > 0 and s1 == 0 and s2 == s0  # cleared after step 1's update, filled again by step 2's
     assert c0 == 0 < c2  # the fake score trains from the DM stage on
+
+
+def test_the_student_rate_in_a_dm_stage_is_optim_lr_times_dm_lr_scale():
+    """dm_weight [0, 0.1], dm_lr_scale 0.25: the consistency stage's update at optim.lr, the DM stage's at a quarter of
+    it; the critic (fake score) keeps its own rate."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = tiny_trainer("tscd_unified", ["method.segments=[4,4]", "method.stage_steps=[1,1]",
+                                                "method.dm_weight=[0,0.1]", "method.dm_lr_scale=0.25",
+                                                "method.inference_steps=4", "method.tcd_eta=0", "loop.max_steps=2"], out)
+        base, rates = dict(trainer.base_lrs), []
+        for step in range(2):
+            trainer.step = step
+            trainer.iteration()
+            rates.append({phase: opt.param_groups[0]["lr"] for phase, opt in trainer.optimizers.items()})
+        trainer.close()
+    assert rates[0]["student"] == base["student"]
+    assert rates[1]["student"] == pytest.approx(0.25 * base["student"])
+    assert rates[1]["critic"] == base["critic"]

@@ -116,6 +116,9 @@ def test_stage_bounds_and_config_checks():
         UnifiedConfig(segments=[8, 4, 2], dm_weight=[0.0, 0.1]).validate()
     with pytest.raises(ConfigError, match="use method.name=tscd"):
         UnifiedConfig(segments=[8, 4], dm_weight=[0.0, 0.0]).validate()
+    for bad in (0.0, -0.5, float("inf")):
+        with pytest.raises(ConfigError, match="method.dm_lr_scale must be a finite number > 0"):
+            UnifiedConfig(dm_lr_scale=bad).validate()
 
 
 @pytest.mark.parametrize("preset", ["hyper", "pcm4", "lcm", "unified"])

@@ -17,9 +17,11 @@ real latents noised to the same timestep.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 from typing import ClassVar
 
@@ -55,6 +57,8 @@ from .base import (
 )
 from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
 from .gan import feature_reader, head_norm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,6 +177,10 @@ class UnifiedConfig(TSCDConfig):
         if not (self.dm_lr_scale > 0 and math.isfinite(self.dm_lr_scale)):
             raise ConfigError(f"method.dm_lr_scale must be a finite number > 0, 1 = optim.lr unchanged "
                               f"(got {self.dm_lr_scale})")
+        w = self.dm_guidance_scale
+        if w is not None and not (w >= 0 and math.isfinite(w)):
+            raise ConfigError(f"method.dm_guidance_scale must be a finite number >= 0 (1 = no CFG), or null for the "
+                              f"consistency term's U[guidance_min, guidance_max] (got {self.dm_guidance_scale})")
         if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
             raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
                               f"(got {self.dm_steps}; 0 = inference_steps)")
@@ -230,6 +238,22 @@ def stage_bounds(segments, stage_steps, max_steps):
         total += s
         ends.append(total)
     return ends
+
+
+def _check_stage_budget(stage_steps, max_steps):
+    """Warn when loop.max_steps and method.stage_steps disagree: the stages past max_steps do not run in this leg
+    (running in legs is fine), or the last stage runs past its stated length."""
+    planned = sum(stage_steps)
+    if not stage_steps or max_steps is None or planned == max_steps:
+        return
+    if max_steps < planned:
+        stage = next(i for i, end in enumerate(accumulate(stage_steps)) if max_steps < end) + 1
+        log.warning("loop.max_steps=%d ends before method.stage_steps (sum %d) do: this run stops in stage %d; "
+                    "set loop.max_steps=%d for the whole schedule", max_steps, planned, stage, planned)
+    else:
+        log.warning("loop.max_steps=%d runs past method.stage_steps (sum %d): the last stage gets %d more updates "
+                    "than it states; set loop.max_steps=%d or lengthen its entry", max_steps, planned,
+                    max_steps - planned, planned)
 
 
 def _bcast(v, ndim):
@@ -327,6 +351,7 @@ class ConsistencyDistiller(CriticHeadState):
         from ..core.lora import copy_adapter
 
         super().setup(nets, ctx)
+        self._budget_checked = False
         if self.cfg.init_lora:
             start_from_lora(nets.unet, self.cfg.init_lora)
         copy_adapter(nets.unet, "student", "target")
@@ -514,6 +539,9 @@ class ConsistencyDistiller(CriticHeadState):
         if self.cfg.target == "ema":
             ema_update_([p for p, _ in self.pairs], [q for _, q in self.pairs], self.cfg.ema_decay)
         max_steps = self.ctx.max_steps
+        if not self._budget_checked:  # once; the loop sets max_steps after setup
+            self._budget_checked = True
+            _check_stage_budget(self.cfg.stage_steps, max_steps)
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)
         i = self.stage(step, max_steps)
         if len(self.cfg.segments) > 1 and step + 1 == ends[i]:

@@ -251,3 +251,30 @@ def test_unified_dm_weight_per_stage_leaves_consistency_stages_without_dm_or_fak
     assert "fake_score_loss" in later1.logs
     assert "dm_loss" in s1.logs and "fake_score_loss" in c1.logs and "fake_score" in adapters1
     assert s1.loss.requires_grad and c1.loss.requires_grad
+
+
+@pytest.mark.parametrize("scale", [2.0, None])
+def test_unified_dm_term_real_score_at_dm_guidance_scale(scale, monkeypatch):
+    """The DM term's real score is the teacher at method.dm_guidance_scale (the toy preset's 2); left null, it is
+    the consistency term's per-sample w ~ U[guidance_min, guidance_max]."""
+    seen = []
+    real_dm_loss = consistency.dm_loss
+
+    def spy(x0, teacher, *args):
+        seen.append(teacher.guidance_scale)
+        return real_dm_loss(x0, teacher, *args)
+
+    monkeypatch.setattr(consistency, "dm_loss", spy)
+    sets = ["method.inference_steps=4", "method.tcd_eta=0", "method.guidance_min=3", "method.guidance_max=8"]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("tscd_unified", [*sets, f"method.dm_guidance_scale={'null' if scale is None else scale}"], out)
+        b = trainer.built
+        batch = _batch(trainer, 0)
+        out = b.distiller.student_loss(b.nets, batch, 0)
+        trainer.close()
+    assert "dm_loss" in out.logs and len(seen) == 1
+    if scale is not None:
+        assert seen[0] == scale
+    else:
+        w = seen[0].flatten()
+        assert len(w) == batch.size and ((w >= 3) & (w <= 8)).all() and w.unique().numel() > 1

@@ -58,3 +58,19 @@ def test_the_student_rate_in_a_dm_stage_is_optim_lr_times_dm_lr_scale():
     assert rates[0]["student"] == base["student"]
     assert rates[1]["student"] == pytest.approx(0.25 * base["student"])
     assert rates[1]["critic"] == base["critic"]
+
+
+@pytest.mark.parametrize(("max_steps", "says"), [(4, None), (3, "this run stops in stage 2; set loop.max_steps=4"),
+                                                 (6, "the last stage gets 2 more updates")])
+def test_a_run_whose_max_steps_disagree_with_its_stage_steps_says_so(max_steps, says, caplog):
+    """method.stage_steps [2, 2] against loop.max_steps: equal is silent; shorter stops in a stage (fine when run in
+    legs, but said); longer stretches the last stage beyond its stated length (said, with the fix)."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out, caplog.at_level("WARNING", logger="stepdistill.methods.consistency"):
+        trainer = tiny_trainer("tscd", ["method.segments=[4,2]", "method.stage_steps=[2,2]",
+                                        f"loop.max_steps={max_steps}"], out)
+        for step in range(2):  # the check runs once, after the first update
+            trainer.built.distiller.after_step(trainer.built.nets, step)
+        trainer.close()
+    said = [r.getMessage() for r in caplog.records if "method.stage_steps" in r.getMessage()]
+    assert said == [] if says is None else (len(said) == 1 and says in said[0])

@@ -119,6 +119,10 @@ def test_stage_bounds_and_config_checks():
     for bad in (0.0, -0.5, float("inf")):
         with pytest.raises(ConfigError, match="method.dm_lr_scale must be a finite number > 0"):
             UnifiedConfig(dm_lr_scale=bad).validate()
+    UnifiedConfig(dm_guidance_scale=1.0).validate()  # 1 = the conditional score alone
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="method.dm_guidance_scale must be a finite number >= 0"):
+            UnifiedConfig(dm_guidance_scale=bad).validate()
 
 
 @pytest.mark.parametrize("preset", ["hyper", "pcm4", "lcm", "unified"])
@@ -417,6 +421,7 @@ def test_adversarial_real_side_is_the_data_marginal_with_adv_real_data(schedule)
     fake_t, real_t, t_adv = adv("target")
     fake_d, real_d, t_adv_d = adv("data")
     assert torch.equal(t_adv, t_adv_d) and torch.equal(fake_t, fake_d)
+    assert not torch.allclose(real_t, real_d)  # only the real side changes
     assert ((t_adv > t_end) & (t_adv <= t_end + 1000 // k)).all()
     replay = NoiseSource(torch.Generator().manual_seed(9))
     replay.rand(n), replay.randn(n, 1, 2, 2)  # t_adv's draw, then the fake side's noise

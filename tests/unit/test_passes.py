@@ -270,9 +270,9 @@ def test_unified_dm_term_real_score_at_dm_guidance_scale(scale, monkeypatch):
         trainer = _trainer("tscd_unified", [*sets, f"method.dm_guidance_scale={'null' if scale is None else scale}"], out)
         b = trainer.built
         batch = _batch(trainer, 0)
-        out = b.distiller.student_loss(b.nets, batch, 0)
+        loss = b.distiller.student_loss(b.nets, batch, 0)
         trainer.close()
-    assert "dm_loss" in out.logs and len(seen) == 1
+    assert "dm_loss" in loss.logs and len(seen) == 1
     if scale is not None:
         assert seen[0] == scale
     else:

@@ -180,7 +180,7 @@ class UnifiedConfig(TSCDConfig):
         w = self.dm_guidance_scale
         if w is not None and not (w >= 0 and math.isfinite(w)):
             raise ConfigError(f"method.dm_guidance_scale must be a finite number >= 0 (1 = no CFG), or null for the "
-                              f"consistency term's U[guidance_min, guidance_max] (got {self.dm_guidance_scale})")
+                              f"consistency term's U[guidance_min, guidance_max] (got {w})")
         if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
             raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
                               f"(got {self.dm_steps}; 0 = inference_steps)")

@@ -159,3 +159,32 @@ def assert_gan_gradients_reach_only_their_phase(built):
     assert "gan_d_loss" in out.logs and math.isfinite(out.logs["gan_d_loss"])
     assert grads_reached(built) == {"student": False, "fake_score": True, "head": True}
     zero_grads(built)
+
+
+REFERENCE_LORAS = ROOT / "tests" / "tiny" / "reference_loras.json"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes in name order (the file's byte layout may differ)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def lora_file_digests(folder) -> dict[str, str]:
+    """The tensors digest of every .safetensors file in an export folder, by file name."""
+    return {p.name: tensors_digest(load_file(str(p))) for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def assert_matches_reference(run: str, folder):
+    """The exported files of a tiny run are byte-identical to those the same run wrote before the package's
+    files were moved (issue 32): a refactor that changes what training writes must say so and refresh the digest."""
+    import json
+
+    expected = json.loads(REFERENCE_LORAS.read_text())[run]
+    assert lora_file_digests(folder) == expected, f"{run}: the exported LoRA files differ from {REFERENCE_LORAS.name}"

@@ -218,3 +218,13 @@ def test_gradient_checkpointing_recomputes_under_the_right_adapter(gan_built):
     finally:
         nets.unet.disable_gradient_checkpointing()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+def test_one_step_export_is_byte_identical_to_the_reference(trained):
+    """Moving the package's files (issue 32) must not change what a run writes: same seed, same bytes."""
+    from .helpers import assert_matches_reference
+
+    trainer, final = trained
+    if len(trainer.cfg.method.timesteps) != 1:
+        pytest.skip("the reference is the one-step run")
+    assert_matches_reference("dmd_sd15_1step", final)

@@ -193,3 +193,12 @@ def test_feedback_lora_raises_its_reward_and_keeps_the_base_recipe(progressive, 
     start_from_lora(b.nets.unet, tscd_final)
     before = b.family.decode(b.distiller.sample(b.nets, cond, x_T)).mean()
     assert after > before + 1e-3, (before, after)
+
+
+def test_exports_are_byte_identical_to_the_reference(progressive, unified):
+    """Moving the package's files (issue 32) must not change what a run writes: the progressive run (GAN heads from
+    its second stage) and the unified run (consistency + DM losses), same seed, same bytes."""
+    from .helpers import assert_matches_reference
+
+    assert_matches_reference("tscd_sd15_progressive", progressive[1])
+    assert_matches_reference("tscd_unified_sd15", unified[1])

@@ -7,7 +7,7 @@ no unmatched key, and reproduces the training-time student on the same latents a
 Memory (24 GB machine): SD1.5 trains and compares in fp32 (UNet 3.4 GB); SDXL trains with a bf16 frozen base
 (`model.dtype=bf16`: UNet 5.1 GB instead of 10.3 GB) and the fresh pipeline loads in bf16, after the trainer is freed.
 The full-size folders (fp16 weights on disk, 2 GB and 6.5 GB) are written once per family per session.
-Slow (opt-in): pytest -m slow tests/slow/test_full_size.py; README's Tests section has the time it takes.
+Slow (opt-in): pytest -m slow tests/slow/test_full_size.py; docs/testing.md has the time it takes.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def _export(args):
 
 
 def _demo(args):
-    from .toy.demo import run_demo
+    from .demo import run_demo
 
     out = run_demo(args.output_dir, quick=args.quick, method=args.method)
     print(f"demo report: {out}")
@@ -79,7 +79,7 @@ def _toy_random_pipeline(args):
 
 
 def _toy_judge(args):
-    from .toy.judge import train_judge
+    from .metrics.toy_judge import train_judge
 
     steps = {"steps": args.steps} if args.steps else {}
     train_judge(args.out, seed=args.seed, **steps)
@@ -87,7 +87,7 @@ def _toy_judge(args):
 
 
 def _eval_toy(args):
-    from stepdistill.toy.evaluate import run_eval_toy
+    from stepdistill.eval.toy import run_eval_toy
 
     from .errors import ModelError
 
@@ -192,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: infer | train | eval | data | gpu").add_subparsers(
         dest="bench_command", required=True)
-    _optional_commands(bench, "stepdistill.eval.bench_infer", "add_bench_infer_command")
-    _optional_commands(bench, "stepdistill.eval.bench", "add_bench_eval_command")
-    _optional_commands(bench, "stepdistill.eval.bench_train", "add_bench_train_command")
-    _optional_commands(bench, "stepdistill.eval.bench_data", "add_bench_data_command")
-    _optional_commands(bench, "stepdistill.eval.bench_gpu", "add_bench_gpu_command")
+    _optional_commands(bench, "stepdistill.bench.infer", "add_bench_infer_command")
+    _optional_commands(bench, "stepdistill.bench.eval", "add_bench_eval_command")
+    _optional_commands(bench, "stepdistill.bench.train", "add_bench_train_command")
+    _optional_commands(bench, "stepdistill.bench.data", "add_bench_data_command")
+    _optional_commands(bench, "stepdistill.bench.gpu", "add_bench_gpu_command")
     return p
 
 

@@ -129,7 +129,7 @@ def read_image_folder(root, resolution: int) -> tuple[torch.Tensor, list[str], t
 
 def read_toy_images(spec: str, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """`toy:N`: N toy-world images with their captions, deterministic in the run's seed."""
-    from ..toy.world import ToyWorld
+    from .toy_world import ToyWorld
 
     try:
         n = int(spec.split(":", 1)[1])

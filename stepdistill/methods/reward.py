@@ -72,11 +72,11 @@ def judge_alignment_probability(judge, images: torch.Tensor, labels: torch.Tenso
 
 
 def load_toy_judge(weights: str, device, clip_weights: str = "") -> RewardFn:
-    """The toy judge's alignment probability of an image given its toy caption (stepdistill.toy.judge)."""
+    """The toy judge's alignment probability of an image given its toy caption (stepdistill.metrics.toy_judge)."""
     import numpy as np
 
-    from ..toy.judge import load_judge
-    from ..toy.world import IMAGE_SIZE, parse_caption
+    from ..data.toy_world import IMAGE_SIZE, parse_caption
+    from ..metrics.toy_judge import load_judge
 
     judge = load_judge(weights or None, device=device).requires_grad_(False)
 

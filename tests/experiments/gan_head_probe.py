@@ -10,12 +10,12 @@ import sys
 
 import numpy as np
 import torch
+from stepdistill.eval.toy import teacher_pipeline
 from stepdistill.pipelines import Recipe
 
 from stepdistill import pipelines
+from stepdistill.data.toy_world import ToyWorld, to_float
 from stepdistill.methods import gan
-from stepdistill.toy.evaluate import teacher_pipeline
-from stepdistill.toy.world import ToyWorld, to_float
 
 torch.set_num_threads(2)
 lora = sys.argv[1]

@@ -11,10 +11,10 @@ import argparse
 
 import torch
 from diffusers import DDIMScheduler
+from stepdistill.eval.toy import toy_prompts
 
 from stepdistill import pipelines
-from stepdistill.toy.evaluate import toy_prompts
-from stepdistill.toy.judge import load_judge, matches
+from stepdistill.metrics.toy_judge import load_judge, matches
 
 parser = argparse.ArgumentParser()
 parser.add_argument("lora")

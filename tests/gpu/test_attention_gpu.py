@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from stepdistill.eval.bench_gpu import ATTENTION_SHAPES as SHAPES  # the shapes `bench gpu` times
+from stepdistill.bench.gpu import ATTENTION_SHAPES as SHAPES  # the shapes `bench gpu` times
 
 from stepdistill.core.attention import set_attention_backend
 from stepdistill.core.triton_attention import flash_attention
@@ -121,7 +121,7 @@ def test_sd15_shaped_unet_triton_matches_sdpa_and_trains():
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_print_full_size_inference_latency(family):
     """`stepdistill bench infer` at full size, eager: one and four steps, SDPA vs our kernel, full and tiny VAE."""
-    from stepdistill.eval.bench_infer import bench_infer
+    from stepdistill.bench.infer import bench_infer
 
     rows = bench_infer(family, steps=[1, 4], backends=["sdpa", "triton"], compile=False, device="cuda", repeats=5,
                        vae=["full", "tiny"])

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from stepdistill.eval import bench_train as bench
+from stepdistill.bench import train as bench
 
 GPU_MEMORY_GB = 80  # the H100 / A100-80GB budget of docs/scaling.md
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stepdistill.eval.bench_memory import METHODS
+from stepdistill.bench.memory import METHODS
 
 from stepdistill.config import load_config
 from stepdistill.core.recipe import Recipe

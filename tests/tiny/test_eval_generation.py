@@ -283,7 +283,7 @@ def test_student_generation_through_pipelines_is_batch_independent(student_dir, 
 
 @pytest.mark.slow
 def test_bench_reports_generation_and_feature_throughput():
-    from stepdistill.eval.bench import run_bench
+    from stepdistill.bench.eval import run_bench
 
     result = run_bench(n=8, size=128, eval_res=64, workers=(0, 2), batch_size=4)
     assert result["generation_images_per_s"] > 0

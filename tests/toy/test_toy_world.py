@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill.metrics.fid import FeatureStats
-from stepdistill.toy.judge import load_judge, matches
-from stepdistill.toy.world import (
+from stepdistill.data.toy_world import (
     COLOURS,
     LABEL_FIELDS,
     SHAPES,
@@ -19,6 +17,8 @@ from stepdistill.toy.world import (
     toy_asset_path,
     toy_prompts,
 )
+from stepdistill.metrics.fid import FeatureStats
+from stepdistill.metrics.toy_judge import load_judge, matches
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_toy_fid_of_a_set_with_itself_is_zero_and_separates_noise(judge, real):
 
 
 def test_evaluate_toy_scores_a_perfect_and_a_broken_generator(judge):
-    from stepdistill.toy.evaluate import evaluate_toy
+    from stepdistill.eval.toy import evaluate_toy
 
     def perfect(prompts, seeds):  # renders exactly what each prompt says
         labels = np.stack([parse_caption(p) for p in prompts])
@@ -121,7 +121,7 @@ class _GreyGreenWorld(ToyWorld):
 def test_evaluation_sees_a_collapsed_background(judge):
     """Right content on one background for every image (the collapse of a mode-seeking student): alignment and
     precision stay high, and the background distance says what alignment alone does not."""
-    from stepdistill.toy.evaluate import evaluate_toy
+    from stepdistill.eval.toy import evaluate_toy
 
     def render_with(world):
         def generate(prompts, seeds):
@@ -141,7 +141,7 @@ def test_evaluation_sees_a_collapsed_background(judge):
 def test_shipped_teacher_loads_and_generates(family):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.toy.teacher import SD3_TOY_SHIFT
+    from stepdistill.train.toy_teacher import SD3_TOY_SHIFT
 
     torch.set_num_threads(1)
     path = toy_asset_path(family)
@@ -179,7 +179,7 @@ def test_toy_teacher_recipe_runs_and_reloads(family, tmp_path):
 
     from diffusers import DiffusionPipeline
 
-    from stepdistill.toy.teacher import train_toy_teacher
+    from stepdistill.train.toy_teacher import train_toy_teacher
 
     torch.set_num_threads(1)
     vae = {"vae_steps": 2, "vae_batch_size": 4} if family == "sd15" else {"vae_from": toy_asset_path("sd15")}
@@ -204,21 +204,21 @@ def test_toy_teacher_recipe_runs_and_reloads(family, tmp_path):
                                                    ("sd15", 16, "no T5 encoder")])
 def test_toy_teacher_t5_length_is_refused_when_it_cannot_apply(family, length, match, tmp_path):
     from stepdistill.config import ConfigError
-    from stepdistill.toy.teacher import train_toy_teacher
+    from stepdistill.train.toy_teacher import train_toy_teacher
 
     with pytest.raises(ConfigError, match=match):
         train_toy_teacher(tmp_path, family=family, steps=1, num_images=4, max_sequence_length=length)
 
 
 def test_shipped_sd3_toy_teacher_records_the_length_it_was_trained_at():
-    from stepdistill.toy.evaluate import teacher_max_sequence_length
+    from stepdistill.eval.toy import teacher_max_sequence_length
 
     assert teacher_max_sequence_length("sd3") == 16  # the shipped teacher was trained at the short default
     assert teacher_max_sequence_length("sd15") is None
 
 
 def test_flux_toy_teacher_is_refused(tmp_path):
-    from stepdistill.toy.teacher import train_toy_teacher
+    from stepdistill.train.toy_teacher import train_toy_teacher
 
     with pytest.raises(ValueError, match="FLUX-toy teacher is not built"):
         train_toy_teacher(tmp_path, family="flux", steps=1)
@@ -229,7 +229,7 @@ def test_flow_loss_is_zero_for_the_exact_velocity():
     exactly that velocity scores 0, one that returns x0 - eps does not; the transformer is told 1000 sigma."""
     from types import SimpleNamespace
 
-    from stepdistill.toy.teacher import flow_loss, logit_normal_sigmas
+    from stepdistill.train.toy_teacher import flow_loss, logit_normal_sigmas
 
     gen = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(6, 4, 8, 8, generator=gen), torch.randn(6, 4, 8, 8, generator=gen)
@@ -252,7 +252,7 @@ def test_flow_loss_is_zero_for_the_exact_velocity():
 
 @pytest.mark.slow
 def test_teacher_alignment_at_25_steps():
-    from stepdistill.toy.evaluate import run_eval_toy
+    from stepdistill.eval.toy import run_eval_toy
 
     torch.set_num_threads(1)
     result = run_eval_toy(teacher=True, steps=25, n=500, progress=False)
@@ -263,8 +263,7 @@ def test_teacher_timestep_spacing_is_the_students_schedule_on_request(tmp_path):
     """`eval toy --teacher --timestep-spacing trailing` runs the teacher on a tscd student's 4 steps (999 ... 249); the
     default stays its own leading schedule (751 ... 1); a student refuses the flag (it runs its recipe)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    from stepdistill.toy.evaluate import run_eval_toy, toy_asset_path, with_timestep_spacing
+    from stepdistill.eval.toy import run_eval_toy, toy_asset_path, with_timestep_spacing
 
     teacher = DDIMScheduler.from_pretrained(toy_asset_path("sd15"), subfolder="scheduler")
     for spacing, expected in (("leading", [751, 501, 251, 1]), ("trailing", [999, 749, 499, 249])):
@@ -283,7 +282,7 @@ def test_teacher_timestep_spacing_is_the_students_schedule_on_request(tmp_path):
                                                             ("sd3", None, None)])
 def test_teacher_result_records_its_spacing_and_the_flow_teacher_has_none(monkeypatch, family, spacing, recorded):
     """The result names the DDIM teacher's spacing; the SD3 teacher's flow scheduler has none (it once raised here)."""
-    from stepdistill.toy import evaluate
+    from stepdistill.eval import toy as evaluate
 
     monkeypatch.setattr(evaluate, "evaluate_toy", lambda *a, **k: {})
     result = evaluate.run_eval_toy(teacher=True, family=family, steps=2, n=2, timestep_spacing=spacing, progress=False)

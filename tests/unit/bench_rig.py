@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from stepdistill.eval import bench_train as bench
+from stepdistill.bench import train as bench
 
 # Rank 4 on the 32/64-channel tiny UNet keeps LoRA's own matmuls small next to the base's, as rank 64 is on
 # the full-size UNets; the F-unit bounds of test_bench_train rely on that.

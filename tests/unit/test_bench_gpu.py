@@ -7,8 +7,8 @@ import importlib.util
 import json
 
 import pytest
-from stepdistill.eval import bench_gpu
-from stepdistill.eval.bench_train import largest_batch
+from stepdistill.bench import gpu as bench_gpu
+from stepdistill.bench.train import largest_batch
 
 from stepdistill.cli import main
 

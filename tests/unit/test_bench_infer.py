@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from stepdistill.eval.bench_infer import SEGMENTS, add_bench_infer_command, bench_infer, format_table
+from stepdistill.bench.infer import SEGMENTS, add_bench_infer_command, bench_infer, format_table
 
 from stepdistill.models.random_init import build_vae as _build_vae
 from stepdistill.models.registry import family_names, get_family

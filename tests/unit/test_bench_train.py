@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stepdistill.eval import bench_train as bench
+from stepdistill.bench import train as bench
 
 from stepdistill.config import ConfigError
 from stepdistill.train import build as build_module

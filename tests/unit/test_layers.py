@@ -13,19 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Source folders and the import names they install under (pyproject.toml's package-dir).
-SOURCES = {"stepdistill": ROOT / "stepdistill", "stepdistill.eval": ROOT / "eval",
+SOURCES = {"stepdistill": ROOT / "stepdistill", "stepdistill.eval": ROOT / "eval", "stepdistill.bench": ROOT / "bench",
            "stepdistill.pipelines": ROOT / "pipelines"}
 
 # Layer of a module: the longest prefix listed here. A module may import its own layer and the layers below.
 LAYERS = {
     "stepdistill.core": 0, "stepdistill.errors": 0, "stepdistill.resources": 0,
-    "stepdistill.models": 1, "stepdistill.data": 1, "stepdistill.metrics": 1, "stepdistill.toy.world": 1,
-    "stepdistill.toy.judge": 1, "stepdistill.export": 1,  # LoRA file formats (core + diffusers only)
+    "stepdistill.models": 1, "stepdistill.data": 1, "stepdistill.metrics": 1, "stepdistill.data.toy_world": 1,
+    "stepdistill.metrics.toy_judge": 1, "stepdistill.export": 1,  # LoRA file formats (core + diffusers only)
     "stepdistill.card": 1,  # the model card beside every export (recipe + run folder files only)
     "stepdistill.methods": 2, "stepdistill.registry": 2, "stepdistill.config": 2,
-    "stepdistill.train": 3, "stepdistill.toy.teacher": 3,
+    "stepdistill.train": 3, "stepdistill.train.toy_teacher": 3,
     # The harness and front doors: evaluation, inference pipelines, benchmarks, the demo, the CLI.
-    "stepdistill.eval": 4, "stepdistill.pipelines": 4, "stepdistill.toy": 4, "stepdistill.generate": 4,
+    "stepdistill.eval": 4, "stepdistill.bench": 4, "stepdistill.pipelines": 4, "stepdistill.demo": 4, "stepdistill.generate": 4,
     "stepdistill.cli": 4, "stepdistill.push": 4, "stepdistill": 4,
 }
 LAYER_NAMES = ["core", "models/data/metrics", "methods", "train", "harness"]
@@ -46,9 +46,9 @@ def modules():
             if any(p in SOURCES and p != "stepdistill" for p in rel):
                 continue
             name = ".".join((package, *rel)).removesuffix(".__init__")
-            if name.startswith("stepdistill.eval.") or name.startswith("stepdistill.pipelines."):
+            if name.startswith(("stepdistill.eval.", "stepdistill.bench.", "stepdistill.pipelines.")):
                 pass
-            elif package == "stepdistill" and rel and rel[0] in ("eval", "pipelines"):
+            elif package == "stepdistill" and rel and rel[0] in ("eval", "bench", "pipelines"):
                 continue
             yield name, path
 
@@ -105,7 +105,7 @@ def test_harness_never_imports_train_internals():
     """eval/ and pipelines/ consume exported artifacts (the acceptance contract): no stepdistill.train, except
     the training and data benchmarks, which are harnesses over the loop by design."""
     found = []
-    loop_harnesses = ("stepdistill.eval.bench_train", "stepdistill.eval.bench_data")
+    loop_harnesses = ("stepdistill.bench.train", "stepdistill.bench.data")
     for name, path in modules():
         if name.startswith(("stepdistill.pipelines", "stepdistill.eval")) and name not in loop_harnesses:
             found += [f"{path.relative_to(ROOT)}:{line} imports {t}" for t, line in imports_of(name, path)
@@ -121,7 +121,7 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert any(layer(t) > layer("stepdistill.core.fake") for t in targets if t.startswith("stepdistill.eval"))
 
 
-@pytest.mark.parametrize("name", ["eval", "pipelines"])
+@pytest.mark.parametrize("name", ["eval", "bench", "pipelines"])
 def test_no_generic_top_level_import_names(name):
     """Nothing installs as a top-level `eval` or `pipelines` (a wheel exposes only `stepdistill`)."""
     import tomllib
@@ -137,6 +137,6 @@ def test_tests_import_the_installed_names():
     found = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         for target, line in imports_of("tests.x", path):
-            if target.split(".")[0] in ("eval", "pipelines"):
+            if target.split(".")[0] in ("eval", "bench", "pipelines"):
                 found.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not found, "\n".join(found)

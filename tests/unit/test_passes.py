@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 import torch
-from stepdistill.eval import bench_train as bench
+from stepdistill.bench import train as bench
 
 from stepdistill.core import denoiser as denoiser_module
 from stepdistill.core.denoiser import denoise_together

@@ -323,8 +323,8 @@ def test_refl_hinge_only_pushes_below_threshold():
 
 
 def test_toy_judge_reward_reads_alignment_and_is_differentiable():
-    from stepdistill.toy.judge import load_judge
-    from stepdistill.toy.world import ToyWorld, to_float
+    from stepdistill.data.toy_world import ToyWorld, to_float
+    from stepdistill.metrics.toy_judge import load_judge
 
     torch.set_num_threads(1)
     images, captions, _ = ToyWorld().sample(64, seed=11)
@@ -336,7 +336,7 @@ def test_toy_judge_reward_reads_alignment_and_is_differentiable():
     right.sum().backward()
     assert x.grad.abs().sum() > 0
     # The probability agrees with the judge's own reading: high exactly where its argmax matches.
-    from stepdistill.toy.judge import matches
+    from stepdistill.metrics.toy_judge import matches
 
     judge = load_judge()
     agree = matches(judge.predict(images), captions)

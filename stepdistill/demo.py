@@ -35,13 +35,13 @@ QUICK_REGRESSION = ["method.regression_pairs=16", "method.regression_teacher_ste
 
 
 def default_method() -> str:
-    from ..registry import method_names
+    from .registry import method_names
 
     return "dmd" if "dmd" in method_names() else "lcm"
 
 
 def preset_for(method: str) -> Path:
-    from ..resources import configs_dir
+    from .resources import configs_dir
 
     path = configs_dir() / "toy" / f"{method}_1step.yaml"
     if not path.is_file():
@@ -57,7 +57,7 @@ def teacher_fn(steps: int = 25):
     """The shipped toy teacher at its evaluation setting (DDIM, CFG) as a GenerateFn."""
     from stepdistill.eval.generate import teacher_generate_fn
 
-    from .evaluate import TEACHER_GUIDANCE_SCALE, teacher_pipeline
+    from .eval.toy import TEACHER_GUIDANCE_SCALE, teacher_pipeline
 
     return teacher_generate_fn(teacher_pipeline("sd15"), steps, TEACHER_GUIDANCE_SCALE)
 
@@ -70,8 +70,8 @@ def student_fn(final: Path, steps: int):
     from stepdistill import pipelines
     from stepdistill.eval.generate import student_generate_fn
 
-    from ..core.recipe import Recipe
-    from ..methods.dmd import lcm_original_steps
+    from .core.recipe import Recipe
+    from .methods.dmd import lcm_original_steps
 
     recipe = Recipe.load(final)
     pipe = pipelines.load(None, final)
@@ -98,9 +98,9 @@ def multistep_timesteps(t0: int, steps: int) -> list[int]:
 
 
 def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = None) -> Path:
-    from ..config import load_config
-    from ..train.loop import train
-    from .evaluate import evaluate_toy
+    from .config import load_config
+    from .eval.toy import evaluate_toy
+    from .train.loop import train
 
     start = time.perf_counter()
     budget = QUICK if quick else FULL
@@ -195,8 +195,8 @@ def render_report(results: dict, run_dir: Path) -> str:
 def write_grid(path: Path, final: Path, n: int):
     from torchvision.utils import save_image
 
-    from .evaluate import as_images
-    from .world import toy_prompts
+    from .data.toy_world import toy_prompts
+    from .eval.toy import as_images
 
     prompts = toy_prompts(n, seed=123)
     seeds = list(range(n))

@@ -7,12 +7,12 @@ it measured), then DIR/summary.md, a Markdown table with the goals, written at t
 1. attention: our Triton kernel (core/triton_attention.py) and xformers (when importable) against SDPA, forward and
    forward+backward, at SD1.5 and SDXL attention shapes in bf16: max error (against a float32 reference and
    against SDPA) and time;
-2. train: `bench train` (eval/bench_train.py) for dmd, tscd and lcm on SD1.5 at 512 px and SDXL at 1024 px with the
+2. train: `bench train` (bench/train.py) for dmd, tscd and lcm on SD1.5 at 512 px and SDXL at 1024 px with the
    default levers: step time, samples/s, achieved TFLOP/s against a bf16 matmul ceiling measured in the part, peak
    memory, UNet passes per update;
 3. max_batch: the largest SDXL dmd batch that fits in --memory-gb of GPU memory (doubling then bisection, CUDA
-   out-of-memory caught; eval/bench_train.largest_batch);
-4. infer: one-step and four-step SDXL 1024 px generation latency (eval/bench_infer.py), full and tiny VAE, eager and
+   out-of-memory caught; bench/train.largest_batch);
+4. infer: one-step and four-step SDXL 1024 px generation latency (bench/infer.py), full and tiny VAE, eager and
    compiled.
 
 Full-size models are random-init, built in code from the family registry (models/random_init.py): no weights, no
@@ -168,7 +168,7 @@ def _attention_kernels(device: str) -> dict:
 
 def _time_ms(fn, device, repeats: int) -> float:
     """Median milliseconds of `fn()` after two untimed calls (Triton autotuning happens there)."""
-    from .bench_infer import Clock
+    from .infer import Clock
 
     clock = Clock(device)
     for _ in range(2):
@@ -249,7 +249,7 @@ def part_attention(plog: PartLog, tiny: bool, device: str):
 def part_train(plog: PartLog, tiny: bool, device: str):
     from stepdistill.models.registry import get_family
 
-    from .bench_train import TINY_BATCH, _free_cuda, bench_one, matmul_ceiling
+    from .train import TINY_BATCH, _free_cuda, bench_one, matmul_ceiling
 
     ceiling = matmul_ceiling(device)
     plog.data["ceiling"] = ceiling
@@ -285,7 +285,7 @@ class _OutOfTime(Exception):
 def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H100_80GB_GIB, limit: int = 32):
     import tempfile
 
-    from .bench_train import bench_run, fits, largest_batch, make_trainer
+    from .train import bench_run, fits, largest_batch, make_trainer
 
     if device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
@@ -333,7 +333,7 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
 
 
 def part_infer(plog: PartLog, tiny: bool, device: str):
-    from .bench_infer import bench_infer
+    from .infer import bench_infer
 
     repeats, warmup = (2, 1) if tiny else (10, 2)
     # Eager first: compilation is the slow sub-step, and the cap then costs only the compiled rows.
@@ -407,7 +407,7 @@ def _kill_group(proc):
 
 def _run_subprocess(part: str, out: Path, tiny: bool, cap_s: float, memory_gb: float, log_file, only=()) -> dict:
     deadline = time.time() + cap_s
-    cmd = [sys.executable, "-m", "stepdistill.eval.bench_gpu", "--run-part", part, "--out", str(out),
+    cmd = [sys.executable, "-m", "stepdistill.bench.gpu", "--run-part", part, "--out", str(out),
            "--deadline", repr(deadline), "--memory-gb", str(memory_gb)] + (["--tiny"] if tiny else [])
     cmd += ["--only", *only] if only else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -604,7 +604,7 @@ def add_bench_gpu_command(subparsers) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_gpu")
+    parser = argparse.ArgumentParser(prog="python -m stepdistill.bench.gpu")
     add_bench_gpu_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["gpu", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from ..core import flow
 from ..core.ema import ema_update_
 from ..core.schedule import NoiseSchedule
+from ..data.toy_world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 from ..errors import ConfigError
 from ..models.registry import get_family
 from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
 from ..models.tokenizer import save_word_tokenizer
-from .world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
 DEFAULT_STEPS = {"sd15": 2000, "sdxl": 2000, "sd3": 4000}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
@@ -494,7 +494,7 @@ def longest_t5_caption(tokenizer) -> int:
     """T5 tokens (with the end token) of the longest toy caption: the shortest max_sequence_length that keeps all."""
     import itertools
 
-    from .world import COLOURS, LAYOUTS, SHAPES, SIZES, caption_from_label
+    from ..data.toy_world import COLOURS, LAYOUTS, SHAPES, SIZES, caption_from_label
 
     objects = list(itertools.product(range(len(SHAPES)), range(len(COLOURS)), range(len(SIZES))))
     captions = {caption_from_label((layout, *a, *b)) for layout in range(len(LAYOUTS)) for a in objects for b in objects}

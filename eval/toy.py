@@ -3,7 +3,7 @@
     stepdistill eval toy --teacher --steps 25 --out teacher.json
     stepdistill eval toy --lora runs/dmd_toy/final --out student.json
 
-Toy FID is the Frechet distance between judge features (stepdistill.toy.judge, penultimate layer) of the
+Toy FID is the Frechet distance between judge features (stepdistill.metrics.toy_judge, penultimate layer) of the
 generated images and of real toy images, computed with the same FeatureStats / frechet_distance as the real
 harness (eval/fid.py). Alignment is the fraction of images whose judged layout, shapes, colours and sizes all
 match their prompt. Prompts and seeds are fixed by `seed`, so two models evaluated with the same arguments
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.toy_world import ToyWorld, to_float, toy_asset_path, toy_prompts
 from ..metrics.diversity import density_coverage, precision_recall, total_variation
 from ..metrics.fid import FeatureStats
-from .judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
-from .world import ToyWorld, to_float, toy_asset_path, toy_prompts
+from ..metrics.toy_judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
 
 # Guidance of the shipped teachers at their evaluation setting (25 steps of their own sampler: DDIM for SD1.5/SDXL,
 # flow Euler for SD3); see docs/toy_world.md. SD3-toy's 4.0 is SD1.5-toy's value, not yet swept on its own teacher.
@@ -194,7 +194,7 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
     timestep_spacing (leading, trailing, linspace) replaces its scheduler's, e.g. to run it on a student's trailing
     schedule. Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
     """
-    from ..eval.generate import student_generate_fn, teacher_generate_fn
+    from .generate import student_generate_fn, teacher_generate_fn
 
     if teacher == (lora is not None):
         raise ValueError("evaluate either the teacher (--teacher) or a student (--lora DIR), not both or neither")

@@ -1,7 +1,7 @@
 """Throughput of the evaluation harness on CPU with tiny models: generation and feature extraction, images/s.
 
-    python -m stepdistill.eval.bench                       # tiny teacher + synthetic 512px PNGs, 0 and 2 resize workers
-    python -m stepdistill.eval.bench --workers 0 4 8 --inception PATH/inception-2015-12-05.pt
+    python -m stepdistill.bench.eval                       # tiny teacher + synthetic 512px PNGs, 0 and 2 resize workers
+    python -m stepdistill.bench.eval --workers 0 4 8 --inception PATH/inception-2015-12-05.pt
 
 Generation uses the tiny SD1.5 teacher (16x16 images), so its number measures the harness's overhead (noise,
 PNG writing, manifest) rather than a real UNet. Feature extraction runs the real preprocessing chain on
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fid import extract_features, load_inception
-from .generate import GENERATION_INFO, generate_images, save_png, teacher_generate_fn
-from .images import CropResize
-from .prompts import PromptRecord
+from ..eval.fid import extract_features, load_inception
+from ..eval.generate import GENERATION_INFO, generate_images, save_png, teacher_generate_fn
+from ..eval.images import CropResize
+from ..eval.prompts import PromptRecord
 
 
 def _tiny_extractor() -> torch.nn.Module:
@@ -104,14 +104,14 @@ def _run_and_print(args) -> dict:
 
 
 def add_bench_eval_command(subparsers) -> None:
-    """Register `stepdistill bench eval` (same options as `python -m stepdistill.eval.bench`)."""
+    """Register `stepdistill bench eval` (same options as `python -m stepdistill.bench.eval`)."""
     p = subparsers.add_parser("eval", help="evaluation harness throughput: generation and FID features, images/s")
     _add_arguments(p)
     p.set_defaults(func=_run_and_print)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m stepdistill.bench.eval", description=__doc__.splitlines()[0])
     _add_arguments(p)
     return _run_and_print(p.parse_args(argv))
 

@@ -93,7 +93,7 @@ def run_row(n: int, procs: int, cache: str, workdir: Path, model: Path, args) ->
         job = {"model": str(model), "prompts": str(prompts), "n": n, "cache": cache, "batch": args.batch,
                "steps": args.steps, "data_batches": args.data_batches, "threads": args.threads,
                "run_dir": str(Path(tmp) / "run"), "result": str(result)}
-        worker = ["-m", "stepdistill.eval.bench_data", "--worker", json.dumps(job)]
+        worker = ["-m", "stepdistill.bench.data", "--worker", json.dumps(job)]
         launch = [sys.executable] if procs == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -154,7 +154,7 @@ def add_bench_data_command(subparsers) -> None:
 def main(argv=None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m stepdistill.eval.bench_data")
+    p = argparse.ArgumentParser(prog="python -m stepdistill.bench.data")
     _add_arguments(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one row, as JSON (run_row)
     args = p.parse_args(argv)

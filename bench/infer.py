@@ -308,7 +308,7 @@ def run_subcommand(module: str, add_command, name: str, argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    run_subcommand("stepdistill.eval.bench_infer", add_bench_infer_command, "infer", argv)
+    run_subcommand("stepdistill.bench.infer", add_bench_infer_command, "infer", argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m stepdistill.eval.bench_memory`: peak host memory of one training update per method x full-size family x
+"""`python -m stepdistill.bench.memory`: peak host memory of one training update per method x full-size family x
 frozen-base dtype, on the CPU, each configuration in its own subprocess (docs/memory.md, "Measured on the CPU").
 
 A child builds the run exactly as `stepdistill train` does (train/build.py on a `stepdistill toy random-pipeline`
@@ -50,7 +50,7 @@ def measure_one(method: str, family: str, dtype: str, base: str, resolution: int
 
     from ..config import load_config
     from ..resources import preset_path
-    from .bench_train import run_iteration, trainer_from_config
+    from .train import run_iteration, trainer_from_config
 
     torch.set_num_threads(2)
     after_import = _rss()
@@ -86,7 +86,7 @@ def run_children(methods, families, dtypes, base_dirs: dict, resolution: int, pr
     for family in families:
         for dtype in dtypes:
             for method in methods:
-                cmd = [sys.executable, "-m", "stepdistill.eval.bench_memory", "--child", method, family, dtype,
+                cmd = [sys.executable, "-m", "stepdistill.bench.memory", "--child", method, family, dtype,
                        base_dirs[family], str(resolution), prompts]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:

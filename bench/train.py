@@ -174,7 +174,7 @@ def make_trainer(cfg: Config, model, data, out_dir, device):
 
 def trainer_from_config(cfg: Config, out_dir):
     """The real Trainer built from the config's model.path and data, as `stepdistill train` builds it, not yet run
-    (the memory benchmark, eval/bench_memory.py, measures it on full-size folders)."""
+    (the memory benchmark, bench/memory.py, measures it on full-size folders)."""
     from ..train.loop import Trainer
 
     trainer = Trainer(cfg, out_dir)
@@ -280,7 +280,7 @@ def unet_forward_flops(trainer) -> int:
 
 def matmul_ceiling(device, dtype=None, sizes=None, repeats: int | None = None) -> dict:
     """The best TFLOP/s of large square matmuls in `dtype` (bf16 on a GPU, fp32 on the CPU), timed like a step."""
-    from .bench_infer import Clock
+    from .infer import Clock
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -307,7 +307,7 @@ def matmul_ceiling(device, dtype=None, sizes=None, repeats: int | None = None) -
 
 def time_iterations(trainer, iters: int) -> list[float]:
     """Milliseconds of each of `iters` real iterations."""
-    from .bench_infer import Clock
+    from .infer import Clock
 
     clock = Clock(trainer.dist.device)
     marks = [clock.mark()]
@@ -457,7 +457,7 @@ def bench_train(methods=None, families=None, tiny: bool = False, device: str = "
                 max_batch: int = 0, seed: int = 0, show: bool = True, config=None) -> list[dict]:
     """One row per (method, family, lever); see the module docstring for what each row holds. `config`, a YAML
     preset, replaces the built-in recipes: its method and family, its batch unless `batch` is given."""
-    from .bench_infer import _resolve_device, device_name
+    from .infer import _resolve_device, device_name
 
     preset = None
     if config:
@@ -564,9 +564,9 @@ def add_bench_train_command(subparsers) -> None:
 
 
 def main(argv=None) -> None:
-    from .bench_infer import run_subcommand
+    from .infer import run_subcommand
 
-    run_subcommand("stepdistill.eval.bench_train", add_bench_train_command, "train", argv)
+    run_subcommand("stepdistill.bench.train", add_bench_train_command, "train", argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .world import FIELD_CLASSES, LABEL_FIELDS, SINGLE_LAYOUTS, ToyWorld, parse_caption, to_float, toy_asset_path
+from ..data.toy_world import (
+    FIELD_CLASSES,
+    LABEL_FIELDS,
+    SINGLE_LAYOUTS,
+    ToyWorld,
+    parse_caption,
+    to_float,
+    toy_asset_path,
+)
 
 JUDGE_WEIGHTS = "judge.safetensors"
 JUDGE_CONFIG = "judge.json"

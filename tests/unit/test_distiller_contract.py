@@ -21,7 +21,7 @@ from stepdistill.methods.base import Distiller, LossOut, Nets, RunContext
 ROOT = Path(__file__).resolve().parents[2]
 # The code that drives a distiller: the builder, the loop, and the training benchmark (a harness over the loop).
 DRIVERS = [ROOT / "stepdistill" / "train" / "build.py", ROOT / "stepdistill" / "train" / "loop.py",
-           ROOT / "eval" / "bench_train.py"]
+           ROOT / "bench" / "train.py"]
 # An expression that holds a distiller or its class: `distiller`, `b.distiller`, `spec.distiller_cls`, ...
 HOLDS_A_DISTILLER = re.compile(r"(^|\.)distiller(_cls)?$")
 

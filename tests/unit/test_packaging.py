@@ -28,7 +28,7 @@ def test_wheel_installs_only_stepdistill_names(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"stepdistill"}
-    for needed in ("stepdistill/eval/fid.py", "stepdistill/pipelines/__init__.py", "stepdistill/toy/demo.py",
+    for needed in ("stepdistill/eval/fid.py", "stepdistill/pipelines/__init__.py", "stepdistill/demo.py", "stepdistill/bench/gpu.py",
                    "stepdistill/configs/toy/dmd_1step.yaml", "stepdistill/assets/toy/judge.safetensors",
                    "stepdistill/assets/toy/sd15/unet/diffusion_pytorch_model.safetensors",
                    "stepdistill/assets/toy/sd3/transformer/diffusion_pytorch_model.safetensors",

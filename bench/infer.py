@@ -162,7 +162,8 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    from ..core.dtypes import DTYPES as names
+
     if dtype is None or dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):

@@ -266,25 +266,14 @@ def _with_steps(recipe, steps: int | None):
         )
     return dataclasses.replace(recipe, num_inference_steps=steps)
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return getattr(torch, DTYPES[name])
-
-
 def load_teacher(base: str, dtype: str = "fp16", device=None):
     """A plain diffusers text-to-image pipeline for a teacher (local folder or hub id), progress bars off."""
     from diffusers import AutoPipelineForText2Image
 
-    from stepdistill.export import dtype_kwargs
+    from stepdistill.core.dtypes import dtype_from_name, dtype_kwargs
 
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(base, **dtype_kwargs(_torch_dtype(dtype)))
+        pipe = AutoPipelineForText2Image.from_pretrained(base, **dtype_kwargs(dtype_from_name(dtype)))
     except OSError as e:
         raise FileNotFoundError(
             f"no diffusers model at {base!r}: pass --base a local diffusers folder, or download the hub id on a "
@@ -329,12 +318,13 @@ def run_generation(
         info.update(model=base, role="teacher", method="teacher", steps=steps, guidance_scale=guidance_scale)
     else:
         from stepdistill import pipelines
+        from stepdistill.core.dtypes import dtype_from_name
         from stepdistill.core.recipe import Recipe
 
         if height is not None or width is not None:
             raise ValueError("a student samples at its recipe's resolution: drop --height/--width")
         recipe = _with_steps(Recipe.load(lora), steps)
-        pipe = pipelines.load(base, lora, device=device, dtype=_torch_dtype(dtype))
+        pipe = pipelines.load(base, lora, device=device, dtype=dtype_from_name(dtype))
         pipe.set_progress_bar_config(disable=True)
         generate_fn = student_generate_fn(pipe, recipe)
         info.update(model=str(lora), base=base or recipe.base_model, role="student", method=recipe.method,

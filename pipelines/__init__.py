@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.core.dtypes import dtype_kwargs
 from stepdistill.core.recipe import Recipe
-from stepdistill.export import dtype_kwargs
 from stepdistill.models.registry import family_for_pipeline, family_names, get_family, supported_pipelines
 
 ADAPTER_NAME = "stepdistill"

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from .core.io import atomic_write, atomic_write_text
+from .core.lora_layout import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .core.recipe import RECIPE_FILE, Recipe
-from .export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"

@@ -73,9 +73,10 @@ def _toy_teacher(args):
 
 
 def _toy_random_pipeline(args):
-    from .models.random_init import DTYPES_ON_DISK, save_random_pipeline
+    from .core.dtypes import dtype_from_name
+    from .models.random_init import save_random_pipeline
 
-    save_random_pipeline(args.out, args.family, DTYPES_ON_DISK[args.dtype], seed=args.seed)
+    save_random_pipeline(args.out, args.family, dtype_from_name(args.dtype), seed=args.seed)
 
 
 def _toy_judge(args):

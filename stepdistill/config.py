@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import ConfigError
+from .methods.config import MethodConfig
 
 
 @dataclass
@@ -166,13 +167,6 @@ class ExportConfig:
     def validate(self):
         for f in self.formats:
             _choice("export.formats", f, ("diffusers", "kohya", "merged"))
-
-
-@dataclass
-class MethodConfig:
-    """Base of every method's typed options; `name` selects the method in the registry."""
-
-    name: str = ""
 
 
 @dataclass

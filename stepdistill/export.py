@@ -16,23 +16,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .core.dtypes import dtype_kwargs
 from .core.io import atomic_dir, atomic_write
 from .core.lora import check_canonical_keys, resolve_targets
+from .core.lora_layout import (  # noqa: F401 (the file names and layouts are part of this module's interface)
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    kohya_module_name,
+    kohya_unet_tensors,
+    lora_modules,
+)
+from .core.lora_layout import cast as _cast
 from .core.recipe import Recipe
-from .models.base import dtype_kwargs  # re-exported: harness code loads pipelines with it
 
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(dir) looks for first
-KOHYA_WEIGHT_NAME = "stepdistill_lora_kohya.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 # Key prefix of the denoiser's LoRA weights: the family's FamilyModel.denoiser_prefix ("unet" for SD1.5 and SDXL,
 # the default here; "transformer" for DiT / flow families). diffusers routes keys to pipeline parts by it.
 UNET_PREFIX = "unet"
 FORMATS = ("diffusers", "kohya", "merged")
-
-
-def lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
-    """The module paths a canonical state dict adapts, sorted."""
-    return sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
 
 
 def _check_state(state: dict[str, torch.Tensor], rank: int, targets: Sequence[str] | str | None) -> None:
@@ -55,10 +56,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     atomic_write(path, partial(save_file, {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                                metadata=metadata))
     return path
-
-
-def _cast(v: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return v if dtype is None else v.to(dtype)
 
 
 def diffusers_lora_metadata(state: dict[str, torch.Tensor], rank: int, alpha: float,
@@ -107,23 +104,6 @@ def load_diffusers_lora(path) -> tuple[dict[str, torch.Tensor], int, float]:
     rank, alpha = int(config[f"{prefix}.r"]), float(config[f"{prefix}.lora_alpha"])
     _check_state(state, rank, None)
     return state, rank, alpha
-
-
-def kohya_module_name(module: str) -> str:
-    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (consistency.md 4.5)."""
-    return "lora_unet_" + module.replace(".", "_")
-
-
-def kohya_unet_tensors(state: dict[str, torch.Tensor], rank: int, alpha: float,
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """UNet kohya layout: `lora_unet_<module>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` per module."""
-    tensors = {}
-    for module in lora_modules(state):
-        name = kohya_module_name(module)
-        tensors[f"{name}.lora_down.weight"] = _cast(state[f"{module}.lora_A.weight"], dtype)
-        tensors[f"{name}.lora_up.weight"] = _cast(state[f"{module}.lora_B.weight"], dtype)
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
-    return tensors
 
 
 def save_kohya_lora(state: dict[str, torch.Tensor], path, rank: int, alpha: float,

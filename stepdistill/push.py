@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 from .card import CARD_FILE, GRID_FILE, render_model_card
+from .core.lora_layout import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .core.recipe import RECIPE_FILE
 from .errors import HubError, ModelError
-from .export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 
 REQUIRED = (DIFFUSERS_WEIGHT_NAME, RECIPE_FILE)
 OPTIONAL = (KOHYA_WEIGHT_NAME, GRID_FILE)

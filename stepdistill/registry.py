@@ -38,4 +38,9 @@ def method_names() -> list[str]:
 
 
 def _import_builtin_methods():
-    from . import methods  # noqa: F401  (each module registers itself on import)
+    import importlib
+
+    from .methods import BUILTIN_METHODS
+
+    for name in BUILTIN_METHODS:  # each module registers itself on import
+        importlib.import_module(f"{__package__}.methods.{name}")

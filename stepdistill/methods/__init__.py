@@ -1,8 +1,4 @@
-"""Built-in methods; importing a module registers it."""
+"""Built-in methods, one module each; importing a module registers it. stepdistill.registry imports them when a
+method is first looked up, so importing this package (or methods.config) alone loads no model code."""
 
-from . import (  # noqa: F401
-    consistency,
-    disback,
-    dmd,
-    reward,
-)
+BUILTIN_METHODS = ("consistency", "disback", "dmd", "reward")

@@ -208,7 +208,7 @@ class Distiller:
 
     @classmethod
     def _refuse(cls, cfg, parameterisation, supported, families_with, why: str = "") -> None:
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         names = families_with(supported) if families_with else list(supported)
         raise ConfigError(f"method {cfg.name!r}{why} cannot distil a {parameterisation!r} teacher: it supports the "

@@ -28,7 +28,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import ConfigError, MethodConfig
 from ..core.denoiser import DenoiserOut
 from ..core.ema import ema_update_
 from ..core.samplers import ddim_sample, recipe_sample, tcd_sample
@@ -41,6 +40,7 @@ from ..core.solvers import (
     tcd_timesteps,
     trailing_timesteps,
 )
+from ..errors import ConfigError
 from ..registry import register_method
 from .base import (
     Batch,
@@ -55,6 +55,7 @@ from .base import (
     is_flow,
     trailing_ddim_recipe,
 )
+from .config import MethodConfig
 from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
 from .gan import feature_reader, head_norm
 

@@ -33,10 +33,10 @@ from typing import ClassVar
 
 import torch
 
-from ..config import ConfigError
 from ..core.denoiser import Cond, Denoiser, DenoiserOut, GuidedDenoiser, cfg_combine, uncond_for
 from ..core.io import atomic_write_text
 from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_dict
+from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, Event, LossOut, Nets, RunContext
 from .dmd import DMDConfig, DMDDistiller, fake_score_loss

@@ -24,15 +24,16 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, MethodConfig
 from ..core.denoiser import denoise_together
 from ..core.flow import dm_gradient, flow_matching_loss
 from ..core.io import atomic_write
 from ..core.param import target_of
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
+from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets, RunContext, flow_euler_recipe, is_flow
+from .config import MethodConfig
 from .gan import feature_reader, gan_discriminator_loss, gan_generator_loss
 
 log = logging.getLogger(__name__)

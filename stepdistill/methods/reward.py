@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, MethodConfig
 from ..core.samplers import recipe_timesteps
 from ..core.solvers import ddim_step
+from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, Distiller, LossOut, Nets, RunContext, trailing_ddim_recipe
+from .config import MethodConfig
 from .consistency import start_from_lora
 from .dmd import through_frozen_nets
 

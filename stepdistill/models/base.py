@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..core.denoiser import Cond
+from ..core.dtypes import dtype_kwargs
 from ..errors import ModelFileError
 
 
@@ -46,13 +47,6 @@ class _Named:
 
     def __get__(self, obj, owner):
         return library_class(self.module, getattr(owner, self.name_attr))
-
-
-def dtype_kwargs(dtype: torch.dtype | None) -> dict:
-    """from_pretrained's dtype keyword: `dtype` where diffusers has it (recent releases), else the older `torch_dtype`."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 class FamilyModel:
@@ -162,7 +156,7 @@ class FamilyModel:
     @classmethod
     def kohya_tensors(cls, state: dict, rank: int, alpha: float, dtype=None) -> dict | None:
         """This family's LoRA in the kohya / ComfyUI key layout; None when its pipeline loads no such file."""
-        from ..export import kohya_unet_tensors
+        from ..core.lora_layout import kohya_unet_tensors
 
         return kohya_unet_tensors(state, rank, alpha, dtype)
 

@@ -86,9 +86,6 @@ def build_family_model(family: str, tiny: bool, vae: str, device, dtype, seed: i
     return family_cls(unet, autoencoder, encoders, tokenizers, family_cls.default_scheduler_config, path="random-init")
 
 
-DTYPES_ON_DISK = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def _part_builders(family_cls, cfg: dict, tokenizer) -> list[tuple[str, object]]:
     """(subfolder, zero-argument builder) of every weighted part, denoiser first (the largest)."""
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

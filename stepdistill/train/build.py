@@ -17,14 +17,13 @@ import torch
 from ..config import Config, ConfigError
 from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
 from ..core.dist import Dist
+from ..core.dtypes import dtype_from_name
 from ..core.lora import add_adapter
 from ..data.prompts import PromptData
 from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
 from .shard import move_unsharded, require_processes, shard_base
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Built:
 def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[cfg.model.dtype]
+    return dtype_from_name(cfg.model.dtype)
 
 
 def adapter_parameters(unet, name: str) -> list[torch.nn.Parameter]:

@@ -16,17 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = {"stepdistill": ROOT / "stepdistill", "stepdistill.eval": ROOT / "eval", "stepdistill.bench": ROOT / "bench",
            "stepdistill.pipelines": ROOT / "pipelines"}
 
-# Layer of a module: the longest prefix listed here. A module may import its own layer and the layers below.
+# Layer of a module: the longest prefix listed here. A module may import its own layer and the layers below, never
+# a layer above, with no exception (docs/architecture.md).
 LAYERS = {
     "stepdistill.core": 0, "stepdistill.errors": 0, "stepdistill.resources": 0,
-    "stepdistill.models": 1, "stepdistill.data": 1, "stepdistill.metrics": 1, "stepdistill.data.toy_world": 1,
-    "stepdistill.metrics.toy_judge": 1, "stepdistill.export": 1,  # LoRA file formats (core + diffusers only)
-    "stepdistill.card": 1,  # the model card beside every export (recipe + run folder files only)
+    # Models, data (the toy world included), metrics (the toy judge and reward models included), and the export
+    # folder's files: LoRA formats and the model card beside them.
+    "stepdistill.models": 1, "stepdistill.data": 1, "stepdistill.metrics": 1, "stepdistill.export": 1,
+    "stepdistill.card": 1,
     "stepdistill.methods": 2, "stepdistill.registry": 2, "stepdistill.config": 2,
-    "stepdistill.train": 3, "stepdistill.train.toy_teacher": 3,
-    # The harness and front doors: evaluation, inference pipelines, benchmarks, the demo, the CLI.
-    "stepdistill.eval": 4, "stepdistill.bench": 4, "stepdistill.pipelines": 4, "stepdistill.demo": 4, "stepdistill.generate": 4,
-    "stepdistill.cli": 4, "stepdistill.push": 4, "stepdistill": 4,
+    "stepdistill.train": 3,  # the loop, the builder, checkpoints, the toy teacher's trainer
+    # The harness and front doors: evaluation, benchmarks, inference pipelines, generation, the Hub, the demo, the CLI.
+    "stepdistill.eval": 4, "stepdistill.bench": 4, "stepdistill.pipelines": 4, "stepdistill.generate": 4,
+    "stepdistill.push": 4, "stepdistill.demo": 4, "stepdistill.cli": 4, "stepdistill": 4,
 }
 LAYER_NAMES = ["core", "models/data/metrics", "methods", "train", "harness"]
 
@@ -140,3 +142,56 @@ def test_tests_import_the_installed_names():
             if target.split(".")[0] in ("eval", "bench", "pipelines"):
                 found.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not found, "\n".join(found)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports. A module's own parent packages are left out: Python has run them
+    before the module itself, so `from . import sibling` adds no edge to the package."""
+    names = dict(modules())
+    graph = {}
+    for name, path in names.items():
+        graph[name] = {t for t, _ in imports_of(name, path)
+                       if t in names and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    """A cycle is two layers in one: the module that closes it has a name in the wrong place."""
+    found = cycles(module_graph())
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_finder_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -159,7 +159,7 @@ class FluxModel(FlowFamily):
         exactly. A member the adapter lacks gets zeros. diffusers applies final_layer without alpha, so its B carries
         the scale and its alpha is r.
         """
-        from ...export import lora_modules
+        from ...core.lora_layout import lora_modules
 
         def cast(v):
             return v if dtype is None else v.to(dtype)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from ..core.denoiser import DenoiserOut
 from ..core.ema import ema_update_
@@ -56,8 +55,8 @@ from .base import (
     trailing_ddim_recipe,
 )
 from .config import MethodConfig
-from .dmd import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
-from .gan import feature_reader, head_norm
+from .dm import dm_loss, dm_timestep_bounds, fake_score_loss, through_frozen_nets
+from .gan import FeatureHeads, feature_channels, hinge_discriminator_loss, hinge_generator_loss, teacher_features
 
 log = logging.getLogger(__name__)
 
@@ -209,26 +208,6 @@ def mse(a, b):
     return ((a - b) ** 2).flatten(1).mean(1)
 
 
-def _per_sample(maps) -> torch.Tensor:
-    """Mean over every location of every head: a list of [B, L] maps (or one [B] / [B, L] tensor) -> [B]."""
-    maps = [maps] if torch.is_tensor(maps) else list(maps)
-    return torch.stack([m.reshape(m.shape[0], -1).mean(1) for m in maps]).mean(0)
-
-
-def hinge_discriminator_loss(logits_real, logits_fake):
-    """relu(1 - D(real)) + relu(1 + D(fake)) at each location of each head, then averaged per sample (Lim & Ye 2017;
-    PCM's discriminator: the hinge is taken per location, so one confident location cannot cancel a wrong one)."""
-    real = [logits_real] if torch.is_tensor(logits_real) else logits_real
-    fake = [logits_fake] if torch.is_tensor(logits_fake) else logits_fake
-    return _per_sample([torch.relu(1 - r) + torch.relu(1 + f) for r, f in zip(real, fake, strict=True)])
-
-
-def hinge_generator_loss(logits_fake):
-    """relu(1 - D(fake)) at each location of each head, averaged per sample (PCM's generator side of the hinge)."""
-    fake = [logits_fake] if torch.is_tensor(logits_fake) else logits_fake
-    return _per_sample([torch.relu(1 - f) for f in fake])
-
-
 def stage_bounds(segments, stage_steps, max_steps):
     """Cumulative end step of each stage."""
     steps = list(stage_steps) or [max_steps // len(segments)] * len(segments)
@@ -259,36 +238,6 @@ def _check_stage_budget(stage_steps, max_steps):
 
 def _bcast(v, ndim):
     return v.reshape(-1, *([1] * (ndim - 1)))
-
-
-# ---- the discriminator: heads on the frozen teacher's features -----------------------------------------------
-
-def teacher_features(denoiser, x_t, t, cond) -> list[torch.Tensor]:
-    """The discriminator's feature maps of `denoiser.unet` on (x_t, t, cond) under its adapter: a UNet's down blocks
-    and mid block, or a transformer's image tokens after blocks evenly spaced up to its middle (methods.gan)."""
-    return feature_reader(denoiser.unet).pyramid(denoiser, x_t, t, cond)
-
-
-def feature_channels(unet) -> list[int]:
-    """Channels of teacher_features."""
-    return feature_reader(unet).pyramid_channels()
-
-
-class FeatureHeads(nn.Module):
-    """One small conv head per feature map (PCM's discriminator shape): conv 3x3, GroupNorm, SiLU, conv 1x1 -> a logit
-    at every location. The hinge losses take each location of each head on its own (PCM), not their average."""
-
-    def __init__(self, channels: list[int], width: int = 64):
-        super().__init__()
-        # head_norm keeps MIN_GROUP_CHANNELS channels a group: at 64 px the deepest full-size map is 1x1 (methods.gan).
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), head_norm(width), nn.SiLU(), nn.Conv2d(width, 1, 1))
-            for c in channels
-        )
-
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per head, the logits [B, h*w] of its feature map's locations."""
-        return [head(f.float()).flatten(1) for head, f in zip(self.heads, feats, strict=True)]
 
 
 # ---- starting from a previous LoRA ---------------------------------------------------------------------------
@@ -579,7 +528,7 @@ class UnifiedDistiller(ConsistencyDistiller):
     """Consistency (k = 1, random end point) + DMD's distribution matching on the one-step sample from t = 999.
 
     The fake score, a second LoRA on the shared base, keeps fitting the student's one-step samples in the critic
-    phase (dmd.fake_score_loss); the DM gradient is DMD's, from stepdistill.methods.dmd. With progressive segments and
+    phase (dm.fake_score_loss); the DM gradient is DMD's, from stepdistill.methods.dm. With progressive segments and
     a per-stage dm_weight it is also a consistency run with a DM stage at the end (configs/toy/tscd_4step.yaml).
     """
 

@@ -39,7 +39,8 @@ from ..core.lora import adapter_config, adapter_state_dict, load_adapter_state_d
 from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, Event, LossOut, Nets, RunContext
-from .dmd import DMDConfig, DMDDistiller, fake_score_loss
+from .dm import fake_score_loss
+from .dmd import DMDConfig, DMDDistiller
 
 log = logging.getLogger(__name__)
 

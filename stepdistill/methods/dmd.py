@@ -9,8 +9,8 @@ teacher's distribution. The fake score is a second LoRA on the same frozen base 
 the fake score's middle features (a UNet's mid block, a transformer's middle block) with real latents (DMD2 sec.
 4.2), and a regression warm-up on teacher ODE pairs (DMD's regression loss, in latent space).
 
-The maths is written as pure functions of denoiser callables D(x_t, t, cond) -> (x0, eps), so the same code
-trains a UNet student here and an MLP against an analytic teacher in tests/toy/test_dmd_gaussian.py.
+The DM maths (shared with disback, tscd_unified and reward) is in methods/dm.py; the GAN heads and losses in
+methods/gan.py.
 """
 
 from __future__ import annotations
@@ -24,16 +24,14 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from ..core.denoiser import denoise_together
-from ..core.flow import dm_gradient, flow_matching_loss
 from ..core.io import atomic_write
-from ..core.param import target_of
 from ..core.samplers import ddim_sample, lcm_sample
 from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
 from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets, RunContext, flow_euler_recipe, is_flow
 from .config import MethodConfig
+from .dm import dm_loss, dm_timestep_bounds, fake_score_loss, sid_generator_loss, through_frozen_nets
 from .gan import feature_reader, gan_discriminator_loss, gan_generator_loss
 
 log = logging.getLogger(__name__)
@@ -84,68 +82,6 @@ class DMDConfig(MethodConfig):
             raise ConfigError(f"method.guidance_scale must be >= 0 or null (got {self.guidance_scale})")
 
 
-# ---- the maths, for any denoiser callables ------------------------------------------------------------------
-
-# DMD's gradient with its eq. 8 normaliser, (x0_fake - x0_teacher) / mean|x0 - x0_teacher| per sample: one
-# implementation for DDPM and flow teachers alike, in core.
-dmd_gradient = dm_gradient
-
-
-def dm_surrogate_loss(x0, grad):
-    """0.5 |x0 - sg(x0 - grad)|^2, averaged per sample: its gradient w.r.t. x0 is grad / numel (DMD2's DM loss)."""
-    target = (x0 - grad).detach()
-    return 0.5 * ((x0.double() - target.double()) ** 2).flatten(1).mean(1)
-
-
-def dm_loss(x0, teacher, fake_score, cond, schedule, t, eps):
-    """The distribution-matching loss: noise x0 to x_t, denoise with teacher and fake score (no grad, one batched
-    call of both: core.denoiser.denoise_together), surrogate MSE."""
-    with torch.no_grad():
-        x_t = schedule.add_noise(x0.detach(), eps, t)
-        out_teacher, out_fake = denoise_together([(teacher, x_t, t, cond), (fake_score, x_t, t, cond)])
-        x0_teacher, x0_fake = out_teacher.x0, out_fake.x0
-        grad = dmd_gradient(x0.detach().double(), x0_teacher, x0_fake)
-    return dm_surrogate_loss(x0, grad)
-
-
-def sid_loss(x0, x0_teacher, x0_fake, alpha: float = 1.2):
-    """SiD's generator loss (arXiv 2404.04057; SiD's training/sid_loss.py) with DMD's normaliser, per-sample mean:
-    (x0_teacher - x0_fake) . ((x0_teacher - x0) - alpha (x0_teacher - x0_fake)) / mean|x0 - x0_teacher|.
-
-    With the denoisers held constant its gradient w.r.t. x0 is exactly dmd_gradient / numel; SiD differs by
-    back-propagating through both denoisers and by the alpha term.
-    """
-    weight = (x0 - x0_teacher).detach().abs().flatten(1).mean(1).clamp(min=1e-5)
-    diff = x0_teacher - x0_fake
-    return (diff * ((x0_teacher - x0) - alpha * diff)).flatten(1).mean(1) / weight
-
-
-def sid_generator_loss(x0, teacher, fake_score, cond, schedule, t, eps, alpha: float = 1.2):
-    """SiD: noise x0 to x_t and keep the graph through teacher and fake score back to x0."""
-    x_t = schedule.add_noise(x0, eps, t)
-    return sid_loss(x0.double(), teacher(x_t, t, cond).x0, fake_score(x_t, t, cond).x0, alpha)
-
-
-def fake_score_loss(fake_score, x0, cond, schedule, t, eps):
-    """Denoising score matching on detached student samples, on the teacher's own target per sample: |eps_fake -
-    eps|^2 for an eps teacher (DDPM eq. 14), |v_fake - v|^2 for a v-prediction one, so the fake score is trained
-    with the weighting its base network was (DMD2 regresses the fake UNet on the teacher's prediction type); for a
-    flow teacher, flow matching |v_fake(x_t, t) - (eps - x0)|^2 (the objective the teacher was trained with)."""
-    x_t = schedule.add_noise(x0.detach(), eps, t)
-    out = fake_score(x_t, t, cond)
-    kind = schedule.prediction_type
-    if kind == "flow":
-        return flow_matching_loss(out.eps - out.x0, x0.detach(), eps)
-    alpha, sigma = schedule.alpha_sigma(t, x0.ndim)
-    pred = target_of(out.x0, out.eps, alpha, sigma, kind)
-    return ((pred - target_of(x0.detach(), eps, alpha, sigma, kind)) ** 2).flatten(1).mean(1)
-
-
-def dm_timestep_bounds(t_min: float, t_max: float, T: int) -> tuple[int, int]:
-    """randint bounds of the DM term's t: [int(t_min T), int(t_max T)] inclusive, as DMD2 draws it ([20, 980])."""
-    return int(t_min * T), min(int(t_max * T) + 1, T)
-
-
 def regression_loss(x0, x0_target):
     """DMD's regression loss with latent MSE in place of LPIPS: |G(z) - ODE_teacher(z)|^2 per sample."""
     return ((x0.double() - x0_target.double()) ** 2).flatten(1).mean(1)
@@ -186,17 +122,6 @@ def lcm_x0(denoiser, x_t, t, cond):
     """x0 as LCMScheduler reads it: c_skip x_t + c_out x0_hat (c_skip < 1e-7 at t >= 200, but it is what runs)."""
     c_skip, c_out = lcm_boundary_scalings(t.reshape(-1, *([1] * (x_t.ndim - 1))))
     return c_skip * x_t.double() + c_out * denoiser(x_t, t, cond).x0
-
-
-def through_frozen_nets(loss_fn, x0):
-    """loss_fn(x0) with its gradient w.r.t. x0 only: the value and d/dx0 of loss_fn, but no gradient for any parameter
-    inside it (the fake score's belong to the critic phase), and its graph is freed before the student's backward."""
-    x = x0.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
-    linear = (x0 * grad).flatten(1).sum(1)
-    return loss.detach() + linear - linear.detach()
 
 
 def lcm_original_steps(timesteps, T: int = 1000) -> int:

@@ -7,7 +7,10 @@ with forward hooks, so the network's own forward runs as it is, and the forward 
 Where the features are read depends on the kind of network, not on the family (`feature_reader`): a UNet's mid block
 (`UNetFeatures`), or a transformer's image tokens after its middle block, laid back on their latent grid
 (`TokenFeatures`: SD3's MMDiT, FLUX's double- and single-stream blocks). tscd's discriminator reads several levels
-through the same readers (`pyramid`).
+through the same readers (`pyramid`), with one conv head per level (`FeatureHeads`, PCM's discriminator shape).
+
+Two losses: DMD2's non-saturating logistic loss (`gan_*_loss`, one logit per sample) and PCM's hinge taken per
+location of every head (`hinge_*_loss`, tscd's adversarial term).
 """
 
 from __future__ import annotations
@@ -222,3 +225,53 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating G loss: softplus(-D(G(z))) per sample."""
     return F.softplus(-logits_fake)
+
+
+def _per_sample(maps) -> torch.Tensor:
+    """Mean over every location of every head: a list of [B, L] maps (or one [B] / [B, L] tensor) -> [B]."""
+    maps = [maps] if torch.is_tensor(maps) else list(maps)
+    return torch.stack([m.reshape(m.shape[0], -1).mean(1) for m in maps]).mean(0)
+
+
+def hinge_discriminator_loss(logits_real, logits_fake):
+    """relu(1 - D(real)) + relu(1 + D(fake)) at each location of each head, then averaged per sample (Lim & Ye 2017;
+    PCM's discriminator: the hinge is taken per location, so one confident location cannot cancel a wrong one)."""
+    real = [logits_real] if torch.is_tensor(logits_real) else logits_real
+    fake = [logits_fake] if torch.is_tensor(logits_fake) else logits_fake
+    return _per_sample([torch.relu(1 - r) + torch.relu(1 + f) for r, f in zip(real, fake, strict=True)])
+
+
+def hinge_generator_loss(logits_fake):
+    """relu(1 - D(fake)) at each location of each head, averaged per sample (PCM's generator side of the hinge)."""
+    fake = [logits_fake] if torch.is_tensor(logits_fake) else logits_fake
+    return _per_sample([torch.relu(1 - f) for f in fake])
+
+
+# ---- tscd's discriminator: heads on the frozen teacher's features -----------------------------------------------
+
+def teacher_features(denoiser, x_t, t, cond) -> list[torch.Tensor]:
+    """The discriminator's feature maps of `denoiser.unet` on (x_t, t, cond) under its adapter: a UNet's down blocks
+    and mid block, or a transformer's image tokens after blocks evenly spaced up to its middle (methods.gan)."""
+    return feature_reader(denoiser.unet).pyramid(denoiser, x_t, t, cond)
+
+
+def feature_channels(unet) -> list[int]:
+    """Channels of teacher_features."""
+    return feature_reader(unet).pyramid_channels()
+
+
+class FeatureHeads(nn.Module):
+    """One small conv head per feature map (PCM's discriminator shape): conv 3x3, GroupNorm, SiLU, conv 1x1 -> a logit
+    at every location. The hinge losses take each location of each head on its own (PCM), not their average."""
+
+    def __init__(self, channels: list[int], width: int = 64):
+        super().__init__()
+        # head_norm keeps MIN_GROUP_CHANNELS channels a group: at 64 px the deepest full-size map is 1x1 (methods.gan).
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, width, 3, padding=1), head_norm(width), nn.SiLU(), nn.Conv2d(width, 1, 1))
+            for c in channels
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per head, the logits [B, h*w] of its feature map's locations."""
+        return [head(f.float()).flatten(1) for head, f in zip(self.heads, feats, strict=True)]

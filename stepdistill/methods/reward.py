@@ -31,7 +31,7 @@ from ..registry import register_method
 from .base import Batch, Distiller, LossOut, Nets, RunContext, trailing_ddim_recipe
 from .config import MethodConfig
 from .consistency import start_from_lora
-from .dmd import through_frozen_nets
+from .dm import through_frozen_nets
 
 log = logging.getLogger(__name__)
 

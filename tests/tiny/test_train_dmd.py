@@ -19,7 +19,8 @@ from stepdistill.core.lora import adapter_parameters, adapter_state_dict
 from stepdistill.core.recipe import Recipe
 from stepdistill.core.samplers import ddim_sample
 from stepdistill.core.solvers import trailing_timesteps
-from stepdistill.methods.dmd import REGRESSION_PAIRS_FILE, fake_score_loss
+from stepdistill.methods.dm import fake_score_loss
+from stepdistill.methods.dmd import REGRESSION_PAIRS_FILE
 from stepdistill.methods.gan import mid_block_features
 from stepdistill.train.build import build
 from stepdistill.train.loop import Trainer

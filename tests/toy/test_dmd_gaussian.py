@@ -16,7 +16,7 @@ from torch import nn
 from stepdistill.core.denoiser import DenoiserOut
 from stepdistill.core.param import x0_eps_from_output
 from stepdistill.core.schedule import NoiseSchedule
-from stepdistill.methods.dmd import (
+from stepdistill.methods.dm import (
     dm_loss,
     dm_surrogate_loss,
     dmd_gradient,

@@ -10,7 +10,8 @@ from stepdistill.core.denoiser import Cond, DenoiserOut, GuidedDenoiser
 from stepdistill.core.param import v_from_x0_eps, x0_eps_from_output
 from stepdistill.core.schedule import NoiseSchedule
 from stepdistill.methods.base import Batch, Nets
-from stepdistill.methods.dmd import DMDConfig, DMDDistiller, dm_timestep_bounds, fake_score_loss
+from stepdistill.methods.dm import dm_timestep_bounds, fake_score_loss
+from stepdistill.methods.dmd import DMDConfig, DMDDistiller
 
 SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from stepdistill.methods import gan
-from stepdistill.methods.consistency import FeatureHeads
-from stepdistill.methods.gan import MIN_GROUP_CHANNELS, MidBlockHead, TokenHead, gan_discriminator_loss, head_norm
+from stepdistill.methods.gan import (
+    MIN_GROUP_CHANNELS,
+    FeatureHeads,
+    MidBlockHead,
+    TokenHead,
+    gan_discriminator_loss,
+    head_norm,
+)
 
 
 @pytest.mark.parametrize(("channels", "groups"), [(1280, 32), (256, 32), (64, 8), (32, 4), (4, 1)])

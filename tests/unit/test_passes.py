@@ -16,7 +16,7 @@ from stepdistill.bench import train as bench
 from stepdistill.core import denoiser as denoiser_module
 from stepdistill.core.denoiser import denoise_together
 from stepdistill.core.passes import Pass, PassCounter
-from stepdistill.methods import consistency, dmd
+from stepdistill.methods import consistency, dmd, gan
 from stepdistill.methods.base import Batch, NoiseSource
 from stepdistill.methods.gan import gan_discriminator_loss, mid_block_features
 
@@ -149,9 +149,9 @@ def test_tscd_discriminator_reads_real_and_fake_in_one_teacher_call():
             new = d._discriminator_loss(nets, batch, (fake, real, t_adv)).loss
         assert [(p.adapter, p.batch, p.full) for p in c.passes] == [(None, 4, False)]
         with torch.no_grad():  # the two calls as they ran before
-            feats_real = consistency.teacher_features(nets.teacher.denoiser, real, t_adv, batch.cond)
-            feats_fake = consistency.teacher_features(nets.teacher.denoiser, fake, t_adv, batch.cond)
-        old = consistency.hinge_discriminator_loss(d.head(feats_real), d.head(feats_fake))
+            feats_real = gan.teacher_features(nets.teacher.denoiser, real, t_adv, batch.cond)
+            feats_fake = gan.teacher_features(nets.teacher.denoiser, fake, t_adv, batch.cond)
+        old = gan.hinge_discriminator_loss(d.head(feats_real), d.head(feats_fake))
         torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
         g_new = torch.autograd.grad(new.sum(), list(d.head.parameters()))
         g_old = torch.autograd.grad(old.sum(), list(d.head.parameters()))

@@ -24,10 +24,9 @@ from stepdistill.methods.consistency import (
     LCMConfig,
     TSCDConfig,
     UnifiedConfig,
-    hinge_discriminator_loss,
-    hinge_generator_loss,
     stage_bounds,
 )
+from stepdistill.methods.gan import hinge_discriminator_loss, hinge_generator_loss
 from stepdistill.methods.reward import (
     REWARD_MODELS,
     RewardUnavailable,

@@ -31,3 +31,21 @@ def test_more_steps_start_at_the_trained_timestep():
     assert multistep_timesteps(399, 4) == [399, 299, 199, 99]
     assert multistep_timesteps(999, 2) == [999, 499]
     assert multistep_timesteps(999, 1) == [999]
+
+
+def test_curves_label_the_curve_and_the_report_table_figures(tmp_path, monkeypatch):
+    """curves.png shows the curve's n and the report table's one-step and teacher figures, each labelled with its n,
+    so the two numbers a reader meets for the final student are both on the picture and told apart (issue 32)."""
+    from matplotlib.figure import Figure
+
+    from stepdistill.demo import write_curves
+
+    seen = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: seen.update(
+        labels=[t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]))
+    curve = [{"step": 150, "toy_fid": 70.0, "n": 200}, {"step": 300, "toy_fid": 60.0, "n": 200}]
+    rows = [{"model": "teacher", "steps": 25, "toy_fid": 36.2, "n": 500},
+            {"model": "student (dmd)", "steps": 1, "toy_fid": 37.4, "n": 500}]
+    write_curves(tmp_path / "curves.png", tmp_path / "no-log.jsonl", curve, rows, 300)
+    labels = " | ".join(seen["labels"])
+    assert "n = 200" in labels and "n = 500, eval seed 0) 37.4" in labels and "teacher, 25 steps (n = 500) 36.2" in labels

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 
 
 def _train(args):
@@ -189,25 +190,37 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--family", default="sd15", choices=families)
     et.add_argument("--out", required=True, help="metrics JSON")
     et.set_defaults(func=_eval_toy)
-    _optional_commands(ev, "stepdistill.eval.cli", "add_eval_commands")
+    _optional_commands(ev, "stepdistill.eval.cli", "add_eval_commands", ("generate", "fid", "clip", "preference", "report"))
 
     bench = sub.add_parser("bench", help="benchmarks: infer | train | eval | data | gpu").add_subparsers(
         dest="bench_command", required=True)
-    _optional_commands(bench, "stepdistill.bench.infer", "add_bench_infer_command")
-    _optional_commands(bench, "stepdistill.bench.eval", "add_bench_eval_command")
-    _optional_commands(bench, "stepdistill.bench.train", "add_bench_train_command")
-    _optional_commands(bench, "stepdistill.bench.data", "add_bench_data_command")
-    _optional_commands(bench, "stepdistill.bench.gpu", "add_bench_gpu_command")
+    _optional_commands(bench, "stepdistill.bench.infer", "add_bench_infer_command", ("infer",))
+    _optional_commands(bench, "stepdistill.bench.eval", "add_bench_eval_command", ("eval",))
+    _optional_commands(bench, "stepdistill.bench.train", "add_bench_train_command", ("train",))
+    _optional_commands(bench, "stepdistill.bench.data", "add_bench_data_command", ("data",))
+    _optional_commands(bench, "stepdistill.bench.gpu", "add_bench_gpu_command", ("gpu",))
     return p
 
 
-def _optional_commands(subparsers, module: str, fn: str):
+def _optional_commands(subparsers, module: str, fn: str, names: tuple[str, ...]):
+    """Add the commands `module.fn` registers. When the module cannot be imported (a missing optional package), the
+    commands `names` still appear: --help says why each is unavailable, and running one says it in one line."""
     import importlib
 
     try:
-        getattr(importlib.import_module(module), fn)(subparsers)
-    except (ImportError, AttributeError):
-        pass
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        reason = f"unavailable: {module} cannot be imported ({e}); install what it names, e.g. pip install -e '.[dev]'"
+        for name in names:
+            p = subparsers.add_parser(name, help=f"({reason})", description=reason)
+            # Whatever follows the command name, parsing it stops with the reason (its real options are unknown).
+            p.parse_known_args = partial(_unavailable, reason=f"{p.prog} is {reason}")
+        return
+    getattr(mod, fn)(subparsers)
+
+
+def _unavailable(*args, reason: str):
+    raise SystemExit(f"stepdistill: error: {reason}")
 
 
 def main(argv=None) -> int:

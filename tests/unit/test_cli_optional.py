@@ -1,0 +1,50 @@
+"""An optional command whose module cannot be imported stays visible: --help says why, running it says why (issue 32)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+
+from stepdistill import cli
+
+
+def _parser_without(monkeypatch, missing: str):
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == missing:
+            raise ModuleNotFoundError(f"No module named 'fakepkg' (needed by {missing})")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    return cli.build_parser()
+
+
+def _subcommands(parser, *path) -> argparse.ArgumentParser:
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def test_missing_bench_module_is_listed_with_its_reason(monkeypatch, capsys):
+    parser = _parser_without(monkeypatch, "stepdistill.bench.gpu")
+    bench = _subcommands(parser, "bench")
+    help_text = bench.format_help()
+    assert "gpu" in help_text and "unavailable" in help_text and "fakepkg" in help_text
+    with pytest.raises(SystemExit, match="stepdistill bench gpu is unavailable.*fakepkg"):
+        parser.parse_args(["bench", "gpu", "--out", "x"])
+
+
+def test_missing_eval_module_keeps_every_eval_command(monkeypatch):
+    parser = _parser_without(monkeypatch, "stepdistill.eval.cli")
+    ev = _subcommands(parser, "eval")
+    for name in ("generate", "fid", "clip", "preference", "report"):
+        assert "unavailable" in ev.format_help() and name in ev.format_help()
+
+
+def test_available_commands_are_the_real_ones():
+    parser = cli.build_parser()
+    assert "unavailable" not in _subcommands(parser, "bench").format_help()

@@ -1,4 +1,5 @@
-"""An optional command whose module cannot be imported stays visible: --help says why, running it says why (issue 32)."""
+"""The package's front door: optional commands stay visible with their reason (issue 32), and `import stepdistill` gives
+__version__ and the few public names."""
 
 from __future__ import annotations
 
@@ -48,3 +49,15 @@ def test_missing_eval_module_keeps_every_eval_command(monkeypatch):
 def test_available_commands_are_the_real_ones():
     parser = cli.build_parser()
     assert "unavailable" not in _subcommands(parser, "bench").format_help()
+
+
+def test_package_has_a_version_and_its_public_names():
+    import stepdistill
+
+    assert stepdistill.__version__ and stepdistill.__version__ != "0+unknown"
+    from stepdistill import Recipe, export_run, generate_image, load_config, pipelines, register_method
+
+    assert Recipe.__name__ == "Recipe" and callable(load_config) and callable(export_run)
+    assert callable(generate_image) and callable(register_method) and callable(pipelines.load)
+    with pytest.raises(AttributeError):
+        stepdistill.no_such_name  # noqa: B018

@@ -45,8 +45,9 @@ def eps_from_v(x_t, v, sigma):
     return x_t.double() + (1.0 - sigma) * v.double()
 
 
-def x0_eps_from_v(x_t, v, sigma):
-    """(x0, eps) = (x_t - sigma v, x_t + (1 - sigma) v): a velocity read as both end points."""
+def x0_eps_from_velocity(x_t, v, sigma):
+    """(x0, eps) = (x_t - sigma v, x_t + (1 - sigma) v): a flow velocity read as both end points (the VP
+    v-prediction counterpart is core.param.x0_eps_from_v)."""
     return x0_from_v(x_t, v, sigma), eps_from_v(x_t, v, sigma)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_write, atomic_write_text  # noqa: F401  (re-exported for older imports)
+from .io import atomic_write_text
 
 RECIPE_FILE = "stepdistill.json"
 FORMAT_VERSION = 1

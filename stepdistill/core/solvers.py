@@ -10,8 +10,6 @@ import math
 
 import torch
 
-from .param import x0_eps_from_output  # noqa: F401  (re-exported for solvers' users)
-
 
 def leading_timesteps(n: int, T: int = 1000, steps_offset: int = 1) -> list[int]:
     """DDIM 'leading' spacing: (0, T/n, 2T/n, ...) + offset, descending."""

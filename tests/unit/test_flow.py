@@ -30,7 +30,7 @@ from stepdistill.core.flow import (
     v_from_eps,
     v_from_x0,
     velocity,
-    x0_eps_from_v,
+    x0_eps_from_velocity,
     x0_from_v,
 )
 
@@ -54,7 +54,7 @@ def test_conversions_round_trip(sigma):
     assert torch.allclose(eps_from_v(x_t, v, sigma), eps, atol=1e-12)
     assert torch.allclose(v_from_x0(x_t, x0, sigma), v, atol=1e-9)
     assert torch.allclose(v_from_eps(x_t, eps, sigma), v, atol=1e-9)
-    x0_v, eps_v = x0_eps_from_v(x_t, v, sigma)
+    x0_v, eps_v = x0_eps_from_velocity(x_t, v, sigma)
     assert torch.allclose(add_noise(x0_v, eps_v, sigma), x_t, atol=1e-12)
 
 

@@ -253,19 +253,6 @@ def student_generate_fn(pipe, recipe, generate: Callable | None = None):
     return generate_batch
 
 
-def _with_steps(recipe, steps: int | None):
-    """The recipe with another number of steps; refused when the recipe fixes explicit timesteps."""
-    import dataclasses
-
-    if steps is None or steps == recipe.num_inference_steps:
-        return recipe
-    if recipe.timesteps is not None:
-        raise ValueError(
-            f"this student's recipe fixes its timesteps {recipe.timesteps}; drop --steps (or export a recipe with "
-            "num_inference_steps instead of timesteps)"
-        )
-    return dataclasses.replace(recipe, num_inference_steps=steps)
-
 def load_teacher(base: str, dtype: str = "fp16", device=None):
     """A plain diffusers text-to-image pipeline for a teacher (local folder or hub id), progress bars off."""
     from diffusers import AutoPipelineForText2Image
@@ -323,7 +310,7 @@ def run_generation(
 
         if height is not None or width is not None:
             raise ValueError("a student samples at its recipe's resolution: drop --height/--width")
-        recipe = _with_steps(Recipe.load(lora), steps)
+        recipe = Recipe.load(lora).with_steps(steps)
         pipe = pipelines.load(base, lora, device=device, dtype=dtype_from_name(dtype))
         pipe.set_progress_bar_config(disable=True)
         generate_fn = student_generate_fn(pipe, recipe)

@@ -63,38 +63,20 @@ def teacher_fn(steps: int = 25):
 
 
 def student_fn(final: Path, steps: int):
-    """The exported student through pipelines.load, at `steps`; a one-step recipe's fixed timestep list is
-    replaced by the scheduler's own spacing for more steps (LCMScheduler: 999, 499, ... on its skipping grid)."""
-    import dataclasses
-
+    """The exported student through pipelines.load, at `steps` (Recipe.with_steps(respace=True): a one-step recipe's
+    fixed timestep is kept as the first and the rest spaced evenly below)."""
     from stepdistill import pipelines
     from stepdistill.eval.generate import student_generate_fn
 
     from .core.recipe import Recipe
-    from .methods.dmd import lcm_original_steps
 
     recipe = Recipe.load(final)
     pipe = pipelines.load(None, final)
     if steps != recipe.num_inference_steps:
-        config = dict(recipe.scheduler_config)
-        timesteps = None
-        if recipe.scheduler_class == "LCMScheduler" and recipe.timesteps and len(recipe.timesteps) == 1:
-            # Start where the student was trained and space the rest evenly below (t0 = 399: 399, 199 for two
-            # steps): LCM's own grid would start at 999, a timestep a t0 = 399 student never saw.
-            timesteps = multistep_timesteps(recipe.timesteps[0], steps)
-            config["original_inference_steps"] = lcm_original_steps(timesteps)
-        elif recipe.scheduler_class == "LCMScheduler":
-            config["original_inference_steps"] = 50  # LCM's own skipping grid
-        recipe = dataclasses.replace(recipe, timesteps=timesteps, num_inference_steps=steps, scheduler_config=config)
+        recipe = recipe.with_steps(steps, respace=True)
         pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return student_generate_fn(pipe, recipe)
-
-
-def multistep_timesteps(t0: int, steps: int) -> list[int]:
-    """`steps` timesteps from t0 down, evenly spaced: (999, 2) -> [999, 499]; (399, 4) -> [399, 299, 199, 99]."""
-    stride = (t0 + 1) // steps
-    return [t0 - i * stride for i in range(steps)]
 
 
 def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = None) -> Path:

@@ -10,7 +10,6 @@ prints one line instead of a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def load_pipeline(lora, base=None, steps: int | None = None, lora_weights=None):
 
     loras = _lora_list(lora, lora_weights)
     main, scale = loras[0]
-    recipe = _with_steps(_load_recipe(main), steps)
+    recipe = _load_recipe(main).with_steps(steps)
     device, dtype = _device_and_dtype()
     try:
         pipe = pipelines.load(base, main, device=device, dtype=dtype, lora_scale=scale, extra_loras=loras[1:])
@@ -124,17 +123,6 @@ def _load_recipe(lora):
     except (ValueError, TypeError) as e:
         # TypeError: a stepdistill.json with keys missing (Recipe's required fields).
         raise ModelError(f"cannot use the recipe in {lora}: {e}") from e
-
-
-def _with_steps(recipe, steps: int | None):
-    """The recipe with `steps` sampling steps; refused when the recipe fixes explicit timesteps."""
-    if steps is None or steps == recipe.num_inference_steps:
-        return recipe
-    if recipe.timesteps is not None:
-        raise ModelError(f"this LoRA's recipe fixes its timesteps {recipe.timesteps}: drop --steps")
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1 (got {steps})")
-    return dataclasses.replace(recipe, num_inference_steps=steps)
 
 
 def _device_and_dtype() -> tuple[str, torch.dtype]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError, ModelError
 from .io import atomic_write_text
 
 RECIPE_FILE = "stepdistill.json"
@@ -119,6 +120,33 @@ class Recipe:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"{path}: unknown recipe key {key!r}{hint}; known keys: {sorted(known)}")
         return cls(**data)
+
+    def with_steps(self, steps: int | None, respace: bool = False) -> Recipe:
+        """This recipe sampled at `steps` steps (None or its own count: the recipe itself).
+
+        A recipe that fixes its timesteps refuses another count, unless `respace`: then an LCMScheduler recipe with
+        one trained timestep t0 starts there and spaces the rest evenly below (t0 = 399, two steps: 399, 199), as
+        LCM's own grid would start at 999, a timestep such a student never saw; another LCMScheduler recipe takes
+        LCM's 50-step skipping grid, and any other recipe its scheduler's own spacing (the demo's 2- and 4-step rows).
+        """
+        if steps is None or steps == self.num_inference_steps:
+            return self
+        if not respace:
+            if self.timesteps is not None:
+                raise ModelError(f"this LoRA's recipe fixes its timesteps {self.timesteps}: drop --steps (or export a "
+                                 "recipe with num_inference_steps instead of timesteps)")
+            if steps < 1:
+                raise ConfigError(f"--steps must be >= 1 (got {steps})")
+            return dataclasses.replace(self, num_inference_steps=steps)
+        from .solvers import lcm_original_steps, multistep_timesteps  # torch: reading a recipe needs none
+
+        config, timesteps = dict(self.scheduler_config), None
+        if self.scheduler_class == "LCMScheduler" and self.timesteps and len(self.timesteps) == 1:
+            timesteps = multistep_timesteps(self.timesteps[0], steps)
+            config["original_inference_steps"] = lcm_original_steps(timesteps)
+        elif self.scheduler_class == "LCMScheduler":
+            config["original_inference_steps"] = 50
+        return dataclasses.replace(self, timesteps=timesteps, num_inference_steps=steps, scheduler_config=config)
 
     def make_scheduler(self, base_scheduler_config):
         """The recipe's scheduler: its class, built from the base model's config plus the recipe's overrides.

@@ -43,6 +43,20 @@ def tcd_timesteps(n: int, original_steps: int = 50, T: int = 1000) -> list[int]:
     return lcm_inference_timesteps(n, original_steps, T)
 
 
+def multistep_timesteps(t0: int, steps: int) -> list[int]:
+    """`steps` timesteps from t0 down, evenly spaced: (999, 2) -> [999, 499]; (399, 4) -> [399, 299, 199, 99]."""
+    stride = (t0 + 1) // steps
+    return [t0 - i * stride for i in range(steps)]
+
+
+def lcm_original_steps(timesteps, T: int = 1000) -> int:
+    """The smallest LCMScheduler original_inference_steps whose grid holds every timestep (silences its warning)."""
+    for n in range(1, T + 1):
+        if T % n == 0 and all((t + 1) % (T // n) == 0 for t in timesteps):
+            return n
+    return 50
+
+
 def segment_boundaries(k: int, T: int = 1000) -> list[int]:
     """Start timesteps of k equal segments of [0, T): 0, T/k, 2T/k, ... (Hyper-SD sec. 3.1)."""
     if k < 1 or T % k:

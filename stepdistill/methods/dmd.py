@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.io import atomic_write
 from ..core.samplers import ddim_sample, lcm_sample
-from ..core.solvers import lcm_boundary_scalings, trailing_timesteps
+from ..core.solvers import lcm_boundary_scalings, lcm_original_steps, trailing_timesteps
 from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets, RunContext, flow_euler_recipe, is_flow
@@ -122,14 +122,6 @@ def lcm_x0(denoiser, x_t, t, cond):
     """x0 as LCMScheduler reads it: c_skip x_t + c_out x0_hat (c_skip < 1e-7 at t >= 200, but it is what runs)."""
     c_skip, c_out = lcm_boundary_scalings(t.reshape(-1, *([1] * (x_t.ndim - 1))))
     return c_skip * x_t.double() + c_out * denoiser(x_t, t, cond).x0
-
-
-def lcm_original_steps(timesteps, T: int = 1000) -> int:
-    """The smallest LCMScheduler original_inference_steps whose grid holds every timestep (silences its warning)."""
-    for n in range(1, T + 1):
-        if T % n == 0 and all((t + 1) % (T // n) == 0 for t in timesteps):
-            return n
-    return 50
 
 
 # ---- the method -----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 import torch
 
 from stepdistill.cli import main
-from stepdistill.demo import multistep_timesteps
+from stepdistill.core.solvers import multistep_timesteps
 
 
 def test_demo_quick_end_to_end(tmp_path):

@@ -191,3 +191,23 @@ def test_cfg_formula_and_batched_call(schedule):
     w = torch.tensor([1.0, 3.0])
     out = guided(x, torch.tensor([10, 10]), cond, guidance_scale=w)
     assert math.isclose(out.x0[0].mean().item(), 2.0) and math.isclose(out.x0[1].mean().item(), 6.0)
+
+
+def test_recipe_with_steps_is_the_one_way_to_change_steps():
+    """Recipe.with_steps: generate, eval generate and the demo all change a recipe's steps through it (issue 32)."""
+    from stepdistill.core.recipe import Recipe
+    from stepdistill.errors import ConfigError, ModelError
+
+    free = Recipe(base_model="b", family="sd15", method="tscd", scheduler_class="DDIMScheduler", num_inference_steps=4)
+    assert free.with_steps(None) is free and free.with_steps(4) is free
+    assert free.with_steps(2).num_inference_steps == 2 and free.num_inference_steps == 4
+    with pytest.raises(ConfigError, match=">= 1"):
+        free.with_steps(0)
+    fixed = Recipe(base_model="b", family="sd15", method="dmd", scheduler_class="LCMScheduler", timesteps=[399],
+                   num_inference_steps=1)
+    with pytest.raises(ModelError, match=r"fixes its timesteps \[399\]: drop --steps"):
+        fixed.with_steps(2)
+    two = fixed.with_steps(2, respace=True)
+    assert two.timesteps == [399, 199] and two.num_inference_steps == 2
+    assert two.scheduler_config["original_inference_steps"] == 5  # the smallest LCM grid holding 399 and 199
+    assert fixed.with_steps(4, respace=True).timesteps == [399, 299, 199, 99]

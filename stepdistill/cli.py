@@ -64,7 +64,7 @@ def _demo(args):
 
 
 def _toy_teacher(args):
-    from .toy.teacher import train_toy_teacher
+    from .train.toy_teacher import train_toy_teacher
 
     steps = {"steps": args.steps} if args.steps else {}
     out = train_toy_teacher(args.out, family=args.family, seed=args.seed, vae_from=args.vae_from,

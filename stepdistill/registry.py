@@ -38,9 +38,11 @@ def method_names() -> list[str]:
 
 
 def _import_builtin_methods():
+    """Import every module of stepdistill/methods/ once (no list to keep): each method module registers itself."""
     import importlib
+    import pkgutil
 
-    from .methods import BUILTIN_METHODS
-
-    for name in BUILTIN_METHODS:  # each module registers itself on import
-        importlib.import_module(f"{__package__}.methods.{name}")
+    package = importlib.import_module(f"{__package__}.methods")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")

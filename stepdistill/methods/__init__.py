@@ -1,4 +1,2 @@
-"""Built-in methods, one module each; importing a module registers it. stepdistill.registry imports them when a
-method is first looked up, so importing this package (or methods.config) alone loads no model code."""
-
-BUILTIN_METHODS = ("consistency", "disback", "dmd", "reward")
+"""Built-in methods, one module each; importing a module registers it. stepdistill.registry imports every module
+here when a method is first looked up, so importing this package (or methods.config) alone loads no model code."""

@@ -1,7 +1,9 @@
 """Optional preference metrics (ImageReward, HPSv2.1, LAION aesthetic) behind a thin interface.
 
-Each metric is a loader returning a scorer `score(images: list[PIL.Image], prompts: list[str]) -> list[float]`
-(raw scale, as PCM/Hyper-SD tables report them). A metric whose package or weights are missing is skipped
+Each metric is scored by the reward model loader the ReFL stage uses (stepdistill.metrics.reward_models: one loader
+per model), wrapped as a scorer `score(images: list[PIL.Image], prompts: list[str]) -> list[float]` (raw scale, as
+PCM/Hyper-SD tables report them). `--weights NAME=PATH` passes the model's local weights (hpsv21: HPS_v2.1_compressed.pt,
+with open_clip; aesthetic: the head's .pth). A metric whose package or weights are missing is skipped
 with a one-line notice; it never stops an evaluation.
 """
 
@@ -11,69 +13,34 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from stepdistill.metrics.aesthetic import AESTHETIC_WEIGHTS, AestheticMLP
+from stepdistill.metrics.reward_models import RewardUnavailable, load_reward_model
 
 log = logging.getLogger(__name__)
 
 
 
-class MetricUnavailable(RuntimeError):
-    """A preference metric that cannot run here; the message says what to install or download."""
+MetricUnavailable = RewardUnavailable  # a preference metric that cannot run here; the message says what to do
+
+# Metric name -> the reward model (stepdistill.metrics.reward_models) that scores it: one loader for each model,
+# shared with the ReFL stage.
+PREFERENCE_METRICS: dict[str, str] = {"imagereward": "imagereward", "hpsv21": "hpsv2", "aesthetic": "aesthetic"}
 
 
-def _load_imagereward(weights, device):
-    try:
-        import ImageReward as reward
-    except ImportError as e:
-        raise MetricUnavailable("pip install image-reward") from e
-    model = reward.load(str(weights) if weights else "ImageReward-v1.0", device=device)
-
-    def score(images, prompts):
-        return [float(model.score(p, [img])) for img, p in zip(images, prompts)]
-
-    return score
+def _as_batch(images) -> torch.Tensor:
+    """PIL images (one size) -> float [B, 3, H, W] in [-1, 1], what the reward models take."""
+    arrays = [np.asarray(img.convert("RGB"), dtype=np.float32) for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def _load_hpsv21(weights, device):
-    try:
-        import hpsv2
-    except ImportError as e:
-        raise MetricUnavailable("pip install hpsv2") from e
-
-    def score(images, prompts):
-        # hpsv2.score reloads its checkpoint per call, so score one prompt with all its images at a time.
-        return [float(hpsv2.score([img], p, hps_version="v2.1")[0]) for img, p in zip(images, prompts)]
-
-    return score
-
-
-def _load_aesthetic(weights, device):
-    from stepdistill.metrics.clip import load_clip_encoder
-
-    path = Path(weights) if weights else None
-    if path is None or not path.is_file():
-        raise MetricUnavailable(
-            f"place {AESTHETIC_WEIGHTS} (christophschuhmann/improved-aesthetic-predictor) and pass its path"
-        )
-    head = AestheticMLP()
-    head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    head = head.eval().to(device)
-    encoder = load_clip_encoder("torchmetrics", device=device)  # OpenAI CLIP ViT-L/14
-
+def _scorer(reward_fn: Callable, device) -> Callable:
     @torch.no_grad()
     def score(images, prompts):
-        return head(encoder.encode_images(images).to(device)).cpu().tolist()
+        return reward_fn(_as_batch(images).to(device), list(prompts)).float().reshape(-1).cpu().tolist()
 
     return score
-
-
-PREFERENCE_METRICS: dict[str, Callable] = {
-    "imagereward": _load_imagereward,
-    "hpsv21": _load_hpsv21,
-    "aesthetic": _load_aesthetic,
-}
 
 
 def load_preference(name: str, weights=None, device="cpu"):
@@ -81,7 +48,7 @@ def load_preference(name: str, weights=None, device="cpu"):
     if name not in PREFERENCE_METRICS:
         raise ValueError(f"unknown preference metric {name!r}: choose from {', '.join(PREFERENCE_METRICS)}")
     try:
-        return PREFERENCE_METRICS[name](weights, device)
+        return _scorer(load_reward_model(PREFERENCE_METRICS[name], str(weights or ""), device), device)
     except Exception as e:  # noqa: BLE001 -- a missing extra or an offline download must never stop the evaluation
         log.warning("skipping %s: %s", name, e)
         return None

@@ -110,6 +110,7 @@ class RunContext:
     run_dir: Path | None = None  # the run folder, for artifacts a method keeps beside the run (DisBack's nodes)
     max_steps: int | None = None  # loop.max_steps (stage schedules)
     dist: Dist = field(default_factory=Dist)  # the process group, for decisions every process must share
+    models: dict[str, Any] = field(default_factory=dict)  # what models_to_load named, loaded by train/build.py
 
 
 @dataclass
@@ -180,7 +181,8 @@ class Distiller:
     iteration the loop calls `student_loss` per micro-batch, then `critic_loss` per critic update (the first with
     each micro-batch's `LossOut.critic_inputs`, later ones with None and a fresh batch; `critic_updates` of them),
     then `after_step` once, and carries out the events it returns. Each optimizer step runs at the phase's rate
-    (warm-up included) times `lr_scale(phase)`. Exports take `recipe(family)`; preview images
+    (warm-up included) times `lr_scale(phase)`. Models besides the teacher come from `models_to_load` (the builder
+    loads them into `RunContext.models`). Exports take `recipe(family)`; preview images
     `sample(...)`; checkpoints `state_dict()` / `load_state_dict()`.
     """
 
@@ -197,6 +199,12 @@ class Distiller:
     critic_updates: int = 1
     # Teacher parameterisations the method can distil: DDPM eps / v / x0 and, where declared, rectified flow ("flow").
     parameterisations: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
+
+    @classmethod
+    def models_to_load(cls, cfg) -> dict[str, Callable]:
+        """Models beyond the teacher the method uses (a reward model): name -> loader(device). A method never loads a
+        model itself; train/build.py calls each loader and hands the result in `RunContext.models[name]`."""
+        return {}
 
     @classmethod
     def check_parameterisation(cls, cfg, parameterisation: str, families_with=None) -> None:

@@ -115,8 +115,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         target=view("target") if "target" in distiller_cls.extra_adapters else None,
         device=device,
     )
+    # The models a method uses besides the teacher (a reward model) are loaded here, never by the method.
+    models = {name: load(device) for name, load in distiller_cls.models_to_load(cfg.method).items()}
     ctx = RunContext(latent_shape=family.latent_shape(1, resolution)[1:], uncond=uncond, decode=family.decode,
-                     family=family, dist=Dist(world, rank, device))
+                     family=family, dist=Dist(world, rank, device), models=models)
 
     distiller = distiller_cls(cfg.method, schedule)
     distiller.setup(nets, ctx)

@@ -61,10 +61,10 @@ def bases(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward_model():
     """The tiny world has no reward model: a differentiable brightness score stands in (method reward)."""
-    from stepdistill.methods import reward
+    from stepdistill.metrics import reward_models
 
-    reward.register_reward_model("contract_brightness", lambda *a, **k: (lambda images, prompts: images.mean((1, 2, 3))),
-                                 threshold=10.0)
+    reward_models.register_reward_model("contract_brightness", lambda *a, **k: (lambda images, prompts: images.mean((1, 2, 3))),
+                                        threshold=10.0)
     return "contract_brightness"
 
 

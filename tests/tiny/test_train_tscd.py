@@ -168,12 +168,12 @@ def test_unified_lora_runs_with_tcd_scheduler_at_1_to_8_steps(unified, tiny_sd15
 
 
 def test_feedback_lora_raises_its_reward_and_keeps_the_base_recipe(progressive, tiny_sd15_dir, prompts_file, tmp_path):
-    from stepdistill.methods import reward
+    from stepdistill.metrics import reward_models
 
     def brightness(weights, device, clip_weights=""):
         return lambda images, prompts: images.mean(dim=(1, 2, 3))
 
-    reward.register_reward_model("test_brightness", brightness, threshold=10.0)
+    reward_models.register_reward_model("test_brightness", brightness, threshold=10.0)
     _, tscd_final = progressive
     sets = ("method.reward_model=test_brightness", f"method.init_lora={tscd_final}", "loop.max_steps=6",
             "optim.lr=1e-2")

@@ -140,14 +140,15 @@ def test_absent_preference_metrics_are_skipped_with_a_notice(monkeypatch, tmp_pa
     with caplog.at_level("WARNING"):
         assert load_preference("imagereward") is None
         assert load_preference("aesthetic", weights=tmp_path / "missing.pth") is None
-    assert any("skipping imagereward: pip install image-reward" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage().startswith("skipping imagereward:") and "pip install image-reward" in r.getMessage()
+               for r in caplog.records)
     (tmp_path / "manifest.jsonl").write_text("")
     assert compute_preference(tmp_path, ["imagereward", "hpsv21", "aesthetic"], device="cpu") == {}
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_aesthetic_head_loads_the_reference_layout(tmp_path):
-    from stepdistill.eval.preference import AestheticMLP
+    from stepdistill.metrics.aesthetic import AestheticMLP
 
     head = AestheticMLP()
     keys = {k for k in head.state_dict() if k.endswith("weight")}

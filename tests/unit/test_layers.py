@@ -195,3 +195,20 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_a_method_never_loads_a_model():
+    """Methods are losses only (DESIGN.md sec. 2): loading a network is train/build.py's, through the loaders a method
+    names in Distiller.models_to_load; a call of a model loader inside methods/ is reported."""
+    loaders = {"from_pretrained", "load_reward_model", "load_judge", "create_model", "load_pipeline", "load_family"}
+    found = []
+    for name, path in modules():
+        if not name.startswith("stepdistill.methods"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if called in loaders:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} calls {called}")
+    assert not found, "\n".join(found)

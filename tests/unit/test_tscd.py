@@ -27,13 +27,12 @@ from stepdistill.methods.consistency import (
     stage_bounds,
 )
 from stepdistill.methods.gan import hinge_discriminator_loss, hinge_generator_loss
-from stepdistill.methods.reward import (
+from stepdistill.methods.reward import denoise_to, refl_hinge
+from stepdistill.metrics.reward_models import (
     REWARD_MODELS,
     RewardUnavailable,
-    denoise_to,
     judge_alignment_probability,
     load_reward_model,
-    refl_hinge,
 )
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -452,7 +451,7 @@ def test_refl_window_stays_at_or_below_the_students_first_timestep(caplog):
 
 
 def test_third_party_reward_weights_never_unpickle_code(tmp_path, monkeypatch):
-    from stepdistill.methods.reward import RewardUnavailable, load_state_dict_safely
+    from stepdistill.metrics.reward_models import RewardUnavailable, load_state_dict_safely
 
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, plain)

@@ -186,38 +186,68 @@ class Trainer:
                 "disk (a smaller lora.rank also shrinks checkpoints)."
             )
 
+    def _checkpoint_contents(self) -> tuple[list, list]:
+        """What a checkpoint holds, named once for save and resume (as EDM2's CheckpointIO): (key, save, load) for
+        the state every process shares (written by rank 0), then for each process's own."""
+        b = self.built
+
+        def set_(name):
+            return lambda value: setattr(self, name, value)
+
+        shared = [
+            ("step", lambda: self.step, set_("step")),
+            ("lora", self._lora_state, self._load_lora),
+            ("optimizers", lambda: {phase: opt.state_dict() for phase, opt in self.optimizers.items()},
+             self._load_optimizers),
+            ("distiller", b.distiller.state_dict, b.distiller.load_state_dict),
+            ("ema", lambda: self.ema.state_dict() if self.ema is not None else None, self._resume_ema),
+            ("nonfinite_total", lambda: self.nonfinite_total, set_("nonfinite_total")),
+            ("nonfinite_in_a_row", lambda: self.nonfinite_in_a_row, set_("nonfinite_in_a_row")),
+        ]
+        per_rank = [
+            ("data", b.data.state_dict, b.data.load_state_dict),
+            ("rng", ckpt.rng_state, ckpt.set_rng_state),
+            ("noise", self.noise_generator.get_state, self.noise_generator.set_state),
+        ]
+        return shared, per_rank
+
+    def _lora_state(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.built.nets.unet.named_parameters() if "lora_" in n}
+
+    def _load_lora(self, saved: dict) -> None:
+        lora = {n: p for n, p in self.built.nets.unet.named_parameters() if "lora_" in n}
+        missing = set(lora) - set(saved)
+        if missing:
+            raise TrainingError(f"checkpoint {self._resuming} does not match this model ({len(missing)} adapter "
+                                "tensors missing)")
+        with torch.no_grad():
+            for n, p in lora.items():
+                p.copy_(saved[n])
+
+    def _load_optimizers(self, saved: dict) -> None:
+        for phase, opt in self.optimizers.items():
+            opt.load_state_dict(saved[phase])
+
     def _resume(self):
         found = ckpt.load_latest(self.out / "checkpoints", self.dist.rank, self.dist.world)
         if found is None:
             return
         shared, per_rank, path = found
-        b = self.built
-        lora = {n: p for n, p in b.nets.unet.named_parameters() if "lora_" in n}
-        missing = set(lora) - set(shared["lora"])
-        if missing:
-            raise TrainingError(f"checkpoint {path} does not match this model ({len(missing)} adapter tensors missing)")
-        with torch.no_grad():
-            for n, p in lora.items():
-                p.copy_(shared["lora"][n])
-        for phase, opt in self.optimizers.items():
-            opt.load_state_dict(shared["optimizers"][phase])
-        b.distiller.load_state_dict(shared["distiller"])
-        self._resume_ema(shared.get("ema"), path)
-        self.step = shared["step"]
-        self.nonfinite_total = shared["nonfinite_total"]
-        self.nonfinite_in_a_row = shared["nonfinite_in_a_row"]
-        b.data.load_state_dict(per_rank["data"])
-        self.noise_generator.set_state(per_rank["noise"])
-        ckpt.set_rng_state(per_rank["rng"])
+        self._resuming = path
+        contents, own = self._checkpoint_contents()
+        for key, _, load in contents:
+            load(shared.get(key))  # .get: a checkpoint from before loop.ema_decay has no "ema"
+        for key, _, load in own:
+            load(per_rank[key])
         self.last_checkpoint = path
         if self.dist.rank == 0:
             log.info("resumed from %s (step %d)", path, self.step)
 
-    def _resume_ema(self, state: dict | None, path) -> None:
+    def _resume_ema(self, state: dict | None) -> None:
         if self.ema is None:
             return
         if state is None:  # loop.ema_decay turned on for a run that trained without it
-            log.warning("checkpoint %s holds no student EMA: the average starts from its weights", path)
+            log.warning("checkpoint %s holds no student EMA: the average starts from its weights", self._resuming)
             self.ema = StudentEMA(self.ema.live, self.ema.decay)
             return
         self.ema.load_state_dict(state)
@@ -361,17 +391,9 @@ class Trainer:
             log.warning("data: %s (details in %s)", summarize_reports(self.data_reports), self.out / "data_report.json")
 
     def save_checkpoint(self):
-        b = self.built
-        shared = {
-            "step": self.step,
-            "lora": {n: p.detach().cpu().clone() for n, p in b.nets.unet.named_parameters() if "lora_" in n},
-            "optimizers": {phase: opt.state_dict() for phase, opt in self.optimizers.items()},
-            "distiller": b.distiller.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-        }
-        per_rank = {"data": b.data.state_dict(), "rng": ckpt.rng_state(), "noise": self.noise_generator.get_state()}
+        contents, own = self._checkpoint_contents()
+        shared = {key: save() for key, save, _ in contents}
+        per_rank = {key: save() for key, save, _ in own}
         try:
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.out / "checkpoints", self.step, shared, per_rank, self.dist.rank, self.dist.world,

@@ -157,3 +157,26 @@ def test_checkpoint_dir_replaced_over_an_existing_one(root):
     shutil.copy(root / "step-000001" / "state.pt", root / "step-000003" / "extra.pt")
     _save(root, 3)
     assert not (root / "step-000003" / "extra.pt").exists() and _latest_step(root) == 3
+
+
+def test_the_loop_saves_and_resumes_the_same_named_contents(tmp_path):
+    """The checkpoint's contents are named once (Trainer._checkpoint_contents): what save_checkpoint writes is exactly
+    what resume reads, and a fresh Trainer on the folder gets every piece back (step, LoRA, optimizer moments)."""
+    from .bench_rig import tiny_trainer
+
+    trainer = tiny_trainer("dmd", [], tmp_path / "run")
+    trainer.iteration()
+    trainer.step = 1
+    trainer.save_checkpoint()
+    contents, own = trainer._checkpoint_contents()
+    saved = torch.load(trainer.last_checkpoint / "state.pt", weights_only=False)
+    assert list(saved) == [key for key, _, _ in contents]
+    assert list(torch.load(trainer.last_checkpoint / "rank-000.pt", weights_only=False)) == [k for k, _, _ in own]
+
+    again = tiny_trainer("dmd", [], tmp_path / "run")
+    assert again.step == 1 and again.last_checkpoint == trainer.last_checkpoint
+    for key, value in again._lora_state().items():
+        assert torch.equal(value, saved["lora"][key]), key
+    moments = again.optimizers["student"].state_dict()["state"]
+    assert moments and all(torch.equal(m["exp_avg"], saved["optimizers"]["student"]["state"][i]["exp_avg"])
+                           for i, m in moments.items())

@@ -65,7 +65,7 @@ def measure_one(method: str, family: str, dtype: str, base: str, resolution: int
         run_iteration(trainer)
         after = _rss()
         b = trainer.built
-        unet = b.nets.unet
+        unet = b.nets.denoiser
         lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
         base_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
         text = sum(p.numel() * p.element_size() for e in b.family.text_encoders for p in e.parameters())

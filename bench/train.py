@@ -270,7 +270,7 @@ def unet_forward_flops(trainer) -> int:
         with torch.no_grad(), trainer.autocast:
             b.nets.teacher.denoiser(x, t, cond)
 
-    return count_flops(forward, b.nets.unet, trainer.cfg.model.attention, trainer.cfg.model.compile).total
+    return count_flops(forward, b.nets.denoiser, trainer.cfg.model.attention, trainer.cfg.model.compile).total
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,8 +392,8 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
     trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
     for _ in range(warmup):
         run_iteration(trainer)  # also compiles, when model.compile is on
-    with PassCounter(trainer.built.nets.unet) as passes:  # the same iteration: its UNet calls (core/passes.py)
-        flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.unet, cfg.model.attention,
+    with PassCounter(trainer.built.nets.denoiser) as passes:  # the same iteration: its UNet calls (core/passes.py)
+        flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention,
                             cfg.model.compile)
     unit = unet_forward_flops(trainer)
     if device.type == "cuda":

@@ -87,15 +87,21 @@ class Batch:
 
 @dataclass
 class Nets:
-    """The networks a method asked for; all share one frozen base UNet (adapters by name)."""
+    """The networks a method asked for; all share one frozen base network, a UNet or a transformer (adapters by
+    name): `denoiser`."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     schedule: NoiseSchedule
     teacher: GuidedDenoiser  # base, adapters disabled, with CFG at the method's guidance scale
     student: Denoiser  # adapter "student"
     fake_score: Denoiser | None = None  # adapter "fake_score"
     target: Denoiser | None = None  # adapter "target" (EMA / node / stop-grad target)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The former name of `denoiser` (it holds SD3 / FLUX transformers too), kept for scripts that read it."""
+        return self.denoiser
 
 
 @dataclass

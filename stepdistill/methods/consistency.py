@@ -303,11 +303,11 @@ class ConsistencyDistiller(CriticHeadState):
         super().setup(nets, ctx)
         self._budget_checked = False
         if self.cfg.init_lora:
-            start_from_lora(nets.unet, self.cfg.init_lora)
-        copy_adapter(nets.unet, "student", "target")
-        self.pairs = _adapter_pairs(nets.unet, "target", "student")
+            start_from_lora(nets.denoiser, self.cfg.init_lora)
+        copy_adapter(nets.denoiser, "student", "target")
+        self.pairs = _adapter_pairs(nets.denoiser, "target", "student")
         if any(w > 0 for w in self.cfg.adv_weight):
-            self.head = FeatureHeads(feature_channels(nets.unet), self.cfg.adv_head_channels).to(nets.device)
+            self.head = FeatureHeads(feature_channels(nets.denoiser), self.cfg.adv_head_channels).to(nets.device)
 
     def stage(self, step: int, max_steps: int) -> int:
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)

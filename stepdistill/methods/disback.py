@@ -304,7 +304,7 @@ class DisBackDistiller(DMDDistiller):
         if not path.is_file():
             raise NodeError(f"node {node} is missing: {path} was recorded earlier in this run. Restore it, or delete "
                             f"{path.parent.parent / 'checkpoints'} to record the nodes again")
-        load_node(self.nets.unet, self.schedule, adapter, path, probe_input(self.nets, self.ctx))
+        load_node(self.nets.denoiser, self.schedule, adapter, path, probe_input(self.nets, self.ctx))
 
     # ---- state ----
     def state_dict(self):
@@ -418,7 +418,7 @@ class DisBackDistiller(DMDDistiller):
         if stage == 1:
             node = self.path.node_done(step)
             if node is not None:
-                sha = write_node(nets.unet, "fake_score", self.node_file(node))
+                sha = write_node(nets.denoiser, "fake_score", self.node_file(node))
                 self.nodes[node] = {"file": self.node_file(node).name, "step": step + 1, "tensors_sha256": sha}
                 self._write_manifest()
             if step + 1 == self.path.record_end:

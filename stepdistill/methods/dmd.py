@@ -152,7 +152,7 @@ class DMDDistiller(CriticHeadState):
         # Resolves self.guidance_scale, which the builder then makes the teacher's default.
         self._resolve(ctx.family)
         if self.cfg.gan:
-            self.features = feature_reader(nets.unet)
+            self.features = feature_reader(nets.denoiser)
             self.head = self.features.head(nets.fake_score, ctx.latent_shape, ctx.uncond).to(nets.device)
 
     def _resolve(self, family):

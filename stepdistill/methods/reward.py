@@ -116,7 +116,7 @@ class RewardDistiller(Distiller):
         super().setup(nets, ctx)
         cfg = self.cfg
         if cfg.init_lora:
-            start_from_lora(nets.unet, cfg.init_lora)
+            start_from_lora(nets.denoiser, cfg.init_lora)
             if (Path(cfg.init_lora) / RECIPE_FILE).is_file():
                 base = Recipe.load(cfg.init_lora).to_dict()
                 self._recipe = {k: base[k] for k in RECIPE_SAMPLER_FIELDS}

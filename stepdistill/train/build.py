@@ -110,7 +110,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call)
     teacher = GuidedDenoiser(view(None), uncond, Distiller.guidance_scale)
     nets = Nets(
-        unet=unet, schedule=schedule, teacher=teacher, student=view("student"),
+        denoiser=unet, schedule=schedule, teacher=teacher, student=view("student"),
         fake_score=view("fake_score") if "fake_score" in distiller_cls.extra_adapters else None,
         target=view("target") if "target" in distiller_cls.extra_adapters else None,
         device=device,

@@ -159,14 +159,14 @@ class Trainer:
         self.autocast = _autocast(cfg, dist.device)
         # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
         self.noise_generator = torch.Generator().manual_seed(cfg.seed)
-        self.ema = (StudentEMA(adapter_parameters(self.built.nets.unet, "student"), cfg.loop.ema_decay)
+        self.ema = (StudentEMA(adapter_parameters(self.built.nets.denoiser, "student"), cfg.loop.ema_decay)
                     if cfg.loop.ema_decay else None)
         self._resume()
 
     def checkpoint_bytes(self) -> int:
         """What one checkpoint needs on disk: every LoRA tensor, plus AdamW's two moments per trainable tensor."""
         b = self.built
-        lora = {id(p): p for n, p in b.nets.unet.named_parameters() if "lora_" in n}
+        lora = {id(p): p for n, p in b.nets.denoiser.named_parameters() if "lora_" in n}
         trainable = {id(p): p for ps in b.params.values() for p in ps}
         # Trainable tensors that are not LoRA (a GAN head) are saved as weights too.
         saved = {**lora, **trainable}
@@ -212,10 +212,10 @@ class Trainer:
         return shared, per_rank
 
     def _lora_state(self) -> dict:
-        return {n: p.detach().cpu().clone() for n, p in self.built.nets.unet.named_parameters() if "lora_" in n}
+        return {n: p.detach().cpu().clone() for n, p in self.built.nets.denoiser.named_parameters() if "lora_" in n}
 
     def _load_lora(self, saved: dict) -> None:
-        lora = {n: p for n, p in self.built.nets.unet.named_parameters() if "lora_" in n}
+        lora = {n: p for n, p in self.built.nets.denoiser.named_parameters() if "lora_" in n}
         missing = set(lora) - set(saved)
         if missing:
             raise TrainingError(f"checkpoint {self._resuming} does not match this model ({len(missing)} adapter "
@@ -435,7 +435,7 @@ class Trainer:
             return out
         cfg, b = self.cfg, self.built
         step = self.step if step is None else step
-        live = self.ema.shadow if self.ema is not None else adapter_state_dict(b.nets.unet, "student")
+        live = self.ema.shadow if self.ema is not None else adapter_state_dict(b.nets.denoiser, "student")
         state = {k: v.detach().float().cpu() for k, v in live.items()}
         rank, alpha = cfg.lora.rank, cfg.lora.effective_alpha
         with atomic_dir(out) as tmp:
@@ -462,7 +462,7 @@ class Trainer:
 
     @property
     def sharded(self) -> bool:
-        return is_sharded(self.built.nets.unet)
+        return is_sharded(self.built.nets.denoiser)
 
     @torch.no_grad()
     def write_samples(self, n: int = 4):

@@ -10,7 +10,7 @@ cfg = load_config("configs/toy/tscd_hyper.yaml", [f"loop.max_steps={steps}", "lo
                                                    "loop.checkpoint_every=100000", "data.images=toy:2000"])
 tr = Trainer(cfg, tempfile.mkdtemp())
 tr.setup()
-unet, decay = tr.built.nets.unet, cfg.method.ema_decay
+unet, decay = tr.built.nets.denoiser, cfg.method.ema_decay
 def factors(adapter):
     mods = {}
     for n, m in unet.named_modules():

@@ -124,14 +124,14 @@ def grads_reached(built, adapters=("student", "fake_score")) -> dict[str, bool]:
     """Which of the adapters and the distiller's head hold a non-zero gradient."""
     from stepdistill.core.lora import adapter_parameters
 
-    unet, head = built.nets.unet, built.distiller.head
+    unet, head = built.nets.denoiser, built.distiller.head
     groups = {name: adapter_parameters(unet, name).values() for name in adapters}
     groups["head"] = head.parameters()
     return {name: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for name, ps in groups.items()}
 
 
 def zero_grads(built):
-    for p in list(built.nets.unet.parameters()) + list(built.distiller.head.parameters()):
+    for p in list(built.nets.denoiser.parameters()) + list(built.distiller.head.parameters()):
         p.grad = None
 
 

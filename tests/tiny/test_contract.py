@@ -118,7 +118,7 @@ def test_method_keeps_the_contract_on_family(method, family, bases, prompts_file
     # The student adapter moved; the frozen base did not, by a single bit.
     assert any(t.abs().sum() > 0 for k, t in lora_tensors(final).items() if "lora_B" in k), "student LoRA B is zero"
     fresh = _base_state(family_cls, base)
-    kept = {n.replace(".base_layer", ""): p for n, p in built.nets.unet.state_dict().items() if "lora_" not in n}
+    kept = {n.replace(".base_layer", ""): p for n, p in built.nets.denoiser.state_dict().items() if "lora_" not in n}
     assert kept.keys() == fresh.keys()
     assert all(torch.equal(kept[k], fresh[k]) for k in fresh), "a frozen base weight changed"
 

@@ -61,7 +61,7 @@ def dmd_gan(request, prompts_file):
     torch.manual_seed(0)
     built = build(_config(f"configs/tiny/dmd_{request.param}.yaml", model, prompts_file, "method.gan=true"),
                   torch.device("cpu"), progress=False)
-    randomise_lora_b(built.nets.unet)
+    randomise_lora_b(built.nets.denoiser)
     return built
 
 
@@ -72,7 +72,7 @@ def test_dmd_gan_gradients_reach_only_their_phase(dmd_gan):
 def test_middle_features_are_the_image_tokens_of_the_full_forward(dmd_gan):
     """The head reads the middle block's image tokens under the fake score's adapter, laid on the latent grid."""
     nets, batch = dmd_gan.nets, gan_batch(dmd_gan)
-    reader = feature_reader(nets.unet)
+    reader = feature_reader(nets.denoiser)
     assert isinstance(reader, TokenFeatures)
     x_t, t = torch.randn(batch.latent_shape), torch.full((batch.size,), 500)
     seen = []
@@ -83,7 +83,7 @@ def test_middle_features_are_the_image_tokens_of_the_full_forward(dmd_gan):
         handle.remove()
     features = reader.middle(nets.fake_score, x_t, t, batch.cond)
     b, d, h, w = features.shape
-    assert (b, d) == (batch.size, nets.unet.inner_dim) and (h, w) == (x_t.shape[-2] // 2, x_t.shape[-1] // 2)
+    assert (b, d) == (batch.size, nets.denoiser.inner_dim) and (h, w) == (x_t.shape[-2] // 2, x_t.shape[-1] // 2)
     assert torch.equal(features.flatten(2).transpose(1, 2), seen[0])
     # ... and another adapter (the student's) gives other features: the head reads the fake score's branch.
     assert not torch.equal(reader.middle(nets.student, x_t, t, batch.cond), features)
@@ -99,10 +99,10 @@ def test_tscd_adversarial_gradients_reach_only_the_heads_in_the_critic_phase(req
     model = request.getfixturevalue(f"tiny_{family}_dir")
     torch.manual_seed(0)
     b = build(_config(f"configs/tiny/tscd_{family}.yaml", model, prompts_file), torch.device("cpu"), progress=False)
-    randomise_lora_b(b.nets.unet)
+    randomise_lora_b(b.nets.denoiser)
     distiller = b.distiller
     distiller.ctx.max_steps = b.cfg.loop.max_steps
-    assert len(distiller.head.heads) == len(TokenFeatures(b.nets.unet).levels)
+    assert len(distiller.head.heads) == len(TokenFeatures(b.nets.denoiser).levels)
     zero_grads(b)
     out = distiller.student_loss(b.nets, gan_batch(b, latents=False), step=1)
     out.loss.mean().backward()

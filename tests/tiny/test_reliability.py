@@ -205,7 +205,7 @@ def _nan_grad_at(steps):
     def fault(out, nets, step):
         if step + 1 not in steps:
             return out
-        p = next(p for n, p in nets.unet.named_parameters() if ".student." in n and p.requires_grad)
+        p = next(p for n, p in nets.denoiser.named_parameters() if ".student." in n and p.requires_grad)
         return LossOut(out.loss + torch.sqrt(p.abs() * 0).sum(), out.logs)
     return fault
 
@@ -284,7 +284,7 @@ def test_run_refuses_to_start_without_disk_space_for_a_checkpoint(straight, tiny
                                       "loop.progress=false"])
     trainer = Trainer(cfg, tmp_path / "probe")
     trainer.setup()
-    lora_bytes = sum(p.numel() * p.element_size() for n, p in trainer.built.nets.unet.named_parameters()
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in trainer.built.nets.denoiser.named_parameters()
                      if "lora_" in n)
     written = sum(f.stat().st_size for f in (straight("lcm") / "checkpoints" / "step-000004").iterdir())
     need = trainer.checkpoint_bytes()

@@ -113,7 +113,7 @@ def _spied_run(config, sets, out, monkeypatch):
 
     def spied_setup(self, built=None):
         result = setup(self, built)
-        self.built.nets.unet.register_forward_pre_hook(spy, with_kwargs=True)
+        self.built.nets.denoiser.register_forward_pre_hook(spy, with_kwargs=True)
         return result
 
     def spied_iteration(self):

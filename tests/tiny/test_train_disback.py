@@ -155,10 +155,10 @@ def test_target_is_the_node_file_and_not_the_teacher(legs, tiny_sd15_dir):
 
     # node 1 loaded on its own: into a new adapter beside the others, and into a UNet fresh from disk
     node_file = run / "nodes" / "node-01.safetensors"
-    rank, alpha, _ = adapter_config(nets.unet, "target")
-    add_adapter(nets.unet, "node_1", rank, alpha, b.targets)
-    load_node(nets.unet, nets.schedule, "node_1", node_file, probe_input(nets, b.ctx))
-    node = Denoiser(nets.unet, nets.schedule, "node_1")
+    rank, alpha, _ = adapter_config(nets.denoiser, "target")
+    add_adapter(nets.denoiser, "node_1", rank, alpha, b.targets)
+    load_node(nets.denoiser, nets.schedule, "node_1", node_file, probe_input(nets, b.ctx))
+    node = Denoiser(nets.denoiser, nets.schedule, "node_1")
     fresh = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
     add_adapter(fresh, "node_1", rank, alpha, b.targets)
     load_node(fresh, nets.schedule, "node_1", node_file, probe_input(nets, b.ctx))
@@ -235,7 +235,7 @@ def test_node_loader_raises_on_mismatch_or_no_change(legs, tmp_path):
     probe = probe_input(nets, trainers[1].built.ctx)
 
     def load(folder):
-        load_node(nets.unet, nets.schedule, "target", folder / "pytorch_lora_weights.safetensors", probe)
+        load_node(nets.denoiser, nets.schedule, "target", folder / "pytorch_lora_weights.safetensors", probe)
 
     save_diffusers_lora(dict(sorted(state.items())[:-2]), tmp_path / "partial", rank, alpha)
     with pytest.raises(ValueError, match="missing keys"):
@@ -244,7 +244,7 @@ def test_node_loader_raises_on_mismatch_or_no_change(legs, tmp_path):
     save_file({f"unet.module.fake_unet.{k}": v for k, v in state.items()}, str(tmp_path / "prefixed.safetensors"),
               metadata=diffusers_lora_metadata(state, rank, alpha))
     with pytest.raises(ValueError, match=f"{len(state)} unexpected keys"):
-        load_node(nets.unet, nets.schedule, "target", tmp_path / "prefixed.safetensors", probe)
+        load_node(nets.denoiser, nets.schedule, "target", tmp_path / "prefixed.safetensors", probe)
     zero = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}
     save_diffusers_lora(zero, tmp_path / "zero", rank, alpha)
     with pytest.raises(NodeError, match="exactly the teacher's"):
@@ -252,7 +252,7 @@ def test_node_loader_raises_on_mismatch_or_no_change(legs, tmp_path):
     save_diffusers_lora(state, tmp_path / "alpha", rank, alpha * 2)
     with pytest.raises(NodeError, match="alpha"):
         load(tmp_path / "alpha")
-    load_node(nets.unet, nets.schedule, "target", node_file, probe)  # and the real node loads
+    load_node(nets.denoiser, nets.schedule, "target", node_file, probe)  # and the real node loads
 
 
 def test_fresh_diffusers_pipeline_reproduces_the_student(straight, tiny_sd15_dir):
@@ -301,8 +301,8 @@ def test_sdxl_all_phases_and_fresh_pipeline_reproduces_the_student(tiny_sdxl_dir
     assert "regression_loss" in lines[0] and [x["target_node"] for x in lines[3:]] == [1, 0]
     assert all(x["nonfinite_steps"] == 0 for x in lines)
     # the target of step 4 was node 1, a rank-8 (critic rank) LoRA next to the rank-4 student
-    assert adapter_config(trainer.built.nets.unet, "target")[:2] == (8, 8.0)
-    assert adapter_config(trainer.built.nets.unet, "student")[:2] == (4, 2.0)
+    assert adapter_config(trainer.built.nets.denoiser, "target")[:2] == (8, 8.0)
+    assert adapter_config(trainer.built.nets.denoiser, "student")[:2] == (4, 2.0)
 
     b = trainer.built
     prompt = b.data.prompts[0]

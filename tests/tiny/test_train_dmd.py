@@ -100,10 +100,10 @@ def test_regression_pairs_are_the_teachers_solves(trained):
 
 def test_adapters_changed_and_base_bit_identical(trained, tiny_sd15_dir):
     trainer, final = trained
-    assert_base_unchanged(trainer.built.nets.unet, tiny_sd15_dir)
+    assert_base_unchanged(trainer.built.nets.denoiser, tiny_sd15_dir)
     # lora_B starts at zero: non-zero means trained
     student_ups = [v for k, v in lora_tensors(final).items() if "lora_B" in k]
-    fake_ups = [v for k, v in adapter_state_dict(trainer.built.nets.unet, "fake_score").items() if "lora_B" in k]
+    fake_ups = [v for k, v in adapter_state_dict(trainer.built.nets.denoiser, "fake_score").items() if "lora_B" in k]
     assert student_ups and all(v.abs().sum() > 0 for v in student_ups)
     assert fake_ups and all(v.abs().sum() > 0 for v in fake_ups)
 
@@ -161,7 +161,7 @@ def gan_built(tiny_sd15_dir, prompts_file):
     cfg = _config("configs/tiny/dmd_sd15.yaml", tiny_sd15_dir, prompts_file, "method.gan=true")
     torch.manual_seed(0)
     built = build(cfg, torch.device("cpu"), progress=False)
-    randomise_lora_b(built.nets.unet)
+    randomise_lora_b(built.nets.denoiser)
     return built
 
 
@@ -189,7 +189,7 @@ def test_mid_block_features_are_the_full_forward_s(gan_built):
     batch = gan_batch(gan_built)
     x_t, t = torch.randn(batch.latent_shape), torch.full((batch.size,), 500)
     seen = []
-    handle = nets.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o))
+    handle = nets.denoiser.mid_block.register_forward_hook(lambda m, i, o: seen.append(o))
     try:
         nets.fake_score.raw(x_t, t, batch.cond)
     finally:
@@ -205,19 +205,19 @@ def test_gradient_checkpointing_recomputes_under_the_right_adapter(gan_built):
     torch.manual_seed(1)
     x0, t = torch.randn(batch.latent_shape), torch.randint(0, 1000, (batch.size,))
     eps = torch.randn_like(x0)
-    params = list(adapter_parameters(nets.unet, "fake_score").values())
-    fake = Denoiser(nets.unet, schedule, "fake_score")
+    params = list(adapter_parameters(nets.denoiser, "fake_score").values())
+    fake = Denoiser(nets.denoiser, schedule, "fake_score")
 
     def grads():
         loss = fake_score_loss(fake, x0, batch.cond, schedule, t, eps).sum()
         return torch.autograd.grad(loss, params)
 
     plain = grads()
-    nets.unet.enable_gradient_checkpointing(checkpoint_under_adapter)
+    nets.denoiser.enable_gradient_checkpointing(checkpoint_under_adapter)
     try:
         checkpointed = grads()
     finally:
-        nets.unet.disable_gradient_checkpointing()
+        nets.denoiser.disable_gradient_checkpointing()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
 
 

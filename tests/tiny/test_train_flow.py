@@ -76,7 +76,7 @@ def test_losses_finite_recipe_and_base_unchanged(trained):
     assert any(".ff.net.2." in k for k in tensors) and any("add_q_proj" in k for k in tensors)
     # The frozen base is bit-identical to the folder's.
     fresh = type(trainer.built.family.unet).from_pretrained(model, subfolder="transformer").state_dict()
-    base = {n.replace(".base_layer", ""): p for n, p in trainer.built.nets.unet.state_dict().items() if "lora_" not in n}
+    base = {n.replace(".base_layer", ""): p for n, p in trainer.built.nets.denoiser.state_dict().items() if "lora_" not in n}
     assert base.keys() == fresh.keys() and all(torch.equal(base[k], fresh[k]) for k in fresh)
 
 
@@ -107,7 +107,7 @@ def test_pipelines_load_fused_and_merged_export_reproduce_the_student(trained, t
     merged = export_run(trainer.out, "merged", tmp_path / "merged")
     assert (merged / "transformer" / "config.json").is_file() and not list(merged.glob("*.safetensors"))
     # Its model card loads the merged transformer in place of the base's.
-    assert f'pipe.transformer = {type(trainer.built.nets.unet).__name__}.from_pretrained(lora, subfolder="transformer")' \
+    assert f'pipe.transformer = {type(trainer.built.nets.denoiser).__name__}.from_pretrained(lora, subfolder="transformer")' \
         in (merged / CARD_FILE).read_text()
     loaded = {"lora": pipelines.load(model, final), "fused": pipelines.load(model, final, fuse=True),
               "merged": pipelines.load(None, merged)}
@@ -131,7 +131,7 @@ def test_flux_kohya_file_loads_with_every_tensor_applied(trained, tmp_path):
             export_lora(final, "kohya", tmp_path / "kohya")
         return
     assert (final / KOHYA_WEIGHT_NAME).is_file()
-    state = adapter_state_dict(trainer.built.nets.unet, "student")
+    state = adapter_state_dict(trainer.built.nets.denoiser, "student")
     state = {k: v for k, v in state.items()
              if not any(f"single_transformer_blocks.{i}.{p}." in k for i in range(8)
                         for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))}

@@ -52,7 +52,7 @@ def test_run_directory_contract(trained):
 
 def test_adapters_changed_and_base_bit_identical(trained, tiny_sd15_dir):
     trainer, final = trained
-    assert_base_unchanged(trainer.built.nets.unet, tiny_sd15_dir)
+    assert_base_unchanged(trainer.built.nets.denoiser, tiny_sd15_dir)
     lora = lora_tensors(final)
     ups = [v for k, v in lora.items() if "lora_B" in k]
     assert ups and all(v.abs().sum() > 0 for v in ups)  # B starts at zero: non-zero means trained

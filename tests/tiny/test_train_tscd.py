@@ -109,7 +109,7 @@ def test_resume_across_a_stage_boundary_is_bit_identical(progressive, tiny_sd15_
 
 def test_start_from_lora_loads_a_stage_and_checks_its_rank(progressive):
     trainer, _ = progressive
-    unet = trainer.built.nets.unet
+    unet = trainer.built.nets.denoiser
     folder = trainer.out / STAGES[0]
     start_from_lora(unet, folder, adapter="target")
     state, _, _ = load_diffusers_lora(folder)
@@ -154,7 +154,7 @@ def test_unified_run_trains_the_fake_score_and_exports_a_tcd_recipe(unified):
     recipe = Recipe.load(final)
     assert recipe.scheduler_class == "TCDScheduler" and recipe.eta == 0.3 and recipe.num_inference_steps == 1
     assert recipe.scheduler_config == {"original_inference_steps": 40}
-    assert any(v.abs().sum() > 0 for k, v in adapter_state_dict(trainer.built.nets.unet, "fake_score").items()
+    assert any(v.abs().sum() > 0 for k, v in adapter_state_dict(trainer.built.nets.denoiser, "fake_score").items()
                if k.endswith("lora_B.weight"))
 
 
@@ -190,7 +190,7 @@ def test_feedback_lora_raises_its_reward_and_keeps_the_base_recipe(progressive, 
     cond = b.family.encode_prompts(b.data.prompts[:4])
     x_T = torch.randn((4, *b.ctx.latent_shape), generator=torch.Generator().manual_seed(0))
     after = b.family.decode(b.distiller.sample(b.nets, cond, x_T)).mean()
-    start_from_lora(b.nets.unet, tscd_final)
+    start_from_lora(b.nets.denoiser, tscd_final)
     before = b.family.decode(b.distiller.sample(b.nets, cond, x_T)).mean()
     assert after > before + 1e-3, (before, after)
 

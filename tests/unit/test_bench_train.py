@@ -38,7 +38,7 @@ def dmd_trainer():
 
 
 def _lora(trainer, adapter):
-    return {n: p.detach().clone() for n, p in trainer.built.nets.unet.named_parameters()
+    return {n: p.detach().clone() for n, p in trainer.built.nets.denoiser.named_parameters()
             if "lora_" in n and f".{adapter}." in n}
 
 
@@ -118,7 +118,7 @@ def test_a_shipped_preset_is_measured_as_written_on_random_init_models():
 # ---- the real loop, its FLOPs, and the memory search -------------------------------------------------------------
 
 def test_dmd_iteration_trains_both_adapters_and_flops_scale_with_batch(dmd_trainer):
-    unet = dmd_trainer.built.nets.unet
+    unet = dmd_trainer.built.nets.denoiser
     student, fake = _lora(dmd_trainer, "student"), _lora(dmd_trainer, "fake_score")
     base = unet.conv_in.weight.detach().clone()
     counts = {}
@@ -170,7 +170,7 @@ def test_fits_recovers_from_out_of_memory(dmd_trainer, monkeypatch):
 def test_channels_last_lever_lays_out_the_base_and_keeps_the_maths():
     _, reference = _one_iteration("tscd", [])
     trainer, logs = _one_iteration("tscd", ["model.channels_last=true"])
-    assert trainer.built.nets.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.built.nets.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     _assert_same_maths(logs, reference)
 
 
@@ -185,7 +185,7 @@ def test_compile_lever_keeps_one_graph_per_adapter(checkpointing, monkeypatch):
     _, reference = _one_iteration("dmd", sets)
     monkeypatch.setattr(build_module, "COMPILE_OPTIONS", {"dynamic": False, "backend": "eager"})
     trainer, logs = _one_iteration("dmd", [*sets, "model.compile=true"])
-    assert trainer.built.nets.unet._compiled_call_impl is not None
+    assert trainer.built.nets.denoiser._compiled_call_impl is not None
     _assert_same_maths(logs, reference)
     assert logs["critic_grad_norm"] == pytest.approx(reference["critic_grad_norm"], rel=1e-4)
 

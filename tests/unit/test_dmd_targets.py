@@ -54,7 +54,7 @@ def test_dmd_student_loss_draws_t_up_to_980(monkeypatch):
     distiller = DMDDistiller(DMDConfig(timesteps=[999], guidance_scale=1.0), schedule)
     net = RawNet(schedule, torch.zeros(1, 4, 2, 2))
     teacher = GuidedDenoiser(net, Cond(torch.zeros(1, 3, 8)), 1.0)  # the loop's teacher type (CFG off)
-    nets = Nets(unet=None, schedule=schedule, teacher=teacher, student=net, fake_score=net)
+    nets = Nets(denoiser=None, schedule=schedule, teacher=teacher, student=net, fake_score=net)
     cond = Cond(torch.zeros(1, 3, 8))
     drawn = []
     original = Batch.randint

@@ -33,7 +33,7 @@ def _trainer(method, sets, out):
     # Fresh adapters equal the base (B = 0): give every adapter its own nonzero weights, or a mix-up would not show.
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in trainer.built.nets.unet.named_parameters():
+        for name, p in trainer.built.nets.denoiser.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return trainer
@@ -59,7 +59,7 @@ def test_counter_records_adapter_batch_grad_and_early_stops(dmd_gan):
     x = torch.randn(3, *dmd_gan.built.ctx.latent_shape)
     cond = dmd_gan.built.data.cond.index([0, 1, 2])
     t = torch.full((3,), 500)
-    with PassCounter(nets.unet) as c:
+    with PassCounter(nets.denoiser) as c:
         with torch.no_grad():
             nets.teacher.denoiser(x, t, cond)
         nets.student(x, t, cond)
@@ -79,7 +79,7 @@ def test_denoise_together_equals_the_calls_one_by_one_in_one_forward(dmd_gan):
     calls = [(teacher, x, t, cond), (nets.fake_score, x, t, cond), (nets.student, x, t, cond)]
     with torch.no_grad():
         one_by_one = [d(*args) for d, *args in calls]
-        with PassCounter(nets.unet) as c:
+        with PassCounter(nets.denoiser) as c:
             together = denoise_together(calls)
     assert [(p.adapter, p.batch) for p in c.passes] == [("base+fake_score+student", 8)]
     for a, b in zip(together, one_by_one):
@@ -88,7 +88,7 @@ def test_denoise_together_equals_the_calls_one_by_one_in_one_forward(dmd_gan):
     # the outputs differ between adapters, so a mix-up of rows would have shown
     assert (one_by_one[1].x0 - one_by_one[2].x0).abs().max() > 1e-3
     # the adapter flags are as they were
-    layers = denoiser_module.lora_layers(nets.unet)
+    layers = denoiser_module.lora_layers(nets.denoiser)
     assert not any(m._disable_adapters for m in layers) and not any(m._forward_pre_hooks for m in layers)
 
 
@@ -101,7 +101,7 @@ def test_denoise_together_falls_back_where_it_cannot_merge(dmd_gan):
     def plain(x_t, t, cond):  # a callable without a plan (e.g. DisBack's teacher_uncond policy)
         return nets.teacher.denoiser(x_t, t, cond)
 
-    with PassCounter(nets.unet) as c:
+    with PassCounter(nets.denoiser) as c:
         denoise_together([(plain, x, t, cond), (nets.fake_score, x, t, cond)])  # grad on, no plan
     assert len(c.passes) == 2
 
@@ -119,7 +119,7 @@ def test_gan_critic_logits_of_real_and_fake_in_one_call_keep_values_and_gradient
     batch = _batch(dmd_gan, 3)
     real = batch.latents
     fake = torch.randn_like(real).double()
-    params = [*d.head.parameters(), *[p for n, p in nets.unet.named_parameters() if ".fake_score." in n]]
+    params = [*d.head.parameters(), *[p for n, p in nets.denoiser.named_parameters() if ".fake_score." in n]]
 
     def run(together: bool):
         batch.noise = NoiseSource(torch.Generator().manual_seed(7))
@@ -145,7 +145,7 @@ def test_tscd_discriminator_reads_real_and_fake_in_one_teacher_call():
         real = batch.latents.double()
         fake = torch.randn_like(real)
         t_adv = torch.tensor([300, 700])
-        with PassCounter(nets.unet) as c:
+        with PassCounter(nets.denoiser) as c:
             new = d._discriminator_loss(nets, batch, (fake, real, t_adv)).loss
         assert [(p.adapter, p.batch, p.full) for p in c.passes] == [(None, 4, False)]
         with torch.no_grad():  # the two calls as they ran before
@@ -169,7 +169,7 @@ def _merged_and_before(monkeypatch, method, owner, name, before):
                 m.setattr(owner, name, before)
             with tempfile.TemporaryDirectory() as out:
                 trainer = _trainer(method, [], out)
-                with PassCounter(trainer.built.nets.unet) as c:
+                with PassCounter(trainer.built.nets.denoiser) as c:
                     logs = bench.run_iteration(trainer)
                 trainer.close()
         runs.append((logs, list(c.passes)))
@@ -215,7 +215,7 @@ def test_unified_dm_term_on_the_recipes_multi_step_sample():
         trainer = _trainer("tscd_unified", ["method.inference_steps=4", "method.tcd_eta=0"], out)
         b = trainer.built
         batch = _batch(trainer, 0)
-        with PassCounter(b.nets.unet) as c:
+        with PassCounter(b.nets.denoiser) as c:
             x0 = b.distiller._dm_sample(b.nets, batch, grad=True)
         batch = dataclasses.replace(batch, noise=NoiseSource(torch.Generator().manual_seed(0)))  # the same draws again
         z = batch.randn(*batch.latent_shape[1:])
@@ -240,7 +240,7 @@ def test_unified_dm_weight_per_stage_leaves_consistency_stages_without_dm_or_fak
         stages = []
         for step in (0, 2):
             batch = _batch(trainer, step)
-            with PassCounter(b.nets.unet) as c:
+            with PassCounter(b.nets.denoiser) as c:
                 student = b.distiller.student_loss(b.nets, batch, step)
                 critic = b.distiller.critic_loss(b.nets, batch, student.critic_inputs)
                 later = b.distiller.critic_loss(b.nets, _batch(trainer, 9), None)  # a later critic update (TTUR)

@@ -189,7 +189,7 @@ def _pair(schedule, student, k, n=64, seed=0, end_point="edge"):
     cfg = TSCDConfig(segments=[k], num_ddim_timesteps=40, end_point=end_point, target="online")
     distiller = ConsistencyDistiller(cfg, schedule)
     teacher = GaussianDenoiser(schedule)
-    nets = Nets(unet=None, schedule=schedule, teacher=teacher, student=student)
+    nets = Nets(denoiser=None, schedule=schedule, teacher=teacher, student=student)
     g = torch.Generator().manual_seed(seed)
     x0 = MU + S * torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
     batch = Batch(cond=None, uncond=None, prompts=[""] * n, latent_shape=(n, 1, 1, 1), latents=x0,
@@ -407,7 +407,7 @@ def test_adversarial_real_side_is_the_data_marginal_with_adv_real_data(schedule)
     x0 = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
     pred, target = torch.randn_like(x0), torch.randn_like(x0)
     t_end = torch.randint(-1, 750, (n,), generator=g)
-    nets = Nets(unet=None, schedule=schedule, teacher=None, student=None)
+    nets = Nets(denoiser=None, schedule=schedule, teacher=None, student=None)
 
     def adv(real_side, latents=x0):
         cfg = TSCDConfig(segments=[k], adv_weight=[0.5], adv_real=real_side)

@@ -16,7 +16,7 @@ from stepdistill.bench import train as bench
 from stepdistill.core import denoiser as denoiser_module
 from stepdistill.core.denoiser import denoise_together
 from stepdistill.core.passes import Pass, PassCounter
-from stepdistill.methods import consistency, dmd, gan
+from stepdistill.methods import consistency, dm, gan
 from stepdistill.methods.base import Batch, NoiseSource
 from stepdistill.methods.gan import gan_discriminator_loss, mid_block_features
 
@@ -183,7 +183,7 @@ def test_iteration_with_teacher_and_fake_score_in_one_call_logs_what_the_separat
     def one_by_one(calls):
         return [d(*args) for d, *args in calls]
 
-    (new, passes_new), (old, passes_old) = _merged_and_before(monkeypatch, method, dmd, "denoise_together", one_by_one)
+    (new, passes_new), (old, passes_old) = _merged_and_before(monkeypatch, method, dm, "denoise_together", one_by_one)
     assert len(passes_new) == len(passes_old) - 1
     for key in ("loss", "student_grad_norm", "critic_grad_norm"):
         assert new[key] == pytest.approx(old[key], rel=1e-4, abs=1e-9), key

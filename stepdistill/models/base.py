@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core.denoiser import Cond
+from ..core.denoiser import Cond, cast_timestep
 from ..errors import ModelFileError
 
 
@@ -129,6 +129,11 @@ class FamilyModel:
     def denoiser_call(self):
         """call(net, x_t, timestep, cond) for core.denoiser.Denoiser; None = a UNet2DConditionModel's call."""
         return None
+
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """The timestep the denoiser is told at schedule step t in a `dtype` run, as this family's pipeline computes it
+        (core.denoiser.Denoiser's network_timestep): a DDPM UNet pipeline passes the integer t."""
+        return cast_timestep(schedule, t, dtype)
 
     def shard_units(self) -> list:
         """The denoiser's blocks that FSDP2 shards one by one (model.shard=fsdp2): each is all-gathered just before it

@@ -108,7 +108,8 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     uncond = family.empty_cond(1)
     run_dtype = dtype if dtype != torch.float32 else None
     # The network call is the family's (UNet, or a transformer with pooled text, packing, ids, embedded guidance).
-    view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call)
+    view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call,
+                   network_timestep=family.network_timestep)
     teacher = GuidedDenoiser(view(None), uncond, Distiller.guidance_scale)
     nets = Nets(
         unet=unet, schedule=schedule, teacher=teacher, student=view("student"),

@@ -122,6 +122,11 @@ class FluxModel(FlowFamily):
         """dev: FluxPipeline's guidance_scale feeds the guidance embedding, so the recipe carries the trained value."""
         return float(self.embedded_guidance) if self.guidance_embeds else 0.0
 
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """FluxPipeline's timestep: the scheduler's float32 t cast to the latents' dtype, then divided by 1000 in that
+        dtype (the transformer multiplies by 1000 again in its own): in bf16, bf16(bf16(t) / 1000)."""
+        return schedule.pipeline_timestep(t).to(dtype) / 1000
+
     @property
     def denoiser_call(self):
         return self._call

@@ -103,6 +103,8 @@ class FamilyModel:
     # Whether core.attention's processors (model.attention) fit the denoiser; a joint-attention transformer keeps
     # diffusers' own.
     attention_backends: ClassVar[bool] = True
+    # What model.resolution must be a multiple of: the VAE's downsampling (8), times a transformer's packing.
+    resolution_multiple: ClassVar[int] = 8
     # LoRA target presets by name (lora.targets); {} = the UNet presets of core.lora.LORA_TARGETS.
     lora_target_presets: ClassVar[dict[str, list[str]]] = {}
 
@@ -241,6 +243,10 @@ class FamilyModel:
         family has none). A trained LoRA's recipe keeps them, so generation conditions as training did."""
         return None
 
+    def recipe_size(self, resolution: int | None = None) -> dict:
+        """The recipe's height and width when the schedule depends on the image size ({}: it does not)."""
+        return {}
+
     def with_image_sizes(self, cond: Cond, image_sizes: torch.Tensor, resolution: int | None = None) -> Cond:
         """`cond` for real images with these size rows (data.images.SIZE_FIELDS: original H, W, crop top, left), made
         into latents at `resolution`. The default: unchanged, for families without size conditioning."""
@@ -253,6 +259,7 @@ class FamilyModel:
                 f"resolution {resolution} is not a multiple of the VAE's scale factor {self.vae_scale_factor}: "
                 f"use e.g. {resolution // self.vae_scale_factor * self.vae_scale_factor}"
             )
+        check_resolution(type(self), resolution)
         side = resolution // self.vae_scale_factor
         return (batch, self.latent_channels, side, side)
 
@@ -335,3 +342,11 @@ class FamilyModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, path={self.path!r}, resolution={self.resolution})"
+
+
+def check_resolution(cls, resolution: int) -> None:
+    """Refuse a resolution the family's pipeline cannot take, in one line (cls.resolution_multiple)."""
+    m = cls.resolution_multiple
+    if resolution % m:
+        raise ValueError(f"{cls.name} needs a resolution that is a multiple of {m} (got {resolution}): "
+                         f"use e.g. model.resolution={max(m, resolution // m * m)}")

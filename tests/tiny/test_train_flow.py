@@ -287,3 +287,48 @@ def test_max_sequence_length_refused_for_a_family_without_t5(tiny_sd15_dir):
 
     with pytest.raises(ConfigError, match="encodes no T5"):
         _set_t5_length(load_family(tiny_sd15_dir), 8)
+
+
+def test_flux_resolution_not_a_multiple_of_16_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="multiple of 16") as e:
+        load_config(ROOT / "configs/tiny/dmd_flux.yaml", ["model.resolution=40"])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("resolution", [256, 64])
+def test_flux_student_records_its_size_and_generate_runs_at_it_with_the_trained_sigmas(
+        tiny_flux_dir, prompts_file, tmp_path, monkeypatch, resolution):
+    """FLUX's sigmas shift with the image size: a student trained at `resolution` writes it into stepdistill.json,
+    and `stepdistill generate` (generate_image) calls FluxPipeline at that size, visiting the trained sigmas. 64 px
+    is not the tiny pipeline's default size (256), so a call without the recipe's size would shift elsewhere."""
+    from stepdistill.core.flow import image_seq_len, mu_from_config, scheduler_sigmas
+    from stepdistill.generate import generate_image
+
+    cfg = load_config(ROOT / "configs/tiny/dmd_flux.yaml", [
+        f"model.path={tiny_flux_dir}", f"data.prompts={prompts_file}", "loop.progress=false", "loop.max_steps=1",
+        "data.batch_size=1", "method.critic_updates_per_student_update=1", "method.timesteps=[999,499]",
+        f"model.resolution={resolution}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    final = trainer.run()
+    trainer.close()
+    recipe = json.loads((final / "stepdistill.json").read_text())
+    assert (recipe["height"], recipe["width"]) == (resolution, resolution)
+    assert f"height={resolution!r}," in (final / CARD_FILE).read_text()  # the model card's snippet passes it too
+    seen = {}
+    call = FluxPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        out = call(pipe, *args, **kwargs)
+        seen.update(height=kwargs.get("height"), width=kwargs.get("width"), sigmas=pipe.scheduler.sigmas.double())
+        return out
+
+    monkeypatch.setattr(FluxPipeline, "__call__", spy)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    generate_image(final, PROMPT, tmp_path / "out.png", base=str(tiny_flux_dir))
+    assert (seen["height"], seen["width"]) == (resolution, resolution)
+    config = dict(trainer.built.family.scheduler_config)
+    mu = mu_from_config(config, image_seq_len(resolution, resolution, trainer.built.family.vae_scale_factor, 2))
+    trained = scheduler_sigmas(2, config, mu, recipe["sigmas"])
+    torch.testing.assert_close(seen["sigmas"], trained, atol=1e-6, rtol=0)
+    # ... which are the student's training sigmas at t = 999, 499.
+    torch.testing.assert_close(trained[:-1], trainer.built.nets.schedule.sigma([999, 499]), atol=1e-6, rtol=0)

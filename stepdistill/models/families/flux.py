@@ -64,6 +64,9 @@ class FluxModel(FlowFamily):
     default_scheduler_config: ClassVar = FLUX_SCHEDULER_CONFIG
     timestep_scale = 1.0  # FluxPipeline tells the transformer sigma; it multiplies by 1000 inside
     token_patch = 2  # 2x2 packing
+    # FLUX.1's VAE factor 8 times the 2x2 packing; the tiny VAE (factor 2) keeps the rule, so tiny runs refuse what
+    # full-size ones must.
+    resolution_multiple = 16
     t5_max_length = 512
     tiny_arch: ClassVar = DEFAULT_ARCH["flux"]
     full_configs: ClassVar = {

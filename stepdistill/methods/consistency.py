@@ -69,8 +69,10 @@ class TSCDConfig(MethodConfig):
     num_ddim_timesteps: int = 40  # skipping grid N, delta = T / N; a multiple of every k puts segment edges on it
     end_point: str = "random"  # random: t_end ~ U[t_b, t'] (TSCD, Alg. 1) | edge: t_end = t_b (PCM, LCM)
     boundary: str = "ddim"  # ddim | lcm (LCM's c_skip/c_out when the end point is clean data)
-    guidance_min: float = 3.0  # teacher CFG scale w ~ U[min, max] (diffusers convention), baked into the student
-    guidance_max: float = 8.0
+    # Teacher CFG scale w ~ U[min, max] (diffusers convention), baked into the student; null = the default: the
+    # class's DEFAULT_GUIDANCE, or 1 (no CFG) on a guidance-distilled teacher (FLUX.1-dev).
+    guidance_min: float | None = None
+    guidance_max: float | None = None
     target: str = "ema"  # ema (Hyper-SD) | online (stop-grad student: LCM-LoRA, PCM)
     ema_decay: float = 0.95
     loss: str = "huber"  # huber (pseudo-Huber, LCM/PCM) | mse (Hyper-SD)
@@ -113,11 +115,28 @@ class TSCDConfig(MethodConfig):
                               "method.adv_weight (one weight per stage) or drop adv_real")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"method.ema_decay must be in [0, 1) (got {self.ema_decay})")
-        if self.guidance_min > self.guidance_max:
+        lo, hi = self.default_guidance()
+        if (hi if self.guidance_max is None else self.guidance_max) < (lo if self.guidance_min is None else self.guidance_min):
             raise ConfigError("method.guidance_min must be <= method.guidance_max")
         if self.init_lora and not Path(self.init_lora).is_dir():
             raise ConfigError(f"method.init_lora={self.init_lora!r} is not a folder: pass a LoRA folder stepdistill "
                               "exported, e.g. runs/tscd/final")
+
+    DEFAULT_GUIDANCE: ClassVar[tuple[float, float]] = (3.0, 8.0)
+
+    def default_guidance(self, guidance_distilled: bool = False) -> tuple[float, float]:
+        """(guidance_min, guidance_max) when left null: 1 / 1 on a guidance-distilled teacher."""
+        return (1.0, 1.0) if guidance_distilled else self.DEFAULT_GUIDANCE
+
+    def resolve_guidance(self, guidance_distilled: bool) -> None:
+        """Fill null guidance_min / guidance_max with the defaults for this teacher."""
+        lo, hi = self.default_guidance(guidance_distilled)
+        self.guidance_min = lo if self.guidance_min is None else self.guidance_min
+        self.guidance_max = hi if self.guidance_max is None else self.guidance_max
+        # (Above 1 on a guidance-distilled teacher, Distiller.check_cfg's refusal is the one to read.)
+        if self.guidance_min > self.guidance_max and not (guidance_distilled and self.guidance_min > 1):
+            raise ConfigError(f"method.guidance_min={self.guidance_min:g} is above method.guidance_max="
+                              f"{self.guidance_max:g} (a null one takes {lo:g} / {hi:g} on this teacher): set both")
 
 
 @dataclass
@@ -130,9 +149,8 @@ class LCMConfig(TSCDConfig):
     end_point: str = "edge"
     boundary: str = "lcm"
     target: str = "online"
-    guidance_min: float = 3.0
-    guidance_max: float = 13.0
     inference_steps: int = 4
+    DEFAULT_GUIDANCE: ClassVar[tuple[float, float]] = (3.0, 13.0)
 
 
 @dataclass
@@ -334,6 +352,10 @@ class ConsistencyDistiller(CriticHeadState):
                               f"teacher's {self.T} timesteps")
         self.grid = torch.tensor(lcm_origin_timesteps(cfg.num_ddim_timesteps, self.T))  # t_n, descending
         self.delta = self.T // cfg.num_ddim_timesteps
+        # The configured scales (null = the teacher's default): resolved now for a plain teacher, again in setup()
+        # once the family says whether it is guidance-distilled.
+        self._guidance_set = (cfg.guidance_min, cfg.guidance_max)
+        cfg.resolve_guidance(False)
         self.head = None
         self._stage = 0
 
@@ -351,6 +373,8 @@ class ConsistencyDistiller(CriticHeadState):
         from ..core.lora import copy_adapter
 
         super().setup(nets, ctx)
+        self.cfg.guidance_min, self.cfg.guidance_max = self._guidance_set
+        self.cfg.resolve_guidance(bool(getattr(ctx.family, "guidance_distilled", False)))
         self._budget_checked = False
         if self.cfg.init_lora:
             start_from_lora(nets.unet, self.cfg.init_lora)
@@ -358,6 +382,9 @@ class ConsistencyDistiller(CriticHeadState):
         self.pairs = _adapter_pairs(nets.unet, "target", "student")
         if any(w > 0 for w in self.cfg.adv_weight):
             self.head = FeatureHeads(feature_channels(nets.unet), self.cfg.adv_head_channels).to(nets.device)
+
+    def cfg_scales(self) -> dict[str, float]:
+        return {"method.guidance_min": self.cfg.guidance_min, "method.guidance_max": self.cfg.guidance_max}
 
     def stage(self, step: int, max_steps: int) -> int:
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)
@@ -590,6 +617,9 @@ class UnifiedDistiller(ConsistencyDistiller):
     def __init__(self, cfg: UnifiedConfig, schedule):
         super().__init__(cfg, schedule)
         self.critic_updates = cfg.critic_updates_per_student_update
+
+    def cfg_scales(self) -> dict[str, float]:
+        return {**super().cfg_scales(), "method.dm_guidance_scale": self.cfg.dm_guidance_scale}
 
     def _dm_teacher(self, nets: Nets, batch: Batch):
         cfg = self.cfg

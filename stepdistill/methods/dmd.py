@@ -243,9 +243,12 @@ class DMDDistiller(CriticHeadState):
         try:
             self.timesteps = self.timesteps or list(defaults["timesteps"])
             if self.guidance_scale is None:
-                self.guidance_scale = defaults["guidance_scale"]
+                self.guidance_scale = 1.0 if family.guidance_distilled else defaults["guidance_scale"]
         except KeyError as e:
             raise ConfigError(f"the {family.name} family has no default method.{e.args[0]} for dmd: set it") from None
+
+    def cfg_scales(self) -> dict[str, float]:
+        return {"method.guidance_scale": self.guidance_scale}
 
     # ---- the generator ----
     def _generate(self, nets: Nets, batch: Batch, grad: bool):

@@ -243,6 +243,11 @@ class FamilyModel:
         family has none). A trained LoRA's recipe keeps them, so generation conditions as training did."""
         return None
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the teacher takes its guidance scale as an input (no real CFG on top): methods default to 1."""
+        return False
+
     def recipe_size(self, resolution: int | None = None) -> dict:
         """The recipe's height and width when the schedule depends on the image size ({}: it does not)."""
         return {}

@@ -123,6 +123,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     distiller = distiller_cls(cfg.method, schedule)
     distiller.setup(nets, ctx)
     # The teacher's default CFG scale is the method's (dmd resolves its own per family in setup).
+    distiller.check_cfg(family)
     teacher.guidance_scale = distiller.guidance_scale
 
     params = {}

@@ -119,11 +119,11 @@ def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(
 
     pipe.transformer.register_forward_hook(record, with_kwargs=True)
     _, _, x_T = student_latents(trainer.built, PROMPT)
-    kwargs = dict(recipe.call_kwargs(pipe.scheduler), guidance_scale=recipe.guidance_scale if family == "flux" else 1.0)
     h, w = x_T.shape[-2:]
+    kwargs = {"height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor,
+              **recipe.call_kwargs(pipe.scheduler), "guidance_scale": recipe.guidance_scale if family == "flux" else 1.0}
     fam = trainer.built.family
-    pipe(prompt=[PROMPT], latents=fam.to_pipeline_latents(x_T.clone()).to(bf16), height=h * pipe.vae_scale_factor,
-         width=w * pipe.vae_scale_factor, output_type="latent", **kwargs)
+    pipe(prompt=[PROMPT], latents=fam.to_pipeline_latents(x_T.clone()).to(bf16), output_type="latent", **kwargs)
     timesteps = [round(u * 1000) - 1 for u in recipe.sigmas]
     assert len(calls) == len(timesteps)
     unet = copy.deepcopy(trainer.built.nets.unet).to(bf16)
@@ -332,3 +332,25 @@ def test_flux_student_records_its_size_and_generate_runs_at_it_with_the_trained_
     torch.testing.assert_close(seen["sigmas"], trained, atol=1e-6, rtol=0)
     # ... which are the student's training sigmas at t = 999, 499.
     torch.testing.assert_close(trained[:-1], trainer.built.nets.schedule.sigma([999, 499]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, sets, setting", [
+    ("dmd", [], "method.guidance_scale"),
+    ("tscd", [], "method.guidance_min"),
+])
+def test_guidance_distilled_teacher_defaults_to_cfg_1_and_refuses_more(tiny_flux_dir, prompts_file, tmp_path, method,
+                                                                        sets, setting):
+    """FLUX.1-dev's guidance embedding replaces CFG: every method's teacher scale defaults to 1 on it, and a scale
+    above 1 is refused in one line naming the setting. (lcm's boundary and tscd_unified cannot distil a flow teacher.)"""
+    from stepdistill.train.build import build
+
+    base = [f"model.path={tiny_flux_dir}", f"data.prompts={prompts_file}", "loop.progress=false",
+            "model.family=flux", "lora.rank=4", "loop.max_steps=2"]
+    method_sets = {"dmd": ["method.name=dmd", "method.timesteps=[999]"], "tscd": ["method.name=tscd"]}[method]
+    built = build(load_config(None, [*base, *method_sets, *sets]), torch.device("cpu"), 0, 1, progress=False)
+    scales = built.distiller.cfg_scales()
+    assert scales and all(w in (None, 1.0) for w in scales.values()), scales
+    assert built.nets.teacher.guidance_scale == 1.0
+    with pytest.raises(ConfigError, match=f"^{setting}=3: .*guidance-distilled.*set {setting}=1") as e:
+        build(load_config(None, [*base, *method_sets, f"{setting}=3"]), torch.device("cpu"), 0, 1, progress=False)
+    assert "\n" not in str(e.value)

@@ -121,6 +121,11 @@ class FluxModel(FlowFamily):
     def guidance_embeds(self) -> bool:
         return bool(getattr(self.unet.config, "guidance_embeds", False))
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """dev: the guidance embedding replaces CFG."""
+        return self.guidance_embeds
+
     def recipe_guidance_scale(self) -> float:
         """dev: FluxPipeline's guidance_scale feeds the guidance embedding, so the recipe carries the trained value."""
         return float(self.embedded_guidance) if self.guidance_embeds else 0.0

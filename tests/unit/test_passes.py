@@ -21,6 +21,7 @@ from stepdistill.methods.base import Batch, NoiseSource
 from stepdistill.methods.gan import gan_discriminator_loss, mid_block_features
 
 from .bench_rig import tiny_trainer
+from .tolerances import max_fan_in, reduction_atol
 
 
 @pytest.fixture(autouse=True)
@@ -82,11 +83,17 @@ def test_denoise_together_equals_the_calls_one_by_one_in_one_forward(dmd_gan):
         with PassCounter(nets.unet) as c:
             together = denoise_together(calls)
     assert [(p.adapter, p.batch) for p in c.passes] == [("base+fake_score+student", 8)]
+    # The network ran in float32 at another batch size: every layer's sums may round in another order. x0 at t = 999
+    # is eps / alpha (alpha ~ 0.07), so its scale, not eps's, sets its tolerance.
+    fan = max_fan_in(nets.unet)
     for a, b in zip(together, one_by_one):
-        torch.testing.assert_close(a.x0, b.x0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.eps, b.eps, rtol=1e-5, atol=1e-5)
-    # the outputs differ between adapters, so a mix-up of rows would have shown
-    assert (one_by_one[1].x0 - one_by_one[2].x0).abs().max() > 1e-3
+        for name in ("x0", "eps"):
+            want = getattr(b, name)
+            atol = reduction_atol(torch.float32, fan, float(want.abs().max()))
+            torch.testing.assert_close(getattr(a, name), want, rtol=0, atol=atol, msg=name)
+    # the outputs differ between adapters by far more than the tolerance, so a mix-up of rows would have shown
+    assert (one_by_one[1].x0 - one_by_one[2].x0).abs().max() > 10 * reduction_atol(
+        torch.float32, fan, float(one_by_one[2].x0.abs().max()))
     # the adapter flags are as they were
     layers = denoiser_module.lora_layers(nets.unet)
     assert not any(m._disable_adapters for m in layers) and not any(m._forward_pre_hooks for m in layers)
@@ -133,7 +140,8 @@ def test_gan_critic_logits_of_real_and_fake_in_one_call_keep_values_and_gradient
 
     loss_new, grads_new = run(True)
     loss_old, grads_old = run(False)
-    torch.testing.assert_close(loss_new, loss_old, rtol=1e-5, atol=1e-6)
+    fan = max(max_fan_in(nets.unet), max_fan_in(d.head))
+    torch.testing.assert_close(loss_new, loss_old, rtol=0, atol=reduction_atol(torch.float32, fan, float(loss_old.abs().max())))
     _assert_close_in_norm(grads_new, grads_old)
 
 
@@ -152,7 +160,8 @@ def test_tscd_discriminator_reads_real_and_fake_in_one_teacher_call():
             feats_real = consistency.teacher_features(nets.teacher.denoiser, real, t_adv, batch.cond)
             feats_fake = consistency.teacher_features(nets.teacher.denoiser, fake, t_adv, batch.cond)
         old = consistency.hinge_discriminator_loss(d.head(feats_real), d.head(feats_fake))
-        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
+        fan = max(max_fan_in(nets.unet), max_fan_in(d.head))
+        torch.testing.assert_close(new, old, rtol=0, atol=reduction_atol(torch.float32, fan, float(old.abs().max())))
         g_new = torch.autograd.grad(new.sum(), list(d.head.parameters()))
         g_old = torch.autograd.grad(old.sum(), list(d.head.parameters()))
         _assert_close_in_norm(g_new, g_old)

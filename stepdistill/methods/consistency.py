@@ -169,6 +169,12 @@ class UnifiedConfig(TSCDConfig):
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2's min/max_step_percent)
     dm_t_max: float = 0.98
     critic_updates_per_student_update: int = 1
+    # Iterations at the start of each stage where the DM term turns on (dm_weight 0 -> > 0, or the run's start) in which
+    # the student is frozen and only the fake score trains on the student's samples (critic_updates_per_student_update
+    # updates each): without it the fake score starts as the teacher and the first DM updates are a CFG push, not
+    # distribution matching (DMD2 keeps it fitted with several fake-score updates per student update). They count
+    # towards the stage's steps. (ours)
+    dm_critic_warmup: int = 0
     tcd_eta: float = 0.3  # recipe eta (gamma) of TCDScheduler; TCD's default; Hyper-SD's card shows 1.0
     inference_steps: int = 1
     # The DM term's sample: the student's dm_steps-step sample from pure noise on the recipe's timesteps (DDIM steps:
@@ -199,6 +205,13 @@ class UnifiedConfig(TSCDConfig):
         if w is not None and not (w >= 0 and math.isfinite(w)):
             raise ConfigError(f"method.dm_guidance_scale must be a finite number >= 0 (1 = no CFG), or null for the "
                               f"consistency term's U[guidance_min, guidance_max] (got {w})")
+        if self.dm_critic_warmup < 0:
+            raise ConfigError(f"method.dm_critic_warmup must be >= 0 critic-only iterations (got {self.dm_critic_warmup})")
+        if self.stage_steps:
+            short = [n for n, start in zip(self.stage_steps, self.dm_starts()) if start and n <= self.dm_critic_warmup]
+            if short:
+                raise ConfigError(f"method.dm_critic_warmup={self.dm_critic_warmup} leaves no student update in a DM "
+                                  f"stage of {short[0]} steps: make it smaller than that stage's stage_steps")
         if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
             raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
                               f"(got {self.dm_steps}; 0 = inference_steps)")
@@ -212,6 +225,11 @@ class UnifiedConfig(TSCDConfig):
 
     def dm_weight_of(self, stage: int) -> float:
         return self.dm_weight[stage] if len(self.dm_weight) > 1 else self.dm_weight[0]
+
+    def dm_starts(self) -> list[bool]:
+        """Per stage: whether the DM term turns on there (its weight > 0, and 0 in the stage before or none before)."""
+        return [self.dm_weight_of(i) > 0 and (i == 0 or self.dm_weight_of(i - 1) == 0)
+                for i in range(len(self.segments))]
 
 
 # ---- the maths ------------------------------------------------------------------------------------------------
@@ -654,9 +672,21 @@ class UnifiedDistiller(ConsistencyDistiller):
         """The DM weight of the stage that `step` falls in."""
         return self.cfg.dm_weight_of(self.stage(step, self.ctx.max_steps))
 
-    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+    def in_critic_warmup(self, step: int) -> bool:
+        """Whether `step` is one of the first dm_critic_warmup iterations of a stage where the DM term turns on."""
+        if not self.cfg.dm_critic_warmup:
+            return False
+        i = self.stage(step, self.ctx.max_steps)
+        start = ([0] + stage_bounds(self.cfg.segments, self.cfg.stage_steps, self.ctx.max_steps))[i]
+        return self.cfg.dm_starts()[i] and step - start < self.cfg.dm_critic_warmup
+
+    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut | None:
         cfg, device = self.cfg, nets.device
         w_dm = self._dm_weight(step)
+        if w_dm > 0 and self.in_critic_warmup(step):
+            # The student waits while the fake score fits its samples (critic_loss draws them: inputs None).
+            self._stage = self.stage(step, self.ctx.max_steps)
+            return None
         if w_dm == 0:  # a consistency-only stage
             return self._consistency_loss(nets, batch, step)[0]
         # A one-step sample rides in the consistency term's student call (one batched pass of 2B rows).

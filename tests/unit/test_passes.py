@@ -287,3 +287,45 @@ def test_unified_dm_term_real_score_at_dm_guidance_scale(scale, monkeypatch):
     else:
         w = seen[0].flatten()
         assert len(w) == batch.size and ((w >= 3) & (w <= 8)).all() and w.unique().numel() > 1
+
+
+def test_unified_dm_critic_warmup_fits_the_fake_score_before_the_student_moves():
+    """method.dm_critic_warmup: in the first iterations of the stage where the DM term turns on, the student is
+    frozen and the fake score alone trains on the student's samples (critic_updates_per_student_update updates each);
+    then the student trains against a fake score that has fitted it, not the teacher."""
+    from stepdistill.core.lora import adapter_parameters
+
+    sets = ["method.segments=[2,1]", "method.stage_steps=[1,3]", "method.dm_weight=[0,1]",
+            "method.dm_critic_warmup=2", "loop.max_steps=4"]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("tscd_unified", sets, out)
+        unet, d = trainer.built.nets.unet, trainer.built.distiller
+        d.ctx.max_steps = 4
+
+        def weights(name):
+            return [p.detach().clone() for p in adapter_parameters(unet, name).values()]
+
+        moved = []
+        for step in range(4):
+            student, fake = weights("student"), weights("fake_score")
+            logs = bench.run_iteration(trainer)
+            moved.append((not all(torch.equal(a, b) for a, b in zip(student, weights("student"))),
+                          not all(torch.equal(a, b) for a, b in zip(fake, weights("fake_score"))),
+                          "dm_loss" in logs, "fake_score_loss" in logs))
+        trainer.close()
+    assert [d.in_critic_warmup(s) for s in range(4)] == [False, True, True, False]
+    # (student moved, fake score moved, DM term, fake-score loss) per iteration: consistency stage, 2 warm-up, DM.
+    assert moved == [(True, False, False, False), (False, True, False, True), (False, True, False, True),
+                     (True, True, True, True)]
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["method.dm_critic_warmup=-1"], "dm_critic_warmup must be >= 0"),
+    (["method.segments=[2,1]", "method.stage_steps=[2,2]", "method.dm_weight=[0,1]", "method.dm_critic_warmup=2"],
+     "leaves no student update"),
+])
+def test_unified_dm_critic_warmup_is_validated(sets, match):
+    from stepdistill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["method.name=tscd_unified", *sets])

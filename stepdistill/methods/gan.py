@@ -37,11 +37,22 @@ def read_block_outputs(denoiser, x_t, t, cond, blocks, pick) -> list[torch.Tenso
     try:
         denoiser.raw(x_t, t, cond)
     except _FeaturesRead:
+        _end_aborted_forward(denoiser.unet)
         return feats
     finally:
         for h in handles:
             h.remove()
     raise RuntimeError(f"the {type(denoiser.unet).__name__} returned without running the blocks the discriminator reads")
+
+
+def _end_aborted_forward(net) -> None:
+    """After stopping `net`'s forward early: a sharded net (model.shard=fsdp2, FSDP2's root module) would be left
+    mid-forward, its root parameters unsharded and its iteration state claiming a forward in flight (the next forward's
+    root pre-forward then skips its stream waits); reset_iter_state() is FSDP2's supported recovery. A plain net has
+    no state to end. (torch builds without reset_iter_state leave it as before.)"""
+    reset = getattr(net, "reset_iter_state", None)
+    if reset is not None:
+        reset()
 
 
 class UNetFeatures:

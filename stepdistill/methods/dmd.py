@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, MethodConfig
 from ..core.denoiser import denoise_together
+from ..core.dist import Dist
 from ..core.flow import dm_gradient, flow_matching_loss
 from ..core.io import atomic_write
 from ..core.param import target_of
@@ -152,19 +153,32 @@ def regression_loss(x0, x0_target):
 
 @torch.no_grad()
 def solve_ode_pairs(teacher, prompt_cond, n: int, latent_shape, steps: int, schedule, seed: int, device,
-                    chunk: int = 64, progress: bool = True) -> dict:
+                    chunk: int = 64, progress: bool = True, dist: Dist | None = None) -> dict:
     """DMD's paired set: n noises z, each with a prompt drawn from `prompt_cond` and the teacher's deterministic DDIM
     solution ODE(z). Solved once, not per update: the 25-step CFG solve costs ~50 student forwards per pair.
-    Kept in fp16 (4096 SDXL pairs: 1 GB), z rounded before the solve so that each pair stays exact."""
+    Kept in fp16 (4096 SDXL pairs: 1 GB), z rounded before the solve so that each pair stays exact.
+
+    Under several processes each solves every world-th chunk and the shares are summed (each pair solved once, not
+    W times). Every process makes the same number of teacher calls (a share one chunk short re-solves a chunk and
+    drops it): a sharded teacher's forward is a collective."""
+    dist = dist or Dist()
     g = torch.Generator().manual_seed(seed)
     prompt_index = torch.randint(0, len(prompt_cond), (n,), generator=g)
     z = torch.randn((n, *latent_shape), generator=g).half()
     ts = trailing_timesteps(steps, schedule.num_train_timesteps)
-    x0 = []
-    for i in tqdm(range(0, n, chunk), desc="teacher ODE pairs", disable=not progress):
+    starts = list(range(0, n, chunk))
+    mine = starts[dist.rank :: dist.world]
+    rounds = -(-len(starts) // dist.world)
+    x0 = torch.zeros((n, *latent_shape), dtype=torch.float32)
+    for r in tqdm(range(rounds), desc="teacher ODE pairs", disable=not progress):
+        i = mine[r] if r < len(mine) else starts[0]
         cond = prompt_cond.index(prompt_index[i : i + chunk]).to(device)
-        x0.append(ddim_sample(teacher, z[i : i + chunk].to(device).float(), ts, cond, schedule).half().cpu())
-    return {"prompt_index": prompt_index, "z": z, "x0": torch.cat(x0)}
+        out = ddim_sample(teacher, z[i : i + chunk].to(device).float(), ts, cond, schedule).half().float().cpu()
+        if r < len(mine):
+            x0[i : i + chunk] = out
+    # Exact: every entry is one process's fp16 value plus zeros.
+    x0 = dist.all_sum_(x0.to(dist.device)).cpu().half()
+    return {"prompt_index": prompt_index, "z": z, "x0": x0}
 
 
 def load_or_solve_pairs(path: Path | None, meta: dict, solve) -> dict:
@@ -341,7 +355,7 @@ class DMDDistiller(CriticHeadState):
             run_dir = self.ctx.run_dir
             solve = partial(solve_ode_pairs, self._teacher(nets), data.conds, cfg.regression_pairs,
                             self.ctx.latent_shape, cfg.regression_teacher_steps, self.schedule, data.seed,
-                            nets.device)
+                            nets.device, dist=self.ctx.dist)
             self.pairs = load_or_solve_pairs(Path(run_dir) / REGRESSION_PAIRS_FILE if run_dir else None, meta, solve)
         return self.pairs
 

@@ -1,5 +1,6 @@
-"""GAN features read from a sharded net (model.shard=fsdp2): stopping the forward early must not leave FSDP2's root
-mid-forward. One process (gloo, world 1) is enough to see FSDP2's state; tests/tiny/test_shard.py runs two."""
+"""GAN features read from a sharded net (model.shard=fsdp2): the read must not leave FSDP2's root mid-forward, and a
+gradient through the features (dmd's generator GAN loss) must still flow. One process (gloo, world 1) is enough to see
+FSDP2's state; tests/tiny/test_shard.py runs two."""
 
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ def sharded_unet(tmp_path):
     try:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**tiny_configs("sd15")["unet"]).requires_grad_(False)
-        if not hasattr(fully_shard(torch.nn.Linear(1, 1), mesh=init_device_mesh("cpu", (1,))), "reset_iter_state"):
-            pytest.skip("this torch's FSDP2 has no reset_iter_state")
         mesh = init_device_mesh("cpu", (1,))
         for unit in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
             fully_shard(unit, mesh=mesh)
@@ -47,9 +46,12 @@ def test_two_feature_reads_leave_the_sharded_root_idle(sharded_unet):
     cond = Cond(torch.randn(2, 4, unet.config.cross_attention_dim))
     state = unet._get_fsdp_state()
     x = torch.randn(2, unet.config.in_channels, size, size)
-    for _ in range(2):  # two consecutive reads, as two GAN updates make
-        feats = mid_block_features(den, x, torch.tensor([10, 500]), cond)
+    for _ in range(2):  # two consecutive reads with a gradient through them, as two GAN generator updates make
+        x_in = x.clone().requires_grad_(True)
+        feats = mid_block_features(den, x_in, torch.tensor([10, 500]), cond)
         assert feats.ndim == 4 and torch.isfinite(feats).all()
+        (grad,) = torch.autograd.grad(feats.square().sum(), x_in)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
         # FSDP2's root finished its iteration: nothing claims a forward in flight, its own parameters are resharded.
         assert state._state_ctx.iter_forward_root is None
         group = state._fsdp_param_group

@@ -126,6 +126,7 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
         f"    guidance_scale={recipe.guidance_scale!r},",
         *([] if recipe.sigmas is not None else [f"    eta={recipe.eta!r},"]),  # flow pipelines take no eta
         *([] if recipe.max_sequence_length is None else [f"    max_sequence_length={recipe.max_sequence_length!r},"]),
+        *[f"    {k}={v!r},  # the trained size: the sigmas shift with it" for k, v in recipe.size_kwargs().items()],
         f'    generator=torch.Generator("cpu").manual_seed({seed}),',
         ").images[0]",
         'image.save("stepdistill.png")',

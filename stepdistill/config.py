@@ -37,6 +37,7 @@ class ModelConfig:
         if self.max_sequence_length is not None:
             _at_least("model.max_sequence_length", self.max_sequence_length, 1)
             _t5_family("model.max_sequence_length", self.family)
+        _resolution_for_family("model.resolution", self.resolution, self.family)
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
         _choice("model.shard", self.shard, ("none", "fsdp2"))
@@ -222,6 +223,19 @@ def _t5_family(key, family):
 
     if not hasattr(get_family(family), "t5_max_length"):
         raise ConfigError(f"{key}: the {family} family encodes no T5 prompt; remove the key (it is for sd3/flux)")
+
+
+def _resolution_for_family(key, resolution, family):
+    """A resolution the family's pipeline takes (FLUX: multiples of 16); 'auto' is checked once the model is loaded."""
+    if family == "auto" or not resolution:
+        return
+    from .models.base import check_resolution
+    from .models.registry import get_family
+
+    try:
+        check_resolution(get_family(family), resolution)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _at_least(key, value, low):

@@ -136,6 +136,15 @@ def checkpoint_under_adapter(module, *args):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
+def cast_timestep(schedule, t, dtype) -> torch.Tensor:
+    """What a DDPM UNet pipeline tells the network at t: the integer t (a float schedule value in the network dtype).
+
+    The default `network_timestep` of Denoiser; a model family whose pipeline computes its timestep in other
+    arithmetic supplies its own (FamilyModel.network_timestep)."""
+    timestep = schedule.network_timestep(t)
+    return timestep.to(dtype) if timestep.is_floating_point() else timestep
+
+
 def unet_call(unet, x_t, timestep, cond: Cond) -> torch.Tensor:
     """A diffusers UNet2DConditionModel's output at (x_t, timestep, cond): the default network call."""
     return unet(x_t, timestep, encoder_hidden_states=cond.encoder_hidden_states,
@@ -147,22 +156,23 @@ class Denoiser:
 
     `call(net, x_t, timestep, cond)` runs the network on inputs already in its dtype and returns its output in x_t's
     layout: unet_call by default; a model family supplies its own (a transformer's pooled projections, packing,
-    position ids, embedded guidance). `timestep` is what the schedule says the network is told
-    (schedule.network_timestep: the integer t, or a flow teacher's scaled sigma).
+    position ids, embedded guidance). `network_timestep(schedule, t, dtype)` is the timestep the network is told at t,
+    computed exactly as the family's diffusers pipeline computes it in that dtype (cast_timestep by default: the
+    integer t); a student trained at another value than its pipeline tells it is run at timesteps it never saw.
     """
 
-    def __init__(self, unet, schedule: NoiseSchedule, adapter: str | None = None, dtype=None, call=None):
+    def __init__(self, unet, schedule: NoiseSchedule, adapter: str | None = None, dtype=None, call=None,
+                 network_timestep=None):
         self.unet, self.schedule, self.adapter = unet, schedule, adapter
         self.dtype = dtype  # autocast / input dtype of the network; None = the network's own
         self.call = call or unet_call
+        self.network_timestep = network_timestep or cast_timestep
 
     def network_inputs(self, x_t, t, cond: Cond):
         """(x_t, the timestep the network is told, cond) in the network's dtype."""
         dtype = self.dtype or next(self.unet.parameters()).dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        timestep = self.schedule.network_timestep(t)
-        if timestep.is_floating_point():
-            timestep = timestep.to(x_t.device, dtype)
+        timestep = self.network_timestep(self.schedule, t, dtype).to(x_t.device)
         return x_t.to(dtype), timestep, cond.to(x_t.device, dtype)
 
     def raw(self, x_t, t, cond: Cond) -> torch.Tensor:
@@ -260,7 +270,7 @@ def denoise_together(calls) -> list[DenoiserOut]:
     joint = (
         all(p is not None for p in plans) and len(rows) > 1 and not torch.is_grad_enabled()
         and all(isinstance(r[0], Denoiser) for r in rows)
-        and len({(id(r[0].unet), r[0].dtype, r[0].call, id(r[0].schedule)) for r in rows}) == 1
+        and len({(id(r[0].unet), r[0].dtype, r[0].call, r[0].network_timestep, id(r[0].schedule)) for r in rows}) == 1
         and getattr(rows[0][0].unet, "_compiled_call_impl", None) is None
     )
     if not joint:

@@ -44,6 +44,12 @@ class Dist:
             tensor /= self.world
         return tensor
 
+    def all_sum_(self, tensor):
+        """Sum `tensor` over processes, in place (e.g. disjoint shares of one result, zeros elsewhere)."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
     def mean(self, value: float) -> float:
         """A scalar averaged over processes (float64), so that every process takes the same decision from it."""
         if self.world == 1:

@@ -154,6 +154,26 @@ def network_timestep(sigma, timestep_scale: float):
     return torch.as_tensor(sigma, dtype=torch.float64) * timestep_scale
 
 
+def scheduler_float32_timesteps(config, mu: float | None, T: int = 1000) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=(t + 1) / T for every t, mu=mu).timesteps, float32.
+
+    The scheduler casts the given sigmas to float32 and shifts them in float32 NumPy arithmetic (weak Python scalars),
+    then multiplies by T in float32 torch; every operation here is the scheduler's, in its order, so each value is
+    bit-identical to what a pipeline given any subset of these sigmas tells the network.
+    """
+    config = dict(config)
+    unshifted = (np.arange(1, T + 1, dtype=np.float64) / T).astype(np.float32)
+    if config.get("use_dynamic_shifting"):
+        if config.get("time_shift_type", "exponential") == "exponential":
+            shifted = math.exp(mu) / (math.exp(mu) + (1 / unshifted - 1) ** 1.0)
+        else:
+            shifted = mu / (mu + (1 / unshifted - 1) ** 1.0)
+    else:
+        shift = float(config.get("shift", 1.0))
+        shifted = shift * unshifted / (1 + (shift - 1) * unshifted)
+    return torch.from_numpy(np.asarray(shifted)).to(torch.float32) * int(config.get("num_train_timesteps", T))
+
+
 # --- sampling --------------------------------------------------------------------------------------------------
 
 def euler_step(x_t, v, sigma, sigma_next):
@@ -211,9 +231,12 @@ class FlowSchedule:
 
     prediction_type = "flow"
 
-    def __init__(self, sigmas: torch.Tensor, timestep_scale: float = 1000.0):
+    def __init__(self, sigmas: torch.Tensor, timestep_scale: float = 1000.0, config: dict | None = None,
+                 mu: float | None = None):
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)  # sigmas[t], ascending in t
         self.timestep_scale = float(timestep_scale)
+        self.config, self.mu = (dict(config) if config is not None else None), mu
+        self._pipeline_timesteps = None
 
     @classmethod
     def from_scheduler_config(cls, config, mu: float | None = None, timestep_scale: float = 1000.0) -> FlowSchedule:
@@ -225,7 +248,7 @@ class FlowSchedule:
         unshifted = torch.arange(1, T + 1, dtype=torch.float64).numpy() / T
         sigmas = scheduler_sigmas(T, {k: v for k, v in config.items() if k != "stochastic_sampling"}, mu,
                                   sigmas=unshifted)[:-1]
-        return cls(sigmas, timestep_scale)
+        return cls(sigmas, timestep_scale, config, mu)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -250,6 +273,16 @@ class FlowSchedule:
     def network_timestep(self, t) -> torch.Tensor:
         """What the transformer is told at t: sigma_t * timestep_scale (SD3: 1000; FLUX: 1, it scales inside)."""
         return network_timestep(self.sigma(t), self.timestep_scale)
+
+    def pipeline_timestep(self, t) -> torch.Tensor:
+        """The float32 timestep a diffusers flow pipeline handed `unshifted_sigmas` has at t: its scheduler's t = T sigma,
+        in the scheduler's own float32 arithmetic (float32(sigma_t) * T is 1 ulp off at half the t). 0 at t = -1."""
+        if self._pipeline_timesteps is None:
+            self._pipeline_timesteps = scheduler_float32_timesteps(self.config or {}, self.mu,
+                                                                   self.num_train_timesteps)
+        t = torch.as_tensor(t).reshape(-1).long()
+        told = self._pipeline_timesteps.to(t.device)[t.clamp(min=0)]
+        return torch.where(t < 0, torch.zeros_like(told), told)
 
     def unshifted_sigmas(self, timesteps) -> list[float]:
         """The `sigmas=` a diffusers flow pipeline must get to visit sigma_t at these t: (t + 1) / T, before its shift."""

@@ -57,6 +57,11 @@ class Recipe:
     # Flow families: the T5 prompt length the student was trained at (the pipeline call's max_sequence_length);
     # None (and recipes older than the key) = the pipeline's default.
     max_sequence_length: int | None = None
+    # Families whose sigmas depend on the image size (FLUX's resolution-dependent shift): the height and width the
+    # student was trained at, passed in every pipeline call (FluxPipeline's 1024 default would shift its sigmas
+    # elsewhere). Written only when set.
+    height: int | None = None
+    width: int | None = None
     notes: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -79,12 +84,15 @@ class Recipe:
             self.num_inference_steps = len(self.sigmas)
         if self.num_inference_steps < 1:
             raise ValueError(f"recipe num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if (self.height is None) != (self.width is None):
+            raise ValueError(f"recipe height {self.height} and width {self.width}: give both (the trained size) or neither")
         scheduler_class(self.scheduler_class)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["sigmas"] is None:
-            del data["sigmas"]
+        for key in ("sigmas", "height", "width"):
+            if data[key] is None:
+                del data[key]
         return data
 
     def save(self, directory) -> Path:
@@ -169,6 +177,7 @@ class Recipe:
                       "num_inference_steps": self.num_inference_steps}
             if self.max_sequence_length is not None:
                 kwargs["max_sequence_length"] = self.max_sequence_length
+            kwargs.update(self.size_kwargs())
             return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
         if self.timesteps is not None:
@@ -183,7 +192,12 @@ class Recipe:
             kwargs["num_inference_steps"] = self.num_inference_steps
         for key, value in (self.size_conditioning or {}).items():
             kwargs[key] = tuple(value)
+        kwargs.update(self.size_kwargs())
         return kwargs
+
+    def size_kwargs(self) -> dict:
+        """height / width of the pipeline call, for a student whose sigmas depend on them ({} otherwise)."""
+        return {} if self.height is None else {"height": int(self.height), "width": int(self.width)}
 
 
 def scheduler_class(name: str):

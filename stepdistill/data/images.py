@@ -144,7 +144,8 @@ def read_toy_images(spec: str, resolution: int, seed: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def encode_latents(family, images: torch.Tensor, chunk: int = 64, progress: bool = False) -> torch.Tensor:
-    """VAE latents (scaled) of all images, on the CPU; the VAE's posterior mean keeps the cache deterministic."""
+    """VAE latents (scaled) of all images, on the CPU: one sample of the VAE posterior each (FamilyModel.encode_images,
+    as diffusers' training scripts draw), drawn once when the cache is built and reused from then on."""
     from tqdm.auto import tqdm
 
     out = []

@@ -238,6 +238,23 @@ class Distiller:
         facts (run_dir, max_steps, dist, prompt_data) the builder and the loop fill in before the first step."""
         self.ctx = ctx
 
+    def cfg_scales(self) -> dict[str, float]:
+        """The teacher CFG scales this run will use, by setting name (after setup: defaults resolved)."""
+        return {}
+
+    def check_cfg(self, family) -> None:
+        """A guidance-distilled teacher (FLUX.1-dev: the guidance scale is an input of the network) takes no real CFG
+        on top: refuse a scale above 1 in one line naming the setting. Each method defaults to 1 on such a teacher."""
+        from ..config import ConfigError
+
+        if not getattr(family, "guidance_distilled", False):
+            return
+        for key, w in self.cfg_scales().items():
+            if w is not None and w > 1:
+                raise ConfigError(f"{key}={w:g}: the {family.name} teacher is guidance-distilled (its guidance "
+                                  f"embedding already gets {family.recipe_guidance_scale():g}), so real CFG on top "
+                                  f"of it is refused; set {key}=1 (its default on this teacher)")
+
     def parameters(self, phase: str) -> list[torch.nn.Parameter]:
         """Trainable tensors of phase `phase` besides the adapters in `trainable` (a GAN head)."""
         return []

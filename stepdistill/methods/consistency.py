@@ -69,8 +69,10 @@ class TSCDConfig(MethodConfig):
     num_ddim_timesteps: int = 40  # skipping grid N, delta = T / N; a multiple of every k puts segment edges on it
     end_point: str = "random"  # random: t_end ~ U[t_b, t'] (TSCD, Alg. 1) | edge: t_end = t_b (PCM, LCM)
     boundary: str = "ddim"  # ddim | lcm (LCM's c_skip/c_out when the end point is clean data)
-    guidance_min: float = 3.0  # teacher CFG scale w ~ U[min, max] (diffusers convention), baked into the student
-    guidance_max: float = 8.0
+    # Teacher CFG scale w ~ U[min, max] (diffusers convention), baked into the student; null = the default: the
+    # class's DEFAULT_GUIDANCE, or 1 (no CFG) on a guidance-distilled teacher (FLUX.1-dev).
+    guidance_min: float | None = None
+    guidance_max: float | None = None
     target: str = "ema"  # ema (Hyper-SD) | online (stop-grad student: LCM-LoRA, PCM)
     ema_decay: float = 0.95
     loss: str = "huber"  # huber (pseudo-Huber, LCM/PCM) | mse (Hyper-SD)
@@ -113,11 +115,28 @@ class TSCDConfig(MethodConfig):
                               "method.adv_weight (one weight per stage) or drop adv_real")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"method.ema_decay must be in [0, 1) (got {self.ema_decay})")
-        if self.guidance_min > self.guidance_max:
+        lo, hi = self.default_guidance()
+        if (hi if self.guidance_max is None else self.guidance_max) < (lo if self.guidance_min is None else self.guidance_min):
             raise ConfigError("method.guidance_min must be <= method.guidance_max")
         if self.init_lora and not Path(self.init_lora).is_dir():
             raise ConfigError(f"method.init_lora={self.init_lora!r} is not a folder: pass a LoRA folder stepdistill "
                               "exported, e.g. runs/tscd/final")
+
+    DEFAULT_GUIDANCE: ClassVar[tuple[float, float]] = (3.0, 8.0)
+
+    def default_guidance(self, guidance_distilled: bool = False) -> tuple[float, float]:
+        """(guidance_min, guidance_max) when left null: 1 / 1 on a guidance-distilled teacher."""
+        return (1.0, 1.0) if guidance_distilled else self.DEFAULT_GUIDANCE
+
+    def resolve_guidance(self, guidance_distilled: bool) -> None:
+        """Fill null guidance_min / guidance_max with the defaults for this teacher."""
+        lo, hi = self.default_guidance(guidance_distilled)
+        self.guidance_min = lo if self.guidance_min is None else self.guidance_min
+        self.guidance_max = hi if self.guidance_max is None else self.guidance_max
+        # (Above 1 on a guidance-distilled teacher, Distiller.check_cfg's refusal is the one to read.)
+        if self.guidance_min > self.guidance_max and not (guidance_distilled and self.guidance_min > 1):
+            raise ConfigError(f"method.guidance_min={self.guidance_min:g} is above method.guidance_max="
+                              f"{self.guidance_max:g} (a null one takes {lo:g} / {hi:g} on this teacher): set both")
 
 
 @dataclass
@@ -130,9 +149,8 @@ class LCMConfig(TSCDConfig):
     end_point: str = "edge"
     boundary: str = "lcm"
     target: str = "online"
-    guidance_min: float = 3.0
-    guidance_max: float = 13.0
     inference_steps: int = 4
+    DEFAULT_GUIDANCE: ClassVar[tuple[float, float]] = (3.0, 13.0)
 
 
 @dataclass
@@ -151,6 +169,12 @@ class UnifiedConfig(TSCDConfig):
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2's min/max_step_percent)
     dm_t_max: float = 0.98
     critic_updates_per_student_update: int = 1
+    # Iterations at the start of each stage where the DM term turns on (dm_weight 0 -> > 0, or the run's start) in which
+    # the student is frozen and only the fake score trains on the student's samples (critic_updates_per_student_update
+    # updates each): without it the fake score starts as the teacher and the first DM updates are a CFG push, not
+    # distribution matching (DMD2 keeps it fitted with several fake-score updates per student update). They count
+    # towards the stage's steps. (ours)
+    dm_critic_warmup: int = 0
     tcd_eta: float = 0.3  # recipe eta (gamma) of TCDScheduler; TCD's default; Hyper-SD's card shows 1.0
     inference_steps: int = 1
     # The DM term's sample: the student's dm_steps-step sample from pure noise on the recipe's timesteps (DDIM steps:
@@ -181,6 +205,13 @@ class UnifiedConfig(TSCDConfig):
         if w is not None and not (w >= 0 and math.isfinite(w)):
             raise ConfigError(f"method.dm_guidance_scale must be a finite number >= 0 (1 = no CFG), or null for the "
                               f"consistency term's U[guidance_min, guidance_max] (got {w})")
+        if self.dm_critic_warmup < 0:
+            raise ConfigError(f"method.dm_critic_warmup must be >= 0 critic-only iterations (got {self.dm_critic_warmup})")
+        if self.stage_steps:
+            short = [n for n, start in zip(self.stage_steps, self.dm_starts()) if start and n <= self.dm_critic_warmup]
+            if short:
+                raise ConfigError(f"method.dm_critic_warmup={self.dm_critic_warmup} leaves no student update in a DM "
+                                  f"stage of {short[0]} steps: make it smaller than that stage's stage_steps")
         if not 0 <= self.dm_steps <= self.num_ddim_timesteps:
             raise ConfigError(f"method.dm_steps must be in [0, num_ddim_timesteps={self.num_ddim_timesteps}] "
                               f"(got {self.dm_steps}; 0 = inference_steps)")
@@ -194,6 +225,11 @@ class UnifiedConfig(TSCDConfig):
 
     def dm_weight_of(self, stage: int) -> float:
         return self.dm_weight[stage] if len(self.dm_weight) > 1 else self.dm_weight[0]
+
+    def dm_starts(self) -> list[bool]:
+        """Per stage: whether the DM term turns on there (its weight > 0, and 0 in the stage before or none before)."""
+        return [self.dm_weight_of(i) > 0 and (i == 0 or self.dm_weight_of(i - 1) == 0)
+                for i in range(len(self.segments))]
 
 
 # ---- the maths ------------------------------------------------------------------------------------------------
@@ -284,6 +320,10 @@ class ConsistencyDistiller(CriticHeadState):
                               f"teacher's {self.T} timesteps")
         self.grid = torch.tensor(lcm_origin_timesteps(cfg.num_ddim_timesteps, self.T))  # t_n, descending
         self.delta = self.T // cfg.num_ddim_timesteps
+        # The configured scales (null = the teacher's default): resolved now for a plain teacher, again in setup()
+        # once the family says whether it is guidance-distilled.
+        self._guidance_set = (cfg.guidance_min, cfg.guidance_max)
+        cfg.resolve_guidance(False)
         self.head = None
         self._stage = 0
 
@@ -301,6 +341,8 @@ class ConsistencyDistiller(CriticHeadState):
         from ..core.lora import copy_adapter
 
         super().setup(nets, ctx)
+        self.cfg.guidance_min, self.cfg.guidance_max = self._guidance_set
+        self.cfg.resolve_guidance(bool(getattr(ctx.family, "guidance_distilled", False)))
         self._budget_checked = False
         if self.cfg.init_lora:
             start_from_lora(nets.denoiser, self.cfg.init_lora)
@@ -308,6 +350,9 @@ class ConsistencyDistiller(CriticHeadState):
         self.pairs = _adapter_pairs(nets.denoiser, "target", "student")
         if any(w > 0 for w in self.cfg.adv_weight):
             self.head = FeatureHeads(feature_channels(nets.denoiser), self.cfg.adv_head_channels).to(nets.device)
+
+    def cfg_scales(self) -> dict[str, float]:
+        return {"method.guidance_min": self.cfg.guidance_min, "method.guidance_max": self.cfg.guidance_max}
 
     def stage(self, step: int, max_steps: int) -> int:
         ends = stage_bounds(self.cfg.segments, self.cfg.stage_steps, max_steps)
@@ -541,6 +586,9 @@ class UnifiedDistiller(ConsistencyDistiller):
         super().__init__(cfg, schedule)
         self.critic_updates = cfg.critic_updates_per_student_update
 
+    def cfg_scales(self) -> dict[str, float]:
+        return {**super().cfg_scales(), "method.dm_guidance_scale": self.cfg.dm_guidance_scale}
+
     def _dm_teacher(self, nets: Nets, batch: Batch):
         cfg = self.cfg
         if cfg.dm_guidance_scale is not None:
@@ -574,9 +622,21 @@ class UnifiedDistiller(ConsistencyDistiller):
         """The DM weight of the stage that `step` falls in."""
         return self.cfg.dm_weight_of(self.stage(step, self.ctx.max_steps))
 
-    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut:
+    def in_critic_warmup(self, step: int) -> bool:
+        """Whether `step` is one of the first dm_critic_warmup iterations of a stage where the DM term turns on."""
+        if not self.cfg.dm_critic_warmup:
+            return False
+        i = self.stage(step, self.ctx.max_steps)
+        start = ([0] + stage_bounds(self.cfg.segments, self.cfg.stage_steps, self.ctx.max_steps))[i]
+        return self.cfg.dm_starts()[i] and step - start < self.cfg.dm_critic_warmup
+
+    def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut | None:
         cfg, device = self.cfg, nets.device
         w_dm = self._dm_weight(step)
+        if w_dm > 0 and self.in_critic_warmup(step):
+            # The student waits while the fake score fits its samples (critic_loss draws them: inputs None).
+            self._stage = self.stage(step, self.ctx.max_steps)
+            return None
         if w_dm == 0:  # a consistency-only stage
             return self._consistency_loss(nets, batch, step)[0]
         # A one-step sample rides in the consistency term's student call (one batched pass of 2B rows).

@@ -28,12 +28,16 @@ class _FeaturesRead(Exception):
 
 def read_block_outputs(denoiser, x_t, t, cond, blocks, pick) -> list[torch.Tensor]:
     """pick(output) of each of `blocks` on (x_t, t, cond) under the denoiser's adapter, in order; the forward stops
-    after the last one (the rest of the network is not needed)."""
+    after the last one (the rest of the network is not needed), except on a sharded net (model.shard=fsdp2), which runs
+    to its end: an exception out of FSDP2's forward leaves its root mid-forward (root parameters unsharded, the
+    iteration state claiming a forward in flight), and its recovery, reset_iter_state(), reshards the blocks a
+    gradient through the features still needs (the backward then fails on freed weights)."""
     feats = []
+    stop = not _is_sharded(denoiser.unet)
 
     def keep(module, inputs, output):
         feats.append(pick(output))
-        if module is blocks[-1]:
+        if stop and module is blocks[-1]:
             raise _FeaturesRead
 
     handles = [b.register_forward_hook(keep) for b in blocks]
@@ -44,7 +48,18 @@ def read_block_outputs(denoiser, x_t, t, cond, blocks, pick) -> list[torch.Tenso
     finally:
         for h in handles:
             h.remove()
+    if len(feats) == len(blocks):
+        return feats
     raise RuntimeError(f"the {type(denoiser.unet).__name__} returned without running the blocks the discriminator reads")
+
+
+def _is_sharded(net) -> bool:
+    """An FSDP2-sharded net (train/shard.py): its forward must run to its end."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(net, FSDPModule)
 
 
 class UNetFeatures:

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core.denoiser import Cond
+from ..core.denoiser import Cond, cast_timestep
 from ..core.dtypes import dtype_kwargs
 from ..errors import ModelFileError
 
@@ -97,6 +97,8 @@ class FamilyModel:
     # Whether core.attention's processors (model.attention) fit the denoiser; a joint-attention transformer keeps
     # diffusers' own.
     attention_backends: ClassVar[bool] = True
+    # What model.resolution must be a multiple of: the VAE's downsampling (8), times a transformer's packing.
+    resolution_multiple: ClassVar[int] = 8
     # LoRA target presets by name (lora.targets); {} = the UNet presets of core.lora.LORA_TARGETS.
     lora_target_presets: ClassVar[dict[str, list[str]]] = {}
 
@@ -123,6 +125,11 @@ class FamilyModel:
     def denoiser_call(self):
         """call(net, x_t, timestep, cond) for core.denoiser.Denoiser; None = a UNet2DConditionModel's call."""
         return None
+
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """The timestep the denoiser is told at schedule step t in a `dtype` run, as this family's pipeline computes it
+        (core.denoiser.Denoiser's network_timestep): a DDPM UNet pipeline passes the integer t."""
+        return cast_timestep(schedule, t, dtype)
 
     def shard_units(self) -> list:
         """The denoiser's blocks that FSDP2 shards one by one (model.shard=fsdp2): each is all-gathered just before it
@@ -230,6 +237,15 @@ class FamilyModel:
         family has none). A trained LoRA's recipe keeps them, so generation conditions as training did."""
         return None
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the teacher takes its guidance scale as an input (no real CFG on top): methods default to 1."""
+        return False
+
+    def recipe_size(self, resolution: int | None = None) -> dict:
+        """The recipe's height and width when the schedule depends on the image size ({}: it does not)."""
+        return {}
+
     def with_image_sizes(self, cond: Cond, image_sizes: torch.Tensor, resolution: int | None = None) -> Cond:
         """`cond` for real images with these size rows (data.images.SIZE_FIELDS: original H, W, crop top, left), made
         into latents at `resolution`. The default: unchanged, for families without size conditioning."""
@@ -242,6 +258,7 @@ class FamilyModel:
                 f"resolution {resolution} is not a multiple of the VAE's scale factor {self.vae_scale_factor}: "
                 f"use e.g. {resolution // self.vae_scale_factor * self.vae_scale_factor}"
             )
+        check_resolution(type(self), resolution)
         side = resolution // self.vae_scale_factor
         return (batch, self.latent_channels, side, side)
 
@@ -324,3 +341,11 @@ class FamilyModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, path={self.path!r}, resolution={self.resolution})"
+
+
+def check_resolution(cls, resolution: int) -> None:
+    """Refuse a resolution the family's pipeline cannot take, in one line (cls.resolution_multiple)."""
+    m = cls.resolution_multiple
+    if resolution % m:
+        raise ValueError(f"{cls.name} needs a resolution that is a multiple of {m} (got {resolution}): "
+                         f"use e.g. model.resolution={max(m, resolution // m * m)}")

@@ -88,6 +88,18 @@ class FlowFamily(FamilyModel):
             mu = mu_from_config(config, image_seq_len(side, side, self.vae_scale_factor, self.token_patch))
         return FlowSchedule.from_scheduler_config(config, mu, self.timestep_scale)
 
+    def recipe_size(self, resolution: int | None = None) -> dict:
+        """A resolution-dependent shift (FLUX) takes its mu from the image size: the recipe keeps the trained one."""
+        if not self.scheduler_config.get("use_dynamic_shifting"):
+            return {}
+        side = int(resolution or self.resolution)
+        return {"height": side, "width": side}
+
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """StableDiffusion3Pipeline's timestep: the scheduler's float32 t = 1000 sigma, passed as is in every run dtype
+        (the transformer's sinusoidal projection reads it in float32; casting it to bf16 would move t = 750 to 752)."""
+        return schedule.pipeline_timestep(t)
+
     @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels

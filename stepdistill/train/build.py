@@ -107,7 +107,8 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     uncond = family.empty_cond(1)
     run_dtype = dtype if dtype != torch.float32 else None
     # The network call is the family's (UNet, or a transformer with pooled text, packing, ids, embedded guidance).
-    view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call)
+    view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call,
+                   network_timestep=family.network_timestep)
     teacher = GuidedDenoiser(view(None), uncond, Distiller.guidance_scale)
     nets = Nets(
         denoiser=unet, schedule=schedule, teacher=teacher, student=view("student"),
@@ -123,6 +124,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     distiller = distiller_cls(cfg.method, schedule)
     distiller.setup(nets, ctx)
     # The teacher's default CFG scale is the method's (dmd resolves its own per family in setup).
+    distiller.check_cfg(family)
     teacher.guidance_scale = distiller.guidance_scale
 
     params = {}

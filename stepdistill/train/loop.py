@@ -450,7 +450,7 @@ class Trainer:
                 base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
                 lora_rank=rank, lora_alpha=alpha, training_steps=step,
                 size_conditioning=b.family.size_conditioning(),
-                max_sequence_length=getattr(b.family, "t5_max_length", None), **fields,
+                max_sequence_length=getattr(b.family, "t5_max_length", None), **b.family.recipe_size(), **fields,
             ).save(tmp)
             write_model_card(tmp, run_dir=self.out, lora_ref=out)
             maybe_kill("export", step)

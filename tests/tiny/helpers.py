@@ -24,7 +24,7 @@ def cli_env(**extra) -> dict:
 
 def run_cli(args, check=True, **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from stepdistill.cli import main; sys.exit(main())", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"stepdistill {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -84,13 +84,16 @@ def run_pipeline(pipe, recipe, prompt: str, x_T, steps: int | None = None, seed:
     from stepdistill.models.registry import get_family
 
     family = get_family(recipe.family)
-    kwargs = recipe.call_kwargs(pipe.scheduler)
+    h, w = x_T.shape[-2:]
+    kwargs = {"height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
+    recipe_kwargs = recipe.call_kwargs(pipe.scheduler)
+    # A recipe that records its size (FLUX) must agree with the student's latents.
+    assert {k: recipe_kwargs.get(k, v) for k, v in kwargs.items()} == kwargs, (recipe_kwargs, kwargs)
+    kwargs.update(recipe_kwargs)
     if steps is not None:
         kwargs["num_inference_steps"] = steps
-    h, w = x_T.shape[-2:]
-    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()), height=h * pipe.vae_scale_factor,
-               width=w * pipe.vae_scale_factor, generator=torch.Generator().manual_seed(seed), output_type="latent",
-               **kwargs).images
+    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()), generator=torch.Generator().manual_seed(seed),
+               output_type="latent", **kwargs).images
     return family.from_pipeline_latents(out, h, w)
 
 

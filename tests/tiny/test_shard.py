@@ -109,3 +109,15 @@ def test_shard_units_are_distinct_blocks_holding_most_of_the_base(family):
     if family == "flux":
         assert any(u is b for u in units for b in net.single_transformer_blocks)
     assert 2 * sum(p.numel() for p in net.parameters() if id(p) in inside) > sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.slow
+def test_two_gan_updates_under_sharding(tiny_sd15_dir, prompts_file, tmp_path):
+    """dmd with the GAN head under model.shard=fsdp2: the head's feature reads stop the sharded forward early, twice
+    per iteration (generator and critic), for two iterations; the run finishes with finite GAN losses."""
+    out = tmp_path / "gan"
+    torchrun(train_args("configs/tiny/dmd_sd15.yaml", out, tiny_sd15_dir, prompts_file, "method.gan=true",
+                        "data.images=toy:8", "loop.max_steps=2", "data.batch_size=1", "method.regression_steps=0",
+                        "model.shard=fsdp2"))
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor([r["gan_g_loss"], r["gan_d_loss"]])).all() for r in logs)

@@ -156,19 +156,60 @@ def test_consistency_on_real_images_conditions_every_call_on_each_images_size(ti
     assert cfg_calls and all(ids[:2] == ids[2:] for ids in cfg_calls)
 
 
-def test_dmd_gan_reads_real_latents_with_their_sizes_and_samples_with_the_runs(tiny_sdxl_dir, image_folder, tmp_path,
-                                                                                monkeypatch):
-    """DMD's GAN critic call holds real rows (each image's size) then generated rows (the run's); every other call
-    is on generated samples and keeps the run's ids."""
+def test_dmd_gan_critic_gives_real_and_generated_rows_the_runs_conditioning(tiny_sdxl_dir, image_folder, tmp_path,
+                                                                            monkeypatch):
+    """DMD's GAN critic call holds B real rows then B generated rows, all with the run's ids (DMD2): with each image's
+    own size ids on the real rows the head could tell real from fake by the time embedding alone. No call of a dmd
+    run sees the images' size rows."""
     rows = _image_rows(image_folder)
     calls = _spied_run("configs/tiny/dmd_sdxl.yaml", [
         f"model.path={tiny_sdxl_dir}", f"data.images={image_folder}", "data.cache=memory", "method.gan=true",
         "method.regression_steps=0", "loop.max_steps=1"], tmp_path / "run", monkeypatch)
-    mixed = [ids for ids in calls if {tuple(r) for r in ids} & rows]
-    assert mixed, "no network call saw the real images' size rows"
-    for ids in mixed:  # the critic's one call: B real rows, then B generated rows
-        n = len(ids) // 2
-        assert {tuple(r) for r in ids[:n]} <= rows and all(tuple(r) == GENERATED for r in ids[n:]), ids
+    assert not rows & {GENERATED}, "the images must differ in size from the run for this test to see anything"
+    assert any(len(ids) == 4 for ids in calls), "no critic call of 2B rows"
     for ids in calls:
-        if ids not in mixed:
-            assert all(tuple(r) == GENERATED for r in ids), ids
+        assert all(tuple(r) == GENERATED for r in ids), ids
+
+
+@pytest.mark.parametrize("method", ["dmd", "disback"])
+def test_gan_critic_sees_real_and_fake_sides_alike_but_for_the_latents(tiny_sdxl_dir, image_folder, tmp_path, method):
+    """Swapping which latents are real and which generated (each side keeping the batch's size rows) changes nothing
+    the critic's feature call sees but the latents: the conditioning rows of both halves are the same."""
+    from stepdistill.methods.base import Batch
+
+    config = {"dmd": "configs/tiny/dmd_sdxl.yaml", "disback": "configs/tiny/disback_sdxl.yaml"}[method]
+    cfg = load_config(ROOT / config, [f"model.path={tiny_sdxl_dir}", f"data.images={image_folder}", "data.cache=memory",
+                                      "method.gan=true", "loop.progress=false", "model.resolution=32",
+                                      *(["method.regression_steps=0"] if method == "dmd" else [])])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    built = trainer.built
+    distiller = built.distiller
+    seen = []
+    middle = distiller.features.middle
+
+    def spy(net, x_t, t, cond):
+        seen.append((x_t.detach().clone(), cond))
+        return middle(net, x_t, t, cond)
+
+    distiller.features.middle = spy
+    if method == "disback":
+        distiller._step = distiller.path.record_end  # its stage 2 is dmd's critic (stage 1 records the degradation path)
+    prompts, cond, uncond, _, _ = built.data.next()
+    n = len(prompts)
+    shape = (n, *built.ctx.latent_shape)
+    image_ids = torch.tensor([[48.0, 40.0, 3.0, 5.0, 32.0, 32.0]] * n)  # an image's own original size and crop
+    real_cond = built.family.with_image_sizes(cond, image_ids[:, :4])
+    a, b = torch.randn(shape, generator=torch.Generator().manual_seed(1)), torch.randn(shape)
+    for real, fake in ((a, b), (b, a)):
+        batch = Batch(cond=cond, uncond=uncond, prompts=prompts, latent_shape=shape, latents=real, real_cond=real_cond)
+        distiller.critic_loss(built.nets, batch, fake)
+    (x1, c1), (x2, c2) = seen
+    for c in (c1, c2):
+        time_ids = c.added_cond_kwargs["time_ids"]
+        assert torch.equal(time_ids[:n], time_ids[n:]), time_ids  # real rows conditioned as the generated rows
+        assert torch.equal(c.encoder_hidden_states[:n], c.encoder_hidden_states[n:])
+        assert torch.equal(c.added_cond_kwargs["text_embeds"][:n], c.added_cond_kwargs["text_embeds"][n:])
+    assert torch.equal(c1.added_cond_kwargs["time_ids"], c2.added_cond_kwargs["time_ids"])
+    assert not torch.equal(x1, x2)  # ... while the latents did change sides
+    trainer.close()

@@ -39,6 +39,8 @@ RUNS = {
     "dmd_sd3_4step": ("sd3", "configs/tiny/dmd_sd3_4step.yaml"),
     "tscd_sd3": ("sd3", "configs/tiny/tscd_sd3.yaml"),
     "dmd_flux": ("flux", "configs/tiny/dmd_flux.yaml"),
+    # A multi-step FLUX student: its timesteps below 1000 are where bf16 timestep arithmetic differs.
+    "dmd_flux_4step": ("flux", "configs/tiny/dmd_flux.yaml", ["method.timesteps=[999,749,499,249]"]),
     "tscd_flux": ("flux", "configs/tiny/tscd_flux.yaml"),
     # A short T5 length (model.max_sequence_length): the recipe carries it to the stock pipeline call.
     "dmd_sd3_t5len8": ("sd3", "configs/tiny/dmd_sd3.yaml", ["model.max_sequence_length=8"]),
@@ -95,6 +97,49 @@ def test_export_reproduces_the_student_in_a_stock_pipeline(trained):
     bare.set_progress_bar_config(disable=True)
     bare.scheduler = recipe.make_scheduler(bare.scheduler.config)
     assert (run_pipeline(bare, recipe, PROMPT, x_T) - theirs).abs().max() > 1e-4
+
+
+def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(trained):
+    """Base and adapters in bf16: at each step of the recipe, the stock pipeline's transformer output equals the
+    training-time student's (the Denoiser train/build.py makes, in bf16) on the same latents and text, to bf16
+    tolerance. A student told another timestep than the pipeline tells it (a bf16 cast of 1000 sigma) misses."""
+    import copy
+
+    from stepdistill.core.denoiser import Cond, Denoiser
+
+    family, model, trainer, final = trained
+    bf16 = torch.bfloat16
+    pipe, recipe = fresh_pipeline(PIPELINES[family], model, final)
+    pipe.to(bf16)
+    calls = []
+
+    def record(module, args, kwargs, out):
+        calls.append(({k: kwargs[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections")},
+                      out[0].detach()))
+
+    pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    _, _, x_T = student_latents(trainer.built, PROMPT)
+    h, w = x_T.shape[-2:]
+    kwargs = {"height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor,
+              **recipe.call_kwargs(pipe.scheduler), "guidance_scale": recipe.guidance_scale if family == "flux" else 1.0}
+    fam = trainer.built.family
+    pipe(prompt=[PROMPT], latents=fam.to_pipeline_latents(x_T.clone()).to(bf16), output_type="latent", **kwargs)
+    timesteps = [round(u * 1000) - 1 for u in recipe.sigmas]
+    assert len(calls) == len(timesteps)
+    unet = copy.deepcopy(trainer.built.nets.unet).to(bf16)
+    student = Denoiser(unet, trainer.built.nets.schedule, "student", dtype=bf16, call=fam.denoiser_call,
+                       network_timestep=fam.network_timestep)
+    for t, (inputs, theirs) in zip(timesteps, calls):
+        x_t = fam.from_pipeline_latents(inputs["hidden_states"], h, w) if family == "flux" else inputs["hidden_states"]
+        cond = Cond(inputs["encoder_hidden_states"], {"pooled_projections": inputs["pooled_projections"]})
+        with torch.no_grad():
+            ours = student.raw(x_t, t, cond)
+        theirs = fam.from_pipeline_latents(theirs, h, w) if family == "flux" else theirs
+        # Same weights, inputs, shapes and kernels: equal up to one bf16 rounding unit (8 bits) at the output's scale
+        # (measured: bit-equal; the old bf16 cast of 1000 sigma missed by 4-10 units at t = 749 / 499).
+        tol = 2.0 ** -8 * theirs.float().abs().max().item()
+        err = (ours.float() - theirs.float()).abs().max().item()
+        assert err <= tol, f"t={t}: {err:.3g} > {tol:.3g}"
 
 
 def test_pipelines_load_fused_and_merged_export_reproduce_the_student(trained, tmp_path):
@@ -242,3 +287,70 @@ def test_max_sequence_length_refused_for_a_family_without_t5(tiny_sd15_dir):
 
     with pytest.raises(ConfigError, match="encodes no T5"):
         _set_t5_length(load_family(tiny_sd15_dir), 8)
+
+
+def test_flux_resolution_not_a_multiple_of_16_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="multiple of 16") as e:
+        load_config(ROOT / "configs/tiny/dmd_flux.yaml", ["model.resolution=40"])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("resolution", [256, 64])
+def test_flux_student_records_its_size_and_generate_runs_at_it_with_the_trained_sigmas(
+        tiny_flux_dir, prompts_file, tmp_path, monkeypatch, resolution):
+    """FLUX's sigmas shift with the image size: a student trained at `resolution` writes it into stepdistill.json,
+    and `stepdistill generate` (generate_image) calls FluxPipeline at that size, visiting the trained sigmas. 64 px
+    is not the tiny pipeline's default size (256), so a call without the recipe's size would shift elsewhere."""
+    from stepdistill.core.flow import image_seq_len, mu_from_config, scheduler_sigmas
+    from stepdistill.generate import generate_image
+
+    cfg = load_config(ROOT / "configs/tiny/dmd_flux.yaml", [
+        f"model.path={tiny_flux_dir}", f"data.prompts={prompts_file}", "loop.progress=false", "loop.max_steps=1",
+        "data.batch_size=1", "method.critic_updates_per_student_update=1", "method.timesteps=[999,499]",
+        f"model.resolution={resolution}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    final = trainer.run()
+    trainer.close()
+    recipe = json.loads((final / "stepdistill.json").read_text())
+    assert (recipe["height"], recipe["width"]) == (resolution, resolution)
+    assert f"height={resolution!r}," in (final / CARD_FILE).read_text()  # the model card's snippet passes it too
+    seen = {}
+    call = FluxPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        out = call(pipe, *args, **kwargs)
+        seen.update(height=kwargs.get("height"), width=kwargs.get("width"), sigmas=pipe.scheduler.sigmas.double())
+        return out
+
+    monkeypatch.setattr(FluxPipeline, "__call__", spy)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    generate_image(final, PROMPT, tmp_path / "out.png", base=str(tiny_flux_dir))
+    assert (seen["height"], seen["width"]) == (resolution, resolution)
+    config = dict(trainer.built.family.scheduler_config)
+    mu = mu_from_config(config, image_seq_len(resolution, resolution, trainer.built.family.vae_scale_factor, 2))
+    trained = scheduler_sigmas(2, config, mu, recipe["sigmas"])
+    torch.testing.assert_close(seen["sigmas"], trained, atol=1e-6, rtol=0)
+    # ... which are the student's training sigmas at t = 999, 499.
+    torch.testing.assert_close(trained[:-1], trainer.built.nets.schedule.sigma([999, 499]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, sets, setting", [
+    ("dmd", [], "method.guidance_scale"),
+    ("tscd", [], "method.guidance_min"),
+])
+def test_guidance_distilled_teacher_defaults_to_cfg_1_and_refuses_more(tiny_flux_dir, prompts_file, tmp_path, method,
+                                                                        sets, setting):
+    """FLUX.1-dev's guidance embedding replaces CFG: every method's teacher scale defaults to 1 on it, and a scale
+    above 1 is refused in one line naming the setting. (lcm's boundary and tscd_unified cannot distil a flow teacher.)"""
+    from stepdistill.train.build import build
+
+    base = [f"model.path={tiny_flux_dir}", f"data.prompts={prompts_file}", "loop.progress=false",
+            "model.family=flux", "lora.rank=4", "loop.max_steps=2"]
+    method_sets = {"dmd": ["method.name=dmd", "method.timesteps=[999]"], "tscd": ["method.name=tscd"]}[method]
+    built = build(load_config(None, [*base, *method_sets, *sets]), torch.device("cpu"), 0, 1, progress=False)
+    scales = built.distiller.cfg_scales()
+    assert scales and all(w in (None, 1.0) for w in scales.values()), scales
+    assert built.nets.teacher.guidance_scale == 1.0
+    with pytest.raises(ConfigError, match=f"^{setting}=3: .*guidance-distilled.*set {setting}=1") as e:
+        build(load_config(None, [*base, *method_sets, f"{setting}=3"]), torch.device("cpu"), 0, 1, progress=False)
+    assert "\n" not in str(e.value)

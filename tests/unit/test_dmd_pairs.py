@@ -42,3 +42,47 @@ def test_without_a_run_folder_nothing_is_written(tmp_path):
     load_or_solve_pairs(None, {"n": 2}, solve)
     load_or_solve_pairs(None, {"n": 2}, solve)
     assert len(calls) == 2 and not list(tmp_path.iterdir())
+
+
+class _Share:
+    """One process of a world of `world`, whose all_sum_ keeps its own share (the test adds the shares)."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank, self.device = world, rank, torch.device("cpu")
+
+    def all_sum_(self, tensor):
+        return tensor
+
+
+def test_pairs_are_split_across_processes_and_sum_to_the_single_process_set():
+    """Each of W processes solves every W-th chunk (not all n pairs), with the same number of teacher calls (a
+    sharded teacher's forward is a collective); the summed shares equal one process's set exactly."""
+    from stepdistill.core.denoiser import Cond, DenoiserOut
+    from stepdistill.core.schedule import NoiseSchedule
+    from stepdistill.methods.dmd import solve_ode_pairs
+
+    schedule = NoiseSchedule.from_scheduler_config({"num_train_timesteps": 1000})
+    calls = []
+
+    def teacher(x_t, t, cond):  # a Gaussian-like denoiser with a prompt-dependent mean
+        calls.append(len(x_t))
+        alpha, sigma = schedule.alpha_sigma(t, x_t.ndim)
+        x0 = (alpha * x_t.double() + cond.encoder_hidden_states.mean((1, 2)).reshape(-1, 1, 1, 1)) / (1 + alpha)
+        return DenoiserOut(x0, (x_t.double() - alpha * x0) / sigma)
+
+    prompts = Cond(torch.randn(3, 2, 4))
+    solve = lambda dist: solve_ode_pairs(teacher, prompts, 10, (2, 4, 4), 3, schedule, 0, "cpu", chunk=3,
+                                         progress=False, dist=dist)
+    whole = solve(None)
+    single_calls, calls[:] = list(calls), []
+    assert len(single_calls) == 4 * 3 and whole["x0"].abs().sum() > 0
+    for world in (2, 3):  # 4 chunks: an even split, and one where two processes have a chunk fewer
+        shares = []
+        for rank in range(world):
+            shares.append(solve(_Share(world, rank)))
+            share_calls, calls[:] = list(calls), []
+            assert len(share_calls) == 2 * 3  # ceil(4 chunks / W) chunk solves of 3 steps each, on every process
+        summed = sum(share["x0"].float() for share in shares)
+        assert torch.equal(summed.half(), whole["x0"]), world
+        assert all(torch.equal(sh["z"], whole["z"]) and torch.equal(sh["prompt_index"], whole["prompt_index"])
+                   for sh in shares)

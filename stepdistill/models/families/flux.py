@@ -64,6 +64,9 @@ class FluxModel(FlowFamily):
     default_scheduler_config: ClassVar = FLUX_SCHEDULER_CONFIG
     timestep_scale = 1.0  # FluxPipeline tells the transformer sigma; it multiplies by 1000 inside
     token_patch = 2  # 2x2 packing
+    # FLUX.1's VAE factor 8 times the 2x2 packing; the tiny VAE (factor 2) keeps the rule, so tiny runs refuse what
+    # full-size ones must.
+    resolution_multiple = 16
     t5_max_length = 512
     tiny_arch: ClassVar = DEFAULT_ARCH["flux"]
     full_configs: ClassVar = {
@@ -118,9 +121,19 @@ class FluxModel(FlowFamily):
     def guidance_embeds(self) -> bool:
         return bool(getattr(self.unet.config, "guidance_embeds", False))
 
+    @property
+    def guidance_distilled(self) -> bool:
+        """dev: the guidance embedding replaces CFG."""
+        return self.guidance_embeds
+
     def recipe_guidance_scale(self) -> float:
         """dev: FluxPipeline's guidance_scale feeds the guidance embedding, so the recipe carries the trained value."""
         return float(self.embedded_guidance) if self.guidance_embeds else 0.0
+
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """FluxPipeline's timestep: the scheduler's float32 t cast to the latents' dtype, then divided by 1000 in that
+        dtype (the transformer multiplies by 1000 again in its own): in bf16, bf16(bf16(t) / 1000)."""
+        return schedule.pipeline_timestep(t).to(dtype) / 1000
 
     @property
     def denoiser_call(self):

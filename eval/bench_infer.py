@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.core.attention import attention_modules, head_dim, resolve_backend, set_attention_backend
+from stepdistill.core.attention import (
+    MEASURED,
+    attention_modules,
+    head_dim,
+    resolve_backend,
+    set_attention_backend,
+)
 from stepdistill.core.denoiser import Cond, Denoiser
 from stepdistill.core.samplers import lcm_sample
 from stepdistill.core.schedule import NoiseSchedule
@@ -338,6 +344,11 @@ def bench_infer(family: str = "sd15", resolution: int | None = None, steps=(1, 4
                 vae_backend = _vae_backend(model.vae, backend) if family_cls.attention_backends else "diffusers"
                 if family_cls.attention_backends:
                     set_attention_backend(model.vae, vae_backend, device)
+                if use_compile and backend == MEASURED:
+                    # attention=auto times each shape at its first eager call; inside torch.compile nothing can be
+                    # timed (an unmeasured shape would run sdpa), so one eager generation goes first.
+                    generate_once(model, Sampler(model, dtype, resolution, 1), prompts, resolution, Clock(device),
+                                  torch.Generator(device).manual_seed(seed), PromptCache())
                 with compiled(model, use_compile, compile_mode):
                     for n_steps in map(int, _as_list(steps)):
                         sampler = Sampler(model, dtype, resolution, n_steps)

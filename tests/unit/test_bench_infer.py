@@ -78,6 +78,7 @@ def test_flux_rows_run_euler_flow_steps_with_diffusers_attention():
 
 def test_fused_lora_changes_the_weights_and_leaves_plain_layers():
     from stepdistill.eval.bench_infer import fuse_random_lora
+
     from stepdistill.models.random_init import build_family_model
 
     model = build_family_model("sd15", True, "tiny", "cpu", torch.float32)

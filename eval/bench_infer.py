@@ -186,20 +186,20 @@ def fuse_random_lora(model, rank: int, seed: int = 0) -> None:
 
 @contextmanager
 def compiled(model, enabled: bool, mode: str):
-    """Run with the text encoders, the denoiser and the VAE decoder under torch.compile; the originals come back
-    afterwards."""
+    """Run with the text encoders, the denoiser and the VAE decoder under torch.compile, compiled in place
+    (nn.Module.compile: each keeps its class, which encode_prompts checks); plain again afterwards."""
     if not enabled:
         yield model
         return
-    unet, decoder, encoders = model.unet, model.vae.decoder, list(model.text_encoders)
+    modules = [model.unet, model.vae.decoder, *model.text_encoders]
     torch._dynamo.reset()
-    model.unet = torch.compile(unet, mode=mode)
-    model.vae.decoder = torch.compile(decoder, mode=mode)
-    model.text_encoders = [torch.compile(e, mode=mode) for e in encoders]
+    for module in modules:
+        module.compile(mode=mode)
     try:
         yield model
     finally:
-        model.unet, model.vae.decoder, model.text_encoders = unet, decoder, encoders
+        for module in modules:
+            module._compiled_call_impl = None  # what nn.Module.compile set: calls go to the eager forward again
         torch._dynamo.reset()
 
 

@@ -475,8 +475,9 @@ _flash_fwd.register_autograd(_flash_grad, setup_context=_setup_context)
 
 
 class _EagerFlash(torch.autograd.Function):
-    """The same forward and backward for eager calls: an autograd.Function is dispatched with less host work per call
-    than a custom op, and at SD shapes the launch path is a visible share of a fwd+bwd that takes well under 1 ms."""
+    """The same forward and backward for eager calls, with less host work per call than the custom ops: 20,000
+    forward+backward calls of a trivial custom op took 9.7 s of CPU against 6.0 s as an autograd.Function (farm-bench,
+    a loaded 2-core VM), about 0.19 ms a call, next to SDPA's 0.4-0.6 ms fwd+bwd at SD shapes on an H200."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):

@@ -12,8 +12,8 @@ it measured), then DIR/summary.md, a Markdown table with the goals, written at t
    memory, UNet passes per update;
 3. max_batch: the largest SDXL dmd batch that fits in --memory-gb of GPU memory (doubling then bisection, CUDA
    out-of-memory caught; eval/bench_train.largest_batch);
-4. infer: one-step and four-step generation latency (eval/bench_infer.py) of SDXL 1024 px, SD1.5 512 px (both
-   compiled with CUDA graphs) and FLUX 1024 px (eager), tiny and full VAE, text with the prompt cache cold and warm.
+4. infer: one-step and four-step generation latency (eval/bench_infer.py) of SDXL 1024 px (compiled with CUDA graphs),
+   SD1.5 512 px and FLUX 1024 px (eager), tiny and full VAE, text with the prompt cache cold and warm.
 
 Full-size models are random-init, built in code from the family registry (models/random_init.py): no weights, no
 network. `--tiny` runs the same parts on the tiny architectures on the CPU in seconds (what CI runs); `--dry-run`
@@ -51,8 +51,8 @@ PARTS = {
     "attention": Part(0.10, 40, 15, "Triton / xformers vs SDPA at SD1.5 and SDXL attention shapes, bf16, fwd and fwd+bwd"),
     "train": Part(0.38, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
     "max_batch": Part(0.15, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
-    "infer": Part(0.37, 230, 30, "SDXL / SD1.5 / FLUX 1- and 4-step latency, tiny / full VAE, prompt cache cold / warm, "
-                  "compiled with CUDA graphs (FLUX eager)"),
+    "infer": Part(0.37, 180, 30, "SDXL (compiled, CUDA graphs) / SD1.5 / FLUX 1- and 4-step latency, tiny / full VAE, "
+                  "prompt cache cold / warm"),
 }
 DEFAULT_BUDGET_S = 420  # the GPU session is 15 minutes with start-up; the command must end within 8
 H100_80GB_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an "80 GB" H100, in GiB
@@ -366,13 +366,14 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# (family, compiled), in order of what the goals need: SDXL compiled first (both goals), then SD1.5 compiled, then
-# FLUX eager (a 12 B transformer: its compilation would not fit the part's cap). Each runs 1 and 4 steps, tiny then
-# full VAE, with the prompt cache cold and warm, in bf16 (random-init full size).
-INFER_CASES = [("sdxl", True), ("sd15", True), ("flux", False)]
-# Seconds a case needs on one H100 / H200 (build, fuse, compile, 2 x 2 x (warm-up + 20) generations): planning
-# figures from the first run's SDXL rows, not measurements of these cases.
-INFER_NEED_S = {("sdxl", True): 100, ("sd15", True): 60, ("flux", False): 70}
+# (family, compiled, VAEs), in order of what the goals need: SDXL compiled (CUDA graphs) with both VAEs first (both
+# goals), then SD1.5 eager with both, then FLUX eager with its full VAE (a 12 B transformer: its compilation, or a
+# second VAE's 20 x 5 more steps, would not fit the part's cap; `stepdistill bench infer --family flux` has the rest).
+# Each runs 1 and 4 steps with the prompt cache cold and warm, in bf16 (random-init full size).
+INFER_CASES = [("sdxl", True, ("tiny", "full")), ("sd15", False, ("tiny", "full")), ("flux", False, ("full",))]
+# Seconds a case needs on one H100 / H200 (build, fuse, compile, warm-up + 20 generations per row): planning figures
+# scaled from the first run's SDXL rows, not measurements of these cases.
+INFER_NEED_S = {"sdxl": 100, "sd15": 25, "flux": 55}
 INFER_REPEATS = 20
 
 
@@ -380,16 +381,16 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
     from .bench_infer import bench_infer
 
     repeats, warmup = (2, 1) if tiny else (INFER_REPEATS, 3)  # reduce-overhead records its CUDA graphs in warm-up
-    for family, compiled in INFER_CASES:
+    for family, compiled, vaes in INFER_CASES:
         compiled = compiled and not tiny
         what = f"{family}:{'compiled' if compiled else 'eager'}"
         if not plog.wanted(what):
             continue
-        if not plog.has_time(5 if tiny else INFER_NEED_S[(family, compiled)], what):
+        if not plog.has_time(5 if tiny else INFER_NEED_S[family], what):
             continue
         try:
             bench_infer(family=family, steps=(1, 4), backends=("auto",), compile=compiled, device=device, tiny=tiny,
-                        repeats=repeats, vae=["tiny", "full"], warmup=warmup, dtype="bf16" if device == "cuda" else
+                        repeats=repeats, vae=list(vaes), warmup=warmup, dtype="bf16" if device == "cuda" else
                         "fp32", show=False, on_row=plog.add)
         except torch.cuda.OutOfMemoryError as e:
             plog.note(f"{what}: out of memory ({str(e).splitlines()[0][:120]})")
@@ -397,8 +398,8 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
             if device == "cuda":
                 torch.cuda.empty_cache()
     if tiny:
-        plog.note("--tiny: eager only (inductor on the CPU takes minutes); the GPU run compiles sdxl and sd15 with "
-                  "mode reduce-overhead (CUDA graphs)")
+        plog.note("--tiny: eager only (inductor on the CPU takes minutes); the GPU run compiles sdxl with mode "
+                  "reduce-overhead (CUDA graphs)")
 
 
 PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer}
@@ -431,7 +432,7 @@ def sub_steps(tiny: bool) -> list[str]:
     """Every name --only takes: attention shapes, train rows METHOD:FAMILY, infer cases FAMILY:eager|compiled."""
     shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
     return [*shapes, *(f"{m}:{f}" for m, f in TRAIN_ROWS),
-            *(f"{family}:{'compiled' if compiled and not tiny else 'eager'}" for family, compiled in INFER_CASES)]
+            *(f"{family}:{'compiled' if compiled and not tiny else 'eager'}" for family, compiled, _ in INFER_CASES)]
 
 
 def plan(parts, budget_s: float, tiny: bool) -> list[dict]:

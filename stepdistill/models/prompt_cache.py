@@ -79,3 +79,75 @@ class PromptCache:
         for cond in conds[1:]:
             out = out.cat(cond)
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same cache in front of a diffusers pipeline's own encode_prompt (what `stepdistill generate` runs).
+# ---------------------------------------------------------------------------------------------------------------
+
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _hashable(value):
+    """A hashable form of an encode_prompt argument; tensors (precomputed embeddings) and other objects cannot key."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    raise _Uncacheable
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def cache_pipeline_prompts(pipe, maxsize: int = 64) -> PromptCache:
+    """Put an LRU cache in front of `pipe.encode_prompt` (any diffusers text-to-image pipeline), keyed by the
+    pipeline's text encoders and every argument of the call (prompt, device, images per prompt, guidance, negative
+    prompt, LoRA scale...). A call with precomputed embeddings passes straight through. Returns the cache (hits,
+    misses, clear()); a hit returns copies, so the pipeline may do what it likes with them.
+
+    The key is the encoder modules, not their weights: load text-encoder LoRAs or change their scale by reloading the
+    pipeline, or call clear(). stepdistill's own LoRAs never touch the text encoders.
+    """
+    cache = PromptCache(maxsize)
+    original = pipe.encode_prompt
+    encoders = tuple(e for e in (getattr(pipe, a, None) for a in TEXT_ENCODER_ATTRS) if e is not None)
+
+    def encode_prompt(*args, **kwargs):
+        try:
+            key = (_hashable(args), _hashable(sorted(kwargs.items())))
+        except _Uncacheable:
+            return original(*args, **kwargs)
+        key = (encoder_key(_Encoders(encoders)), key)
+        entries = cache._entries
+        if key in entries:
+            cache.hits += 1
+            entries.move_to_end(key)
+            return _clone(entries[key])
+        cache.misses += 1
+        out = original(*args, **kwargs)
+        entries[key] = _clone(out)
+        while len(entries) > cache.maxsize:
+            entries.popitem(last=False)
+        return out
+
+    pipe.encode_prompt = encode_prompt
+    return cache
+
+
+class _Encoders:
+    """What encoder_key reads: the text encoder modules (a pipeline has no FamilyModel around them)."""
+
+    def __init__(self, text_encoders):
+        self.text_encoders = text_encoders

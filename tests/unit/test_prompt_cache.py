@@ -96,3 +96,31 @@ def test_a_tiny_sdxl_model_gives_the_same_conditioning_through_the_cache():
         for key, value in direct.added_cond_kwargs.items():
             torch.testing.assert_close(out.added_cond_kwargs[key], value)
     assert (cache.hits, cache.misses) == (4, 2)
+
+
+def test_a_pipeline_with_the_cache_skips_the_text_encoder_for_a_repeated_prompt():
+    """`stepdistill generate` puts the cache in front of the diffusers pipeline's encode_prompt."""
+    from stepdistill.models.prompt_cache import cache_pipeline_prompts
+    from stepdistill.models.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_pipeline("sd15")
+    pipe.set_progress_bar_config(disable=True)
+    runs = []
+    pipe.text_encoder.register_forward_hook(lambda *_: runs.append(1))
+
+    def sample(prompt, seed=0):
+        return pipe(prompt, num_inference_steps=1, output_type="latent", guidance_scale=1.0,
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    plain = sample("a red circle")
+    cache = cache_pipeline_prompts(pipe)
+    first, again = sample("a red circle"), sample("a red circle", seed=0)
+    sample("a blue square")
+    assert len(runs) == 3  # uncached, first cached call, the new prompt; the repeat ran no encoder
+    assert (cache.hits, cache.misses) == (1, 2)
+    torch.testing.assert_close(first, plain)
+    torch.testing.assert_close(again, plain)
+    embeds = torch.randn(1, 77, pipe.text_encoder.config.hidden_size)
+    pipe(prompt_embeds=embeds, num_inference_steps=1, output_type="latent", guidance_scale=1.0)
+    assert (cache.hits, cache.misses) == (1, 2)  # precomputed embeddings pass straight through

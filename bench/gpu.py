@@ -12,8 +12,8 @@ it measured), then DIR/summary.md, a Markdown table with the goals, written at t
    memory, UNet passes per update;
 3. max_batch: the largest SDXL dmd batch that fits in --memory-gb of GPU memory (doubling then bisection, CUDA
    out-of-memory caught; bench/train.largest_batch);
-4. infer: one-step and four-step SDXL 1024 px generation latency (bench/infer.py), full and tiny VAE, eager and
-   compiled.
+4. infer: one-step and four-step generation latency (bench/infer.py) of SDXL 1024 px (compiled with CUDA graphs),
+   SD1.5 512 px and FLUX 1024 px (eager), tiny and full VAE, text with the prompt cache cold and warm.
 
 Full-size models are random-init, built in code from the family registry (models/random_init.py): no weights, no
 network. `--tiny` runs the same parts on the tiny architectures on the CPU in seconds (what CI runs); `--dry-run`
@@ -49,9 +49,10 @@ class Part:
 
 PARTS = {
     "attention": Part(0.10, 40, 15, "Triton / xformers vs SDPA at SD1.5 and SDXL attention shapes, bf16, fwd and fwd+bwd"),
-    "train": Part(0.45, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
-    "max_batch": Part(0.20, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
-    "infer": Part(0.25, 105, 20, "SDXL 1024 px 1- and 4-step latency, full / tiny VAE, eager / compiled"),
+    "train": Part(0.38, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
+    "max_batch": Part(0.15, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
+    "infer": Part(0.37, 180, 30, "SDXL (compiled, CUDA graphs) / SD1.5 / FLUX 1- and 4-step latency, tiny / full VAE, "
+                  "prompt cache cold / warm"),
 }
 DEFAULT_BUDGET_S = 420  # the GPU session is 15 minutes with start-up; the command must end within 8
 H100_80GB_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an "80 GB" H100, in GiB
@@ -156,14 +157,40 @@ def _attention_kernels(device: str) -> dict:
             kernels["triton"] = flash_attention
     except (ImportError, RuntimeError, ValueError) as e:
         log.info("triton attention unavailable: %s", e)
+    attend, _ = xformers_kernel()
+    if attend is not None:  # importable: measured (a shape where its kernels fail becomes a note)
+        kernels["xformers"] = attend
+    return kernels
+
+
+# What PyPI offered when this was checked (2026-12-07, `pip index versions xformers`, `pip download --no-deps
+# xformers==0.0.35`): the newest xformers, 0.0.35, is one wheel built for torch 2.10.0+cu128 (CUDA 12.8,
+# libcudart.so.12); imported beside torch 2.14.1+cu130 it says "xFormers can't load C++/CUDA extensions. xFormers
+# was built for: PyTorch 2.10.0+cu128". docs/benchmarks.md keeps the details.
+XFORMERS_PYPI = "PyPI's newest xformers (0.0.35) is built for torch 2.10.0+cu128"
+
+
+def xformers_kernel():
+    """(attend(q, k, v) over (B, H, L, D) or None, why it is missing or may fail, or None)."""
     try:
         import xformers.ops as xops
+    except ImportError as e:
+        return None, f"no wheel for torch {torch.__version__}: not installed ({e}); {XFORMERS_PYPI}"
+    try:
+        from xformers import _cpp_lib
 
-        kernels["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        failed = getattr(_cpp_lib, "_cpp_library_load_exception", None)
     except ImportError:
-        pass
-    return kernels
+        failed = None
+    why = None
+    if failed is not None:  # its Python ops may still reach PyTorch's flash kernels: measured where they run
+        why = (f"no wheel for torch {torch.__version__}: the installed xformers cannot load its C++/CUDA extensions "
+               f"({str(failed).splitlines()[0][:120]}); {XFORMERS_PYPI}")
+
+    def attend(q, k, v):
+        return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    return attend, why
 
 
 def _time_ms(fn, device, repeats: int) -> float:
@@ -228,15 +255,22 @@ def part_attention(plog: PartLog, tiny: bool, device: str):
     shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
     dtype = torch.float32 if tiny else torch.bfloat16
     kernels = _attention_kernels(device)
-    for missing in sorted({"triton", "xformers"} - set(kernels)):
-        plog.note(f"{missing}: not available here (rows without it)")
+    if "triton" not in kernels:
+        plog.note("triton: not available here (rows without it)")
+    _, xformers_why = xformers_kernel()
+    if xformers_why:
+        plog.note(f"xformers: {xformers_why}")
     for name, shape in shapes.items():
         if not plog.wanted(name):
             continue
         if not plog.has_time(3 if tiny else 6, f"shape {name}"):
             break
-        for row in _attention_rows(name, shape, kernels, device, dtype, 3 if tiny else 20, plog):
+        rows = _attention_rows(name, shape, kernels, device, dtype, 3 if tiny else 20, plog)
+        for row in rows:
             plog.add(row)
+        if xformers_why and not any(r["kernel"] == "xformers" for r in rows):  # says why instead of leaving it out
+            plog.add({"shape": name, "B_H_Lq_Lk_D": list(shape), "kernel": "xformers",
+                      "dtype": str(dtype).removeprefix("torch."), "unavailable": xformers_why})
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -332,25 +366,40 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# (family, compiled, VAEs), in order of what the goals need: SDXL compiled (CUDA graphs) with both VAEs first (both
+# goals), then SD1.5 eager with both, then FLUX eager with its full VAE (a 12 B transformer: its compilation, or a
+# second VAE's 20 x 5 more steps, would not fit the part's cap; `stepdistill bench infer --family flux` has the rest).
+# Each runs 1 and 4 steps with the prompt cache cold and warm, in bf16 (random-init full size).
+INFER_CASES = [("sdxl", True, ("tiny", "full")), ("sd15", False, ("tiny", "full")), ("flux", False, ("full",))]
+# Seconds a case needs on one H100 / H200 (build, fuse, compile, warm-up + 20 generations per row): planning figures
+# scaled from the first run's SDXL rows, not measurements of these cases.
+INFER_NEED_S = {"sdxl": 100, "sd15": 25, "flux": 55}
+INFER_REPEATS = 20
+
+
 def part_infer(plog: PartLog, tiny: bool, device: str):
     from .infer import bench_infer
 
-    repeats, warmup = (2, 1) if tiny else (10, 2)
-    # Eager first: compilation is the slow sub-step, and the cap then costs only the compiled rows.
-    for compiled in (False, True):
-        for vae in ("full", "tiny"):
-            what = f"{vae} VAE, {'compiled' if compiled else 'eager'}"
-            if not plog.wanted(f"{vae}:{'compiled' if compiled else 'eager'}"):
-                continue
-            if compiled and tiny:
-                plog.note(f"skipped {what}: --tiny does not compile (inductor on the CPU takes minutes)")
-                continue
-            if not plog.has_time(3 if tiny else (60 if compiled else 15), what):
-                continue
-            rows = bench_infer(family="sdxl", steps=(1, 4), backends=("auto",), compile=compiled, device=device,
-                               tiny=tiny, repeats=repeats, vae=vae, warmup=warmup, show=False)
-            for row in rows:
-                plog.add(row)
+    repeats, warmup = (2, 1) if tiny else (INFER_REPEATS, 3)  # reduce-overhead records its CUDA graphs in warm-up
+    for family, compiled, vaes in INFER_CASES:
+        compiled = compiled and not tiny
+        what = f"{family}:{'compiled' if compiled else 'eager'}"
+        if not plog.wanted(what):
+            continue
+        if not plog.has_time(5 if tiny else INFER_NEED_S[family], what):
+            continue
+        try:
+            bench_infer(family=family, steps=(1, 4), backends=("auto",), compile=compiled, device=device, tiny=tiny,
+                        repeats=repeats, vae=list(vaes), warmup=warmup, dtype="bf16" if device == "cuda" else
+                        "fp32", show=False, on_row=plog.add)
+        except torch.cuda.OutOfMemoryError as e:
+            plog.note(f"{what}: out of memory ({str(e).splitlines()[0][:120]})")
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if tiny:
+        plog.note("--tiny: eager only (inductor on the CPU takes minutes); the GPU run compiles sdxl with mode "
+                  "reduce-overhead (CUDA graphs)")
 
 
 PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer}
@@ -380,10 +429,10 @@ def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float
 
 
 def sub_steps(tiny: bool) -> list[str]:
-    """Every name --only takes: attention shapes, train rows METHOD:FAMILY, infer cases VAE:eager|compiled."""
+    """Every name --only takes: attention shapes, train rows METHOD:FAMILY, infer cases FAMILY:eager|compiled."""
     shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
     return [*shapes, *(f"{m}:{f}" for m, f in TRAIN_ROWS),
-            *(f"{vae}:{mode}" for mode in ("eager", "compiled") for vae in ("full", "tiny"))]
+            *(f"{family}:{'compiled' if compiled and not tiny else 'eager'}" for family, compiled, _ in INFER_CASES)]
 
 
 def plan(parts, budget_s: float, tiny: bool) -> list[dict]:
@@ -510,19 +559,37 @@ def goal_rows(results: dict, tiny: bool) -> list[tuple[str, str, str, str]]:
     shown = "-" if best is None else f"{best}{'' if mb.get('complete', True) else ' (lower bound)'}"
     rows.append(("sdxl 1024 px dmd batch per 80 GB", f">= {GOALS['sdxl_dmd_batch_per_80gb']}", shown,
                  _goal(best, GOALS["sdxl_dmd_batch_per_80gb"], True, tiny)))
-    att = [r for r in results.get("attention", {}).get("rows", []) if r["kernel"] == "triton"]
+    att = [r for r in results.get("attention", {}).get("rows", []) if r["kernel"] == "triton" and "fwd_ms" in r]
     err = max((r.get("max_err_out_vs_sdpa", 0.0) for r in att), default=None)
     ratio = max((r.get("fwd_bwd_ratio_vs_sdpa", 0.0) for r in att), default=None)
     rows.append(("Triton vs SDPA, max abs error in bf16 (worst shape)", f"<= {GOALS['triton_bf16_err_vs_sdpa']}",
                  "-" if err is None else f"{err:.2e}", _goal(err, GOALS["triton_bf16_err_vs_sdpa"], False, tiny)))
     rows.append(("Triton time / SDPA time, fwd+bwd (worst shape)", f"<= {GOALS['triton_time_vs_sdpa']}x",
                  "-" if ratio is None else f"{ratio:.2f}x", _goal(ratio, GOALS["triton_time_vs_sdpa"], False, tiny)))
-    infer = [r for r in results.get("infer", {}).get("rows", []) if r["steps"] == 1]
-    for vae, key in (("full", "sdxl_1step_full_vae_ms"), ("tiny", "sdxl_1step_tiny_vae_ms")):
-        best_ms = min((r["total_ms"] for r in infer if r["vae"] == vae), default=None)
-        rows.append((f"one-step sdxl 1024 px, {vae} VAE (best of eager / compiled)", f"<= {GOALS[key]:.0f} ms",
-                     "-" if best_ms is None else f"{best_ms:.1f} ms", _goal(best_ms, GOALS[key], False, tiny)))
+    infer = [r for r in results.get("infer", {}).get("rows", []) if r["steps"] == 1 and r["family"] == "sdxl"]
+    # The tiny-VAE goal is for a repeated prompt (warm cache: no text encoding), the full-VAE one for a new prompt.
+    for vae, key, field, cache in (("full", "sdxl_1step_full_vae_ms", "total_ms", "cold"),
+                                   ("tiny", "sdxl_1step_tiny_vae_ms", "total_warm_ms", "warm")):
+        best_ms = min((r[field] for r in infer if r["vae"] == vae and field in r), default=None)
+        rows.append((f"one-step sdxl 1024 px, {vae} VAE, prompt cache {cache} (best of eager / compiled)",
+                     f"<= {GOALS[key]:.0f} ms", "-" if best_ms is None else f"{best_ms:.1f} ms",
+                     _goal(best_ms, GOALS[key], False, tiny)))
     return rows
+
+
+def _generation_table(rows: list[dict]) -> list[str]:
+    """Latency rows: text with the prompt cache cold (encoders run) and warm (a hit), UNet (all steps), VAE, totals,
+    and why n steps are not n times one step."""
+    lines = ["", (f"## Generation (median of {rows[0].get('repeats', '?')} runs, batch 1, fused LoRA; compile: "
+             "torch.compile reduce-overhead, CUDA graphs)"), "",
+             ("| family | res | steps | VAE | compile | text cold ms | text warm ms | UNet ms | VAE ms | total cold ms | "
+             "total warm ms | why not n x one step |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['resolution']} | {r['steps']} | {r['vae']} | "
+                     f"{'yes' if r['compile'] else 'no'} | {r['text_ms']:.1f} | {r.get('text_warm_ms', float('nan')):.2f} "
+                     f"| {r['unet_ms']:.1f} | {r['vae_ms']:.1f} | {r['total_ms']:.1f} | "
+                     f"{r.get('total_warm_ms', float('nan')):.1f} | {r.get('note', '').replace('|', '/')} |")
+    return lines
 
 
 def format_summary(results: dict, tiny: bool, budget_s: float) -> str:
@@ -549,16 +616,15 @@ def format_summary(results: dict, tiny: bool, budget_s: float) -> str:
         lines += ["", "## Attention", "", ("| shape | kernel | dtype | fwd ms | fwd+bwd ms | x SDPA (fwd+bwd) | "
                                            "max err vs SDPA | max err vs fp32 |"), "|---|---|---|---|---|---|---|---|"]
         for r in att:
+            if "unavailable" in r:
+                lines.append(f"| {r['shape']} | {r['kernel']} | {r['dtype']} | {r['unavailable'].split(':')[0]} | | | | |")
+                continue
             lines.append(f"| {r['shape']} | {r['kernel']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                          f"{r.get('fwd_bwd_ratio_vs_sdpa', float('nan')):.2f} | "
                          f"{r.get('max_err_out_vs_sdpa', float('nan')):.2e} | {r['max_err_out_vs_fp32']:.2e} |")
     infer = results.get("infer", {}).get("rows", [])
     if infer:
-        lines += ["", "## Generation (SDXL)", "", "| res | steps | VAE | compile | text ms | UNet ms | VAE ms | total ms |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in infer:
-            lines.append(f"| {r['resolution']} | {r['steps']} | {r['vae']} | {'yes' if r['compile'] else 'no'} | "
-                         f"{r['text_ms']:.1f} | {r['unet_ms']:.1f} | {r['vae_ms']:.1f} | {r['total_ms']:.1f} |")
+        lines += _generation_table(infer)
     lines.append("")
     return "\n".join(lines)
 
@@ -597,7 +663,7 @@ def add_bench_gpu_command(subparsers) -> None:
     p.add_argument("--only", nargs="+", default=[], metavar="STEP",
                    help="run only these sub-steps (a rerun of what a first run missed): attention shape names "
                         "(e.g. sdxl_self_4096_d64), train rows METHOD:FAMILY (e.g. tscd:sdxl), infer cases "
-                        "VAE:eager|compiled (e.g. tiny:compiled); parts given in --parts run in that order")
+                        "FAMILY:eager|compiled (e.g. sdxl:compiled, flux:eager); parts given in --parts run in that order")
     p.add_argument("--run-part", choices=list(PARTS), help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     p.set_defaults(func=_bench_gpu_command)

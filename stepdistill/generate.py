@@ -17,6 +17,7 @@ import torch
 
 from .config import ConfigError
 from .errors import ModelError, ModelFileError
+from .models.prompt_cache import cache_pipeline_prompts
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_FILE = "images.jsonl"
@@ -109,6 +110,8 @@ def load_pipeline(lora, base=None, steps: int | None = None, lora_weights=None):
         raise ModelFileError(f"could not load the base model {where} for the LoRA in {main}: {e}. Pass --base with "
                              f"the local diffusers folder of the {recipe.family} model it was trained on") from e
     pipe.set_progress_bar_config(disable=True)
+    # A prompt repeated (--n images per prompt, or generate_image called again) skips the text encoders.
+    cache_pipeline_prompts(pipe)
     used = [{"path": path, "weight": recipe.lora_scale if weight is None else weight} for path, weight in loras]
     return pipe, recipe, used
 

@@ -1,9 +1,13 @@
 """One attention setting for training and inference: auto | sdpa | xformers | triton | math.
 
-`resolve_backend` turns the setting into a concrete backend for a device (auto: PyTorch SDPA on CUDA, the
-math processor on the CPU) and refuses one that cannot run there with a message that says what to do;
-`set_attention_backend` installs the matching diffusers attention processor on every Attention module of
-a model (UNet or VAE). Nothing falls back silently: auto logs what it picked.
+`resolve_backend` turns the setting into a concrete backend for a device and refuses one that cannot run there with
+a message that says what to do; `set_attention_backend` installs the matching diffusers attention processor on every
+Attention module of a model (UNet or VAE). Nothing falls back silently: auto logs what it picked.
+
+auto on CUDA (with triton importable) is `measured`: each attention shape (batch, heads, lengths, head dim, dtype,
+with or without gradients) runs whichever of our Triton kernel and PyTorch SDPA measured faster on this device the
+first time the shape came by (core.triton_attention.FastestAttnProcessor; measured once per shape and process,
+cached, logged). On the CPU auto is SDPA: the Triton kernel runs there only in its slow interpreter.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "xformers", "triton", "math")
+# What auto resolves to on CUDA: triton or sdpa per shape, whichever measured faster (see the module docstring).
+MEASURED = "measured"
 
 
 def _device_type(device) -> str:
@@ -29,16 +35,15 @@ def _triton_interpret() -> bool:
 
 
 def resolve_backend(name: str, device=None) -> str:
-    """The concrete backend (sdpa | xformers | triton | math) that `name` means on `device`, or a clear error."""
+    """The concrete backend (sdpa | xformers | triton | math | measured) that `name` means on `device`, or a clear
+    error."""
     if name not in BACKENDS:
         close = difflib.get_close_matches(str(name), BACKENDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown attention backend {name!r}{hint}: use one of {', '.join(BACKENDS)}")
     kind = _device_type(device)
     if name == "auto":
-        picked = "sdpa" if kind == "cuda" else "math"
-        log.info("attention=auto picked %s on %s", picked, kind)
-        return picked
+        return _resolve_auto(kind)
     if name == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ImportError("xformers is not installed: pip install stepdistill[xformers] or use attention=sdpa")
@@ -55,6 +60,19 @@ def resolve_backend(name: str, device=None) -> str:
     return name
 
 
+def _resolve_auto(kind: str) -> str:
+    if kind != "cuda":
+        log.info("attention=auto picked sdpa on %s (the triton kernel runs only on CUDA; no per-shape measurement)",
+                 kind)
+        return "sdpa"
+    if importlib.util.find_spec("triton") is None:
+        log.info("attention=auto picked sdpa on cuda (triton is not installed, so there is nothing to measure)")
+        return "sdpa"
+    log.info("attention=auto on cuda: each attention shape runs triton or sdpa, whichever measures faster on this "
+             "device at its first call (logged per shape)")
+    return MEASURED
+
+
 def attention_processor(backend: str):
     """A fresh diffusers attention processor for a concrete backend (see `resolve_backend`)."""
     from diffusers.models import attention_processor as ap
@@ -69,6 +87,10 @@ def attention_processor(backend: str):
         from .triton_attention import TritonAttnProcessor
 
         return TritonAttnProcessor()
+    if backend == MEASURED:
+        from .triton_attention import FastestAttnProcessor
+
+        return FastestAttnProcessor()
     raise ValueError(f"{backend!r} is not a concrete attention backend: pass it through resolve_backend first")
 
 

@@ -2,12 +2,15 @@
 
 Attention softmax(q k^T * scale) v is computed tile by tile with the online softmax of FlashAttention
 (Dao et al. 2022, Alg. 1; FlashAttention-2, Dao 2023, Alg. 1-2), so the Lq x Lk probability matrix never
-reaches memory; only the per-row log-sum-exp is kept for the backward pass.
+reaches memory. The forward saves the per-row log-sum-exp; the backward is FA-2's: a preprocess computing
+delta = rowsum(dO * O), one kernel for dK and dV that walks the query tiles of one key tile, and one for dQ that
+walks the key tiles of one query tile (no atomics). There is no causal mask: diffusion attention has none.
 
 Shapes: q (B, H, Lq, D), k and v (B, H, Lk, D), any strides with a unit stride on D (diffusers' head
-split is a free view). D is padded inside the kernel to the next power of two >= 16 by masked loads, so
-SD1.5's D = 40 runs as 64 (80 -> 128, 160 -> 256) and SDXL's 64 runs as is. Sequence ends are masked,
-so Lq and Lk need not be multiples of the block sizes (e.g. cross attention over 77 text tokens).
+split is a free view). D is padded inside the kernel to the next power of two >= 16 by masked loads only when it
+is not one already: SD1.5's 40 runs as 64 (80 -> 128, 160 -> 256), SDXL's 64 runs unmasked. Sequence ends are
+masked in one tail tile per loop, so Lq and Lk need not be multiples of the tiles (cross attention over 77 text
+tokens). Tiles, warps and pipeline stages are autotuned per shape on CUDA (`TILES`).
 
 Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (slow; for tests). This module imports triton at
 the top; stepdistill.core.attention imports it only when the triton backend is chosen.
@@ -34,82 +37,152 @@ def interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernels. Grid axis 0 walks tiles along a sequence, axis 1 walks (batch, head) pairs.
+# Kernels. Grid axis 0 walks tiles along a sequence, axis 1 walks (batch, head) pairs, so neighbouring programs
+# read the same head's K / V (or Q / dO) from L2.
+#
+# The layout of the fast published kernels (FlashAttention-2, Dao 2023, Alg. 1-2 and sec. 3.2):
+#   forward    one program per query tile, online softmax over key tiles; stores O and the row log-sum-exp L.
+#   preprocess delta_i = rowsum(dO_i * O_i), so the backward needs no second pass over the keys for it.
+#   dK, dV     one program per key tile, iterating over query tiles; P is recomputed from L (never stored).
+#   dQ         one program per query tile, iterating over key tiles: a second kernel instead of atomic adds.
+# Sequence ends: every loop runs its full tiles without masks and one masked tail tile, so an SD length (4096,
+# 1024, 256 tokens) whose tiles divide it runs no mask at all. Head dims that are not a power of two (40, 80, 160)
+# are padded to BLOCK_D with masked loads; 64 and 128 load unmasked (PAD_D is a compile-time flag).
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile; rows past n_rows (CHECK_ROWS) and padded head columns read as zero."""
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _load_vec(ptrs, rows, n_rows, CHECK_ROWS: tl.constexpr):
+    if CHECK_ROWS:
+        vec = tl.load(ptrs, mask=rows < n_rows, other=0.0)
+    else:
+        vec = tl.load(ptrs)
+    return vec
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b with a float32 accumulator. "upcast": the interpreter's tl.dot misreads bfloat16 operands, so there
+    they are widened first; a product of two bfloat16 values is exact in float32, as on the tensor cores."""
+    if DOT_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, Lk, offs_d, scale_log2,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online softmax (FA-2 Alg. 1, lines 8-10), in log2 units so exp is one exp2."""
+    k = _load_rows(k_ptrs, cols, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_COLS)
+    v = _load_rows(v_ptrs, cols, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_COLS)
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * scale_log2
+    if CHECK_COLS:
+        s = tl.where(cols[None, :] < Lk, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    rescale = tl.exp2(m_i - m_new)
+    l_i = l_i * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    H, Lq, Lk, D, scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H, Lq, Lk, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """O = softmax(q k^T scale) v for one BLOCK_M tile of queries, with the online softmax (FA-2 Alg. 1)."""
+    """O = softmax(q k^T scale) v and L = log2-sum-exp2 of each row, for one BLOCK_M tile of queries."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m, mask_d = offs_m < Lq, offs_d < D
+    q = _load_rows(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], rows, Lq, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :]
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
-
-    # Running row max m_i (log2 units), normaliser l_i and unnormalised output; padded D columns of q and k
-    # are zero so they add nothing to q k^T, and padded columns of v are never stored.
+    # Padded head columns of q and k are zero, so they add nothing to q k^T; those of v are never stored.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < Lk
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        rescale = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn, start_n + offs_n,
+                                  Lk, offs_d, scale_log2, HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
+    if full < Lk:
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs + full * skn, v_ptrs + full * svn, full + offs_n,
+                                  Lk, offs_d, scale_log2, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    o_mask = rows[:, None] < Lq
+    if HEAD_DIM != BLOCK_D:
+        o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + bh * Lq + rows, m_i + tl.log2(l_i), mask=rows < Lq)
 
 
 @triton.jit
-def _bwd_delta_kernel(
+def _bwd_preprocess_kernel(
     O, DO, DELTA,
     sob, soh, som, sdob, sdoh, sdom,
-    H, Lq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, Lq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = sum_d dO_id O_id = rowsum(dP * P) (FA-2 Alg. 2, line 4), the softmax-backward row term."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=mask, other=0.0)
+    o = _load_rows(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], rows, Lq, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], rows, Lq, offs_d,
+                    HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + bh * Lq + rows, delta, mask=rows < Lq)
 
 
 @triton.jit
-def _probs(q, k, lse, mask_m, mask_n, scale_log2, DOT_PRECISION: tl.constexpr):
-    """P = exp(q k^T scale - lse), recomputed from the saved log-sum-exp (log2 units); zero outside the sequences."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    p = tl.exp2(s - lse[:, None])
-    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, Lq, offs_d, scale_log2,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query tile's share of dV = P^T dO and dK = dS^T q (FA-2 Alg. 2, lines 11-16), computed transposed
+    (keys along rows) so P^T and dS^T come out of the products directly, with no register transpose.
+
+    Query rows past Lq read q = dO = 0 and L = delta = 0: their P^T column is 1 and multiplies dO = 0, their dS^T
+    column is 1 * (0 - 0) = 0, so they add nothing and need no mask.
+    """
+    q = _load_rows(q_ptrs, rows, Lq, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+    do = _load_rows(do_ptrs, rows, Lq, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+    lse = _load_vec(lse_ptrs, rows, Lq, CHECK_ROWS)
+    delta = _load_vec(delta_ptrs, rows, Lq, CHECK_ROWS)
+    p_t = tl.exp2(_dot(k, tl.trans(q), DOT_PRECISION) * scale_log2 - lse[None, :])
+    dv += _dot(p_t.to(do.dtype), do, DOT_PRECISION)
+    dp_t = _dot(v, tl.trans(do), DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -117,110 +190,156 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    H, Lq, Lk, D, scale, scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H, Lq, Lk, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """dV = P^T dO and dK = scale dS^T q, dS = P (dO v^T - delta), for one BLOCK_N tile of keys (FA-2 Alg. 2)."""
+    """dK and dV of one BLOCK_N tile of keys, accumulated over every query tile; each program owns its rows."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n, mask_d = offs_n < Lk, offs_d < D
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base, do_base = Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh
+    # Key rows past Lk read as zero; their dK, dV rows are computed but never stored.
+    k = _load_rows(K + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :], cols, Lk, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :], cols, Lk, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    do_ptrs = DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :]
+    lse_ptrs, delta_ptrs = LSE + bh * Lq + offs_m, DELTA + bh * Lq + offs_m
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, Lq, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < Lq
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + bh * Lq + rows, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + bh * Lq + rows, mask=mask_m, other=0.0)
-        p = _probs(q, k, lse, mask_m, mask_n, scale_log2, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    full = (Lq // BLOCK_M) * BLOCK_M
+    for start_m in range(0, full, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs + start_m * sqm, do_ptrs + start_m * sdom, lse_ptrs + start_m,
+                            delta_ptrs + start_m, start_m + offs_m, Lq, offs_d, scale_log2, HEAD_DIM, BLOCK_D, False,
+                            DOT_PRECISION)
+    if full < Lq:
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs + full * sqm, do_ptrs + full * sdom, lse_ptrs + full,
+                            delta_ptrs + full, full + offs_m, Lq, offs_d, scale_log2, HEAD_DIM, BLOCK_D, True,
+                            DOT_PRECISION)
 
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+    kv_mask = cols[:, None] < Lk
+    if HEAD_DIM != BLOCK_D:
+        kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b * sdkb + h * sdkh + cols[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kv_mask)
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + b * sdvb + h * sdvh + cols[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, cols, Lk, offs_d, scale_log2,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile's share of dQ = dS k (FA-2 Alg. 2, line 15), with dS = P (dO v^T - delta)."""
+    k = _load_rows(k_ptrs, cols, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_COLS)
+    v = _load_rows(v_ptrs, cols, Lk, offs_d, HEAD_DIM, BLOCK_D, CHECK_COLS)
+    p = tl.exp2(_dot(q, tl.trans(k), DOT_PRECISION) * scale_log2 - lse[:, None])
+    if CHECK_COLS:
+        # A zero key past Lk gives P = 2^-L there; it multiplies k = 0, but an overflow would make 0 * inf.
+        p = tl.where(cols[None, :] < Lk, p, 0.0)
+    ds = p * (_dot(do, tl.trans(v), DOT_PRECISION) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, DOT_PRECISION)
 
 
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-    H, Lq, Lk, D, scale, scale_log2,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    H, Lq, Lk, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """dQ = scale dS k for one BLOCK_M tile of queries; a separate pass so no tile needs atomics (FA-2 sec. 3.2)."""
+    """dQ of one BLOCK_M tile of queries, accumulated over every key tile (no atomics: FA-2 sec. 3.2)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m, mask_d = offs_m < Lq, offs_d < D
-    q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0.0)
-    k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
+    q = _load_rows(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], rows, Lq, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], rows, Lq, offs_d,
+                    HEAD_DIM, BLOCK_D, True)
+    lse = _load_vec(LSE + bh * Lq + rows, rows, Lq, True)
+    delta = _load_vec(DELTA + bh * Lq + rows, rows, Lq, True)
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :]
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < Lk
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        p = _probs(q, k, lse, mask_m, mask_n, scale_log2, DOT_PRECISION)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_ptrs + start_n * skn, v_ptrs + start_n * svn, start_n + offs_n, Lk,
+                      offs_d, scale_log2, HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
+    if full < Lk:
+        dq = _dq_tile(dq, q, do, lse, delta, k_ptrs + full * skn, v_ptrs + full * svn, full + offs_n, Lk,
+                      offs_d, scale_log2, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
 
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    q_mask = rows[:, None] < Lq
+    if HEAD_DIM != BLOCK_D:
+        q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launch configuration: autotuned on CUDA; small fixed tiles under the interpreter, so tests with short
-# sequences still cross tile boundaries.
+# Launch configuration. On CUDA each kernel is autotuned per (Lq, Lk, head dim, dtype) over tiles, warps and
+# pipeline stages chosen per padded head dim (the register / shared-memory budget shrinks as BLOCK_D grows); tiles
+# longer than the sequence are pruned first. Under the interpreter: small fixed tiles, so tests with short
+# sequences still cross tile edges and run both the unmasked loop and the masked tail.
 # ---------------------------------------------------------------------------------------------------------------
 
-_INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 16}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim (64 also serves 16 and 32).
+# The backward's dK/dV pass keeps a long key tile and walks short query tiles; dQ the reverse (FA-2's split).
+# Chosen by compiling every candidate for sm_90 offline (triton.compile + ptxas -v, no GPU) and keeping the ones that
+# spill no or few registers: e.g. a 128 x 64 forward tile at D = 64 spills 304 bytes with 4 warps, none with 8. At
+# D = 256 (SD1.5's 160, padded) every candidate spills; those tiles are the least bad. The autotuner picks by time.
+TILES = {
+    "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+            128: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2), (128, 64, 8, 3)],
+            256: [(64, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 1), (64, 16, 8, 2)]},
+    "dkdv": {64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2)],
+             128: [(32, 64, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (16, 32, 4, 2)],
+             256: [(16, 64, 8, 2), (16, 32, 8, 1), (32, 32, 8, 2), (16, 32, 4, 1)]},
+    "dq": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
+           128: [(64, 32, 8, 2), (64, 16, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+           256: [(64, 16, 8, 2), (32, 16, 4, 1), (32, 32, 8, 2), (16, 32, 4, 1)]},
+}
+_INTERPRET_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+PREPROCESS_BLOCK_M = 64
 
 
-def _cuda_configs(block_d_small: bool, backward: bool) -> list[triton.Config]:
-    # A few conservative tiles; the autotuner drops any that exceed a GPU's shared memory or registers.
-    if block_d_small:
-        tiles = [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2)]
-        if backward:
-            tiles = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 32, 4, 2)]
-    else:
-        tiles = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+def _d_class(block_d: int) -> int:
+    return max(64, block_d)
+
+
+def _configs(name: str, block_d: int) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in TILES[name][_d_class(block_d)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles longer than the (power-of-two rounded) sequence they walk; keep the shortest if none fits."""
+    lq, lk = (max(16, triton.next_power_of_2(int(named_args[n]))) for n in ("Lq", "Lk"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= lq and c.kwargs["BLOCK_N"] <= lk]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 _tuned: dict = {}
 
 
-def _launcher(kernel, name: str, block_d: int, backward: bool):
-    """The kernel as launched on this device: autotuned per (sequence lengths, padded D) on CUDA."""
+def _launcher(kernel, name: str, block_d: int):
+    """The kernel as launched on this device, with the tile kwargs it still needs."""
     if interpreting():
-        return kernel, dict(_INTERPRET_TILES)
-    key = (name, block_d <= 64, backward)
+        m, n = _INTERPRET_TILES[name]
+        return kernel, {"BLOCK_M": m, "BLOCK_N": n}
+    key = (name, _d_class(block_d))
     if key not in _tuned:
-        configs = _cuda_configs(block_d <= 64, backward)
-        _tuned[key] = triton.autotune(configs=configs, key=["Lq", "Lk", "BLOCK_D"])(kernel)
+        _tuned[key] = triton.autotune(configs=_configs(name, block_d), key=["Lq", "Lk", "HEAD_DIM"],
+                                      prune_configs_by={"early_config_prune": _prune})(kernel)
     return _tuned[key], {}
 
 
@@ -232,8 +351,10 @@ def _block_d(D: int) -> int:
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # float32 inputs (tests, fp32 training) get exact products rather than TF32's 10-bit mantissa; other
-    # dtypes take the backend's default.
-    return "ieee" if dtype == torch.float32 else None
+    # dtypes take the backend's default, except bfloat16 in the interpreter (see _dot).
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dtype == torch.bfloat16 and interpreting() else None
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -270,14 +391,10 @@ def _forward(q, k, v, scale: float):
     block_d = _block_d(D)
     o = _empty_out(q)
     lse = torch.empty(B * H, Lq, device=q.device, dtype=torch.float32)
-    kernel, tiles = _launcher(_fwd_kernel, "fwd", block_d, backward=False)
-
-    def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-
-    kernel[grid](
+    kernel, tiles = _launcher(_fwd_kernel, "fwd", block_d)
+    kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, Lq, Lk, D, scale * LOG2E, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **tiles,
+        H, Lq, Lk, scale * LOG2E, HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **tiles,
     )
     return o, lse
 
@@ -287,21 +404,22 @@ def _backward(do, q, k, v, o, lse, scale: float):
     Lk = k.shape[2]
     block_d = _block_d(D)
     delta = torch.empty_like(lse)
-    delta_block = _INTERPRET_TILES["BLOCK_M"] if interpreting() or block_d > 128 else 64
-    _bwd_delta_kernel[(triton.cdiv(Lq, delta_block), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, Lq, D, BLOCK_M=delta_block, BLOCK_D=block_d,
+    block_m = _INTERPRET_TILES["fwd"][0] if interpreting() else PREPROCESS_BLOCK_M
+    _bwd_preprocess_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Lq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dkdv, tiles = _launcher(_bwd_dkdv_kernel, "dkdv", block_d, backward=True)
+    precision = _dot_precision(q.dtype)
+    dkdv, tiles = _launcher(_bwd_dkdv_kernel, "dkdv", block_d)
     dkdv[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), H, Lq, Lk, D, scale, scale * LOG2E,
-        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **tiles,
+        *_strides(dk), *_strides(dv), H, Lq, Lk, scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=precision, **tiles,
     )
-    dq_kernel, tiles = _launcher(_bwd_dq_kernel, "dq", block_d, backward=True)
+    dq_kernel, tiles = _launcher(_bwd_dq_kernel, "dq", block_d)
     dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Lq, Lk, D, scale, scale * LOG2E, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **tiles,
+        H, Lq, Lk, scale, scale * LOG2E, HEAD_DIM=D, BLOCK_D=block_d, DOT_PRECISION=precision, **tiles,
     )
     return dq, dk, dv
 
@@ -356,12 +474,34 @@ def _flash_grad(ctx, do, _dlse):
 _flash_fwd.register_autograd(_flash_grad, setup_context=_setup_context)
 
 
+class _EagerFlash(torch.autograd.Function):
+    """The same forward and backward for eager calls, with less host work per call than the custom ops: 20,000
+    forward+backward calls of a trivial custom op took 9.7 s of CPU against 6.0 s as an autograd.Function (farm-bench,
+    a loaded 2-core VM), about 0.19 ms a call, next to SDPA's 0.4-0.6 ms fwd+bwd at SD shapes on an H200."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        _check_device(q)
+        o, lse = _forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*_backward(_unit_last(do), q, k, v, o, lse, ctx.scale), None)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v (Vaswani et al. eq. 1) for q (B, H, Lq, D), k, v (B, H, Lk, D); scale = D^-1/2."""
     _check_inputs(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _flash_fwd(_unit_last(q), _unit_last(k), _unit_last(v), float(scale))[0]
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if torch.compiler.is_compiling():
+        return _flash_fwd(q, k, v, float(scale))[0]
+    return _EagerFlash.apply(q, k, v, float(scale))
 
 
 class TritonAttnProcessor:
@@ -402,7 +542,7 @@ class TritonAttnProcessor:
             key = attn.norm_k(key)
 
         if attention_mask is None:
-            hidden_states = flash_attention(query, key, value, attn.scale)
+            hidden_states = self.attend(query, key, value, attn.scale)
         else:
             hidden_states = self._masked_sdpa(attn, query, key, value, attention_mask, batch_size)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
@@ -414,6 +554,10 @@ class TritonAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def attend(self, query, key, value, scale: float) -> torch.Tensor:
+        """softmax(q k^T scale) v over (B, H, L, D) heads: the one step a subclass may run on another kernel."""
+        return flash_attention(query, key, value, scale)
+
     def _masked_sdpa(self, attn, query, key, value, attention_mask, batch_size):
         if not TritonAttnProcessor._mask_notice_given:
             log.warning(
@@ -424,3 +568,95 @@ class TritonAttnProcessor:
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
         mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention=auto on CUDA: per shape, whichever of this kernel and SDPA measures faster on the device.
+# ---------------------------------------------------------------------------------------------------------------
+
+MEASURE_REPEATS = 5
+_choices: dict[tuple, str] = {}
+
+
+def attention_choices() -> dict[tuple, str]:
+    """(device, B, H, Lq, Lk, D, dtype, with gradients) -> "triton" | "sdpa": what auto measured so far."""
+    return dict(_choices)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # the first call compiles and autotunes the triton kernels for this shape: not timed
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    ends[-1].synchronize()
+    return sorted(a.elapsed_time(b) for a, b in zip(starts, ends))[repeats // 2]
+
+
+def _timed_call(attend, q, k, v, scale: float, grad: bool):
+    """fn() running `attend` on copies of q, k, v: forward, or forward and backward when training."""
+    if not grad:
+        def forward():
+            with torch.no_grad():
+                attend(q, k, v, scale)
+        return forward
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    do = torch.randn_like(q)
+
+    def forward_backward():
+        with torch.enable_grad():
+            torch.autograd.grad(attend(*leaves, scale), leaves, do)
+    return forward_backward
+
+
+def _sdpa(q, k, v, scale):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _kernel_ms(kernel: str, q, k, v, scale: float, grad: bool) -> float:
+    attend = flash_attention if kernel == "triton" else _sdpa
+    return _median_ms(_timed_call(attend, q, k, v, scale, grad), MEASURE_REPEATS)
+
+
+def measure_choice(q, k, v, scale: float, grad: bool) -> str:
+    """"triton" or "sdpa", whichever runs this shape faster (median of MEASURE_REPEATS after one untimed call)."""
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])
+    what = f"{'fwd+bwd' if grad else 'fwd'} at B, H, Lq, Lk, D = {shape} {str(q.dtype).removeprefix('torch.')}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        log.info("attention=auto: sdpa %s (head dim beyond the triton kernel's %d)", what, MAX_HEAD_DIM)
+        return "sdpa"
+    try:
+        ours = _kernel_ms("triton", q, k, v, scale, grad)
+    except (RuntimeError, ValueError) as e:  # a kernel this device cannot run (shared memory...) is a loss, logged
+        log.warning("attention=auto: sdpa %s (the triton kernel failed here: %s)", what, str(e).splitlines()[0][:200])
+        return "sdpa"
+    theirs = _kernel_ms("sdpa", q, k, v, scale, grad)
+    choice = "triton" if ours < theirs else "sdpa"
+    log.info("attention=auto: %s %s (triton %.3f ms, sdpa %.3f ms, median of %d)", choice, what, ours, theirs,
+             MEASURE_REPEATS)
+    return choice
+
+
+class FastestAttnProcessor(TritonAttnProcessor):
+    """attention=auto on CUDA: each shape runs on whichever of our kernel and SDPA measured faster here.
+
+    The first eager call of a shape measures both (forward, or forward and backward when gradients flow) and caches
+    the winner for the process. Inside torch.compile or a CUDA graph capture nothing can be timed: a shape measured
+    by an earlier eager call keeps its choice, an unmeasured one runs SDPA (run one eager call first, as
+    bench/infer.py does before compiling).
+    """
+
+    def attend(self, query, key, value, scale: float) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        shape_key = (query.device.index, *query.shape, key.shape[2], query.dtype, grad)
+        choice = _choices.get(shape_key)
+        if choice is None:
+            if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+                choice = "sdpa"
+            else:
+                choice = _choices[shape_key] = measure_choice(query, key, value, scale, grad)
+        if choice == "triton":
+            return flash_attention(query, key, value, scale)
+        return _sdpa(query, key, value, scale)

@@ -17,8 +17,8 @@ VAES = ("full", "tiny")
 # TAESD / TAESDXL (madebyollin/taesd, taesdxl) are AutoencoderTiny's defaults; the tiny one is for CPU tests.
 TINY_VAE_CONFIGS = {
     "full": {},
-    "tiny": dict(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
-                 num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)),
+    "tiny": {"encoder_block_out_channels": (16, 16), "decoder_block_out_channels": (16, 16),
+                 "num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1)},
 }
 
 
@@ -34,10 +34,26 @@ def model_configs(family: str, tiny: bool) -> dict[str, dict]:
 
 
 def build_vae(config: dict, kind: str, tiny: bool, family_cls=None):
-    """The family's VAE from `config` ("full"), or an AutoencoderTiny ("tiny": TAESD's size, or a tiny one)."""
+    """The family's VAE from `config` ("full"), or an AutoencoderTiny ("tiny": TAESD's size, or a tiny one) with the
+    family's latent channels (TAESD 4, TAEF1 16)."""
     if kind == "full":
         return (family_cls.vae_class if family_cls else library_class("diffusers", "AutoencoderKL"))(**config)
-    return library_class("diffusers", "AutoencoderTiny")(**TINY_VAE_CONFIGS["tiny" if tiny else "full"])
+    channels = {"latent_channels": config["latent_channels"]} if "latent_channels" in config else {}
+    return library_class("diffusers", "AutoencoderTiny")(**TINY_VAE_CONFIGS["tiny" if tiny else "full"], **channels)
+
+
+def _bench_tokenizers(family_cls) -> list:
+    """One word-level tokenizer per text part: CLIP's for CLIP encoders, T5's (padded to the family's T5 length) for
+    T5 encoders (models.tiny_flow)."""
+    tokenizers = []
+    for _, _, _, tokenizer_class in family_cls.text_parts:
+        if tokenizer_class.startswith("T5"):
+            from .tiny_flow import build_t5_word_tokenizer
+
+            tokenizers.append(build_t5_word_tokenizer(TINY_WORDS, family_cls.t5_max_length))
+        else:
+            tokenizers.append(build_word_tokenizer(TINY_WORDS))
+    return tokenizers
 
 
 @contextmanager
@@ -56,23 +72,21 @@ def build_family_model(family: str, tiny: bool, vae: str, device, dtype, seed: i
     if vae not in VAES:
         raise ValueError(f"vae {vae!r} is not supported: use one of {', '.join(VAES)}")
     family_cls = get_family(family)
-    if "flow" in family_cls.parameterisations:
-        # The word-level CLIP tokenizer below stands in for every text encoder; T5 needs its own (models.tiny_flow).
-        raise ValueError(f"random-init benchmark models of the {family} family (a flow-matching transformer) are not "
-                         "built yet: benchmark a UNet family, or train on a folder (stepdistill toy random-pipeline)")
     cfg = model_configs(family, tiny)
-    # A word-level CLIP tokenizer stands in for CLIP's BPE vocabulary (not shipped offline); prompts are
-    # padded to 77 tokens either way, so the text encoders do the same work.
-    tokenizer = build_word_tokenizer(TINY_WORDS)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    # Word-level tokenizers stand in for CLIP's BPE and T5's SentencePiece vocabularies (not shipped offline);
+    # prompts are padded to 77 (CLIP) or the family's T5 length either way, so the text encoders do the same work.
+    tokenizers = _bench_tokenizers(family_cls)
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype if torch.device(device).type == "cuda" else torch.float32):
         unet = family_cls.denoiser_class(**cfg[family_cls.denoiser_prefix])
         autoencoder = build_vae(cfg["vae"], vae, tiny, family_cls)
         encoders = []
-        for encoder, _, encoder_class, _ in family_cls.text_parts:
+        for (encoder, _, encoder_class, _), tokenizer in zip(family_cls.text_parts, tokenizers):
             model_class = library_class("transformers", encoder_class)
+            ids = {}
+            if not encoder_class.startswith("T5"):  # T5 configs carry T5's own pad / eos ids, which the word T5 keeps
+                ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                           "pad_token_id": tokenizer.pad_token_id}
             encoders.append(model_class(model_class.config_class(**{**ids, **cfg[encoder]})))
     for module in (unet, autoencoder, *encoders):
         module.requires_grad_(False).eval()
@@ -82,14 +96,13 @@ def build_family_model(family: str, tiny: bool, vae: str, device, dtype, seed: i
         # NHWC convolutions are the fast path for cuDNN on tensor cores.
         unet.to(memory_format=torch.channels_last)
         autoencoder.to(memory_format=torch.channels_last)
-    tokenizers = [tokenizer] * len(encoders)
     return family_cls(unet, autoencoder, encoders, tokenizers, family_cls.default_scheduler_config, path="random-init")
 
 
 def _part_builders(family_cls, cfg: dict, tokenizer) -> list[tuple[str, object]]:
     """(subfolder, zero-argument builder) of every weighted part, denoiser first (the largest)."""
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
     prefix = family_cls.denoiser_prefix
     builders = [(prefix, lambda: family_cls.denoiser_class(**cfg[prefix])),
                 ("vae", lambda: family_cls.vae_class(**cfg["vae"]))]

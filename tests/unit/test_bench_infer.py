@@ -53,13 +53,40 @@ def test_cli_smoke_tiny_cpu_one_repeat(tmp_path):
     args.func(args)
     rows = json.loads(out.read_text())
     assert [(r["steps"], r["backend"], r["requested"]) for r in rows] == [
-        (1, "math", "auto"), (2, "math", "auto"), (1, "sdpa", "sdpa"), (2, "sdpa", "sdpa")]
+        (1, "sdpa", "auto"), (2, "sdpa", "auto"), (1, "sdpa", "sdpa"), (2, "sdpa", "sdpa")]
     for r in rows:
         assert r["device"].startswith("CPU") and r["vae"] == "tiny" and r["repeats"] == 1
         assert all(r[key] > 0 for key in SEGMENTS)
-        # One repeat: the total is exactly the three segments.
+        # One repeat: the totals are exactly the three segments, with the text cold (encoded) or warm (a cache hit).
         assert r["total_ms"] == pytest.approx(r["text_ms"] + r["unet_ms"] + r["vae_ms"])
+        assert r["total_warm_ms"] == pytest.approx(r["text_warm_ms"] + r["unet_ms"] + r["vae_ms"])
+    assert "x the one-step UNet" in rows[1]["note"] and rows[1]["unet_ms_per_step"] == rows[1]["unet_ms"] / 2
     assert "sd15-tiny" in format_table(rows)
+
+
+def test_flux_rows_run_euler_flow_steps_with_diffusers_attention():
+    """The flow family's latency rows: random-init tiny FLUX (T5 word tokenizer), 16 latent channels in both VAEs."""
+    torch.set_num_threads(1)
+    rows = bench_infer("flux", steps=[1, 2], device="cpu", tiny=True, repeats=1, warmup=0, vae=["tiny", "full"],
+                       resolution=32, show=False)
+    assert [(r["vae"], r["steps"], r["backend"]) for r in rows] == [
+        ("tiny", 1, "diffusers"), ("tiny", 2, "diffusers"), ("full", 1, "diffusers"), ("full", 2, "diffusers")]
+    assert all(r[key] > 0 for r in rows for key in SEGMENTS)
+    with pytest.raises(ValueError, match="keeps diffusers' own attention processors"):
+        bench_infer("flux", tiny=True, device="cpu", backends=["triton"], show=False)
+
+
+def test_fused_lora_changes_the_weights_and_leaves_plain_layers():
+    from stepdistill.bench.infer import fuse_random_lora
+
+    from stepdistill.models.random_init import build_family_model
+
+    model = build_family_model("sd15", True, "tiny", "cpu", torch.float32)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    fuse_random_lora(model, rank=2)
+    after = model.unet.state_dict()
+    assert set(after) == set(before)  # unloaded: no lora_A / lora_B left for the compiled graph
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("to_q.weight"))
 
 
 def test_unavailable_choices_are_refused():

@@ -141,6 +141,7 @@ class Recipe:
                       "num_inference_steps": self.num_inference_steps}
             if self.max_sequence_length is not None:
                 kwargs["max_sequence_length"] = self.max_sequence_length
+            kwargs.update(self._size_kwargs())
             return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
         if self.timesteps is not None:
@@ -153,9 +154,13 @@ class Recipe:
             kwargs["timesteps"] = list(self.timesteps)
         else:
             kwargs["num_inference_steps"] = self.num_inference_steps
-        for key, value in (self.size_conditioning or {}).items():
-            kwargs[key] = tuple(value)
+        kwargs.update(self._size_kwargs())
         return kwargs
+
+    def _size_kwargs(self) -> dict:
+        """size_conditioning as call arguments: pairs (SDXL's sizes) as tuples, single values (height, width, a video's
+        num_frames) as they are."""
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (self.size_conditioning or {}).items()}
 
 
 def scheduler_class(name: str):

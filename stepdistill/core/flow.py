@@ -250,6 +250,11 @@ class FlowSchedule:
         """What the transformer is told at t: sigma_t * timestep_scale (SD3: 1000; FLUX: 1, it scales inside)."""
         return network_timestep(self.sigma(t), self.timestep_scale)
 
+    def pipeline_sampling(self, timesteps) -> dict:
+        """Recipe fields that make the family's stock pipeline visit sigma_t at these t: `sigmas=` before its shift. A
+        pipeline that takes no `sigmas` (WanPipeline) overrides this with a scheduler config and a step count."""
+        return {"scheduler_config": {}, "sigmas": self.unshifted_sigmas(timesteps), "num_inference_steps": len(timesteps)}
+
     def unshifted_sigmas(self, timesteps) -> list[float]:
         """The `sigmas=` a diffusers flow pipeline must get to visit sigma_t at these t: (t + 1) / T, before its shift."""
         return [(int(t) + 1) / self.num_train_timesteps for t in timesteps]

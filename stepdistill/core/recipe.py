@@ -144,6 +144,11 @@ class Recipe:
             kwargs.update(self._size_kwargs())
             return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
+        if self.scheduler_class.startswith("FlowMatch"):
+            # A flow pipeline driven by its step count (WanPipeline takes no sigmas) takes no eta either.
+            if self.eta:
+                raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")
+            del kwargs["eta"]
         if self.timesteps is not None:
             if scheduler is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
                 raise ValueError(

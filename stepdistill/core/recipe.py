@@ -149,6 +149,8 @@ class Recipe:
             if self.eta:
                 raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")
             del kwargs["eta"]
+        if self.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = self.max_sequence_length
         if self.timesteps is not None:
             if scheduler is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
                 raise ValueError(

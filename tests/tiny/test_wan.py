@@ -1,0 +1,103 @@
+"""The wan family on a tiny stock WanPipeline (text to video): dmd at 4 steps trains from the CLI on (B, C, frames, h, w)
+latents, and the exported LoRA with its recipe (scheduler shift, step count, size, frames, prompt length) reproduces
+the training-time student in the stock pipeline to 1e-4 (fp32); the training call's timestep and sigmas are the
+pipeline's at every recipe step (fp32 and bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from stepdistill.config import load_config
+from stepdistill.core.recipe import Recipe
+from stepdistill.export import DIFFUSERS_WEIGHT_NAME
+from stepdistill.models import load_family
+from stepdistill.models.tiny import save_tiny_pipeline
+from stepdistill.train.loop import Trainer
+
+from .helpers import applied_lora_layers, fresh_pipeline, lora_file_modules, run_cli, student_latents, train_args
+
+torch.set_num_threads(1)
+PROMPT = "a red cat on the sea"
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "wan", family="wan", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(wan_dir, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dmd_wan") / "run"
+    run_cli(train_args("configs/tiny/dmd_wan_4step.yaml", out, wan_dir, prompts_file))
+    trainer = Trainer(load_config(out / "resolved_config.yaml", []), out)  # resumes the finished run: no update
+    return trainer, trainer.run()
+
+
+def _run(pipe, recipe, x_T):
+    return pipe(prompt=[PROMPT], latents=x_T.clone(), output_type="latent", generator=torch.Generator().manual_seed(7),
+                **recipe.call_kwargs(pipe.scheduler)).frames
+
+
+def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan_dir):
+    trainer, final = trained
+    recipe = Recipe.load(final)
+    # WanPipeline takes no sigmas: the recipe is the shift and the step count whose grid the student was trained on.
+    assert recipe.sigmas is None and recipe.num_inference_steps == 4 and recipe.scheduler_config == {"shift": 3.0}
+    assert recipe.size_conditioning == {"height": 16, "width": 16, "num_frames": 5}
+    ours, _, x_T = student_latents(trainer.built, PROMPT)
+    assert x_T.shape == (1, 16, 3, 8, 8)  # (C, latent frames, h, w): one sample is the whole clip
+    pipe, recipe = fresh_pipeline(WanPipeline, wan_dir, final)
+    assert applied_lora_layers(pipe.transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME)) > 0
+    theirs = _run(pipe, recipe, x_T)
+    torch.testing.assert_close(theirs.float(), ours.float(), atol=1e-4, rtol=1e-4)
+    bare = WanPipeline.from_pretrained(wan_dir)
+    bare.scheduler = recipe.make_scheduler(bare.scheduler.config)
+    bare.set_progress_bar_config(disable=True)
+    assert (_run(bare, recipe, x_T) - theirs).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
+    from stepdistill.core.denoiser import Denoiser
+
+    model = load_family(wan_dir, dtype=dtype)
+    model.resolution, model.frames, model.t5_max_length = 16, 5, 16
+    schedule = model.noise_schedule()
+    timesteps = schedule.grid(4)
+    assert timesteps == [999, 666, 333, 0]
+    sampling = schedule.pipeline_sampling(timesteps)
+    pipe = model.pipeline(Recipe(base_model=str(wan_dir), family="wan", method="dmd",
+                                 scheduler_class="FlowMatchEulerDiscreteScheduler", **sampling).make_scheduler(
+                                     model.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)
+    try:
+        x_T = torch.randn((1, *model.latent_shape(1)[1:]), generator=torch.Generator().manual_seed(0))
+        pipe(prompt=[PROMPT], latents=x_T, output_type="latent", guidance_scale=0.0, max_sequence_length=16,
+             num_inference_steps=4, height=16,
+             width=16, num_frames=5)
+        theirs, calls[:] = list(calls), []
+        assert torch.allclose(pipe.scheduler.sigmas[:-1].double(), schedule.sigma(torch.tensor(timesteps)), atol=1e-6)
+        denoiser = Denoiser(model.unet, schedule, dtype=dtype, call=model.denoiser_call)
+        cond = model.encode_prompts([PROMPT])
+        for t in timesteps:
+            denoiser.raw(x_T, torch.tensor([t]), cond)
+    finally:
+        hook.remove()
+    assert len(theirs) == len(calls) == 4
+    for a, b in zip(calls, theirs):
+        # WanPipeline hands the transformer the scheduler's float32 t, whatever the network's dtype.
+        assert a["timestep"].dtype == b["timestep"].dtype == torch.float32
+        assert torch.equal(a["timestep"], b["timestep"]), (a["timestep"], b["timestep"])
+        assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"].to(dtype))
+    assert torch.equal(calls[0]["hidden_states"], theirs[0]["hidden_states"])
+
+
+def test_off_grid_timesteps_are_refused_in_one_line(wan_dir):
+    schedule = load_family(wan_dir).noise_schedule()
+    with pytest.raises(ValueError, match=r"method.timesteps=\[999, 666, 333, 0\]") as err:
+        schedule.pipeline_sampling([999, 749, 499, 249])
+    assert "\n" not in str(err.value)

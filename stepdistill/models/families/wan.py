@@ -124,7 +124,6 @@ class WanModel(FlowFamily):
         """The ComfyUI layout WanPipeline.load_lora_weights converts (_convert_non_diffusers_wan_lora_to_diffusers)
         uses Wan's original module names (self_attn.q, cross_attn.k, ffn.0...): not written yet, the diffusers file
         is the format."""
-        return None
 
     # ---- frames -----------------------------------------------------------------------------------------------
     @property

@@ -250,6 +250,11 @@ class FlowSchedule:
         """What the transformer is told at t: sigma_t * timestep_scale (SD3: 1000; FLUX: 1, it scales inside)."""
         return network_timestep(self.sigma(t), self.timestep_scale)
 
+    def grid(self, n: int) -> list[int]:
+        """The t a pipeline visits when given only a step count n; a pipeline that takes sigmas needs none."""
+        raise ValueError("a flow recipe without sigmas is for pipelines that take none (WanPipeline): give the "
+                         "recipe's sigmas")
+
     def pipeline_sampling(self, timesteps) -> dict:
         """Recipe fields that make the family's stock pipeline visit sigma_t at these t: `sigmas=` before its shift. A
         pipeline that takes no `sigmas` (WanPipeline) overrides this with a scheduler config and a step count."""

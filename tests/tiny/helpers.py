@@ -88,9 +88,11 @@ def run_pipeline(pipe, recipe, prompt: str, x_T, steps: int | None = None, seed:
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     h, w = x_T.shape[-2:]
-    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()), height=h * pipe.vae_scale_factor,
-               width=w * pipe.vae_scale_factor, generator=torch.Generator().manual_seed(seed), output_type="latent",
-               **kwargs).images
+    # The recipe's own size (Qwen-Image, Wan: size_conditioning) wins; else the size of x_T.
+    factor = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial
+    kwargs = {"height": h * factor, "width": w * factor, **kwargs}
+    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()),
+               generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False, **kwargs)[0]
     return family.from_pipeline_latents(out, h, w)
 
 

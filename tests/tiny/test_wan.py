@@ -27,10 +27,10 @@ def wan_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "wan", family="wan", seed=0)
 
 
-@pytest.fixture(scope="module")
-def trained(wan_dir, prompts_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dmd_wan") / "run"
-    run_cli(train_args("configs/tiny/dmd_wan_4step.yaml", out, wan_dir, prompts_file))
+@pytest.fixture(scope="module", params=["dmd_wan_4step", "tscd_wan"])
+def trained(request, wan_dir, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    run_cli(train_args(f"configs/tiny/{request.param}.yaml", out, wan_dir, prompts_file))
     trainer = Trainer(load_config(out / "resolved_config.yaml", []), out)  # resumes the finished run: no update
     return trainer, trainer.run()
 
@@ -44,7 +44,8 @@ def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan
     trainer, final = trained
     recipe = Recipe.load(final)
     # WanPipeline takes no sigmas: the recipe is the shift and the step count whose grid the student was trained on.
-    assert recipe.sigmas is None and recipe.num_inference_steps == 4 and recipe.scheduler_config == {"shift": 3.0}
+    steps = 4 if recipe.method == "dmd" else 1
+    assert recipe.sigmas is None and recipe.num_inference_steps == steps and recipe.scheduler_config == {"shift": 3.0}
     assert recipe.size_conditioning == {"height": 16, "width": 16, "num_frames": 5}
     ours, _, x_T = student_latents(trainer.built, PROMPT)
     assert x_T.shape == (1, 16, 3, 8, 8)  # (C, latent frames, h, w): one sample is the whole clip
@@ -101,3 +102,15 @@ def test_off_grid_timesteps_are_refused_in_one_line(wan_dir):
     with pytest.raises(ValueError, match=r"method.timesteps=\[999, 666, 333, 0\]") as err:
         schedule.pipeline_sampling([999, 749, 499, 249])
     assert "\n" not in str(err.value)
+
+
+def test_tscd_segments_off_the_pipelines_grids_are_refused_in_one_line(wan_dir):
+    from stepdistill.config import ConfigError
+    from stepdistill.registry import get_method
+
+    spec = get_method("tscd")
+    schedule = load_family(wan_dir).noise_schedule()
+    with pytest.raises(ConfigError, match=r"use segments \[1\]") as err:
+        spec.distiller_cls(spec.config_cls(segments=[8, 4, 2, 1], stage_steps=[1, 1, 1, 1]), schedule)
+    assert "\n" not in str(err.value)
+    spec.distiller_cls(spec.config_cls(segments=[1], stage_steps=[1]), schedule)  # one segment: the 1-step grid

@@ -93,7 +93,12 @@ def test_comfyui_layout_loads_with_every_tensor_applied(trained, qwen_dir):
 
 
 def test_prompt_encoding_equals_the_pipelines_encode_prompt(qwen_dir):
+    from stepdistill.models.families.qwenimage import PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP
+
     model = load_family(qwen_dir)
+    # Our tokenizer splits the template's system turn into exactly the tokens the pipeline drops, as Qwen's own does.
+    system_turn = PROMPT_TEMPLATE.split("{}")[0]
+    assert len(model.tokenizers[0](system_turn).input_ids) == PROMPT_TEMPLATE_DROP == 34
     model.t5_max_length = 20
     pipe = model.pipeline()
     cond = model.encode_prompts(TINY_PROMPTS[:3])

@@ -114,3 +114,21 @@ def test_tscd_segments_off_the_pipelines_grids_are_refused_in_one_line(wan_dir):
         spec.distiller_cls(spec.config_cls(segments=[8, 4, 2, 1], stage_steps=[1, 1, 1, 1]), schedule)
     assert "\n" not in str(err.value)
     spec.distiller_cls(spec.config_cls(segments=[1], stage_steps=[1]), schedule)  # one segment: the 1-step grid
+
+
+def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path):
+    """`stepdistill generate` for a video LoRA: an animated WebP (Pillow, no system binary) plus one PNG per frame."""
+    from PIL import Image
+
+    from stepdistill.generate import generate_image
+
+    trainer, final = trained
+    if Recipe.load(final).method != "dmd":
+        pytest.skip("one run is enough for the file format")
+    out = generate_image(final, PROMPT, tmp_path / "clip.webp", seed=0)
+    with Image.open(out) as im:
+        assert im.format == "WEBP" and getattr(im, "n_frames", 1) == 5 and im.size == (16, 16)
+    frames = sorted((tmp_path / "clip_frames").glob("*.png"))
+    assert len(frames) == 5
+    with pytest.raises(Exception, match="animated WebP"):
+        generate_image(final, PROMPT, tmp_path / "clip.png", seed=0)

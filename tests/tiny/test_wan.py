@@ -98,7 +98,9 @@ def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
 
 
 def test_off_grid_timesteps_are_refused_in_one_line(wan_dir):
-    schedule = load_family(wan_dir).noise_schedule()
+    model = load_family(wan_dir)
+    assert model.shard_units() == list(model.unet.blocks)  # FSDP2's units: WanTransformer3DModel's `blocks`
+    schedule = model.noise_schedule()
     with pytest.raises(ValueError, match=r"method.timesteps=\[999, 666, 333, 0\]") as err:
         schedule.pipeline_sampling([999, 749, 499, 249])
     assert "\n" not in str(err.value)

@@ -125,6 +125,10 @@ class WanModel(FlowFamily):
         uses Wan's original module names (self_attn.q, cross_attn.k, ffn.0...): not written yet, the diffusers file
         is the format."""
 
+    def shard_units(self) -> list:
+        """The DiT's blocks (model.shard=fsdp2): WanTransformer3DModel calls them `blocks`."""
+        return list(self.unet.blocks)
+
     # ---- frames -----------------------------------------------------------------------------------------------
     @property
     def frames(self) -> int:

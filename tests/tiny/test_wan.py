@@ -118,13 +118,16 @@ def test_tscd_segments_off_the_pipelines_grids_are_refused_in_one_line(wan_dir):
     spec.distiller_cls(spec.config_cls(segments=[1], stage_steps=[1]), schedule)  # one segment: the 1-step grid
 
 
-def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path):
-    """`stepdistill generate` for a video LoRA: an animated WebP (Pillow, no system binary) plus one PNG per frame."""
+def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path, monkeypatch):
+    """`stepdistill generate` for a video LoRA: an animated WebP (Pillow, no system binary) plus one PNG per frame;
+    the model card's snippet makes the same frames with the stock pipeline."""
+    import numpy as np
     from PIL import Image
 
+    from stepdistill.card import usage_snippet
     from stepdistill.generate import generate_image
 
-    trainer, final = trained
+    _, final = trained
     if Recipe.load(final).method != "dmd":
         pytest.skip("one run is enough for the file format")
     out = generate_image(final, PROMPT, tmp_path / "clip.webp", seed=0)
@@ -132,5 +135,12 @@ def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path):
         assert im.format == "WEBP" and getattr(im, "n_frames", 1) == 5 and im.size == (16, 16)
     frames = sorted((tmp_path / "clip_frames").glob("*.png"))
     assert len(frames) == 5
+    namespace = {}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(usage_snippet(Recipe.load(final), str(final), prompt=PROMPT, seed=0), "README.md", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "stepdistill.webp").is_file() and len(namespace["frames"]) == 5
+    for ours, path in zip(namespace["frames"], frames):
+        with Image.open(path) as theirs:
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     with pytest.raises(Exception, match="animated WebP"):
         generate_image(final, PROMPT, tmp_path / "clip.png", seed=0)

@@ -16,7 +16,7 @@ from stepdistill.models import load_family
 from stepdistill.models.tiny import save_tiny_pipeline
 from stepdistill.train.loop import Trainer
 
-from .helpers import applied_lora_layers, fresh_pipeline, lora_file_modules, run_cli, student_latents, train_args
+from .helpers import ROOT, applied_lora_layers, fresh_pipeline, lora_file_modules, run_cli, student_latents, train_args
 
 torch.set_num_threads(1)
 PROMPT = "a red cat on the sea"
@@ -144,3 +144,15 @@ def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path, monk
             assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     with pytest.raises(Exception, match="animated WebP"):
         generate_image(final, PROMPT, tmp_path / "clip.png", seed=0)
+
+
+def test_gan_terms_refuse_video_in_one_line(wan_dir, prompts_file, tmp_path):
+    """The discriminators read 2D maps (a UNet's mid block, an image transformer's token grid): on Wan's video DiT the
+    GAN term refuses at start, in one line, before any update."""
+    from stepdistill.config import ConfigError
+
+    cfg = load_config(ROOT / "configs/tiny/dmd_wan.yaml", [f"model.path={wan_dir}", f"data.prompts={prompts_file}",
+                                                    "loop.progress=false", "method.gan=true"])
+    with pytest.raises((ValueError, ConfigError), match="cannot read a WanTransformer3DModel") as err:
+        Trainer(cfg, tmp_path / "run").run()
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
+from stepdistill import pipelines
 from stepdistill.config import load_config
 from stepdistill.core.recipe import Recipe
 from stepdistill.export import DIFFUSERS_WEIGHT_NAME
@@ -57,6 +58,10 @@ def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan
     bare.scheduler = recipe.make_scheduler(bare.scheduler.config)
     bare.set_progress_bar_config(disable=True)
     assert (_run(bare, recipe, x_T) - theirs).abs().max() > 1e-4
+    # pipelines.load (what `stepdistill generate` uses) builds the same student.
+    loaded = pipelines.load(None, final)
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(loaded, recipe, x_T).float(), ours.float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -161,3 +161,18 @@ def test_gan_terms_refuse_video_in_one_line(wan_dir, prompts_file, tmp_path):
     with pytest.raises((ValueError, ConfigError), match="cannot read a WanTransformer3DModel") as err:
         Trainer(cfg, tmp_path / "run").run()
     assert "\n" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_comfyui_layout_loads_with_every_tensor_applied(trained, wan_dir):
+    """`diffusion_model.blocks.N.self_attn.q...` (Wan's own names), which diffusers' Wan converter maps back."""
+    from stepdistill.export import KOHYA_WEIGHT_NAME
+
+    trainer, final = trained
+    if Recipe.load(final).method != "dmd":
+        pytest.skip("one run is enough for the file layout")
+    _, _, x_T = student_latents(trainer.built, PROMPT)
+    pipe_d, recipe = fresh_pipeline(WanPipeline, wan_dir, final)
+    pipe_k, _ = fresh_pipeline(WanPipeline, wan_dir, final, weight_name=KOHYA_WEIGHT_NAME)
+    modules = lora_file_modules(final / DIFFUSERS_WEIGHT_NAME)
+    assert applied_lora_layers(pipe_k.transformer) == applied_lora_layers(pipe_d.transformer) == len(modules)
+    torch.testing.assert_close(_run(pipe_k, recipe, x_T), _run(pipe_d, recipe, x_T), atol=1e-5, rtol=1e-5)

@@ -49,6 +49,10 @@ TINY_ARCH = {
 WAN_ATTN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
             "attn2.to_out.0"]
 WAN_FF = ["ffn.net.0.proj", "ffn.net.2"]
+# diffusers' names of a block's linears -> Wan's original ones (the ComfyUI LoRA layout), as diffusers converts them.
+_COMFY_NAMES = {**{f"attn1.{d}": f"self_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")},
+                **{f"attn2.{d}": f"cross_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")},
+                "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
 
 
 def prompt_clean(text: str) -> str:
@@ -121,9 +125,23 @@ class WanModel(FlowFamily):
 
     @classmethod
     def kohya_tensors(cls, state, rank, alpha, dtype=None):
-        """The ComfyUI layout WanPipeline.load_lora_weights converts (_convert_non_diffusers_wan_lora_to_diffusers)
-        uses Wan's original module names (self_attn.q, cross_attn.k, ffn.0...): not written yet, the diffusers file
-        is the format."""
+        """The ComfyUI layout WanPipeline.load_lora_weights converts (_convert_non_diffusers_wan_lora_to_diffusers):
+        `diffusion_model.blocks.N.<Wan's own name>.lora_down / lora_up / alpha`, Wan's names being self_attn.q|k|v|o,
+        cross_attn.q|k|v|o and ffn.0 / ffn.2 for diffusers' attn1, attn2 and ffn.net.0.proj / ffn.net.2."""
+        from ...export import lora_modules
+
+        out = {}
+        for module in lora_modules(state):
+            found = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+            name = _COMFY_NAMES.get(found.group(2)) if found else None
+            if name is None:
+                raise ValueError(f"no ComfyUI (Wan) name for the module {module}: export the diffusers format")
+            key = f"diffusion_model.blocks.{found.group(1)}.{name}"
+            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            out[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
+            out[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
+            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        return out
 
     def shard_units(self) -> list:
         """The DiT's blocks (model.shard=fsdp2): WanTransformer3DModel calls them `blocks`."""

@@ -234,7 +234,7 @@ def load(base, lora_dir, device="cpu", dtype=torch.float32, fuse: bool = False, 
 
 
 def generate(pipe, recipe: Recipe, prompts, seed: int, output_type: str = "pil", latents=None, generator=None):
-    """Sample with the recipe's steps or timesteps, guidance and eta; returns PIL images or latents.
+    """Sample with the recipe's steps or timesteps, guidance and eta; returns PIL images (videos: frame lists) or latents.
 
     The default generator is a CPU torch.Generator seeded with `seed`, so a seed gives the same noise on every device.
     """
@@ -245,4 +245,5 @@ def generate(pipe, recipe: Recipe, prompts, seed: int, output_type: str = "pil",
         generator = torch.Generator("cpu").manual_seed(seed)
     out = pipe(prompt=prompts, generator=generator, latents=latents, output_type=output_type,
                **recipe.call_kwargs(pipe.scheduler))
-    return out.images
+    # A video pipeline (WanPipeline) returns `frames`: one list of frames (PIL) or array per prompt.
+    return out.frames if hasattr(out, "frames") else out.images

@@ -119,17 +119,24 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
             f"pipe.load_lora_weights(lora, weight_name={weight!r}, adapter_name={ADAPTER_NAME!r})",
             f"pipe.set_adapters([{ADAPTER_NAME!r}], adapter_weights=[{recipe.lora_scale!r}])",
         ]
+    call = recipe.call_kwargs()
+    # A video recipe (its size has num_frames) gets PIL frames and writes an animated WebP (Pillow, no system binary).
+    video = "num_frames" in (recipe.size_conditioning or {})
     lines += [
-        "image = pipe(",
+        "frames = pipe(" if video else "image = pipe(",
         f"    {prompt!r},",
         f"    {steps},",
         f"    guidance_scale={recipe.guidance_scale!r},",
-        *([] if recipe.sigmas is not None else [f"    eta={recipe.eta!r},"]),  # flow pipelines take no eta
+        *([f"    eta={recipe.eta!r},"] if "eta" in call else []),  # flow pipelines take no eta
         *([] if recipe.max_sequence_length is None else [f"    max_sequence_length={recipe.max_sequence_length!r},"]),
         *[f"    {k}={v!r},  # the trained size: the sigmas shift with it" for k, v in recipe.size_kwargs().items()],
+        # The trained size (and frames) where the recipe has them as single values (Qwen-Image, Wan).
+        *[f"    {k}={v!r}," for k, v in call.items() if k in (recipe.size_conditioning or {}) and not isinstance(v, tuple)],
+        *(['    output_type="pil",'] if video else []),
         f'    generator=torch.Generator("cpu").manual_seed({seed}),',
-        ").images[0]",
-        'image.save("stepdistill.png")',
+        ").frames[0]" if video else ").images[0]",
+        'frames[0].save("stepdistill.webp", save_all=True, append_images=frames[1:], duration=62, loop=0)' if video
+        else 'image.save("stepdistill.png")',
     ]
     return "\n".join(lines) + "\n"
 

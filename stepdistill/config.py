@@ -31,9 +31,13 @@ class ModelConfig:
     # T5 prompt length of the flow families (SD3/FLUX); null = the family's pipeline default (SD3 256, FLUX 512).
     # Prompts are padded to it, so a short one saves joint-attention work on padding (docs/architecture.md).
     max_sequence_length: int | None = None
+    # Video families (wan): frames of a sample (the pipeline's num_frames); null = the family's default (Wan: 81).
+    frames: int | None = None
 
     def validate(self):
         _family("model.family", self.family)
+        if self.frames is not None:
+            _at_least("model.frames", self.frames, 1)
         if self.max_sequence_length is not None:
             _at_least("model.max_sequence_length", self.max_sequence_length, 1)
             _t5_family("model.max_sequence_length", self.family)

@@ -36,7 +36,29 @@ def generate_image(lora, prompt: str, out, base=None, steps: int | None = None, 
         raise ConfigError(f"--out {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
     pipe, recipe, _ = load_pipeline(lora, base, steps, lora_weights)
     image = pipelines.generate(pipe, recipe, [prompt], seed=seed)[0]
+    if isinstance(image, list):
+        return save_video(image, out)
     return _save_atomically(image, out)
+
+
+VIDEO_FPS = 16  # Wan's: diffusers' WanPipeline example exports at 16 frames per second
+
+
+def save_video(frames, out: Path, fps: int = VIDEO_FPS) -> Path:
+    """A video's frames as an animated WebP at `out` (Pillow only, no system binary) and as numbered PNGs in the folder
+    OUT_frames/ beside it."""
+    if out.suffix.lower() != ".webp":
+        raise ConfigError(f"--out {out}: this LoRA makes videos, written as an animated WebP: pass --out FILE.webp")
+    folder = out.with_name(out.stem + "_frames")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        _save_atomically(frame, folder / f"{i:04d}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from .core.io import atomic_write
+
+    return atomic_write(out, lambda tmp: frames[0].save(tmp, format="WEBP", save_all=True, append_images=frames[1:],
+                                                         duration=round(1000 / fps), loop=0, lossless=True),
+                        suffix=".webp")
 
 
 def generate_images(lora, prompts_file, out_dir, n: int = 1, batch_size: int = 4, seed: int = 0, base=None,
@@ -69,7 +91,8 @@ def generate_images(lora, prompts_file, out_dir, n: int = 1, batch_size: int = 4
             generators = [torch.Generator("cpu").manual_seed(s) for _, _, s in batch]
             images = pipelines.generate(pipe, recipe, [p for _, p, _ in batch], seed=batch[0][2], generator=generators)
             for (i, prompt, image_seed), image in zip(batch, images):
-                path = _save_atomically(image, out_dir / f"{i:06d}.png")
+                path = (save_video(image, out_dir / f"{i:06d}.webp") if isinstance(image, list)
+                        else _save_atomically(image, out_dir / f"{i:06d}.png"))
                 record = {"file": path.name, "index": i, "prompt": prompt, "seed": image_seed, "loras": loras,
                           "recipe": recipe.to_dict()}
                 f.write(json.dumps(record) + "\n")

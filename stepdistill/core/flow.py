@@ -284,6 +284,16 @@ class FlowSchedule:
         told = self._pipeline_timesteps.to(t.device)[t.clamp(min=0)]
         return torch.where(t < 0, torch.zeros_like(told), told)
 
+    def grid(self, n: int) -> list[int]:
+        """The t a pipeline visits when given only a step count n; a pipeline that takes sigmas needs none."""
+        raise ValueError("a flow recipe without sigmas is for pipelines that take none (WanPipeline): give the "
+                         "recipe's sigmas")
+
+    def pipeline_sampling(self, timesteps) -> dict:
+        """Recipe fields that make the family's stock pipeline visit sigma_t at these t: `sigmas=` before its shift. A
+        pipeline that takes no `sigmas` (WanPipeline) overrides this with a scheduler config and a step count."""
+        return {"scheduler_config": {}, "sigmas": self.unshifted_sigmas(timesteps), "num_inference_steps": len(timesteps)}
+
     def unshifted_sigmas(self, timesteps) -> list[float]:
         """The `sigmas=` a diffusers flow pipeline must get to visit sigma_t at these t: (t + 1) / T, before its shift."""
         return [(int(t) + 1) / self.num_train_timesteps for t in timesteps]

@@ -177,9 +177,17 @@ class Recipe:
                       "num_inference_steps": self.num_inference_steps}
             if self.max_sequence_length is not None:
                 kwargs["max_sequence_length"] = self.max_sequence_length
+            kwargs.update(self.conditioning_kwargs())
             kwargs.update(self.size_kwargs())
             return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
+        if self.scheduler_class.startswith("FlowMatch"):
+            # A flow pipeline driven by its step count (WanPipeline takes no sigmas) takes no eta either.
+            if self.eta:
+                raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")
+            del kwargs["eta"]
+        if self.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = self.max_sequence_length
         if self.timesteps is not None:
             if scheduler is not None and "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
                 raise ValueError(
@@ -190,14 +198,18 @@ class Recipe:
             kwargs["timesteps"] = list(self.timesteps)
         else:
             kwargs["num_inference_steps"] = self.num_inference_steps
-        for key, value in (self.size_conditioning or {}).items():
-            kwargs[key] = tuple(value)
+        kwargs.update(self.conditioning_kwargs())
         kwargs.update(self.size_kwargs())
         return kwargs
 
     def size_kwargs(self) -> dict:
         """height / width of the pipeline call, for a student whose sigmas depend on them ({} otherwise)."""
         return {} if self.height is None else {"height": int(self.height), "width": int(self.width)}
+
+    def conditioning_kwargs(self) -> dict:
+        """size_conditioning as call arguments: pairs (SDXL's sizes) as tuples, single values (height, width, a video's
+        num_frames) as they are."""
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (self.size_conditioning or {}).items()}
 
 
 def scheduler_class(name: str):

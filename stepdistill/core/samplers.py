@@ -121,9 +121,13 @@ def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[in
 def recipe_sample(denoiser, x_T, cond, schedule, recipe, generator=None, steps: int | None = None):
     """Sample as the recipe's diffusers scheduler would (recipe: the dict a distiller's recipe() returns)."""
     T = schedule.num_train_timesteps
-    timesteps = recipe_timesteps(recipe, steps, T)
     config = recipe.get("scheduler_config") or {}
     name = recipe["scheduler_class"]
+    if name == "FlowMatchEulerDiscreteScheduler" and not recipe.get("sigmas") and not recipe.get("timesteps"):
+        # A pipeline driven by its step count alone (WanPipeline): the schedule knows that count's grid.
+        return ddim_sample(denoiser, x_T, schedule.grid(steps or recipe["num_inference_steps"]), cond, schedule,
+                           final_t=-1)
+    timesteps = recipe_timesteps(recipe, steps, T)
     if name == "FlowMatchEulerDiscreteScheduler":
         if config.get("stochastic_sampling"):
             raise ValueError("no training-time sampler for stochastic_sampling: use deterministic Euler")

@@ -167,8 +167,7 @@ def flow_euler_recipe(schedule, timesteps, family=None) -> dict:
     unshifted sigmas of the student's timesteps, so the pipeline's shift lands on exactly the trained sigmas; guidance
     is the family's (0: CFG baked in; FLUX-dev: its embedded guidance value)."""
     return {
-        "scheduler_class": "FlowMatchEulerDiscreteScheduler", "scheduler_config": {},
-        "sigmas": schedule.unshifted_sigmas(timesteps), "timesteps": None, "num_inference_steps": len(timesteps),
+        "scheduler_class": "FlowMatchEulerDiscreteScheduler", **schedule.pipeline_sampling(timesteps), "timesteps": None,
         "guidance_scale": family.recipe_guidance_scale() if family is not None else 0.0, "eta": 0.0,
     }
 

@@ -318,6 +318,15 @@ class ConsistencyDistiller(CriticHeadState):
         if any(self.T % k for k in cfg.segments) or self.T % cfg.num_ddim_timesteps:
             raise ConfigError(f"method.segments {cfg.segments} and method.num_ddim_timesteps must divide the "
                               f"teacher's {self.T} timesteps")
+        if is_flow(schedule):
+            # Every stage's export must be a recipe the family's stock pipeline runs (WanPipeline takes no sigmas: only
+            # its own step-count grids, on which trailing segment edges of k > 1 do not lie).
+            for k in dict.fromkeys([*cfg.segments, cfg.inference_steps or cfg.segments[-1]]):
+                try:
+                    schedule.pipeline_sampling(trailing_timesteps(k, self.T))
+                except ValueError as err:
+                    raise ConfigError(f"method.segments {list(cfg.segments)}: a {k}-segment student's trailing timesteps "
+                                      f"are no recipe this family's pipeline runs ({err}); use segments [1]") from None
         self.grid = torch.tensor(lcm_origin_timesteps(cfg.num_ddim_timesteps, self.T))  # t_n, descending
         self.delta = self.T // cfg.num_ddim_timesteps
         # The configured scales (null = the teacher's default): resolved now for a plain teacher, again in setup()

@@ -67,6 +67,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         load_device = torch.device("cpu")
     family = model or load_family(cfg.model.path, cfg.model.family, device=load_device, dtype=dtype)
     _set_t5_length(family, cfg.model.max_sequence_length)
+    _set_frames(family, cfg.model.frames)
     unet = family.unet
     unet.requires_grad_(False)
     if family.attention_backends:
@@ -196,3 +197,13 @@ def _set_t5_length(family, length):
         raise ConfigError(f"model.max_sequence_length={length}: the {family.name} family encodes no T5 prompt; "
                           "remove the key (it is for sd3/flux)")
     family.t5_max_length = int(length)
+
+
+def _set_frames(family, frames):
+    """model.frames: a video family's frames per sample (shadows its pipeline default)."""
+    if frames is None:
+        return
+    if not hasattr(family, "frames"):
+        raise ConfigError(f"model.frames={frames}: the {family.name} family makes images; remove the key (it is for "
+                          "video families such as wan)")
+    family.frames = int(frames)

@@ -85,15 +85,16 @@ def run_pipeline(pipe, recipe, prompt: str, x_T, steps: int | None = None, seed:
 
     family = get_family(recipe.family)
     h, w = x_T.shape[-2:]
-    kwargs = {"height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
-    recipe_kwargs = recipe.call_kwargs(pipe.scheduler)
-    # A recipe that records its size (FLUX) must agree with the student's latents.
-    assert {k: recipe_kwargs.get(k, v) for k, v in kwargs.items()} == kwargs, (recipe_kwargs, kwargs)
-    kwargs.update(recipe_kwargs)
+    factor = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial
+    kwargs = {"height": h * factor, "width": w * factor}
+    # A recipe that records its size for its sigmas (FLUX) must agree with the student's latents; a recipe's own size
+    # conditioning (Qwen-Image, Wan) wins over the size of x_T.
+    assert {k: recipe.size_kwargs().get(k, v) for k, v in kwargs.items()} == kwargs, (recipe.size_kwargs(), kwargs)
+    kwargs.update(recipe.call_kwargs(pipe.scheduler))
     if steps is not None:
         kwargs["num_inference_steps"] = steps
-    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()), generator=torch.Generator().manual_seed(seed),
-               output_type="latent", **kwargs).images
+    out = pipe(prompt=[prompt], latents=family.to_pipeline_latents(x_T.clone()),
+               generator=torch.Generator().manual_seed(seed), output_type="latent", return_dict=False, **kwargs)[0]
     return family.from_pipeline_latents(out, h, w)
 
 

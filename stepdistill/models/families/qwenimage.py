@@ -1,0 +1,242 @@
+"""Qwen-Image family: a 20 B MMDiT over 2x2-packed latents of a causal 3D VAE (one frame), Qwen2.5-VL text through
+a chat template whose system prompt is dropped, per-channel latent mean / std, and a resolution-dependent shift.
+
+Everything here follows diffusers' QwenImagePipeline: the template and its 34 dropped tokens, the masked text
+sequence, the packing and `img_shapes`, the transformer's timestep (the scheduler's t = 1000 sigma in float32, cast
+to the latents' dtype, then divided by 1000) and the VAE's `latents / (1 / std) + mean`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ...core.denoiser import Cond
+from ...core.flow import FlowSchedule
+from ..flow_common import MMDIT_ATTN, FlowFamily
+from ..registry import register_family
+from .flux import pack_latents, unpack_latents
+
+# QwenImagePipeline's chat template and how many leading tokens of it the pipeline drops (its
+# prompt_template_encode / prompt_template_encode_start_idx).
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+PROMPT_TEMPLATE_DROP = 34
+TOKENIZER_MAX_LENGTH = 1024  # the pipeline's tokenizer_max_length: the longest prompt it encodes (and accepts)
+DEFAULT_SAMPLE_SIZE = 128  # the pipeline's default_sample_size: latents per side when height / width are not given
+
+# Qwen-Image's scheduler_config.json ships shift_terminal 0.02, which stretches every n-step grid so that its last
+# sigma is 0.02: the sigmas depend on n and are no fixed training table, so training refuses it (remove the key:
+# Qwen-Image-Lightning's published scheduler config has shift_terminal null). This is that config without it.
+QWENIMAGE_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+    "base_image_seq_len": 256, "max_image_seq_len": 8192, "time_shift_type": "exponential",
+}
+
+# Qwen-Image (20 B): 60 double-stream blocks of width 3072, text from Qwen2.5-VL-7B's 3584-wide last hidden state.
+QWEN_IMAGE_20B = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+                  "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+                  "axes_dims_rope": (16, 56, 56)}
+QWEN_IMAGE_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                  "temperal_downsample": [False, True, True]}
+QWEN25_VL_7B = {"text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                                "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4},
+                "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                                  "out_hidden_size": 3584}}
+
+# Tiny test architecture (models/tiny_qwenimage.py completes it): a VAE of factor 2, 16 latent channels.
+TINY_ARCH = {
+    "transformer": {"patch_size": 2, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                    "axes_dims_rope": (4, 6, 6)},
+    "vae": {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False]},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 1},
+}
+
+# The feed-forwards of both streams (Qwen-Image names them img_mlp / txt_mlp, not ff / ff_context).
+QWEN_FF = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+
+
+class PipelineTimestepSchedule(FlowSchedule):
+    """The teacher's flow table, telling the network call the table index instead of a float timestep.
+
+    core.denoiser casts a float timestep to the network's dtype before the family's call sees it; Qwen-Image's and
+    Wan's pipelines build theirs in float32 from the scheduler's t (and Qwen-Image only then casts), so the family's
+    call computes the timestep from the index itself (`pipeline_timestep`). This is where a family hook for the
+    network timestep (issue 31) plugs in.
+    """
+
+    def network_timestep(self, t) -> torch.Tensor:
+        return torch.as_tensor(t).reshape(-1).long()
+
+    def pipeline_t(self, index: torch.Tensor) -> torch.Tensor:
+        """The scheduler's t = sigma * 1000 as the pipeline holds it: float32."""
+        return self.sigma(index).to(index.device).float() * self.num_train_timesteps
+
+
+@register_family
+class QwenImageModel(FlowFamily):
+    name = "qwenimage"
+    pipeline_class_name = "QwenImagePipeline"
+    pipeline_kwargs: ClassVar = {}
+    text_parts: ClassVar = (("text_encoder", "tokenizer", "Qwen2_5_VLForConditionalGeneration", "Qwen2Tokenizer"),)
+    hub_tag = "qwen-image"
+    denoiser_class_name = "QwenImageTransformer2DModel"
+    vae_class_name = "AutoencoderKLQwenImage"
+    default_scheduler_config: ClassVar = QWENIMAGE_SCHEDULER_CONFIG
+    default_resolution = DEFAULT_SAMPLE_SIZE * 8
+    token_patch = 2  # 2x2 packing
+    # The pipeline call's max_sequence_length (its default 512): prompt tokens kept after the template's are dropped.
+    # Training pads every prompt to it (masked), so conditional and empty prompts batch together.
+    t5_max_length = 512
+    tiny_arch: ClassVar = TINY_ARCH
+    full_configs: ClassVar = {"transformer": QWEN_IMAGE_20B, "vae": QWEN_IMAGE_VAE, "text_encoder": QWEN25_VL_7B}
+    bench_batch = 1
+    dmd2_critic_ratio = 5
+    # The teacher's CFG in the DM term: the pipeline's true_cfg_scale default (4.0).
+    method_defaults: ClassVar = {"dmd": {"timesteps": [999], "guidance_scale": 4.0}}
+    lora_target_presets: ClassVar = {"attn": MMDIT_ATTN, "full": MMDIT_ATTN + QWEN_FF}
+
+    @classmethod
+    def tiny_part_configs(cls, sample_size, arch, model_max_length=77):
+        from ..tiny_qwenimage import tiny_qwenimage_configs
+
+        return tiny_qwenimage_configs(arch)
+
+    @classmethod
+    def tiny_pipeline(cls, seed, words, sample_size, arch, model_max_length=77):
+        from ..tiny_qwenimage import build_tiny_qwenimage_pipeline
+
+        return build_tiny_qwenimage_pipeline(seed, words, arch)
+
+    @classmethod
+    def kohya_tensors(cls, state, rank, alpha, dtype=None):
+        """The ComfyUI layout QwenImagePipeline.load_lora_weights converts (_convert_non_diffusers_qwen_lora_to_diffusers):
+        `diffusion_model.<module>.lora_down / lora_up / alpha`, the diffusers module names unchanged."""
+        from ...export import lora_modules
+
+        out = {}
+        for module in lora_modules(state):
+            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            out[f"diffusion_model.{module}.lora_down.weight"] = a if dtype is None else a.to(dtype)
+            out[f"diffusion_model.{module}.lora_up.weight"] = b if dtype is None else b.to(dtype)
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        return out
+
+    # ---- schedule and the network call -------------------------------------------------------------------------
+    def noise_schedule(self, resolution: int | None = None) -> PipelineTimestepSchedule:
+        """FlowFamily's table (mu from the packed token count, as the pipeline computes it), telling the call indices."""
+        schedule = super().noise_schedule(resolution)
+        self._schedule = PipelineTimestepSchedule(schedule.sigmas, schedule.timestep_scale)
+        return self._schedule
+
+    _schedule: PipelineTimestepSchedule | None = None
+
+    def pipeline_timestep(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """QwenImagePipeline: timestep = t.to(latents.dtype) / 1000, t the scheduler's float32 1000 sigma."""
+        if self._schedule is None:
+            raise RuntimeError("call noise_schedule() before the network: it fixes the sigmas the timestep indexes")
+        return self._schedule.pipeline_t(index).to(dtype) / 1000
+
+    @property
+    def denoiser_call(self):
+        return self._call
+
+    def _call(self, net, x_t, timestep, cond: Cond) -> torch.Tensor:
+        """QwenImageTransformer2DModel as QwenImagePipeline calls it, on unpacked latents: pack, mask, img_shapes."""
+        b, _, h, w = x_t.shape
+        mask = cond.added_cond_kwargs["encoder_hidden_states_mask"]
+        out = net(hidden_states=pack_latents(x_t), timestep=self.pipeline_timestep(timestep, x_t.dtype),
+                  guidance=None, encoder_hidden_states_mask=mask, encoder_hidden_states=cond.encoder_hidden_states,
+                  img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return unpack_latents(out, h, w)
+
+    # ---- text -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> Cond:
+        """As QwenImagePipeline.encode_prompt: the chat-templated prompt's last hidden state, the template's first 34
+        tokens dropped, kept to max_sequence_length; padded with masked zeros to max_sequence_length (the pipeline pads
+        to the batch's longest, which the mask makes the same for the transformer)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
+        tokens = tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + PROMPT_TEMPLATE_DROP,
+                           padding=True, truncation=True, return_tensors="pt").to(encoder.device)
+        hidden = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                         output_hidden_states=True).hidden_states[-1]
+        n = self.t5_max_length
+        embeds = hidden.new_zeros(len(prompts), n, hidden.shape[-1])
+        mask = torch.zeros(len(prompts), n, dtype=torch.long, device=hidden.device)
+        for i, (states, keep) in enumerate(zip(hidden, tokens.attention_mask.bool())):
+            kept = states[keep][PROMPT_TEMPLATE_DROP:][:n]
+            embeds[i, : len(kept)], mask[i, : len(kept)] = kept, 1
+        return Cond(embeds.to(encoder.dtype), {"encoder_hidden_states_mask": mask})
+
+    def empty_cond(self, n: int, resolution: int | None = None) -> Cond:
+        """The empty prompt, encoded: what the pipeline's negative_prompt="" gives."""
+        return self.encode_prompts([""], resolution).index([0] * n)
+
+    # ---- latents and the VAE ----------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """The pipeline's: 2 ** len(vae.temperal_downsample) (8 for the real VAE)."""
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
+
+    @property
+    def native_resolution(self) -> int:
+        """The pipeline's default height and width: default_sample_size * vae_scale_factor."""
+        return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+
+    def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
+        resolution = resolution or self.resolution
+        step = 2 * self.vae_scale_factor
+        if resolution % step:
+            raise ValueError(f"resolution {resolution} is not a multiple of {step} (VAE factor x 2x2 packing): use e.g. "
+                             f"{max(step, resolution // step * step)}")
+        return super().latent_shape(batch, resolution)
+
+    def size_conditioning(self, resolution: int | None = None) -> dict:
+        """The trained size as the pipeline call's height and width (its default is 1024 whatever the training)."""
+        side = int(resolution or self.resolution)
+        return {"height": side, "width": side}
+
+    @staticmethod
+    def to_pipeline_latents(x):
+        return pack_latents(x)
+
+    @staticmethod
+    def from_pipeline_latents(out, h, w):
+        return unpack_latents(out, h, w)
+
+    def _stats(self, like: torch.Tensor):
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> float32 images in [-1, 1], as the pipeline decodes: latents / (1 / std) + mean, one frame."""
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        mean, std = self._stats(latents)
+        latents = latents / (1.0 / std) + mean
+        images = self.vae.decode(latents.unsqueeze(2), return_dict=False)[0][:, :, 0]
+        return images.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled float32 latents (z - mean) / std, a sample of the VAE posterior, one frame."""
+        images = images.to(self.vae.device, self.vae.dtype).unsqueeze(2)
+        latents = self.vae.encode(images).latent_dist.sample(generator=generator)[:, :, 0]
+        mean, std = self._stats(latents)
+        return ((latents - mean) * (1.0 / std)).float()
+
+    def offload_text_encoders(self) -> None:
+        """Qwen2.5-VL-7B is 16 GB in bf16: once the prompts are encoded it goes to the CPU."""
+        for encoder in self.text_encoders:
+            encoder.to("cpu")

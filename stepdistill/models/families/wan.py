@@ -1,0 +1,252 @@
+"""Wan 2.1 / 2.2 text-to-video family (WanPipeline): a 3D DiT over (frames, height, width) latents of a causal video
+VAE with per-channel latent mean / std, UMT5 text, and flow matching with the model's `flow_shift`.
+
+A video is one sample: the latent is (B, C, F, h, w), so noise, the DM gradient's normaliser and every loss reduce
+over the whole clip (the methods reduce over all non-batch axes). WanPipeline takes no `sigmas`: its scheduler spaces
+n steps itself (shift(linspace(1, shift(1/T), n))), so the training table here is that grid at T steps and a
+student's timesteps must be the n-step grid's (1 step: [999]; 4 steps: [999, 666, 333, 0]; any n with (T - 1) / (n - 1)
+whole), which its recipe reproduces with FlowMatchEulerDiscreteScheduler(shift=flow_shift) and n steps.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+import torch
+
+from ...core.denoiser import Cond
+from ...core.flow import scheduler_sigmas
+from ..flow_common import FlowFamily
+from ..registry import register_family
+from .qwenimage import PipelineTimestepSchedule
+
+# Wan2.1-T2V-1.3B / 14B transformers (diffusers' Wan-AI/Wan2.1-T2V-*-Diffusers configs).
+WAN21_1_3B = {"patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+              "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+              "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024}
+WAN21_14B = dict(WAN21_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+WAN_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+           "temperal_downsample": [False, True, True]}
+# google/umt5-xxl's encoder (5.7 B with its 256k vocabulary).
+UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
+            "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "dropout_rate": 0.0}
+# Wan 2.1's scheduler: UniPC over flow sigmas shifted by flow_shift (3.0 for 480p; 5.0 for 720p).
+WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "flow_shift": 3.0,
+                        "use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+
+TINY_ARCH = {
+    "transformer": {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32,
+                    "freq_dim": 16, "num_layers": 2, "rope_max_seq_len": 32},
+    # Temporal and spatial factor 2 (the real VAE: 4 and 8); 16 latent channels like the real one.
+    "vae": {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [True],
+            "scale_factor_temporal": 2, "scale_factor_spatial": 2},
+    "text_encoder": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+                     "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0, "relative_attention_num_buckets": 8,
+                     "relative_attention_max_distance": 32},
+}
+# Self-attention, cross-attention (attn2; its to_k / to_v read the text) and the feed-forward of each block.
+WAN_ATTN = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+            "attn2.to_out.0"]
+WAN_FF = ["ffn.net.0.proj", "ffn.net.2"]
+# diffusers' names of a block's linears -> Wan's original ones (the ComfyUI LoRA layout), as diffusers converts them.
+_COMFY_NAMES = {**{f"attn1.{d}": f"self_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")},
+                **{f"attn2.{d}": f"cross_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")},
+                "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+
+
+def prompt_clean(text: str) -> str:
+    """WanPipeline's prompt_clean without ftfy (not installed here): whitespace runs to one space, stripped."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class WanGridSchedule(PipelineTimestepSchedule):
+    """The sigmas WanPipeline's scheduler visits at T steps (ascending in t), shift(linspace(1, shift(1/T), T)): every
+    n-step grid with (T - 1) / (n - 1) whole lies on it, at t = T - 1 - k (T - 1) / (n - 1)."""
+
+    def __init__(self, shift: float, num_train_timesteps: int = 1000):
+        config = {"num_train_timesteps": num_train_timesteps, "shift": shift}
+        super().__init__(scheduler_sigmas(num_train_timesteps, config)[:-1].flip(0), 1000.0)
+        self.shift = float(shift)
+
+    def grid(self, n: int) -> list[int]:
+        """The table indices of the pipeline's n-step grid (ValueError when it is not on the table)."""
+        T = self.num_train_timesteps
+        if n == 1:
+            return [T - 1]
+        if (T - 1) % (n - 1):
+            raise ValueError(f"WanPipeline's {n}-step grid is not on the {T}-step table: use 1, 2, 4 or 10 steps")
+        return [T - 1 - k * (T - 1) // (n - 1) for k in range(n)]
+
+    def pipeline_sampling(self, timesteps) -> dict:
+        timesteps = [int(t) for t in timesteps]
+        grid = self.grid(len(timesteps))
+        if timesteps != grid:
+            raise ValueError(f"timesteps {timesteps} are not WanPipeline's {len(timesteps)}-step grid: set "
+                             f"method.timesteps={grid} (the pipeline takes no sigmas, only a step count)")
+        return {"scheduler_config": {"shift": self.shift}, "sigmas": None, "num_inference_steps": len(timesteps)}
+
+
+@register_family
+class WanModel(FlowFamily):
+    name = "wan"
+    pipeline_class_name = "WanPipeline"
+    pipeline_kwargs: ClassVar = {}
+    text_parts: ClassVar = (("text_encoder", "tokenizer", "UMT5EncoderModel", "T5TokenizerFast"),)
+    hub_tag = "wan"
+    denoiser_class_name = "WanTransformer3DModel"
+    vae_class_name = "AutoencoderKLWan"
+    default_scheduler_config: ClassVar = WAN_SCHEDULER_CONFIG
+    default_resolution = 480  # WanPipeline's default is 480 x 832; training is square at this side
+    default_frames = 81  # WanPipeline's num_frames default
+    t5_max_length = 512  # WanPipeline's max_sequence_length default
+    tiny_arch: ClassVar = TINY_ARCH
+    full_configs: ClassVar = {"transformer": WAN21_1_3B, "vae": WAN_VAE, "text_encoder": UMT5_XXL}
+    full_variants: ClassVar = {"wan2.1-1.3b": WAN21_1_3B, "wan2.1-14b": WAN21_14B}
+    bench_batch = 1
+    dmd2_critic_ratio = 5
+    # The teacher's CFG in the DM term: WanPipeline's guidance_scale default (5.0).
+    method_defaults: ClassVar = {"dmd": {"timesteps": [999], "guidance_scale": 5.0}}
+    lora_target_presets: ClassVar = {"attn": WAN_ATTN, "full": WAN_ATTN + WAN_FF}
+    _schedule: WanGridSchedule | None = None
+    _frames: int | None = None
+
+    @classmethod
+    def tiny_part_configs(cls, sample_size, arch, model_max_length=77):
+        from ..tiny_wan import tiny_wan_configs
+
+        return tiny_wan_configs(arch)
+
+    @classmethod
+    def tiny_pipeline(cls, seed, words, sample_size, arch, model_max_length=77):
+        from ..tiny_wan import build_tiny_wan_pipeline
+
+        return build_tiny_wan_pipeline(seed, words, arch)
+
+    @classmethod
+    def kohya_tensors(cls, state, rank, alpha, dtype=None):
+        """The ComfyUI layout WanPipeline.load_lora_weights converts (_convert_non_diffusers_wan_lora_to_diffusers):
+        `diffusion_model.blocks.N.<Wan's own name>.lora_down / lora_up / alpha`, Wan's names being self_attn.q|k|v|o,
+        cross_attn.q|k|v|o and ffn.0 / ffn.2 for diffusers' attn1, attn2 and ffn.net.0.proj / ffn.net.2."""
+        from ...export import lora_modules
+
+        out = {}
+        for module in lora_modules(state):
+            found = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+            name = _COMFY_NAMES.get(found.group(2)) if found else None
+            if name is None:
+                raise ValueError(f"no ComfyUI (Wan) name for the module {module}: export the diffusers format")
+            key = f"diffusion_model.blocks.{found.group(1)}.{name}"
+            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            out[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
+            out[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
+            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        return out
+
+    def shard_units(self) -> list:
+        """The DiT's blocks (model.shard=fsdp2): WanTransformer3DModel calls them `blocks`."""
+        return list(self.unet.blocks)
+
+    # ---- frames -----------------------------------------------------------------------------------------------
+    @property
+    def frames(self) -> int:
+        """Video frames of a sample: the run's (model.frames), else the pipeline's default."""
+        return self._frames or self.default_frames
+
+    @frames.setter
+    def frames(self, value: int | None) -> None:
+        self._frames = int(value) if value else None
+
+    @property
+    def latent_frames(self) -> int:
+        """WanPipeline's (num_frames - 1) // temporal factor + 1."""
+        return (self.frames - 1) // int(self.vae.config.scale_factor_temporal) + 1
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
+
+    @property
+    def native_resolution(self) -> int:
+        return self.default_resolution
+
+    def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
+        resolution = resolution or self.resolution
+        if resolution % 16:
+            raise ValueError(f"resolution {resolution} is not a multiple of 16 (WanPipeline's rule): use e.g. "
+                             f"{max(16, resolution // 16 * 16)}")
+        side = resolution // self.vae_scale_factor
+        return (batch, self.latent_channels, self.latent_frames, side, side)
+
+    def size_conditioning(self, resolution: int | None = None) -> dict:
+        side = int(resolution or self.resolution)
+        return {"height": side, "width": side, "num_frames": self.frames}
+
+    # ---- schedule and the network call ------------------------------------------------------------------------
+    def noise_schedule(self, resolution: int | None = None) -> WanGridSchedule:
+        config = self.scheduler_config
+        # FlowMatchEulerDiscreteScheduler configs say `shift`, Wan's UniPC config `flow_shift`.
+        shift = config.get("shift", config.get("flow_shift", 1.0))
+        self._schedule = WanGridSchedule(float(shift), int(config.get("num_train_timesteps", 1000)))
+        return self._schedule
+
+    @property
+    def denoiser_call(self):
+        return self._call
+
+    def _call(self, net, x_t, timestep, cond: Cond) -> torch.Tensor:
+        """WanTransformer3DModel as WanPipeline calls it: latents in the network's dtype, the scheduler's float32
+        t = 1000 sigma (not cast), the UMT5 sequence."""
+        if self._schedule is None:
+            raise RuntimeError("call noise_schedule() before the network: it fixes the sigmas the timestep indexes")
+        t = self._schedule.pipeline_t(timestep)
+        return net(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.encoder_hidden_states,
+                   return_dict=False)[0]
+
+    # ---- text -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int | None = None) -> Cond:
+        """As WanPipeline._get_t5_prompt_embeds: UMT5's last hidden state over the cleaned prompt, zeros after its
+        tokens, max_sequence_length long."""
+        prompts = [prompt_clean(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        tokenizer, encoder = self.tokenizers[0], self.text_encoders[0]
+        n = self.t5_max_length
+        tokens = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, add_special_tokens=True,
+                           return_attention_mask=True, return_tensors="pt")
+        hidden = encoder(tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)).last_hidden_state
+        keep = tokens.attention_mask.gt(0).to(hidden.device).unsqueeze(-1)
+        return Cond(torch.where(keep, hidden, torch.zeros_like(hidden)).to(encoder.dtype))
+
+    def empty_cond(self, n: int, resolution: int | None = None) -> Cond:
+        """The empty prompt: WanPipeline's negative prompt when none is given."""
+        return self.encode_prompts([""], resolution).index([0] * n)
+
+    # ---- the VAE ----------------------------------------------------------------------------------------------
+    def _stats(self, like: torch.Tensor):
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> float32 video (B, 3, frames, H, W) in [-1, 1], as WanPipeline: latents / (1 / std) + mean."""
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        mean, std = self._stats(latents)
+        video = self.vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]
+        return video.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Videos (B, 3, frames, H, W) in [-1, 1] -> scaled float32 latents (z - mean) / std."""
+        latents = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator=generator)
+        mean, std = self._stats(latents)
+        return ((latents - mean) * (1.0 / std)).float()
+
+    def offload_text_encoders(self) -> None:
+        """UMT5-XXL is 11 GB in bf16: once the prompts are encoded it goes to the CPU."""
+        for encoder in self.text_encoders:
+            encoder.to("cpu")

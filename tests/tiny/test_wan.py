@@ -1,0 +1,178 @@
+"""The wan family on a tiny stock WanPipeline (text to video): dmd at 4 steps trains from the CLI on (B, C, frames, h, w)
+latents, and the exported LoRA with its recipe (scheduler shift, step count, size, frames, prompt length) reproduces
+the training-time student in the stock pipeline to 1e-4 (fp32); the training call's timestep and sigmas are the
+pipeline's at every recipe step (fp32 and bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from stepdistill import pipelines
+from stepdistill.config import load_config
+from stepdistill.core.recipe import Recipe
+from stepdistill.export import DIFFUSERS_WEIGHT_NAME
+from stepdistill.models import load_family
+from stepdistill.models.tiny import save_tiny_pipeline
+from stepdistill.train.loop import Trainer
+
+from .helpers import ROOT, applied_lora_layers, fresh_pipeline, lora_file_modules, run_cli, student_latents, train_args
+
+torch.set_num_threads(1)
+PROMPT = "a red cat on the sea"
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "wan", family="wan", seed=0)
+
+
+@pytest.fixture(scope="module", params=["dmd_wan_4step", "tscd_wan"])
+def trained(request, wan_dir, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    run_cli(train_args(f"configs/tiny/{request.param}.yaml", out, wan_dir, prompts_file))
+    trainer = Trainer(load_config(out / "resolved_config.yaml", []), out)  # resumes the finished run: no update
+    return trainer, trainer.run()
+
+
+def _run(pipe, recipe, x_T):
+    return pipe(prompt=[PROMPT], latents=x_T.clone(), output_type="latent", generator=torch.Generator().manual_seed(7),
+                **recipe.call_kwargs(pipe.scheduler)).frames
+
+
+def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan_dir):
+    trainer, final = trained
+    recipe = Recipe.load(final)
+    # WanPipeline takes no sigmas: the recipe is the shift and the step count whose grid the student was trained on.
+    steps = 4 if recipe.method == "dmd" else 1
+    assert recipe.sigmas is None and recipe.num_inference_steps == steps and recipe.scheduler_config == {"shift": 3.0}
+    assert recipe.size_conditioning == {"height": 16, "width": 16, "num_frames": 5}
+    ours, _, x_T = student_latents(trainer.built, PROMPT)
+    assert x_T.shape == (1, 16, 3, 8, 8)  # (C, latent frames, h, w): one sample is the whole clip
+    pipe, recipe = fresh_pipeline(WanPipeline, wan_dir, final)
+    assert applied_lora_layers(pipe.transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME)) > 0
+    theirs = _run(pipe, recipe, x_T)
+    torch.testing.assert_close(theirs.float(), ours.float(), atol=1e-4, rtol=1e-4)
+    bare = WanPipeline.from_pretrained(wan_dir)
+    bare.scheduler = recipe.make_scheduler(bare.scheduler.config)
+    bare.set_progress_bar_config(disable=True)
+    assert (_run(bare, recipe, x_T) - theirs).abs().max() > 1e-4
+    # pipelines.load (what `stepdistill generate` uses) builds the same student.
+    loaded = pipelines.load(None, final)
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_run(loaded, recipe, x_T).float(), ours.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
+    from stepdistill.core.denoiser import Denoiser
+
+    model = load_family(wan_dir, dtype=dtype)
+    model.resolution, model.frames, model.t5_max_length = 16, 5, 16
+    schedule = model.noise_schedule()
+    timesteps = schedule.grid(4)
+    assert timesteps == [999, 666, 333, 0]
+    sampling = schedule.pipeline_sampling(timesteps)
+    pipe = model.pipeline(Recipe(base_model=str(wan_dir), family="wan", method="dmd",
+                                 scheduler_class="FlowMatchEulerDiscreteScheduler", **sampling).make_scheduler(
+                                     model.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = model.unet.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)
+    try:
+        x_T = torch.randn((1, *model.latent_shape(1)[1:]), generator=torch.Generator().manual_seed(0))
+        pipe(prompt=[PROMPT], latents=x_T, output_type="latent", guidance_scale=0.0, max_sequence_length=16,
+             num_inference_steps=4, height=16,
+             width=16, num_frames=5)
+        theirs, calls[:] = list(calls), []
+        assert torch.allclose(pipe.scheduler.sigmas[:-1].double(), schedule.sigma(torch.tensor(timesteps)), atol=1e-6)
+        denoiser = Denoiser(model.unet, schedule, dtype=dtype, call=model.denoiser_call)
+        cond = model.encode_prompts([PROMPT])
+        for t in timesteps:
+            denoiser.raw(x_T, torch.tensor([t]), cond)
+    finally:
+        hook.remove()
+    assert len(theirs) == len(calls) == 4
+    for a, b in zip(calls, theirs):
+        # WanPipeline hands the transformer the scheduler's float32 t, whatever the network's dtype.
+        assert a["timestep"].dtype == b["timestep"].dtype == torch.float32
+        assert torch.equal(a["timestep"], b["timestep"]), (a["timestep"], b["timestep"])
+        assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"].to(dtype))
+    assert torch.equal(calls[0]["hidden_states"], theirs[0]["hidden_states"])
+
+
+def test_off_grid_timesteps_are_refused_in_one_line(wan_dir):
+    model = load_family(wan_dir)
+    assert model.shard_units() == list(model.unet.blocks)  # FSDP2's units: WanTransformer3DModel's `blocks`
+    schedule = model.noise_schedule()
+    with pytest.raises(ValueError, match=r"method.timesteps=\[999, 666, 333, 0\]") as err:
+        schedule.pipeline_sampling([999, 749, 499, 249])
+    assert "\n" not in str(err.value)
+
+
+def test_tscd_segments_off_the_pipelines_grids_are_refused_in_one_line(wan_dir):
+    from stepdistill.config import ConfigError
+    from stepdistill.registry import get_method
+
+    spec = get_method("tscd")
+    schedule = load_family(wan_dir).noise_schedule()
+    with pytest.raises(ConfigError, match=r"use segments \[1\]") as err:
+        spec.distiller_cls(spec.config_cls(segments=[8, 4, 2, 1], stage_steps=[1, 1, 1, 1]), schedule)
+    assert "\n" not in str(err.value)
+    spec.distiller_cls(spec.config_cls(segments=[1], stage_steps=[1]), schedule)  # one segment: the 1-step grid
+
+
+def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path, monkeypatch):
+    """`stepdistill generate` for a video LoRA: an animated WebP (Pillow, no system binary) plus one PNG per frame;
+    the model card's snippet makes the same frames with the stock pipeline."""
+    import numpy as np
+    from PIL import Image
+
+    from stepdistill.card import usage_snippet
+    from stepdistill.generate import generate_image
+
+    _, final = trained
+    if Recipe.load(final).method != "dmd":
+        pytest.skip("one run is enough for the file format")
+    out = generate_image(final, PROMPT, tmp_path / "clip.webp", seed=0)
+    with Image.open(out) as im:
+        assert im.format == "WEBP" and getattr(im, "n_frames", 1) == 5 and im.size == (16, 16)
+    frames = sorted((tmp_path / "clip_frames").glob("*.png"))
+    assert len(frames) == 5
+    namespace = {}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(usage_snippet(Recipe.load(final), str(final), prompt=PROMPT, seed=0), "README.md", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "stepdistill.webp").is_file() and len(namespace["frames"]) == 5
+    for ours, path in zip(namespace["frames"], frames):
+        with Image.open(path) as theirs:
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    with pytest.raises(Exception, match="animated WebP"):
+        generate_image(final, PROMPT, tmp_path / "clip.png", seed=0)
+
+
+def test_gan_terms_refuse_video_in_one_line(wan_dir, prompts_file, tmp_path):
+    """The discriminators read 2D maps (a UNet's mid block, an image transformer's token grid): on Wan's video DiT the
+    GAN term refuses at start, in one line, before any update."""
+    from stepdistill.config import ConfigError
+
+    cfg = load_config(ROOT / "configs/tiny/dmd_wan.yaml", [f"model.path={wan_dir}", f"data.prompts={prompts_file}",
+                                                    "loop.progress=false", "method.gan=true"])
+    with pytest.raises((ValueError, ConfigError), match="cannot read a WanTransformer3DModel") as err:
+        Trainer(cfg, tmp_path / "run").run()
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_comfyui_layout_loads_with_every_tensor_applied(trained, wan_dir):
+    """`diffusion_model.blocks.N.self_attn.q...` (Wan's own names), which diffusers' Wan converter maps back."""
+    from stepdistill.export import KOHYA_WEIGHT_NAME
+
+    trainer, final = trained
+    if Recipe.load(final).method != "dmd":
+        pytest.skip("one run is enough for the file layout")
+    _, _, x_T = student_latents(trainer.built, PROMPT)
+    pipe_d, recipe = fresh_pipeline(WanPipeline, wan_dir, final)
+    pipe_k, _ = fresh_pipeline(WanPipeline, wan_dir, final, weight_name=KOHYA_WEIGHT_NAME)
+    modules = lora_file_modules(final / DIFFUSERS_WEIGHT_NAME)
+    assert applied_lora_layers(pipe_k.transformer) == applied_lora_layers(pipe_d.transformer) == len(modules)
+    torch.testing.assert_close(_run(pipe_k, recipe, x_T), _run(pipe_d, recipe, x_T), atol=1e-5, rtol=1e-5)

@@ -193,7 +193,7 @@ def load(base, lora_dir, device="cpu", dtype=torch.float32, fuse: bool = False, 
     """
     lora_dir = Path(lora_dir)
     recipe = Recipe.load(lora_dir)
-    base = base or recipe.base_model
+    base = base or recipe.resolve_base()
     family = get_family(family_of(base, recipe))
     pipe = family.load_pipeline(base, dtype).to(device)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)

@@ -120,6 +120,13 @@ class Recipe:
                 raise ValueError(f"{path}: unknown recipe key {key!r}{hint}; known keys: {sorted(known)}")
         return cls(**data)
 
+    def resolve_base(self) -> str:
+        """base_model as a path or hub id to load: a shipped toy asset's name (`assets/toy/sd15`) becomes the installed
+        copy, so a recipe written in the repository works from any folder."""
+        from ..resources import shipped_path
+
+        return shipped_path(self.base_model)
+
     def make_scheduler(self, base_scheduler_config):
         """The recipe's scheduler: its class, built from the base model's config plus the recipe's overrides.
 

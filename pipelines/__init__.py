@@ -243,6 +243,25 @@ def generate(pipe, recipe: Recipe, prompts, seed: int, output_type: str = "pil",
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed)
-    out = pipe(prompt=prompts, generator=generator, latents=latents, output_type=output_type,
-               **recipe.call_kwargs(pipe.scheduler))
+    with _recipe_timesteps_intended(pipe.scheduler):
+        out = pipe(prompt=prompts, generator=generator, latents=latents, output_type=output_type,
+                   **recipe.call_kwargs(pipe.scheduler))
     return out.images
+
+
+class _DropCustomTimestepWarning(logging.Filter):
+    def filter(self, record):
+        return "custom timestep schedule" not in record.getMessage()
+
+
+@contextmanager
+def _recipe_timesteps_intended(scheduler):
+    """Silence the scheduler's "first timestep ... is not num_train_timesteps - 1" warning: a recipe's timesteps are
+    the ones the student was distilled at (e.g. t0 = 399), not a mistake, and the warning came once per call."""
+    logger = logging.getLogger(type(scheduler).__module__)
+    quiet = _DropCustomTimestepWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -30,7 +30,8 @@ class DemoBudget:
 
 # 300 student updates (the README gives the demo's measured time on 2 CPU cores); configs/toy/dmd_1step.yaml runs 600.
 FULL = DemoBudget(legs=4, max_steps=300, n_eval=500, n_curve=200)
-QUICK = DemoBudget(legs=2, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
+# One leg: each leg builds the run again (the toy images encoded, the models loaded), minutes on a loaded machine.
+QUICK = DemoBudget(legs=1, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
 QUICK_REGRESSION = ["method.regression_pairs=16", "method.regression_teacher_steps=4"]
 
 

@@ -143,17 +143,30 @@ def base_reference(path: str) -> str:
 
 
 def base_fingerprint(path: str) -> str:
-    """sha256 of a local base's model_index.json and every component's config.json (its architecture: what a
-    checkpoint's tensor shapes depend on); for a hub id, the id itself."""
+    """A local base's identity, cheap to compute: sha256 of model_index.json, every component's config.json, and of
+    every weight file its size, first and last MiB (a safetensors header lists every tensor; retrained or re-initialised
+    weights differ there). For a hub id, the id itself."""
     folder = Path(path)
     if not folder.is_dir():
         return f"hub:{path}"
     h = hashlib.sha256()
-    for f in sorted([folder / "model_index.json", *folder.glob("*/config.json")]):
-        if f.is_file():
-            h.update(f.relative_to(folder).as_posix().encode())
+    files = [folder / "model_index.json", *folder.glob("*/config.json"), *folder.glob("*/*.safetensors"),
+             *folder.glob("*/*.bin")]
+    for f in sorted(p for p in files if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        if f.suffix == ".json":
             h.update(f.read_bytes())
+            continue
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_SAMPLE))
+            fh.seek(max(0, size - _SAMPLE))
+            h.update(fh.read(_SAMPLE))
     return h.hexdigest()
+
+
+_SAMPLE = 1 << 20
 
 
 # ---- a reused folder ----------------------------------------------------------------------------------------------

@@ -286,3 +286,33 @@ def test_recipe_names_a_local_base_absolutely_and_generate_works_from_elsewhere(
     monkeypatch.chdir(elsewhere)
     assert main(["generate", "--lora", str(lone_run / "final"), "--prompt", "a red circle", "--out", "x.png"]) == 0
     assert (elsewhere / "x.png").is_file()
+
+
+# ---- the tiny builders at the command line, and the progress bars ---------------------------------------------------
+
+def test_toy_tiny_pipeline_makes_what_the_tiny_presets_train_on(prompts_file, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    base = tmp_path / "tiny_sd15"
+    assert main(["toy", "tiny-pipeline", "--family", "sd15", "--out", str(base)]) == 0
+    assert type(DiffusionPipeline.from_pretrained(base)).__name__ == "StableDiffusionPipeline"
+    capsys.readouterr()
+    out = tmp_path / "run"
+    argv = [a for a in _argv(out, base, prompts_file, "loop.max_steps=2") if a != "loop.progress=false"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    # The first update (dmd's teacher ODE pairs, compilation) has its own bar: the training bar's ETA starts after it.
+    assert "first update (one-off set-up" in err and "train lcm" in err
+    first, train = err.index("first update"), err.rindex("train lcm")
+    assert first < train
+
+
+def test_eval_toy_of_a_lora_of_another_world_is_one_line(lone_run, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["eval", "toy", "--lora", str(lone_run / "final"), "--n", "2", "--out", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert "toy judge reads (3, 32, 32)" in line and "--base" in line and not out.exists()
+    # --base is taken (here the very base of the recipe, named explicitly): same failure, same line.
+    base = json.loads((lone_run / "final" / "stepdistill.json").read_text())["base_model"]
+    assert main(["eval", "toy", "--lora", str(lone_run / "final"), "--base", base, "--n", "2", "--out", str(out)]) == 2
+    assert "toy judge reads" in _one_line_error(capsys)

@@ -125,10 +125,14 @@ def _toy_random_pipeline(args):
 
 
 def _toy_tiny_pipeline(args):
-    from .models.tiny import save_tiny_pipeline
+    from .models.tiny import TINY_PROMPTS, save_tiny_pipeline
 
     out = save_tiny_pipeline(_folder_arg("--out", args.out), family=args.family, seed=args.seed)
-    print(f"tiny {args.family} pipeline written to {out} (use it with --set model.path={out})")
+    # Its tokenizer knows a small vocabulary only: prompts in it, ready for data.prompts.
+    prompts = out / "prompts.txt"
+    prompts.write_text("\n".join(TINY_PROMPTS) + "\n")
+    print(f"tiny {args.family} pipeline written to {out}: train on it with --set model.path={out} "
+          f"--set data.prompts={prompts}")
 
 
 def _toy_judge(args):

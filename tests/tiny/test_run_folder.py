@@ -290,7 +290,7 @@ def test_recipe_names_a_local_base_absolutely_and_generate_works_from_elsewhere(
 
 # ---- the tiny builders at the command line, and the progress bars ---------------------------------------------------
 
-def test_toy_tiny_pipeline_makes_what_the_tiny_presets_train_on(prompts_file, tmp_path, capsys):
+def test_toy_tiny_pipeline_makes_what_the_tiny_presets_train_on(tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
     base = tmp_path / "tiny_sd15"
@@ -298,7 +298,7 @@ def test_toy_tiny_pipeline_makes_what_the_tiny_presets_train_on(prompts_file, tm
     assert type(DiffusionPipeline.from_pretrained(base)).__name__ == "StableDiffusionPipeline"
     capsys.readouterr()
     out = tmp_path / "run"
-    argv = [a for a in _argv(out, base, prompts_file, "loop.max_steps=2") if a != "loop.progress=false"]
+    argv = _argv(out, base, base / "prompts.txt", "loop.max_steps=2", "loop.progress=true")  # the last --set wins
     assert main(argv) == 0
     err = capsys.readouterr().err
     # The first update (dmd's teacher ODE pairs, compilation) has its own bar: the training bar's ETA starts after it.

@@ -131,12 +131,13 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.last_checkpoint: Path | None = None
         self.tracking = Tracking()
-        self.lock: RunLock | None = None
+        self.lock: RunLock | None = None  # process 0's claim on the run folder
+        self.claimed = False
 
     # -- the run folder: claimed and checked before anything is written in it --
     def claim_run_dir(self):
         """Lock the folder (process 0), refuse a config that cannot continue the run it holds, then record this one."""
-        if self.lock is not None:
+        if self.claimed:  # every process returns here alike (the check below is a collective)
             return
         dist, busy = self.dist, None
         if dist.rank == 0:
@@ -146,13 +147,17 @@ class Trainer:
                 busy = e
         if dist.any(busy is not None):
             raise busy or ConfigError(f"{self.out} is in use by another run: pass another --output-dir")
+        mismatch = None
         try:
-            check_reuse(self.cfg, self.out)  # every process reads; nothing is written before it passes
-        except ConfigError:
+            check_reuse(self.cfg, self.out)  # every process reads; nothing is written before all have
+        except ConfigError as e:
+            mismatch = e
+        if dist.any(mismatch is not None):
             self.release_run_dir()
-            raise
+            raise mismatch or ConfigError(f"{self.out} holds a run with another config (see process 0's message)")
         if dist.rank == 0:
             record_run(self.cfg, self.out)
+        self.claimed = True
 
     def release_run_dir(self):
         if self.lock is not None:

@@ -33,6 +33,9 @@ FULL = DemoBudget(legs=4, max_steps=300, n_eval=500, n_curve=200)
 # One leg: each leg builds the run again (the toy images encoded, the models loaded), minutes on a loaded machine.
 QUICK = DemoBudget(legs=1, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
 QUICK_REGRESSION = ["method.regression_pairs=16", "method.regression_teacher_steps=4"]
+# A smoke run's data (presets on toy:N images): toy:5000 are 79 VAE-encoding chunks before the first step (the real latents
+# are unused without a GAN term), and a batch of 16 makes each of 4 updates (3 critic updates each) seconds long.
+QUICK_DATA = ["data.images=toy:256", "data.batch_size=4"]
 
 
 def default_method() -> str:
@@ -110,6 +113,9 @@ def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"loop.max_steps={budget.max_steps}"] if budget.max_steps else []
     cfg = load_config(preset_for(method), overrides)
+    if quick and cfg.data.images.startswith("toy:"):
+        overrides += QUICK_DATA
+        cfg = load_config(preset_for(method), overrides)
     if quick and (getattr(cfg.method, "regression_weight", 0) or getattr(cfg.method, "regression_steps", 0)):
         overrides += QUICK_REGRESSION  # 1024 teacher ODE solves would be most of a seconds-long smoke run
         cfg = load_config(preset_for(method), overrides)

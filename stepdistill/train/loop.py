@@ -331,9 +331,10 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(self._oom_message(e)) from e
         except KeyboardInterrupt as e:
-            raise RunInterrupted(
-                f"interrupted at step {self.step}; last checkpoint: {self.last_checkpoint or 'none yet'}. Rerun the "
-                "same command to resume from it") from e
+            then = ("Rerun the same command to resume from it" if self.last_checkpoint else
+                    "Rerun the same command to start again")
+            raise RunInterrupted(f"interrupted at step {self.step}; last checkpoint: "
+                                 f"{self.last_checkpoint or 'none yet'}. {then}") from e
 
     def _oom_message(self, err) -> str:
         cfg = self.cfg
@@ -356,7 +357,7 @@ class Trainer:
         log_file = self.out / "log.jsonl"
         # The first update of a process carries one-off work (dmd's teacher ODE pairs, compilation): it gets its own
         # bar, so the training bar's ETA starts after it instead of extrapolating it over every step.
-        bar = self._bar("first update (one-off set-up: teacher ODE pairs, compilation)")
+        bar = self._bar("first update (one-off set-up)")
         first_step = self.step
         t0, steps0 = time.perf_counter(), self.step
         while self.step < cfg.loop.max_steps:

@@ -7,6 +7,7 @@ seeds with the toy judge, and writes report.md, grid.png, curves.png and metrics
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -61,14 +62,41 @@ def teacher_fn(steps: int = 25):
     """The shipped toy teacher at its evaluation setting (DDIM, CFG) as a GenerateFn."""
     from stepdistill.eval.generate import teacher_generate_fn
 
-    from .evaluate import TEACHER_GUIDANCE_SCALE, teacher_pipeline
+    from .evaluate import TEACHER_GUIDANCE_SCALE
 
-    return teacher_generate_fn(teacher_pipeline("sd15"), steps, TEACHER_GUIDANCE_SCALE)
+    return teacher_generate_fn(_teacher_pipeline(), steps, TEACHER_GUIDANCE_SCALE)
+
+
+@functools.lru_cache(maxsize=1)
+def _teacher_pipeline():
+    """Loaded once per demo: the table and the grid sample the same teacher."""
+    from .evaluate import teacher_pipeline
+
+    return teacher_pipeline("sd15")
+
+
+_STUDENT: dict = {}  # (folder, weights' mtime) -> (pipeline, the recipe's scheduler): one student pipeline at a time
+
+
+def _student_pipeline(final: Path):
+    """The exported student through pipelines.load, loaded once per export (seven samplings of the same LoRA in a
+    demo); a leg that rewrites the LoRA changes its mtime, so the next call loads it again."""
+    from stepdistill import pipelines
+
+    from ..export import DIFFUSERS_WEIGHT_NAME
+
+    key = (str(Path(final).resolve()), (Path(final) / DIFFUSERS_WEIGHT_NAME).stat().st_mtime_ns)
+    if key not in _STUDENT:
+        _STUDENT.clear()
+        pipe = pipelines.load(None, final)
+        pipe.set_progress_bar_config(disable=True)
+        _STUDENT[key] = (pipe, pipe.scheduler)
+    return _STUDENT[key]
 
 
 def student_fn(final: Path, steps: int):
-    """The exported student through pipelines.load, at `steps`; a one-step recipe's fixed timestep list is
-    replaced by the scheduler's own spacing for more steps (LCMScheduler: 999, 499, ... on its skipping grid)."""
+    """The exported student at `steps`; a one-step recipe's fixed timestep list is replaced by the scheduler's own
+    spacing for more steps (LCMScheduler: 999, 499, ... on its skipping grid)."""
     import dataclasses
 
     from stepdistill import pipelines
@@ -78,7 +106,8 @@ def student_fn(final: Path, steps: int):
     from ..methods.dmd import lcm_original_steps
 
     recipe = Recipe.load(final)
-    pipe = pipelines.load(None, final)
+    pipe, recipe_scheduler = _student_pipeline(final)
+    scheduler = recipe_scheduler
     if steps != recipe.num_inference_steps:
         config = dict(recipe.scheduler_config)
         timesteps = None
@@ -90,9 +119,13 @@ def student_fn(final: Path, steps: int):
         elif recipe.scheduler_class == "LCMScheduler":
             config["original_inference_steps"] = 50  # LCM's own skipping grid
         recipe = dataclasses.replace(recipe, timesteps=timesteps, num_inference_steps=steps, scheduler_config=config)
-        pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return student_generate_fn(pipe, recipe)
+        scheduler = recipe.make_scheduler(recipe_scheduler.config)
+
+    def generate(pipe, recipe, prompts, seed, generator=None):
+        pipe.scheduler = scheduler  # the pipeline is shared: each GenerateFn brings its own steps
+        return pipelines.generate(pipe, recipe, prompts, seed, generator=generator)
+
+    return student_generate_fn(pipe, recipe, generate)
 
 
 def multistep_timesteps(t0: int, steps: int) -> list[int]:

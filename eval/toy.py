@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.toy_world import ToyWorld, to_float, toy_asset_path, toy_prompts
+from ..data.toy_world import IMAGE_SIZE, ToyWorld, to_float, toy_asset_path, toy_prompts
 from ..metrics.diversity import density_coverage, precision_recall, total_variation
 from ..metrics.fid import FeatureStats
 from ..metrics.toy_judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
@@ -129,6 +129,11 @@ def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None
         tick = time.perf_counter()
         images = as_images(generate_fn(prompts[batch], seeds[batch]))
         seconds += time.perf_counter() - tick
+        if tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+            # The judge reads 32x32 toy images: anything else is a model of another world (a LoRA of another base).
+            raise ValueError(f"the model makes {tuple(images.shape[1:])} images and the toy judge reads "
+                             f"(3, {IMAGE_SIZE}, {IMAGE_SIZE}): eval toy scores students of the shipped toy teachers "
+                             "(assets/toy/<family>); pass --base with the toy teacher the LoRA was trained on")
         stats.update(judge.features(images))
         labels = judge.predict(images)
         aligned += int(matches(labels, prompts[batch]).sum())

@@ -193,7 +193,7 @@ def load(base, lora_dir, device="cpu", dtype=torch.float32, fuse: bool = False, 
     """
     lora_dir = Path(lora_dir)
     recipe = Recipe.load(lora_dir)
-    base = base or recipe.base_model
+    base = base or recipe.resolve_base()
     family = get_family(family_of(base, recipe))
     pipe = family.load_pipeline(base, dtype).to(device)
     pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
@@ -243,7 +243,26 @@ def generate(pipe, recipe: Recipe, prompts, seed: int, output_type: str = "pil",
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed)
-    out = pipe(prompt=prompts, generator=generator, latents=latents, output_type=output_type,
-               **recipe.call_kwargs(pipe.scheduler))
+    with _recipe_timesteps_intended(pipe.scheduler):
+        out = pipe(prompt=prompts, generator=generator, latents=latents, output_type=output_type,
+                   **recipe.call_kwargs(pipe.scheduler))
     # A video pipeline (WanPipeline) returns `frames`: one list of frames (PIL) or array per prompt.
     return out.frames if hasattr(out, "frames") else out.images
+
+
+class _DropCustomTimestepWarning(logging.Filter):
+    def filter(self, record):
+        return "custom timestep schedule" not in record.getMessage()
+
+
+@contextmanager
+def _recipe_timesteps_intended(scheduler):
+    """Silence the scheduler's "first timestep ... is not num_train_timesteps - 1" warning: a recipe's timesteps are
+    the ones the student was distilled at (e.g. t0 = 399), not a mistake, and the warning came once per call."""
+    logger = logging.getLogger(type(scheduler).__module__)
+    quiet = _DropCustomTimestepWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -7,6 +7,7 @@ stepdistill.pipelines.load + generate do, so running it gives the image `stepdis
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,23 @@ def read_front_matter(readme) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def is_our_card(readme) -> bool:
+    """True for a README.md that stepdistill wrote (its front matter carries the stepdistill tag)."""
+    tags = read_front_matter(readme).get("tags") or []
+    return isinstance(tags, list) and "stepdistill" in tags
+
+
+# A Hub model id: `name` or `owner/name` (letters, digits, `-`, `_`, `.`), what the card's base_model may hold.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
+def hub_base_model(base: str) -> str | None:
+    """The base as the Hub's `base_model` field takes it (a model id), or None for a local folder or a toy asset."""
+    if Path(base).exists() or base.startswith("assets/") or not _HUB_ID.fullmatch(base) or ".." in base:
+        return None
+    return base
+
+
 def base_license(base: str) -> str | None:
     """The license in the base model's own card (a local folder's README.md), when it states one."""
     value = read_front_matter(Path(base) / CARD_FILE).get("license")
@@ -58,14 +76,20 @@ def _family_tag(family: str) -> str:
     return get_family(family).hub_tag or family
 
 
-def front_matter(recipe: Recipe) -> dict:
-    meta = {
-        "base_model": recipe.base_model,
+def front_matter(recipe: Recipe, kind: str = "diffusers") -> dict:
+    meta = {}
+    hub_id = hub_base_model(recipe.base_model)
+    if hub_id:  # the Hub rejects a card whose base_model is not a model id: a local base is named in the text only
+        meta["base_model"] = hub_id
+        if kind == "merged":
+            meta["base_model_relation"] = "merge"
+    meta.update({
         "library_name": "diffusers",
         "pipeline_tag": "text-to-image",
-        "tags": ["lora", "text-to-image", "stepdistill", recipe.method, "diffusers", _family_tag(recipe.family)],
-    }
-    license_ = base_license(recipe.base_model)
+        "tags": ["merged" if kind == "merged" else "lora", "text-to-image", "stepdistill", recipe.method, "diffusers",
+                 _family_tag(recipe.family)],
+    })
+    license_ = base_license(recipe.resolve_base())
     if license_:
         meta["license"] = license_
     return meta
@@ -98,22 +122,24 @@ def usage_snippet(recipe: Recipe, lora: str, kind: str = "diffusers", prompt: st
     steps = (f"timesteps={recipe.timesteps!r}" if recipe.timesteps is not None
              else f"sigmas={recipe.sigmas!r}" if recipe.sigmas is not None
              else f"num_inference_steps={recipe.num_inference_steps}")
-    denoiser_class, prefix = _denoiser(recipe)
-    imports = ["DiffusionPipeline", recipe.scheduler_class] + ([denoiser_class] if kind == "merged" else [])
-    lines = [
-        "import torch",
-        f"from diffusers import {', '.join(imports)}",
-        "",
-        f"base = {recipe.base_model!r}",
-        f"lora = {lora!r}  # this folder, or the Hub repo it was pushed to",
-        'device = "cuda" if torch.cuda.is_available() else "cpu"',
-        "",
-        "pipe = DiffusionPipeline.from_pretrained(base).to(device)",
-        f"pipe.scheduler = {recipe.scheduler_class}.from_config(pipe.scheduler.config{scheduler_args})",
-    ]
+    lines = ["import torch", f"from diffusers import DiffusionPipeline, {recipe.scheduler_class}", ""]
     if kind == "merged":
-        lines.append(f'pipe.{prefix} = {denoiser_class}.from_pretrained(lora, subfolder="{prefix}").to(device)')
+        lines += [
+            f"model = {lora!r}  # this folder (base and LoRA merged, the recipe's scheduler), or its Hub repo",
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            "",
+            "pipe = DiffusionPipeline.from_pretrained(model).to(device)",
+            f"pipe.scheduler = {recipe.scheduler_class}.from_config(pipe.scheduler.config{scheduler_args})",
+        ]
     else:
+        lines += [
+            f"base = {recipe.resolve_base()!r}",
+            f"lora = {lora!r}  # this folder, or the Hub repo it was pushed to",
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            "",
+            "pipe = DiffusionPipeline.from_pretrained(base).to(device)",
+            f"pipe.scheduler = {recipe.scheduler_class}.from_config(pipe.scheduler.config{scheduler_args})",
+        ]
         weight = DIFFUSERS_WEIGHT_NAME if kind == "diffusers" else KOHYA_WEIGHT_NAME
         lines += [
             f"pipe.load_lora_weights(lora, weight_name={weight!r}, adapter_name={ADAPTER_NAME!r})",
@@ -224,11 +250,14 @@ def render_model_card(folder, run_dir=None, repo_id: str | None = None, lora_ref
     folder, run_dir = Path(folder), Path(run_dir) if run_dir is not None else None
     recipe = Recipe.load(folder)
     kind = _weights_kind(folder, _denoiser(recipe)[1])
-    title = repo_id.split("/")[-1] if repo_id else f"{recipe.method} LoRA for {recipe.base_model}"
+    what = "merged model" if kind == "merged" else "LoRA"
+    title = repo_id.split("/")[-1] if repo_id else f"{recipe.method} {what} for {recipe.base_model}"
+    how = ("with its LoRA adapter merged into the base: a complete diffusers pipeline folder" if kind == "merged"
+           else "as a LoRA adapter for a plain diffusers pipeline")
     parts = [
-        "---\n" + yaml.safe_dump(front_matter(recipe), sort_keys=False) + "---\n",
+        "---\n" + yaml.safe_dump(front_matter(recipe, kind), sort_keys=False) + "---\n",
         (f"# {title}\n\nA {recipe.num_inference_steps}-step student of `{recipe.base_model}` ({recipe.family}), "
-         f"distilled with stepdistill's `{recipe.method}` method as a LoRA adapter for a plain diffusers pipeline.\n"),
+         f"distilled with stepdistill's `{recipe.method}` method, {how}.\n"),
         "## Usage\n\n```python\n" + usage_snippet(recipe, repo_id or str(lora_ref or folder), kind) + "```\n",
         recipe_section(recipe),
         training_section(recipe, _run_config(run_dir)),

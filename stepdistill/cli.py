@@ -3,29 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from functools import partial
+import traceback
+from pathlib import Path
+
+DEBUG_ENV = "STEPDISTILL_DEBUG"  # =1: show the traceback of a failure besides its one line
 
 
 def _train(args):
     from .config import dump_config, load_config
     from .train.loop import train
 
-    cfg = load_config(args.config, args.set, validate=not args.dry_run)
+    cfg = load_config(args.config, args.set, validate=False)
     if args.dry_run:
+        _validate_for_dry_run(cfg)
         print(dump_config(cfg), end="")
         return
-    out = args.output_dir or f"runs/{cfg.method.name}"
-    final = train(cfg, out)
+    cfg.validate()
+    args.output_dir = args.output_dir or f"runs/{cfg.method.name}"  # the run folder error.log goes to
+    final = train(cfg, _folder_arg("--output-dir", args.output_dir))
     print(f"done: LoRA and recipe in {final}")
+
+
+def _validate_for_dry_run(cfg) -> None:
+    """Every value checked as training checks it; only the paths a preset leaves to the command line may be empty."""
+    from .errors import ConfigError
+
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        if not (str(e).startswith("model.path is empty") or str(e).startswith("data.prompts is empty")):
+            raise
+        logging.getLogger("stepdistill").warning("dry run: %s", e)
+
+
+def _folder_arg(flag: str, path) -> Path:
+    """A folder argument: refused in one line when a file is in the way (it is created when missing)."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder: pass another {flag}")
+    return path
+
+
+def _lora_arg(path) -> str:
+    """--lora: the export folder, or its pytorch_lora_weights.safetensors (the recipe is read beside it)."""
+    from .errors import ConfigError
+    from .export import DIFFUSERS_WEIGHT_NAME
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        if path.name != DIFFUSERS_WEIGHT_NAME:
+            raise ConfigError(f"--lora {path}: pass the folder, or its {DIFFUSERS_WEIGHT_NAME} (the diffusers LoRA "
+                              "that stepdistill.json, beside it, describes)")
+        return str(path.parent)
+    return str(path)
 
 
 def _generate(args):
     from .errors import ConfigError
     from .generate import generate_image, generate_images
 
+    args.lora = [_lora_arg(x) for x in args.lora]
     if args.prompts:
+        _folder_arg("--out", args.out)
         manifest = generate_images(args.lora, args.prompts, args.out, n=args.n, batch_size=args.batch_size,
                                    seed=args.seed, base=args.base, steps=args.steps, lora_weights=args.lora_weight)
         print(f"wrote the images and {manifest}")
@@ -49,7 +95,7 @@ def _export(args):
     from .export import export_run
 
     try:
-        out = export_run(args.run, args.format, args.out)
+        out = export_run(args.run, args.format, _folder_arg("--out", args.out))
     except ValueError as e:
         # export's ValueErrors are about the run's LoRA file (keys, rank, metadata): bad input, not a bug.
         raise ModelError(f"cannot export {args.run}: {e}") from e
@@ -80,6 +126,17 @@ def _toy_random_pipeline(args):
     save_random_pipeline(args.out, args.family, dtype_from_name(args.dtype), seed=args.seed)
 
 
+def _toy_tiny_pipeline(args):
+    from .models.tiny import TINY_PROMPTS, save_tiny_pipeline
+
+    out = save_tiny_pipeline(_folder_arg("--out", args.out), family=args.family, seed=args.seed)
+    # Its tokenizer knows a small vocabulary only: prompts in it, ready for data.prompts.
+    prompts = out / "prompts.txt"
+    prompts.write_text("\n".join(TINY_PROMPTS) + "\n")
+    print(f"tiny {args.family} pipeline written to {out}: train on it with --set model.path={out} "
+          f"--set data.prompts={prompts}")
+
+
 def _toy_judge(args):
     from .metrics.toy_judge import train_judge
 
@@ -94,7 +151,7 @@ def _eval_toy(args):
     from .errors import ModelError
 
     try:
-        run_eval_toy(lora=args.lora, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
+        run_eval_toy(lora=args.lora and _lora_arg(args.lora), base=args.base, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
                      guidance_scale=args.guidance_scale, family=args.family, timestep_spacing=args.timestep_spacing)
     except ValueError as e:
         # eval's ValueErrors are about its inputs: the LoRA, its recipe, the flags (as in eval.cli).
@@ -107,19 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     families = family_names()
     p = argparse.ArgumentParser(prog="stepdistill", description="Distil diffusion teachers into few-step LoRA students.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a student (resumes when rerun on the same output dir)")
     t.add_argument("--config", required=True, help="YAML preset, e.g. configs/toy/dmd_1step.yaml")
     t.add_argument("--output-dir", help="run directory (default runs/<method>)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. lora.rank=16 (lora.alpha=0, the default, means alpha = lora.rank)")
+    t.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved and exit")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="generate an image with an exported LoRA and its recipe")
     g.add_argument("--lora", required=True, action="append",
-                   help="folder with pytorch_lora_weights.safetensors and stepdistill.json; give it again to mix "
-                        "LoRAs (the first one's recipe is used)")
+                   help="folder with pytorch_lora_weights.safetensors and stepdistill.json (or that .safetensors file); "
+                        "give it again to mix LoRAs (the first one's recipe is used)")
     g.add_argument("--lora-weight", type=float, action="append",
                    help="weight of each --lora, in order (default: the recipe's lora_scale, 1 for the others)")
     g.add_argument("--base", help="base model folder or hub id (default: the recipe's)")
@@ -141,8 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a run's student LoRA in another format")
     e.add_argument("--run", required=True, help="training run directory")
-    e.add_argument("--format", required=True, choices=["diffusers", "kohya", "merged"])
-    e.add_argument("--out", required=True)
+    e.add_argument("--format", required=True, choices=["diffusers", "kohya", "merged"],
+                   help="diffusers: pytorch_lora_weights.safetensors (pipe.load_lora_weights); kohya: the community "
+                        "layout (ComfyUI, A1111); merged: a complete pipeline folder with the LoRA merged into the base "
+                        "(DiffusionPipeline.from_pretrained loads it alone)")
+    e.add_argument("--out", required=True,
+                   help="folder to write (created when missing): the weights, stepdistill.json and a model card "
+                        "README.md (a README.md you wrote there is never overwritten: the export is refused)")
     e.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="distil the built-in toy teacher on CPU and write a report")
@@ -164,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--max-sequence-length", type=int, default=None,
                     help="SD3-toy's T5 prompt length (default 16: every toy caption fits); sample at the same length")
     tt.set_defaults(func=_toy_teacher)
+    tp = toy.add_parser("tiny-pipeline", help="write a tiny random-weight pipeline folder (what the tests train on "
+                        "in seconds): for configs/tiny/ presets, --set model.path=DIR")
+    tp.add_argument("--family", default="sd15", choices=families)
+    tp.add_argument("--out", required=True)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.set_defaults(func=_toy_tiny_pipeline)
     rp = toy.add_parser("random-pipeline", help="write a full-size pipeline folder of the released architecture with "
                         "random weights (no download): for memory and end-to-end checks")
     rp.add_argument("--family", required=True, choices=families)
@@ -180,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate: fid | clip | toy | generate | report").add_subparsers(
         dest="eval_command", required=True)
     et = ev.add_parser("toy", help="toy FID, alignment and images/s with the toy judge")
-    et.add_argument("--lora", help="student LoRA folder")
+    et.add_argument("--lora", help="student LoRA folder (or its pytorch_lora_weights.safetensors)")
+    et.add_argument("--base", help="base model folder or hub id (default: the recipe's)")
     et.add_argument("--teacher", action="store_true", help="evaluate the toy teacher instead")
     et.add_argument("--steps", type=int, default=None)
     et.add_argument("--n", type=int, default=500)
@@ -223,25 +294,115 @@ def _unavailable(*args, reason: str):
     raise SystemExit(f"stepdistill: error: {reason}")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stepdistill")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import RUN_ERRORS, USER_ERRORS
-
     try:
         args.func(args)
-    except USER_ERRORS as e:
-        _print_error(e)
-        return 2
-    except RUN_ERRORS as e:
-        _print_error(e)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 (the one top-level handler: each failure is one line)
+        return _fail(e, args)
     return 0
 
 
-def _print_error(e: BaseException) -> None:
+# ---- the one top-level handler ------------------------------------------------------------------------------------
+
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
+
+# RuntimeError texts of tensors that do not fit a network: a LoRA or checkpoint made for another base.
+_SHAPE_ERRORS = ("shapes cannot be multiplied", "must match the size of tensor", "size mismatch for",
+                 "Expected size", "expected input with shape")
+
+
+def describe_failure(e: BaseException, command: str) -> tuple[int, str] | None:
+    """(exit code, one line saying what to do) for a known failure; None for a bug (its traceback is shown)."""
+    from .errors import RUN_ERRORS, USER_ERRORS
+
+    if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "RunInterrupted":
+        return EXIT_INTERRUPTED, (str(e) if str(e) else "interrupted" + (
+            ": rerun the same command to resume from the last checkpoint" if command == "train" else ""))
+    if isinstance(e, USER_ERRORS):
+        return 2, _one_line(e)
+    if isinstance(e, RUN_ERRORS):
+        return 1, _one_line(e)
+    if isinstance(e, OSError):
+        return _os_failure(e, command)
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in _SHAPE_ERRORS):
+        first = _one_line(e)[:200]
+        return 2, (f"the weights do not fit the model ({first}): the LoRA or checkpoint was made for another base model. "
+                   "Pass --base with the model it was trained on (its stepdistill.json names it), or train on this one")
+    return None
+
+
+def _os_failure(e: OSError, command: str) -> tuple[int, str]:
+    where = e.filename or "a file"
+    reason = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = "rerun the same command to resume from the last checkpoint" if command == "train" else "run it again"
+        return 1, f"disk full writing {where} ({reason}): free some space, then {then}"
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        return 2, f"{where} is a file where a folder is needed ({reason}): pass another --output-dir / --out"
+    if isinstance(e, IsADirectoryError):
+        return 2, f"{where} is a folder where a file is needed ({reason}): pass a file path"
+    if isinstance(e, PermissionError):
+        return 2, f"no permission to use {where} ({reason}): pass a path you can write, or fix its permissions"
+    return 2, f"{reason}: {where}" + (f" ({_one_line(e)[:200]})" if not e.strerror else "") + \
+        ": check the path and run again"
+
+
+def _run_folder(args) -> Path | None:
+    """The run folder a failure belongs to (its error.log keeps the traceback), when it exists."""
+    folder = getattr(args, "output_dir", None) if args.command == "train" else getattr(args, "run", None)
+    if folder is None or args.command not in ("train", "export", "push"):
+        return None
+    folder = Path(folder)
+    return folder if folder.is_dir() else None
+
+
+def _keep_traceback(e: BaseException, folder: Path | None) -> Path | None:
+    """Append the traceback to FOLDER/error.log; the path, or None when there is no folder or it cannot be written."""
+    import time
+
+    if folder is None:
+        return None
+    path = folder / "error.log"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} stepdistill {' '.join(sys.argv[1:])}\n")
+            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    except OSError:  # a full disk cannot take the traceback either: the line still says what to do
+        return None
+    return path
+
+
+def _fail(e: BaseException, args) -> int:
+    known = describe_failure(e, args.command)
+    folder = None if type(e).__name__ == "RunFolderError" else _run_folder(args)  # that folder is another run's
+    kept = _keep_traceback(e, folder)
+    if known is None:
+        raise e  # a bug: the traceback is the report (kept in error.log as well)
+    code, text = known
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exception(type(e), e, e.__traceback__)
+    hint = f" (traceback in {kept})" if kept else f" ({DEBUG_ENV}=1 shows the traceback)"
+    _print_error(text + hint)
+    return code
+
+
+def _one_line(e: BaseException) -> str:
     # One line, whatever the message holds (YAML and hub errors come with line breaks).
-    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
+def _print_error(text: str) -> None:
     print(f"stepdistill: error: {text}", file=sys.stderr)
 
 

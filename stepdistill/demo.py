@@ -7,6 +7,7 @@ seeds with the toy judge, and writes report.md, grid.png, curves.png and metrics
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -30,8 +31,12 @@ class DemoBudget:
 
 # 300 student updates (the README gives the demo's measured time on 2 CPU cores); configs/toy/dmd_1step.yaml runs 600.
 FULL = DemoBudget(legs=4, max_steps=300, n_eval=500, n_curve=200)
-QUICK = DemoBudget(legs=2, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
+# One leg: each leg builds the run again (the toy images encoded, the models loaded), minutes on a loaded machine.
+QUICK = DemoBudget(legs=1, max_steps=4, n_eval=16, n_curve=8, grid_prompts=3)
 QUICK_REGRESSION = ["method.regression_pairs=16", "method.regression_teacher_steps=4"]
+# A smoke run's data (presets on toy:N images): toy:5000 are 79 VAE-encoding chunks before the first step (the real latents
+# are unused without a GAN term), and a batch of 16 makes each of 4 updates (3 critic updates each) seconds long.
+QUICK_DATA = ["data.images=toy:256", "data.batch_size=4"]
 
 
 def default_method() -> str:
@@ -57,9 +62,36 @@ def teacher_fn(steps: int = 25):
     """The shipped toy teacher at its evaluation setting (DDIM, CFG) as a GenerateFn."""
     from stepdistill.eval.generate import teacher_generate_fn
 
-    from .eval.toy import TEACHER_GUIDANCE_SCALE, teacher_pipeline
+    from .eval.toy import TEACHER_GUIDANCE_SCALE
 
-    return teacher_generate_fn(teacher_pipeline("sd15"), steps, TEACHER_GUIDANCE_SCALE)
+    return teacher_generate_fn(_teacher_pipeline(), steps, TEACHER_GUIDANCE_SCALE)
+
+
+@functools.lru_cache(maxsize=1)
+def _teacher_pipeline():
+    """Loaded once per demo: the table and the grid sample the same teacher."""
+    from .eval.toy import teacher_pipeline
+
+    return teacher_pipeline("sd15")
+
+
+_STUDENT: dict = {}  # (folder, weights' mtime) -> (pipeline, the recipe's scheduler): one student pipeline at a time
+
+
+def _student_pipeline(final: Path):
+    """The exported student through pipelines.load, loaded once per export (seven samplings of the same LoRA in a
+    demo); a leg that rewrites the LoRA changes its mtime, so the next call loads it again."""
+    from stepdistill import pipelines
+
+    from .core.lora_layout import DIFFUSERS_WEIGHT_NAME
+
+    key = (str(Path(final).resolve()), (Path(final) / DIFFUSERS_WEIGHT_NAME).stat().st_mtime_ns)
+    if key not in _STUDENT:
+        _STUDENT.clear()
+        pipe = pipelines.load(None, final)
+        pipe.set_progress_bar_config(disable=True)
+        _STUDENT[key] = (pipe, pipe.scheduler)
+    return _STUDENT[key]
 
 
 def student_fn(final: Path, steps: int):
@@ -71,12 +103,17 @@ def student_fn(final: Path, steps: int):
     from .core.recipe import Recipe
 
     recipe = Recipe.load(final)
-    pipe = pipelines.load(None, final)
+    pipe, recipe_scheduler = _student_pipeline(final)
+    scheduler = recipe_scheduler
     if steps != recipe.num_inference_steps:
         recipe = recipe.with_steps(steps, respace=True)
-        pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return student_generate_fn(pipe, recipe)
+        scheduler = recipe.make_scheduler(recipe_scheduler.config)
+
+    def generate(pipe, recipe, prompts, seed, generator=None):
+        pipe.scheduler = scheduler  # the pipeline is shared: each GenerateFn brings its own steps
+        return pipelines.generate(pipe, recipe, prompts, seed, generator=generator)
+
+    return student_generate_fn(pipe, recipe, generate)
 
 
 def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = None) -> Path:
@@ -91,6 +128,9 @@ def run_demo(output_dir="demo_out", quick: bool = False, method: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"loop.max_steps={budget.max_steps}"] if budget.max_steps else []
     cfg = load_config(preset_for(method), overrides)
+    if quick and cfg.data.images.startswith("toy:"):
+        overrides += QUICK_DATA
+        cfg = load_config(preset_for(method), overrides)
     if quick and (getattr(cfg.method, "regression_weight", 0) or getattr(cfg.method, "regression_steps", 0)):
         overrides += QUICK_REGRESSION  # 1024 teacher ODE solves would be most of a seconds-long smoke run
         cfg = load_config(preset_for(method), overrides)

@@ -154,11 +154,25 @@ def save_merged_unet(unet, state: dict[str, torch.Tensor], out_dir, rank: int, a
     return Path(out_dir)
 
 
+def save_merged_pipeline(base: str, recipe: Recipe, state: dict[str, torch.Tensor], out_dir, rank: int, alpha: float,
+                         prefix: str = UNET_PREFIX, dtype: torch.dtype | None = None) -> Path:
+    """A complete diffusers pipeline folder: the base's parts, its denoiser with the LoRA merged in, and the recipe's
+    scheduler, so `DiffusionPipeline.from_pretrained(out_dir)` loads it alone. Written atomically."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwargs(dtype))
+    merge_into_unet(getattr(pipe, prefix), state, rank, alpha, recipe.lora_scale)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
+
+
 def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Convert a run's final folder (diffusers LoRA + stepdistill.json) to `fmt` in out_dir, recipe included.
 
-    `merged` loads the base denoiser (from `base` or the recipe's base_model; the recipe's family says which class
-    and subfolder, e.g. unet/) and writes out_dir/<that subfolder>.
+    `merged` writes a whole pipeline folder: the base (`base`, or the recipe's base_model) with the LoRA merged into
+    its denoiser (the recipe's family says which: unet/, transformer/) and the recipe's scheduler.
     """
     from .models.registry import get_family
 
@@ -173,17 +187,25 @@ def export_lora(lora_dir, fmt: str, out_dir, base: str | None = None, dtype: tor
     elif fmt == "kohya":
         save_kohya_lora(state, out_dir / KOHYA_WEIGHT_NAME, rank, alpha, dtype=dtype, layout=family.kohya_tensors)
     else:
-        prefix = family.denoiser_prefix
-        unet = family.denoiser_class.from_pretrained(base or recipe.base_model, subfolder=prefix, **dtype_kwargs(dtype))
-        save_merged_unet(unet, state, out_dir / prefix, rank, alpha, recipe.lora_scale)
+        save_merged_pipeline(base or recipe.resolve_base(), recipe, state, out_dir, rank, alpha,
+                             prefix=family.denoiser_prefix, dtype=dtype)
     recipe.save(out_dir)
     return out_dir
 
 
 def export_run(run, fmt: str, out) -> Path:
-    """`stepdistill export`: a run's final LoRA (RUN/final) in format `fmt`, written to `out`, with its model card."""
-    from .card import write_model_card
+    """`stepdistill export`: a run's final LoRA (RUN/final) in format `fmt`, written to `out`, with its model card.
 
+    The card is out/README.md: a README.md already there that stepdistill did not write is the user's, and the export
+    is refused before anything is written, rather than overwrite it."""
+    from .card import CARD_FILE, is_our_card, write_model_card
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder (it is created when missing)")
+    if (out / CARD_FILE).is_file() and not is_our_card(out / CARD_FILE):
+        raise ValueError(f"{out / CARD_FILE} exists and stepdistill did not write it; the export writes its model card "
+                         "there, so pass another --out (nothing was written)")
     out = export_lora(Path(run) / "final", fmt, out)
     write_model_card(out, run_dir=run)
     return out

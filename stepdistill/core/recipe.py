@@ -156,6 +156,13 @@ class Recipe:
             config["original_inference_steps"] = 50
         return dataclasses.replace(self, timesteps=timesteps, num_inference_steps=steps, scheduler_config=config)
 
+    def resolve_base(self) -> str:
+        """base_model as a path or hub id to load: a shipped toy asset's name (`assets/toy/sd15`) becomes the installed
+        copy, so a recipe written in the repository works from any folder."""
+        from ..resources import shipped_path
+
+        return shipped_path(self.base_model)
+
     def make_scheduler(self, base_scheduler_config):
         """The recipe's scheduler: its class, built from the base model's config plus the recipe's overrides.
 

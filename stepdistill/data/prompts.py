@@ -62,19 +62,28 @@ def summarize_reports(reports: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def read_prompts(path, max_words: int = 0) -> tuple[list[str], PromptReport]:
-    """Read one prompt per line; skip empty lines, replace undecodable bytes, optionally cut long prompts."""
+def read_prompts(path, max_words: int = 0, max_bad_fraction: float = 0.05) -> tuple[list[str], PromptReport]:
+    """Read one prompt per line; skip empty lines, optionally cut long prompts.
+
+    A line that is not UTF-8 is a bad record (its text is unknown, and replacement characters would train on noise):
+    it is skipped and counted against `max_bad_fraction`, like a corrupt image. A file with NUL bytes is binary, not
+    text: refused at once.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no prompts file at {path}: pass --set data.prompts=FILE (a text file, one prompt per line)")
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise DataError(f"{path} is a binary file, not text (it holds NUL bytes): pass a text file with one prompt per "
+                        "line as data.prompts")
     report = PromptReport()
     prompts = []
-    for raw in path.read_bytes().splitlines():
+    for raw in data.splitlines():
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            line = raw.decode("utf-8", errors="replace")
             report.undecodable_lines += 1
+            continue
         line = line.strip()
         if not line:
             report.empty_lines += 1
@@ -84,12 +93,16 @@ def read_prompts(path, max_words: int = 0) -> tuple[list[str], PromptReport]:
             report.truncated += 1
         prompts.append(line)
     report.kept = len(prompts)
+    bad, total = report.undecodable_lines, report.kept + report.undecodable_lines
+    if bad and bad > max_bad_fraction * total:
+        raise DataError(f"{path}: {bad} of {total} lines are not UTF-8 text, more than data.max_bad_fraction="
+                        f"{max_bad_fraction}: save the file as UTF-8, or raise data.max_bad_fraction")
     if not prompts:
         raise DataError(f"{path} has no usable prompts ({report.empty_lines} empty lines): put one prompt per line")
     publish_report("prompts", path, report)
     if report.empty_lines or report.undecodable_lines or report.truncated:
         log.warning(
-            "%s: kept %d prompts; skipped %d empty lines, %d lines with non-UTF-8 bytes (replaced), %d truncated",
+            "%s: kept %d prompts; skipped %d empty lines and %d lines that are not UTF-8 text; %d truncated",
             path, report.kept, report.empty_lines, report.undecodable_lines, report.truncated,
         )
     return prompts, report

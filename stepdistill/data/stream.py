@@ -327,7 +327,7 @@ def _open_data(family, data, resolution, seed, rank, world, progress):
         return StreamData(family, source, spec=spec, prefetch=data.prefetch, max_bad_fraction=data.max_bad_fraction,
                           **kw)
     if isinstance(source, TextLines):  # today's reader and report for text files
-        prompts, _ = read_prompts(data.prompts, data.max_prompt_words)
+        prompts, _ = read_prompts(data.prompts, data.max_prompt_words, data.max_bad_fraction)
         return PromptData.from_family(family, prompts, progress=progress, **kw)
     if isinstance(source, ImageFolder):  # today's reader and report (skipped files by name) for image folders
         images, captions, sizes, report = read_image_folder(data.images, resolution)

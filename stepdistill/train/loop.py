@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, dump_config
+from ..config import Config, ConfigError
 from ..core.dist import Dist
 from ..core.ema import StudentEMA
 from ..core.lora import adapter_parameters
@@ -28,6 +28,7 @@ from ..methods.base import Batch, ExportStage, NoiseSource, ResetOptimizer
 from . import checkpoint as ckpt
 from .build import Built, build
 from .faults import maybe_kill
+from .rundir import RunLock, base_reference, check_reuse, record_run, timestamp, trim_log
 from .shard import is_sharded
 from .tracking import Tracking, learning_rates
 
@@ -130,14 +131,43 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.last_checkpoint: Path | None = None
         self.tracking = Tracking()
+        self.lock: RunLock | None = None  # process 0's claim on the run folder
+        self.claimed = False
+
+    # -- the run folder: claimed and checked before anything is written in it --
+    def claim_run_dir(self):
+        """Lock the folder (process 0), refuse a config that cannot continue the run it holds, then record this one."""
+        if self.claimed:  # every process returns here alike (the check below is a collective)
+            return
+        dist, busy = self.dist, None
+        if dist.rank == 0:
+            try:
+                self.lock = RunLock(self.out).acquire()
+            except ConfigError as e:
+                busy = e
+        if dist.any(busy is not None):
+            raise busy or ConfigError(f"{self.out} is in use by another run: pass another --output-dir")
+        mismatch = None
+        try:
+            check_reuse(self.cfg, self.out)  # every process reads; nothing is written before all have
+        except ConfigError as e:
+            mismatch = e
+        if dist.any(mismatch is not None):
+            self.release_run_dir()
+            raise mismatch or ConfigError(f"{self.out} holds a run with another config (see process 0's message)")
+        if dist.rank == 0:
+            record_run(self.cfg, self.out)
+        self.claimed = True
+
+    def release_run_dir(self):
+        if self.lock is not None:
+            self.lock.release()
 
     # -- set-up --
     def setup(self, built: Built | None = None):
         """Build (or take `built`, models already in memory: the training benchmark) and resume."""
         cfg, dist = self.cfg, self.dist
-        if dist.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "resolved_config.yaml").write_text(dump_config(cfg))
+        self.claim_run_dir()
         # The same seed on every process: adapters must start identical everywhere; per-sample randomness is
         # drawn for the global batch and sliced per process (NoiseSource), so nothing needs a per-rank seed.
         _seed_everything(cfg.seed)
@@ -162,6 +192,9 @@ class Trainer:
         self.ema = (StudentEMA(adapter_parameters(self.built.nets.denoiser, "student"), cfg.loop.ema_decay)
                     if cfg.loop.ema_decay else None)
         self._resume()
+        if dist.rank == 0:
+            # Records past the resumed step were written after its checkpoint: the rerun logs those steps again.
+            trim_log(self.out, self.step)
 
     def checkpoint_bytes(self) -> int:
         """What one checkpoint needs on disk: every LoRA tensor, plus AdamW's two moments per trainable tensor."""
@@ -327,6 +360,11 @@ class Trainer:
             return self._run()
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(self._oom_message(e)) from e
+        except KeyboardInterrupt as e:
+            then = ("Rerun the same command to resume from it" if self.last_checkpoint else
+                    "Rerun the same command to start again")
+            raise RunInterrupted(f"interrupted at step {self.step}; last checkpoint: "
+                                 f"{self.last_checkpoint or 'none yet'}. {then}") from e
 
     def _oom_message(self, err) -> str:
         cfg = self.cfg
@@ -342,12 +380,15 @@ class Trainer:
         )
 
     def _run(self) -> Path:
+        self.claim_run_dir()
         self.tracking = Tracking.start(self.cfg, self.out, self.dist.rank)
         self.setup()
         cfg, dist = self.cfg, self.dist
         log_file = self.out / "log.jsonl"
-        bar = tqdm(total=cfg.loop.max_steps, initial=self.step, desc=f"train {cfg.method.name}",
-                   disable=not (cfg.loop.progress and dist.rank == 0), dynamic_ncols=True)
+        # The first update of a process carries one-off work (dmd's teacher ODE pairs, compilation): it gets its own
+        # bar, so the training bar's ETA starts after it instead of extrapolating it over every step.
+        bar = self._bar("first update (one-off set-up)")
+        first_step = self.step
         t0, steps0 = time.perf_counter(), self.step
         while self.step < cfg.loop.max_steps:
             logs = self.iteration()
@@ -363,8 +404,13 @@ class Trainer:
             rate = (self.step - steps0) / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", it_s=f"{rate:.2f}")
+            if self.step == first_step + 1:
+                bar.close()
+                bar = self._bar(f"train {cfg.method.name}")
+                t0, steps0 = time.perf_counter(), self.step
             if dist.rank == 0 and (self.step % cfg.loop.log_every == 0 or self.step == cfg.loop.max_steps):
-                record = {"step": self.step, "it_per_s": rate, **learning_rates(self.optimizers), **_jsonable(logs)}
+                record = {"step": self.step, "time": timestamp(), "it_per_s": rate, **learning_rates(self.optimizers),
+                          **_jsonable(logs)}
                 with open(log_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 self.tracking.log(record)
@@ -384,6 +430,10 @@ class Trainer:
             self._report_data()
         return final
 
+    def _bar(self, desc: str):
+        return tqdm(total=self.cfg.loop.max_steps, initial=self.step, desc=desc, dynamic_ncols=True,
+                    disable=not (self.cfg.loop.progress and self.dist.rank == 0))
+
     def _report_data(self):
         """Repeat at the end what the data readers skipped or cut: the warnings at the start have scrolled away."""
         problems = ("skipped_count", "empty_lines", "undecodable_lines", "truncated", "truncated_by_tokenizer")
@@ -399,7 +449,11 @@ class Trainer:
                 self.out / "checkpoints", self.step, shared, per_rank, self.dist.rank, self.dist.world,
                 self.dist.barrier, self.cfg.loop.keep_last,
             )
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as a RuntimeError ("PytorchStreamWriter failed writing file"); other
+            # RuntimeErrors are not about the disk and pass through.
+            if isinstance(e, RuntimeError) and not _is_write_failure(e):
+                raise
             raise TrainingError(
                 f"could not write the checkpoint of step {self.step} ({type(e).__name__}: {e}); last good checkpoint: "
                 f"{self.last_checkpoint or 'none'}. Free disk space (or fix the output folder), then rerun the same "
@@ -447,7 +501,7 @@ class Trainer:
             fields = b.distiller.recipe(b.family)
             fields.update(recipe_overrides or {})
             Recipe(
-                base_model=str(cfg.model.path), family=b.family.name, method=cfg.method.name,
+                base_model=base_reference(str(cfg.model.path)), family=b.family.name, method=cfg.method.name,
                 lora_rank=rank, lora_alpha=alpha, training_steps=step,
                 size_conditioning=b.family.size_conditioning(),
                 max_sequence_length=getattr(b.family, "t5_max_length", None), **b.family.recipe_size(), **fields,
@@ -485,12 +539,22 @@ class Trainer:
         return path
 
     def close(self):
+        self.release_run_dir()
         self.tracking.close()
         built = getattr(self, "built", None)  # set-up may have failed before the data existed
         if built is not None:
             built.data.close()  # a stream's prefetch thread
         if self.dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class RunInterrupted(TrainingError):
+    """Ctrl-C (KeyboardInterrupt) during a run; the message says rerunning resumes."""
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    text = str(e)
+    return "PytorchStreamWriter" in text or "file write failed" in text or "inline_container" in text
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -349,9 +349,10 @@ def test_prompt_file_problems_are_reported(tiny_sd15_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_bytes(b"a red circle\n\n\xff a blue square\n" + b" ".join([b"red"] * 90) + b"\n")
     out = tmp_path / "run"
-    assert main(_argv("lcm", out, tiny_sd15_dir, prompts, "loop.max_steps=1", "data.max_prompt_words=80")) == 0
+    assert main(_argv("lcm", out, tiny_sd15_dir, prompts, "loop.max_steps=1", "data.max_prompt_words=80",
+                      "data.max_bad_fraction=0.5")) == 0  # 1 undecodable line of 3, on purpose
     report = {r["kind"]: r for r in json.loads((out / "data_report.json").read_text())}
-    assert report["prompts"] == {"kind": "prompts", "source": str(prompts), "kept": 3, "empty_lines": 1,
+    assert report["prompts"] == {"kind": "prompts", "source": str(prompts), "kept": 2, "empty_lines": 1,
                                  "undecodable_lines": 1, "truncated": 1}
     assert report["tokenizer"]["truncated_by_tokenizer"] == 1  # 80 words + 2 special tokens > 77
 

@@ -145,7 +145,7 @@ def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(
     _, _, x_T = student_latents(b, b.data.prompts[0])
     run_pipeline(pipe, recipe, b.data.prompts[0], x_T.to(bf16))
     assert [int(t) for _, t, _, _ in calls] == list(b.distiller.timesteps)
-    unet = copy.deepcopy(b.nets.unet).to(bf16)
+    unet = copy.deepcopy(b.nets.denoiser).to(bf16)
     # The pipeline's attention kernel (training picks its own, model.attention): bf16 rounds each differently.
     unet.set_attn_processor(dict(pipe.unet.attn_processors))
     student = Denoiser(unet, b.nets.schedule, "student", dtype=bf16, call=b.family.denoiser_call,

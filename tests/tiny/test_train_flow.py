@@ -126,7 +126,7 @@ def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(
     pipe(prompt=[PROMPT], latents=fam.to_pipeline_latents(x_T.clone()).to(bf16), output_type="latent", **kwargs)
     timesteps = [round(u * 1000) - 1 for u in recipe.sigmas]
     assert len(calls) == len(timesteps)
-    unet = copy.deepcopy(trainer.built.nets.unet).to(bf16)
+    unet = copy.deepcopy(trainer.built.nets.denoiser).to(bf16)
     student = Denoiser(unet, trainer.built.nets.schedule, "student", dtype=bf16, call=fam.denoiser_call,
                        network_timestep=fam.network_timestep)
     for t, (inputs, theirs) in zip(timesteps, calls):

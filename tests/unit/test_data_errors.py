@@ -28,13 +28,29 @@ def test_prompt_file_with_empty_lines_bad_bytes_and_long_prompts(tmp_path, caplo
     long = " ".join(["red"] * 30)
     path.write_bytes(b"a red cat\n\n   \n\xff\xfe a dog\r\n" + long.encode() + b"\n\n")
     with collect_reports() as reports:
-        prompts, report = read_prompts(path, max_words=10)
-    assert prompts[0] == "a red cat" and prompts[1].endswith("a dog") and "\ufffd" in prompts[1]
-    assert prompts[2] == " ".join(["red"] * 10)
-    assert (report.kept, report.empty_lines, report.undecodable_lines, report.truncated) == (3, 3, 1, 1)
-    assert reports == [{"kind": "prompts", "source": str(path), "kept": 3, "empty_lines": 3, "undecodable_lines": 1,
+        prompts, report = read_prompts(path, max_words=10, max_bad_fraction=0.5)
+    # The undecodable line is a bad record: skipped, not trained on as replacement characters.
+    assert prompts == ["a red cat", " ".join(["red"] * 10)]
+    assert (report.kept, report.empty_lines, report.undecodable_lines, report.truncated) == (2, 3, 1, 1)
+    assert reports == [{"kind": "prompts", "source": str(path), "kept": 2, "empty_lines": 3, "undecodable_lines": 1,
                         "truncated": 1}]
-    assert "kept 3 prompts" in caplog.text and "1 truncated" in caplog.text
+    assert "kept 2 prompts" in caplog.text and "1 lines that are not UTF-8" in caplog.text and "1 truncated" in caplog.text
+
+
+def test_undecodable_lines_count_against_max_bad_fraction(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"a red cat\n" * 18 + b"\xb9\xff noise\n" * 2)  # 2 bad of 20 records: 10 %
+    with pytest.raises(DataError, match=r"2 of 20 lines are not UTF-8.*data.max_bad_fraction=0.05"):
+        read_prompts(path)
+    prompts, report = read_prompts(path, max_bad_fraction=0.1)
+    assert len(prompts) == 18 and report.undecodable_lines == 2
+
+
+def test_binary_prompt_file_is_refused(tmp_path):
+    path = tmp_path / "p.bin"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DataError, match="binary file, not text"):
+        read_prompts(path)
 
 
 def test_clean_prompt_file_warns_nothing(tmp_path, caplog):

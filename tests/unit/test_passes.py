@@ -140,7 +140,7 @@ def test_gan_critic_logits_of_real_and_fake_in_one_call_keep_values_and_gradient
 
     loss_new, grads_new = run(True)
     loss_old, grads_old = run(False)
-    fan = max(max_fan_in(nets.unet), max_fan_in(d.head))
+    fan = max(max_fan_in(nets.denoiser), max_fan_in(d.head))
     torch.testing.assert_close(loss_new, loss_old, rtol=0, atol=reduction_atol(torch.float32, fan, float(loss_old.abs().max())))
     _assert_close_in_norm(grads_new, grads_old)
 
@@ -299,7 +299,7 @@ def test_unified_dm_critic_warmup_fits_the_fake_score_before_the_student_moves()
             "method.dm_critic_warmup=2", "loop.max_steps=4"]
     with tempfile.TemporaryDirectory() as out:
         trainer = _trainer("tscd_unified", sets, out)
-        unet, d = trainer.built.nets.unet, trainer.built.distiller
+        unet, d = trainer.built.nets.denoiser, trainer.built.distiller
         d.ctx.max_steps = 4
 
         def weights(name):

@@ -140,7 +140,8 @@ def test_training_call_sees_the_pipelines_sigmas_and_timesteps(qwen_dir, dtype):
              **recipe.call_kwargs(pipe.scheduler))
         theirs, calls[:] = list(calls), []
         assert torch.allclose(pipe.scheduler.sigmas[:-1].double(), schedule.sigma(torch.tensor(timesteps)), atol=1e-6)
-        denoiser = Denoiser(model.unet, schedule, dtype=dtype, call=model.denoiser_call)
+        denoiser = Denoiser(model.unet, schedule, dtype=dtype, call=model.denoiser_call,
+                            network_timestep=model.network_timestep)
         cond = model.encode_prompts([PROMPT])
         for t in timesteps:
             denoiser.raw(x_T, torch.tensor([t]), cond)

@@ -13,7 +13,6 @@ from typing import ClassVar
 import torch
 
 from ...core.denoiser import Cond
-from ...core.flow import FlowSchedule
 from ..flow_common import MMDIT_ATTN, FlowFamily
 from ..registry import register_family
 from .flux import pack_latents, unpack_latents
@@ -58,23 +57,6 @@ TINY_ARCH = {
 
 # The feed-forwards of both streams (Qwen-Image names them img_mlp / txt_mlp, not ff / ff_context).
 QWEN_FF = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
-
-
-class PipelineTimestepSchedule(FlowSchedule):
-    """The teacher's flow table, telling the network call the table index instead of a float timestep.
-
-    core.denoiser casts a float timestep to the network's dtype before the family's call sees it; Qwen-Image's and
-    Wan's pipelines build theirs in float32 from the scheduler's t (and Qwen-Image only then casts), so the family's
-    call computes the timestep from the index itself (`pipeline_timestep`). This is where a family hook for the
-    network timestep (issue 31) plugs in.
-    """
-
-    def network_timestep(self, t) -> torch.Tensor:
-        return torch.as_tensor(t).reshape(-1).long()
-
-    def pipeline_t(self, index: torch.Tensor) -> torch.Tensor:
-        """The scheduler's t = sigma * 1000 as the pipeline holds it: float32."""
-        return self.sigma(index).to(index.device).float() * self.num_train_timesteps
 
 
 @register_family
@@ -127,19 +109,9 @@ class QwenImageModel(FlowFamily):
         return out
 
     # ---- schedule and the network call -------------------------------------------------------------------------
-    def noise_schedule(self, resolution: int | None = None) -> PipelineTimestepSchedule:
-        """FlowFamily's table (mu from the packed token count, as the pipeline computes it), telling the call indices."""
-        schedule = super().noise_schedule(resolution)
-        self._schedule = PipelineTimestepSchedule(schedule.sigmas, schedule.timestep_scale)
-        return self._schedule
-
-    _schedule: PipelineTimestepSchedule | None = None
-
-    def pipeline_timestep(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """QwenImagePipeline: timestep = t.to(latents.dtype) / 1000, t the scheduler's float32 1000 sigma."""
-        if self._schedule is None:
-            raise RuntimeError("call noise_schedule() before the network: it fixes the sigmas the timestep indexes")
-        return self._schedule.pipeline_t(index).to(dtype) / 1000
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """QwenImagePipeline's timestep: the scheduler's float32 t cast to the latents' dtype, then / 1000 in it."""
+        return schedule.pipeline_timestep(t).to(dtype) / 1000
 
     @property
     def denoiser_call(self):
@@ -149,7 +121,7 @@ class QwenImageModel(FlowFamily):
         """QwenImageTransformer2DModel as QwenImagePipeline calls it, on unpacked latents: pack, mask, img_shapes."""
         b, _, h, w = x_t.shape
         mask = cond.added_cond_kwargs["encoder_hidden_states_mask"]
-        out = net(hidden_states=pack_latents(x_t), timestep=self.pipeline_timestep(timestep, x_t.dtype),
+        out = net(hidden_states=pack_latents(x_t), timestep=timestep,
                   guidance=None, encoder_hidden_states_mask=mask, encoder_hidden_states=cond.encoder_hidden_states,
                   img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
         return unpack_latents(out, h, w)

@@ -16,10 +16,9 @@ from typing import ClassVar
 import torch
 
 from ...core.denoiser import Cond
-from ...core.flow import scheduler_sigmas
+from ...core.flow import FlowSchedule, scheduler_sigmas
 from ..flow_common import FlowFamily
 from ..registry import register_family
-from .qwenimage import PipelineTimestepSchedule
 
 # Wan2.1-T2V-1.3B / 14B transformers (diffusers' Wan-AI/Wan2.1-T2V-*-Diffusers configs).
 WAN21_1_3B = {"patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
@@ -60,7 +59,7 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class WanGridSchedule(PipelineTimestepSchedule):
+class WanGridSchedule(FlowSchedule):
     """The sigmas WanPipeline's scheduler visits at T steps (ascending in t), shift(linspace(1, shift(1/T), T)): every
     n-step grid with (T - 1) / (n - 1) whole lies on it, at t = T - 1 - k (T - 1) / (n - 1)."""
 
@@ -68,6 +67,11 @@ class WanGridSchedule(PipelineTimestepSchedule):
         config = {"num_train_timesteps": num_train_timesteps, "shift": shift}
         super().__init__(scheduler_sigmas(num_train_timesteps, config)[:-1].flip(0), 1000.0)
         self.shift = float(shift)
+
+    def pipeline_timestep(self, t) -> torch.Tensor:
+        """The scheduler's t = 1000 sigma as WanPipeline holds it: float32."""
+        index = torch.as_tensor(t).reshape(-1).long()
+        return self.sigma(index).to(index.device).float() * self.num_train_timesteps
 
     def grid(self, n: int) -> list[int]:
         """The table indices of the pipeline's n-step grid (ValueError when it is not on the table)."""
@@ -108,7 +112,6 @@ class WanModel(FlowFamily):
     # The teacher's CFG in the DM term: WanPipeline's guidance_scale default (5.0).
     method_defaults: ClassVar = {"dmd": {"timesteps": [999], "guidance_scale": 5.0}}
     lora_target_presets: ClassVar = {"attn": WAN_ATTN, "full": WAN_ATTN + WAN_FF}
-    _schedule: WanGridSchedule | None = None
     _frames: int | None = None
 
     @classmethod
@@ -187,12 +190,15 @@ class WanModel(FlowFamily):
         return {"height": side, "width": side, "num_frames": self.frames}
 
     # ---- schedule and the network call ------------------------------------------------------------------------
+    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
+        """WanPipeline's timestep: the scheduler's float32 t = 1000 sigma, not cast to the run dtype."""
+        return schedule.pipeline_timestep(t)
+
     def noise_schedule(self, resolution: int | None = None) -> WanGridSchedule:
         config = self.scheduler_config
         # FlowMatchEulerDiscreteScheduler configs say `shift`, Wan's UniPC config `flow_shift`.
         shift = config.get("shift", config.get("flow_shift", 1.0))
-        self._schedule = WanGridSchedule(float(shift), int(config.get("num_train_timesteps", 1000)))
-        return self._schedule
+        return WanGridSchedule(float(shift), int(config.get("num_train_timesteps", 1000)))
 
     @property
     def denoiser_call(self):
@@ -201,10 +207,7 @@ class WanModel(FlowFamily):
     def _call(self, net, x_t, timestep, cond: Cond) -> torch.Tensor:
         """WanTransformer3DModel as WanPipeline calls it: latents in the network's dtype, the scheduler's float32
         t = 1000 sigma (not cast), the UMT5 sequence."""
-        if self._schedule is None:
-            raise RuntimeError("call noise_schedule() before the network: it fixes the sigmas the timestep indexes")
-        t = self._schedule.pipeline_t(timestep)
-        return net(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.encoder_hidden_states,
+        return net(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.encoder_hidden_states,
                    return_dict=False)[0]
 
     # ---- text -------------------------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ class Count(TorchDispatchMode):
     def __init__(self, where=False):
         super().__init__()
         self.ops, self.where, self.sites = collections.Counter(), where, collections.Counter()
+        self.trace = ()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
-        if self.where and name in READS:
+        if self.where and (name in READS or name in self.trace):
             self.note()
         return func(*args, **(kwargs or {}))
 
@@ -33,7 +34,7 @@ class Count(TorchDispatchMode):
         import traceback
 
         frames = [f for f in traceback.extract_stack() if "stepdistill" in f.filename and "count_ops" not in f.filename]
-        self.sites[" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[::-1][:3])] += 1
+        self.sites[" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[::-1][:4])] += 1
 
 
 def main(argv=None):
@@ -44,6 +45,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=0)
     p.add_argument("--where", action="store_true", help="print where the value reads come from")
+    p.add_argument("--trace", nargs="*", default=[], help="with --where: also where these ops come from")
     a = p.parse_args(argv)
     from stepdistill.eval.bench_train import TINY_BATCH, bench_run, make_trainer, run_iteration
 
@@ -54,6 +56,7 @@ def main(argv=None):
         for _ in range(a.warmup):
             run_iteration(trainer)
         mode = Count(a.where)
+        mode.trace = tuple(a.trace)
         # tolist() and numpy() read a CPU tensor without dispatching an aten op (on a GPU they copy to the host):
         # count them at the Python level.
         originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}

@@ -94,28 +94,53 @@ def _close_grads(grads: dict, ref: dict, tol, what):
 CASES = [(m, f) for m in method_names() for f in family_names()]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
-def test_fused_path_equals_peft_losses_and_every_gradient(method, family, precision):
-    sets = BF16 if precision == "bf16" else []
+def _build_or_skip(method, family, sets, out):
+    try:
+        return _trainer(method, family, sets, out)
+    except (ConfigError, ValueError) as e:
+        # A method that refuses the family's parameterisation, a family without random-init benchmark models (the
+        # flow transformers: tests/tiny/test_train_flow.py trains those), the reward method on non-toy prompts.
+        pytest.skip(f"{method} on tiny {family} is not built here: {str(e)[:100]}")
+
+
+def _run_both(method, family, sets):
     with tempfile.TemporaryDirectory() as out:
-        try:
-            trainer = _trainer(method, family, sets, out)
-        except (ConfigError, ValueError) as e:  # a method that refuses the family's parameterisation (flow)
-            pytest.skip(f"{method} does not train on {family}: {str(e)[:80]}")
+        trainer = _build_or_skip(method, family, sets, out)
         try:
             step = getattr(trainer.cfg.method, "regression_steps", 0)
-            ref_losses, ref_grads = _losses_and_grads(trainer, "peft", step)
-            losses, grads = _losses_and_grads(trainer, "fused", step)
+            return _losses_and_grads(trainer, "peft", step), _losses_and_grads(trainer, "fused", step)
         finally:
             trainer.close()
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.float().flatten() for _, g in sorted(grads.items())])
+
+
+@pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
+def test_fused_path_equals_peft_losses_and_every_gradient(method, family):
+    """fp32: every loss and gradient element to float tolerance. bf16 (base and autocast): PEFT's own bf16 run is
+    already far from fp32 on these tiny random networks (gradients ~30 % in norm), so the fused run must be as close
+    to the fp32 reference as PEFT's bf16 run is, not closer to PEFT's bf16 rounding than that rounding is to fp32."""
+    (ref_losses, ref_grads), (losses, grads) = _run_both(method, family, [])
     assert ref_losses and set(losses) == set(ref_losses)
     for k in ref_losses:
-        _close(losses[k], ref_losses[k], TOL[precision], f"{k} loss")
+        _close(losses[k], ref_losses[k], TOL["fp32"], f"{k} loss")
     for phase, ref in ref_grads.items():
         assert ref and set(grads[phase]) == set(ref), phase
         assert any(g.abs().sum() > 0 for g in ref.values()), f"{phase}: no gradient reached the adapters"
-        _close_grads(grads[phase], ref, TOL[precision], phase)
+        _close_grads(grads[phase], ref, TOL["fp32"], phase)
+
+    (peft16_losses, peft16_grads), (fused16_losses, fused16_grads) = _run_both(method, family, BF16)
+    for k in ref_losses:
+        eps = 2**-8 * abs(float(ref_losses[k]))  # one bf16 ulp of the loss
+        peft_err = abs(float(peft16_losses[k]) - float(ref_losses[k]))
+        assert abs(float(fused16_losses[k]) - float(ref_losses[k])) <= 1.5 * peft_err + 4 * eps, k
+    for phase, ref in ref_grads.items():
+        truth = _flat(ref)
+        peft_err = (_flat(peft16_grads[phase]) - truth).norm()
+        fused_err = (_flat(fused16_grads[phase]) - truth).norm()
+        assert fused_err <= 1.5 * peft_err + 0.01 * truth.norm(), (phase, float(fused_err), float(peft_err))
 
 
 # ---- layer level: outputs and gradients of one UNet call, every way the path is entered --------------------------

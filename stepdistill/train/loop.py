@@ -176,8 +176,9 @@ class Trainer:
         ctx = self.built.ctx
         ctx.run_dir, ctx.max_steps, ctx.dist = self.out, cfg.loop.max_steps, dist
         self.autocast = _autocast(cfg, dist.device)
-        # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
-        self.noise_generator = torch.Generator().manual_seed(cfg.seed)
+        # Same seed on every process: draws are made for the global batch and sliced (NoiseSource). On the training
+        # device, so noise is drawn where it is used (no host draw and copy per call).
+        self.noise_generator = torch.Generator(device=dist.device).manual_seed(cfg.seed)
         self.ema = (StudentEMA(adapter_parameters(self.built.nets.unet, "student"), cfg.loop.ema_decay)
                     if cfg.loop.ema_decay else None)
         self._resume()
@@ -226,11 +227,22 @@ class Trainer:
         self.nonfinite_total = shared["nonfinite_total"]
         self.nonfinite_in_a_row = shared["nonfinite_in_a_row"]
         b.data.load_state_dict(per_rank["data"])
-        self.noise_generator.set_state(per_rank["noise"])
+        self._resume_noise(per_rank["noise"], path)
         ckpt.set_rng_state(per_rank["rng"])
         self.last_checkpoint = path
         if self.dist.rank == 0:
             log.info("resumed from %s (step %d)", path, self.step)
+
+    def _resume_noise(self, state: torch.Tensor, path) -> None:
+        try:
+            self.noise_generator.set_state(state)
+        except RuntimeError:
+            # A checkpoint written when the noise was drawn on the host (before issue 33): its generator state does
+            # not fit a device generator. Training goes on with fresh draws, said aloud.
+            log.warning("checkpoint %s holds a host noise-generator state; the device generator restarts from seed %d "
+                        "+ step %d, so later draws differ from an uninterrupted run of the older version",
+                        path, self.cfg.seed, self.step)
+            self.noise_generator.manual_seed(self.cfg.seed + self.step)
 
     def _resume_ema(self, state: dict | None, path) -> None:
         if self.ema is None:

@@ -341,6 +341,84 @@ def count_ops(fn, unet, backend: str = "auto", compiled: bool = False) -> OpCoun
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Profile: where one iteration's device time goes (`bench gpu --parts profile`)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Kernel (CUDA) or aten op (CPU) name -> kind; the first pattern that matches wins, so the order matters.
+KERNEL_KINDS = (
+    ("memcpy", r"memcpy|memset"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("conv", r"conv|implicit_gemm|winograd|cudnn"),
+    ("gemm", r"gemm|matmul|\bmm\b|addmm|bmm|baddbmm|cutlass|cublas|sm\d+_xmma|nvjet"),
+    ("norm", r"norm"),
+    ("layout", r"transpose|permute|nchw|nhwc|contiguous|clone"),
+    ("copy/cast", r"copy|_to_copy|cast|convert"),
+    ("index", r"index|gather|scatter|slice|cat\b|where"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    import re
+
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "elementwise/other")
+
+
+def profile_iteration(trainer, top: int = 10) -> dict:
+    """One iteration under torch.profiler: time by kernel kind, busy fraction, syncs, top kernels.
+
+    On a GPU the device kernels are counted (their summed time over the iteration's wall time is the busy fraction)
+    and torch.cuda.set_sync_debug_mode("warn") counts the syncs; on the CPU (the --tiny rehearsal) the aten ops'
+    self time stands in for kernels and the value reads (OpCount) for syncs.
+    """
+    import time
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    device = trainer.dist.device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    syncs = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                run_iteration(trainer)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                wall = time.perf_counter() - start
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    if cuda:
+        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) or 0
+        if us <= 0 or (cuda and e.device_type.name != "CUDA") or (not cuda and not e.key.startswith("aten::")):
+            continue
+        times[e.key] = times.get(e.key, 0.0) + us
+    busy_us = sum(times.values())
+    by_kind: dict[str, float] = {}
+    for name, us in times.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
+    if syncs is None:
+        syncs = sum(count_ops(lambda: run_iteration(trainer), trainer.built.nets.unet).reads().values())
+    return {
+        "wall_ms": wall * 1e3, "kernel_ms": busy_us / 1e3, "busy_fraction": busy_us / 1e6 / wall,
+        "share_by_kind": {k: v / busy_us for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if busy_us else {},
+        "syncs_per_iteration": syncs, "sync_source": "cuda sync debug mode" if cuda else "value reads (CPU proxy)",
+        "top_kernels": [(name, us / 1e3) for name, us in sorted(times.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Time, the matmul ceiling, memory
 # ---------------------------------------------------------------------------------------------------------------
 

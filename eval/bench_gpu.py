@@ -52,7 +52,7 @@ PARTS = {
     "train": Part(0.45, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
     "max_batch": Part(0.20, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
     "infer": Part(0.25, 105, 20, "SDXL 1024 px 1- and 4-step latency, full / tiny VAE, eager / compiled"),
-    "profile": Part(0.20, 90, 20, "torch.profiler on one SDXL dmd iteration: peft / fused / compiled / channels_last / "
+    "profile": Part(0.20, 90, 60, "torch.profiler on one SDXL dmd iteration: peft / fused / compiled / channels_last / "
                     "batch 6: time by kernel kind, busy fraction, syncs, top kernels"),
 }
 # Rows of the profile part: (name, config overrides, batch or None for the family's). Each is one real SDXL dmd
@@ -296,6 +296,9 @@ def part_profile(plog: PartLog, tiny: bool, device: str):
     sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
     for name, overrides, batch in PROFILE_ROWS:
         if not plog.wanted(f"profile:{name}"):
+            continue
+        if tiny and name == "compiled":
+            plog.note("profile compiled: not rehearsed with --tiny (inductor compiles for minutes on the CPU)")
             continue
         if not plog.has_time(5 if tiny else 40, f"profile {name}"):
             continue

@@ -82,8 +82,10 @@ def test_denoise_together_equals_the_calls_one_by_one_in_one_forward(dmd_gan):
         with PassCounter(nets.unet) as c:
             together = denoise_together(calls)
     assert [(p.adapter, p.batch) for p in c.passes] == [("base+fake_score+student", 8)]
+    # fp32 GEMMs over 8 rows and over 2 round differently; x0 at t = 999 divides the output by alpha = 0.068, so
+    # those roundings show 15x larger there (the fused LoRA path adds each adapter's rows with its own GEMM).
     for a, b in zip(together, one_by_one):
-        torch.testing.assert_close(a.x0, b.x0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.x0, b.x0, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.eps, b.eps, rtol=1e-5, atol=1e-5)
     # the outputs differ between adapters, so a mix-up of rows would have shown
     assert (one_by_one[1].x0 - one_by_one[2].x0).abs().max() > 1e-3

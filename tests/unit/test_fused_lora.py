@@ -238,3 +238,10 @@ def test_fused_path_leaves_parameter_names_and_state_dict_unchanged(sdxl_tiny):
     keys = list(unet.state_dict())
     assert use_fused_lora(unet) == len(lora_layer_modules(unet)) > 0
     assert list(unet.state_dict()) == keys
+
+
+def test_unknown_lora_kernel_is_a_config_error():
+    from stepdistill.config import build_config
+
+    with pytest.raises(ConfigError, match="model.lora_kernel"):
+        build_config({"method": {"name": "lcm"}, "model": {"lora_kernel": "triton"}})

@@ -48,12 +48,23 @@ class Part:
 
 
 PARTS = {
-    "attention": Part(0.10, 40, 15, "Triton / xformers vs SDPA at SD1.5 and SDXL attention shapes, bf16, fwd and fwd+bwd"),
-    "train": Part(0.38, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
-    "max_batch": Part(0.15, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
-    "infer": Part(0.37, 180, 30, "SDXL (compiled, CUDA graphs) / SD1.5 / FLUX 1- and 4-step latency, tiny / full VAE, "
+    "attention": Part(0.08, 40, 15, "Triton / xformers vs SDPA at SD1.5 and SDXL attention shapes, bf16, fwd and fwd+bwd"),
+    "train": Part(0.30, 190, 40, "bench train: dmd, tscd, lcm on SD1.5 512 px and SDXL 1024 px, default levers"),
+    "max_batch": Part(0.12, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
+    "infer": Part(0.30, 180, 30, "SDXL (compiled, CUDA graphs) / SD1.5 / FLUX 1- and 4-step latency, tiny / full VAE, "
                   "prompt cache cold / warm"),
+    "profile": Part(0.20, 90, 60, "torch.profiler on one SDXL dmd iteration: peft / fused / compiled / channels_last / "
+                    "batch 6: time by kernel kind, busy fraction, syncs, top kernels"),
 }
+# Rows of the profile part: (name, config overrides, batch or None for the family's). Each is one real SDXL dmd
+# iteration after warm-up; peft against fused is the LoRA path, the others the levers on top of fused.
+PROFILE_ROWS = (
+    ("peft", ["model.lora_kernel=peft"], None),
+    ("fused", [], None),
+    ("compiled", ["model.compile=true"], None),
+    ("channels_last", ["model.channels_last=true"], None),
+    ("batch6", [], 6),
+)
 DEFAULT_BUDGET_S = 420  # the GPU session is 15 minutes with start-up; the command must end within 8
 H100_80GB_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an "80 GB" H100, in GiB
 GRACE_S = 10  # a part's subprocess is killed this long after its cap; its JSON keeps what it finished
@@ -307,6 +318,46 @@ def part_train(plog: PartLog, tiny: bool, device: str):
         plog.add(row)
 
 
+def part_profile(plog: PartLog, tiny: bool, device: str):
+    """PROFILE_ROWS: one profiled SDXL dmd iteration each (bench/train.profile_iteration)."""
+    import tempfile
+
+    from stepdistill.models.registry import get_family
+
+    from .train import TINY_BATCH, _free_cuda, bench_run, make_trainer, profile_iteration, run_iteration
+
+    family = "sdxl"
+    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
+    for name, overrides, batch in PROFILE_ROWS:
+        if not plog.wanted(f"profile:{name}"):
+            continue
+        if tiny and name == "compiled":
+            plog.note("profile compiled: not rehearsed with --tiny (inductor compiles for minutes on the CPU)")
+            continue
+        if not plog.has_time(5 if tiny else 40, f"profile {name}"):
+            continue
+        b = (min(batch, TINY_BATCH + 1) if tiny else batch) if batch else (
+            TINY_BATCH if tiny else get_family(family).bench_batch)
+        try:
+            cfg, model, data = bench_run("dmd", family, tiny, device, b, [*sets, *overrides])
+            with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
+                trainer = make_trainer(cfg, model, data, out, device)
+                try:
+                    trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
+                    for _ in range(1 if tiny else 2):  # warm-up (compilation, optimizer moments)
+                        run_iteration(trainer)
+                    row = {"row": name, "method": "dmd", "family": family, "batch": b, "overrides": overrides,
+                           **profile_iteration(trainer)}
+                finally:
+                    trainer.close()
+        except torch.cuda.OutOfMemoryError as e:
+            plog.note(f"profile {name} batch {b}: out of memory ({str(e).splitlines()[0][:120]})")
+            continue
+        finally:
+            _free_cuda()
+        plog.add(row)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Part 3: the largest SDXL dmd batch
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +453,8 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
                   "reduce-overhead (CUDA graphs)")
 
 
-PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer}
+PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer,
+                  "profile": part_profile}
 
 
 def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = H100_80GB_GIB, only=()) -> None:
@@ -429,10 +481,12 @@ def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float
 
 
 def sub_steps(tiny: bool) -> list[str]:
-    """Every name --only takes: attention shapes, train rows METHOD:FAMILY, infer cases FAMILY:eager|compiled."""
+    """Every name --only takes: attention shapes, train rows METHOD:FAMILY, infer cases FAMILY:eager|compiled,
+    profile rows profile:ROW."""
     shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
     return [*shapes, *(f"{m}:{f}" for m, f in TRAIN_ROWS),
-            *(f"{family}:{'compiled' if compiled and not tiny else 'eager'}" for family, compiled, _ in INFER_CASES)]
+            *(f"{family}:{'compiled' if compiled and not tiny else 'eager'}" for family, compiled, _ in INFER_CASES),
+            *(f"profile:{name}" for name, *_ in PROFILE_ROWS)]
 
 
 def plan(parts, budget_s: float, tiny: bool) -> list[dict]:
@@ -622,6 +676,18 @@ def format_summary(results: dict, tiny: bool, budget_s: float) -> str:
             lines.append(f"| {r['shape']} | {r['kernel']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                          f"{r.get('fwd_bwd_ratio_vs_sdpa', float('nan')):.2f} | "
                          f"{r.get('max_err_out_vs_sdpa', float('nan')):.2e} | {r['max_err_out_vs_fp32']:.2e} |")
+    prof = results.get("profile", {}).get("rows", [])
+    if prof:
+        kinds = list(dict.fromkeys(k for r in prof for k in r["share_by_kind"]))
+        lines += ["", "## Profile (one SDXL dmd iteration)", "",
+                  "| row | batch | wall ms | kernel ms | busy | syncs | " + " | ".join(kinds) + " |",
+                  "|---" * (6 + len(kinds)) + "|"]
+        for r in prof:
+            shares = " | ".join(f"{100 * r['share_by_kind'].get(k, 0):.1f}%" for k in kinds)
+            lines.append(f"| {r['row']} | {r['batch']} | {r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | "
+                         f"{100 * r['busy_fraction']:.0f}% | {r['syncs_per_iteration']} | {shares} |")
+        lines += ["", "Top kernels (fused row): " + "; ".join(
+            f"{n[:60]} {ms:.1f} ms" for n, ms in next((r for r in prof if r["row"] == "fused"), prof[0])["top_kernels"])]
     infer = results.get("infer", {}).get("rows", [])
     if infer:
         lines += _generation_table(infer)

@@ -11,6 +11,8 @@ method's critic updates), and reports:
 * achieved TFLOP/s = FLOPs per iteration / step time, and its share of a bf16 matmul ceiling measured in the
   same process (the best of a few large square matmuls);
 * network passes: the UNet calls of that iteration (adapter, batch, grad; core/passes.py);
+* aten ops dispatched in one iteration and the reads of a tensor value back to Python among them (each a sync on a
+  GPU): CPU proxies of launch overhead and stalls that anyone can measure without a device (OpCount);
 * peak GPU memory, and with --find-max-batch the largest per-GPU batch that fits.
 
 Efficiency levers are config switches (`--levers` names a set of `--set` overrides per row), so what is
@@ -274,6 +276,149 @@ def unet_forward_flops(trainer) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU proxies of GPU speed: aten ops dispatched and values read back to the host (issue 33)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Ops that read a tensor's value back to Python: on a GPU each waits for the device (a sync).
+VALUE_READS = ("_local_scalar_dense", "nonzero", "item", "tolist", "numpy", "is_nonzero", "equal", "masked_select",
+               "unique", "_unique2", "repeat_interleave", "_assert_async")
+
+
+class OpCount:
+    """Counts the aten ops dispatched while active (a TorchDispatchMode) and the value reads among them.
+
+    tolist() and numpy() on a CPU tensor read memory without dispatching an op (on a GPU they copy to the host
+    first), so they are counted where Python calls them.
+    """
+
+    def __init__(self):
+        from collections import Counter
+
+        self.ops = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def reads(self) -> dict:
+        return {k: v for k, v in self.ops.items() if k in VALUE_READS}
+
+    @contextlib.contextmanager
+    def __call__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+        def counted(name):
+            def read(tensor, *args, **kwargs):
+                ops[name] += 1
+                return originals[name](tensor, *args, **kwargs)
+            return read
+
+        try:
+            for name in originals:
+                setattr(torch.Tensor, name, counted(name))
+            with Mode():
+                yield self
+        finally:
+            for name, fn in originals.items():
+                setattr(torch.Tensor, name, fn)
+
+
+def count_ops(fn, unet, backend: str = "auto", compiled: bool = False) -> OpCount:
+    """aten ops and value reads of whatever `fn()` runs, eagerly (a compiled UNet's graphs hide their ops)."""
+    counter = OpCount()
+    with _countable(unet, backend, compiled), counter():
+        fn()
+    return counter
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile: where one iteration's device time goes (`bench gpu --parts profile`)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Kernel (CUDA) or aten op (CPU) name -> kind; the first pattern that matches wins, so the order matters.
+KERNEL_KINDS = (
+    ("memcpy", r"memcpy|memset"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("conv", r"conv|implicit_gemm|winograd|cudnn"),
+    ("gemm", r"gemm|matmul|\bmm\b|addmm|bmm|baddbmm|cutlass|cublas|sm\d+_xmma|nvjet"),
+    ("norm", r"norm"),
+    ("layout", r"transpose|permute|nchw|nhwc|contiguous|clone"),
+    ("copy/cast", r"copy|_to_copy|cast|convert"),
+    ("index", r"index|gather|scatter|slice|cat\b|where"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    import re
+
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "elementwise/other")
+
+
+def profile_iteration(trainer, top: int = 10) -> dict:
+    """One iteration under torch.profiler: time by kernel kind, busy fraction, syncs, top kernels.
+
+    On a GPU the device kernels are counted (their summed time over the iteration's wall time is the busy fraction)
+    and torch.cuda.set_sync_debug_mode("warn") counts the syncs; on the CPU (the --tiny rehearsal) the aten ops'
+    self time stands in for kernels and the value reads (OpCount) for syncs.
+    """
+    import time
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    device = trainer.dist.device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    syncs = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                run_iteration(trainer)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                wall = time.perf_counter() - start
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    if cuda:
+        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) or 0
+        if us <= 0 or (cuda and e.device_type.name != "CUDA") or (not cuda and not e.key.startswith("aten::")):
+            continue
+        times[e.key] = times.get(e.key, 0.0) + us
+    busy_us = sum(times.values())
+    by_kind: dict[str, float] = {}
+    for name, us in times.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
+    if syncs is None:
+        syncs = sum(count_ops(lambda: run_iteration(trainer), trainer.built.nets.denoiser).reads().values())
+    return {
+        "wall_ms": wall * 1e3, "kernel_ms": busy_us / 1e3, "busy_fraction": busy_us / 1e6 / wall,
+        "share_by_kind": {k: v / busy_us for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if busy_us else {},
+        "syncs_per_iteration": syncs, "sync_source": "cuda sync debug mode" if cuda else "value reads (CPU proxy)",
+        "top_kernels": [(name, us / 1e3) for name, us in sorted(times.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Time, the matmul ceiling, memory
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -395,6 +540,7 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
     with PassCounter(trainer.built.nets.denoiser) as passes:  # the same iteration: its UNet calls (core/passes.py)
         flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention,
                             cfg.model.compile)
+    ops = count_ops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention, cfg.model.compile)
     unit = unet_forward_flops(trainer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -409,6 +555,8 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
         "unet_forward_flops": unit, "forwards_per_sample": flops.total / (samples * unit),
         "achieved_tflops": achieved, "flops_by_op": flops.by_op, "flops_by_module": flops.by_module,
         "passes": passes.summary(),
+        "aten_ops_per_iteration": ops.total, "value_reads_per_iteration": sum(ops.reads().values()),
+        "value_reads_by_op": ops.reads(),
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if ceiling:
@@ -499,16 +647,19 @@ def format_table(rows: list[dict]) -> str:
     title = (f"device: {first['device']}; {first['ceiling_dtype']} matmul ceiling {first['ceiling_tflops']:.4g} "
              f"TFLOP/s (measured, {n}x{n}x{n}); median of {len(first['iteration_ms_all'])} iterations")
     header = ("method", "family", "res", "batch", "lever", "ms/iter", "samples/s", "TFLOP/iter", "F/sample",
-              "TFLOP/s", "% ceil", "peak GB", "max batch", "passes")
+              "TFLOP/s", "% ceil", "peak GB", "max batch", "passes", "aten ops", "reads")
     lines = [title, "  ".join(f"{h:>10}" for h in header)]
     for r in rows:
         peak = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         cells = (r["method"], r["family"] + ("-tiny" if r["tiny"] else ""), r["resolution"], r["batch"], r["lever"],
                  f"{r['iteration_ms']:.1f}", f"{r['samples_per_s']:.2f}", f"{r['flops_per_iteration'] / 1e12:.3g}",
                  f"{r['forwards_per_sample']:.2f}", f"{r['achieved_tflops']:.3g}", f"{100 * r['utilisation']:.1f}",
-                 peak, r.get("max_batch", "-"), r["passes"]["calls"])
+                 peak, r.get("max_batch", "-"), r["passes"]["calls"], r.get("aten_ops_per_iteration", "-"),
+                 r.get("value_reads_per_iteration", "-"))
         lines.append("  ".join(f"{c:>10}" for c in cells))
     lines.append("passes: UNet calls of one update (adapter:fwd[+bwd]xbatch, count); core/passes.py")
+    lines.append("aten ops / reads: ops dispatched in one iteration, and the values among them read back to the host "
+                 "(_local_scalar_dense, nonzero, tolist...: each a sync on a GPU)")
     for r in rows:
         calls = ", ".join(f"{label} {n}" for label, n in r["passes"]["by_label"].items())
         lines.append(f"  {r['method']} {r['family']} {r['lever']}: {r['passes']['calls']} calls, "

@@ -25,6 +25,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet (compiles once per adapter and shape: minutes at start)
     channels_last: bool = False  # NHWC UNet weights: the fast cuDNN convolution layout on tensor cores
+    # fused | peft: how LoRA layers run. fused: base op and low-rank term in one autograd node per layer, compute
+    # copies of A and B made once per optimizer step, per-sample adapters by row slices (core/lora.py); peft: PEFT's
+    # own forward (the reference the fused path is tested against). Same parameters, keys and exports either way.
+    lora_kernel: str = "fused"
     # none | fsdp2: shard the frozen base over the processes with FSDP2 (fully_shard per block); LoRA stays whole
     # on every process. For a base that does not fit one GPU next to its activations (docs/memory.md sec. 7).
     shard: str = "none"
@@ -45,6 +49,7 @@ class ModelConfig:
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
         _choice("model.shard", self.shard, ("none", "fsdp2"))
+        _choice("model.lora_kernel", self.lora_kernel, ("fused", "peft"))
         if self.shard != "none" and self.compile:
             raise ConfigError("model.shard=fsdp2 with model.compile=true is not supported (untested together): set "
                               "one of them off")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
+from .lora import segments_of
 from .param import x0_eps_from_output
 from .schedule import NoiseSchedule
 
@@ -95,6 +96,7 @@ def mixed_adapters(unet, names: list[str | None]):
     not have leaves that adapter's rows on the base, as `active_adapter` does.
     """
     names = ["__base__" if n is None else n for n in names]
+    segments = segments_of(names)  # the fused path (core.lora.use_fused_lora) slices these rows: no index tensors
     layers = lora_layers(unet)
     saved = [m._disable_adapters for m in layers]
     handles = []
@@ -103,6 +105,7 @@ def mixed_adapters(unet, names: list[str | None]):
         for m in layers:
             m._disable_adapters = False
             object.__setattr__(m, "_stepdistill_adapter_names", names)
+            object.__setattr__(m, "_stepdistill_segments", segments)
             handles.append(m.register_forward_pre_hook(_inject_adapter_names, with_kwargs=True))
         yield unet
     finally:
@@ -110,6 +113,7 @@ def mixed_adapters(unet, names: list[str | None]):
             h.remove()
         for m, disabled in zip(layers, saved):
             m._disable_adapters = disabled
+            m.__dict__.pop("_stepdistill_segments", None)
         object.__setattr__(unet, "_stepdistill_mixed_adapters", None)
 
 

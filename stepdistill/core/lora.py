@@ -188,3 +188,267 @@ def copy_adapter(unet, src: str, dst: str) -> None:
             f"{adapter_config(unet, dst)[:2]}): create {dst!r} with the same rank and alpha"
         )
     load_adapter_state_dict(unet, dst, adapter_state_dict(unet, src))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused LoRA execution path (issue 33): y = base(x) + scale * (x A^T) B^T as ONE autograd node per layer
+# ---------------------------------------------------------------------------------------------------------------
+#
+# Beside PEFT, not inside it: PEFT's layers stay the parameter containers (so state dicts, exports, merging and
+# `adapter_parameters` keep PEFT's keys byte for byte), and only their forward is replaced, per instance, by
+# `use_fused_lora`. PEFT's custom-layer hook (LoraConfig._register_custom_module) swaps the whole layer class by base
+# layer type, which would mean re-implementing merge/unmerge/state handling for Linear and Conv2d as well.
+#
+# What the fused forward saves against PEFT's (per layer, forward + backward): the input cast to the fp32 adapter
+# dtype and autocast's cast back, the two weight casts per call (the compute copies of A and B are made once per
+# optimizer step: `_compute_weights` keys them on the masters' version counters), the scaling multiply, the add
+# and their backward nodes; the per-sample (mixed-adapter) call slices contiguous rows instead of indexing with
+# Python lists (a host-to-device copy and a sync per list on a GPU).
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + bias + scale (x a^T) b^T; gradients for x and the fp32 masters A, B (a, b: their compute copies)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, a, b, scale, weight_t, a_t, b_t):
+        # weight_t, a_t, b_t: transposed views made once (_compute_weights, _base_weights), not a `t` per call
+        x2 = _rows(x)
+        h = torch.mm(x2, a_t)  # [n, r]
+        y = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
+        y.addmm_(h, b_t, alpha=scale)
+        ctx.save_for_backward(x2, weight, a, b, h)
+        ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, (lora_a.dtype, lora_b.dtype)
+        return _unrows(y, x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, a, b, h = ctx.saved_tensors
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        g2 = _rows(g)
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            gh = torch.mm(g2, b)  # [n, r]: d loss / d h
+            if ctx.scale != 1.0:
+                gh = gh * ctx.scale
+            if need_x:
+                grad_x = _unrows(torch.mm(g2, weight).addmm_(gh, a), ctx.x_shape)
+            if need_a:
+                grad_a = (gh.t() @ x2).to(ctx.dtypes[0])
+        if need_b:
+            grad_b = g2.t() @ h
+            if ctx.scale != 1.0:
+                grad_b = grad_b * ctx.scale
+            grad_b = grad_b.to(ctx.dtypes[1])
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
+
+
+_CONV_BACKWARD = torch.ops.aten.convolution_backward
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., features] -> [n, features] (no op for a matrix)."""
+    return x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _unrows(y: torch.Tensor, shape) -> torch.Tensor:
+    return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
+
+
+def _base_linear(base, x: torch.Tensor) -> torch.Tensor:
+    """The frozen nn.Linear alone, as F.linear computes it under autocast, with its transposed weight made once."""
+    weight, bias, weight_t = _base_weights(base, _compute_dtype(x, base.weight))
+    x2 = _rows(x.to(weight.dtype))
+    return _unrows(torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t), x.shape)
+
+
+class _LoraConv2d(torch.autograd.Function):
+    """y = conv(x, W, bias) + scale conv1x1(conv(x, a), b), PEFT's conv LoRA (A with the base's kernel, stride and
+    padding, B 1x1); gradients for x and the fp32 masters A, B."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, a, b, scale, stride, padding):
+        conv = torch.nn.functional.conv2d
+        h = conv(x, a, None, stride, padding)
+        y = conv(x, weight, bias, stride, padding).add_(conv(h, b), alpha=scale)
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scale, ctx.stride, ctx.padding, ctx.dtypes = scale, stride, padding, (lora_a.dtype, lora_b.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, a, b, h = ctx.saved_tensors
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        one, zero = [1, 1], [0, 0]
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a or need_b:
+            gh, grad_b, _ = _CONV_BACKWARD(g, h, b, None, one, zero, one, False, zero, 1,
+                                           [need_x or need_a, need_b, False])
+            if ctx.scale != 1.0:
+                gh = gh * ctx.scale if gh is not None else None
+                grad_b = grad_b * ctx.scale if grad_b is not None else None
+            if gh is not None:
+                lora_x, grad_a, _ = _CONV_BACKWARD(gh, x, a, None, list(ctx.stride), list(ctx.padding), one, False,
+                                                   zero, 1, [need_x, need_a, False])
+                if need_x:
+                    grad_x = _CONV_BACKWARD(g, x, weight, None, list(ctx.stride), list(ctx.padding), one, False,
+                                            zero, 1, [True, False, False])[0].add_(lora_x)
+        grad_a = grad_a.to(ctx.dtypes[0]) if need_a else None
+        grad_b = grad_b.to(ctx.dtypes[1]) if need_b else None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+
+
+def _compute_weights(layer, adapter: str, dtype) -> tuple[torch.Tensor, ...]:
+    """Adapter `adapter`'s (a, b, a^T, b^T) as the fused path multiplies them: views of the fp32 masters when
+    `dtype` is theirs, else copies in `dtype` made once per change of the masters (an optimizer step, a load, an EMA
+    update: each bumps the tensor's version counter), not once per call."""
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if torch.compiler.is_compiling():  # traced into the graph, where the cast fuses with its neighbours
+        a, b = A.detach().to(dtype), B.detach().to(dtype)
+        return a, b, _t(a), _t(b)
+    same = A.dtype == dtype and B.dtype == dtype
+    # Views of a master follow its in-place updates: only a new storage (or dtype) makes them stale.
+    key = (A.data_ptr(), B.data_ptr()) if same else (A._version, B._version, A.data_ptr(), B.data_ptr())
+    cache = layer.__dict__.setdefault("_stepdistill_compute", {})
+    hit = cache.get((adapter, dtype))
+    if hit is None or hit[0] != key:
+        a, b = (A.detach(), B.detach()) if same else (A.detach().to(dtype), B.detach().to(dtype))
+        hit = (key, (a, b, _t(a), _t(b)))
+        cache[(adapter, dtype)] = hit
+    return hit[1]
+
+
+def _t(w: torch.Tensor):
+    """The transpose a Linear multiplies by (None for a convolution kernel, which is not transposed)."""
+    return w.t() if w.ndim == 2 else None
+
+
+def _base_weights(base, dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(weight, bias, weight^T) of the frozen base layer in `dtype`: views made once when the base is stored in
+    `dtype`; otherwise cast per call, as autocast does (a cached copy would double the base's memory)."""
+    W, bias = base.weight, base.bias
+    if W.dtype != dtype or torch.compiler.is_compiling():
+        W = W.to(dtype)
+        return W, bias.to(dtype) if bias is not None else None, _t(W)
+    key = (W.data_ptr(), None if bias is None else bias.data_ptr(), dtype)
+    hit = base.__dict__.get("_stepdistill_base")
+    if hit is None or hit[0] != key:
+        hit = (key, (W, bias, _t(W)))
+        base.__dict__["_stepdistill_base"] = hit
+    return hit[1]
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
+    """The dtype the base layer computes in: autocast's when it is on, else the base weight's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _fusable(layer, adapter: str) -> bool:
+    """Vanilla LoRA on an nn.Linear or a plain nn.Conv2d: what the fused kernels compute exactly."""
+    if adapter in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[adapter], torch.nn.Identity):
+        return False
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return False
+    base = layer.base_layer
+    if isinstance(base, torch.nn.Conv2d):
+        return (base.groups == 1 and tuple(base.dilation) == (1, 1) and base.padding_mode == "zeros"
+                and not isinstance(base.padding, str))
+    return type(base) is torch.nn.Linear
+
+
+def _plain_linear(base) -> bool:
+    """An nn.Linear whose forward is F.linear (not a subclass with hooks of its own, nor a sharded DTensor)."""
+    return type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks and \
+        type(base.weight) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _lora_term(layer, adapter: str, x, y, dtype):
+    """y += scale * B(A(x)) in place (no grad): the rows of one adapter in a mixed-adapter call."""
+    a, b, a_t, b_t = _compute_weights(layer, adapter, dtype)
+    scale = layer.scaling[adapter]
+    x = x.to(dtype)
+    base = layer.base_layer
+    if isinstance(base, torch.nn.Conv2d):
+        conv = torch.nn.functional.conv2d
+        y.add_(conv(conv(x, a, None, base.stride, base.padding), b), alpha=scale)
+    else:
+        y.view(-1, y.shape[-1]).addmm_(torch.mm(x.reshape(-1, x.shape[-1]), a_t), b_t, alpha=scale)
+
+
+def _fused_forward(layer, x, *args, **kwargs):
+    """The replacement of a PEFT LoRA layer's forward (installed per instance by use_fused_lora)."""
+    adapter_names = kwargs.get("adapter_names")
+    peft_forward = type(layer).forward
+    if args or layer.merged or (set(kwargs) - {"adapter_names"}):
+        return peft_forward(layer, x, *args, **kwargs)
+    base = layer.base_layer
+    if layer.disable_adapters:  # the teacher: the bare base, nothing else
+        return _base_linear(base, x) if _plain_linear(base) else base(x)
+    if adapter_names is not None:
+        segments = layer.__dict__.get("_stepdistill_segments")
+        if segments is None or torch.is_grad_enabled() or not all(
+                _fusable(layer, n) for n, *_ in segments if n in layer.lora_A):
+            return peft_forward(layer, x, *args, **kwargs)
+        y = _base_linear(base, x) if _plain_linear(base) else base(x)
+        dtype = y.dtype
+        if any(n in layer.lora_A and layer.lora_A[n].weight.dtype != dtype for n, *_ in segments) and \
+                not torch.is_autocast_enabled(x.device.type):
+            return peft_forward(layer, x, *args, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
+        for name, start, stop in segments:
+            if name in layer.lora_A:
+                _lora_term(layer, name, x[start:stop], y[start:stop], dtype)
+        return y
+    active = [n for n in layer.active_adapters if n in layer.lora_A]
+    if not active:
+        return _base_linear(base, x) if _plain_linear(base) else base(x)
+    if len(active) > 1 or not _fusable(layer, active[0]) or base.weight.requires_grad or (
+            base.bias is not None and base.bias.requires_grad):
+        return peft_forward(layer, x, *args, **kwargs)
+    (adapter,) = active
+    dtype = _compute_dtype(x, base.weight)
+    A = layer.lora_A[adapter].weight
+    if dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+        return peft_forward(layer, x, *args, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
+    a, b, a_t, b_t = _compute_weights(layer, adapter, dtype)
+    weight, bias, weight_t = _base_weights(base, dtype)
+    scale = float(layer.scaling[adapter])
+    B = layer.lora_B[adapter].weight
+    if isinstance(base, torch.nn.Conv2d):
+        return _LoraConv2d.apply(x.to(dtype), weight, bias, A, B, a, b, scale, tuple(base.stride), tuple(base.padding))
+    return _LoraLinear.apply(x.to(dtype), weight, bias, A, B, a, b, scale, weight_t, a_t, b_t)
+
+
+def lora_layer_modules(unet) -> list:
+    """The PEFT LoRA layers of `unet` (those with adapters and a base layer)."""
+    return [m for m in unet.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+            and hasattr(m, "_disable_adapters")]
+
+
+def use_fused_lora(unet, on: bool = True) -> int:
+    """Run every LoRA layer of `unet` through the fused path (on) or PEFT's own forward (off); returns the count.
+
+    Per instance, so PEFT's classes, parameters and keys are untouched; layers the fused kernels do not cover (DoRA,
+    dropout, a LoRA bias, grouped or dilated convolutions, several active adapters at once) keep PEFT's forward at
+    call time.
+    """
+    layers = lora_layer_modules(unet)
+    for m in layers:
+        if on:
+            m.forward = _fused_forward.__get__(m)
+        else:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_stepdistill_compute", None)
+    return len(layers)
+
+
+def segments_of(names: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Runs of equal names -> [(name, start, stop)]: the contiguous rows each adapter serves in a mixed call."""
+    out: list[tuple[str, int, int]] = []
+    for i, n in enumerate(names):
+        if out and out[-1][0] == n:
+            out[-1] = (n, out[-1][1], i + 1)
+        else:
+            out.append((n, i, i + 1))
+    return out

@@ -61,6 +61,14 @@ class NoiseSchedule:
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         return cls(alphas_cumprod, prediction_type)
 
+    def table(self, device) -> torch.Tensor:
+        """alphas_cumprod on `device`, copied there once (a copy per call is a host-to-device transfer each time)."""
+        device = torch.device(device)
+        tables = self.__dict__.setdefault("_tables", {})  # frozen dataclass: a cache beside the fields
+        if device not in tables:
+            tables[device] = self.alphas_cumprod.to(device)
+        return tables[device]
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
@@ -71,7 +79,7 @@ class NoiseSchedule:
         t = -1 stands for clean data (alpha 1, sigma 0): the end of every sampler.
         """
         t = torch.as_tensor(t).reshape(-1).long()
-        abar = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
+        abar = self.table(t.device)[t.clamp(min=0)]
         abar = torch.where(t < 0, torch.ones_like(abar), abar)
         shape = (-1,) + (1,) * (ndim - 1)
         return abar.sqrt().reshape(shape), (1.0 - abar).sqrt().reshape(shape)

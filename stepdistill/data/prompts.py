@@ -153,9 +153,11 @@ class Order:
         self.epoch, self.position = 0, 0  # position counts global samples consumed in this epoch
         self._perm = (None, None)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm[0] != epoch:  # one randperm per epoch, not per batch (1M records: ~20 ms each)
-            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch))
+    def _permutation(self, epoch: int) -> list[int]:
+        # One randperm per epoch, not per batch (1M records: ~20 ms each), read into a list once: a tensor read back
+        # per batch would be a value read in every iteration (issue 33's count).
+        if self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.n, self.seed, epoch).tolist())
         return self._perm[1]
 
     def next_global(self) -> tuple[list[int], int]:
@@ -164,7 +166,7 @@ class Order:
         while len(out) < global_bs:
             perm = self._permutation(self.epoch)
             take = min(global_bs - len(out), len(perm) - self.position)
-            out += perm[self.position : self.position + take].tolist()
+            out += perm[self.position : self.position + take]
             self.position += take
             if self.position >= len(perm):
                 self.epoch, self.position = self.epoch + 1, 0

@@ -36,14 +36,16 @@ class NoiseSource:
     def _rows(self, x):
         return x[self.rank :: self.world].to(self.device)
 
+    # Drawn on the generator's own device (the loop's is on the training device: no host draw and copy per call).
     def randn(self, n: int, *shape) -> torch.Tensor:
-        return self._rows(torch.randn((n * self.world, *shape), generator=self.generator))
+        return self._rows(torch.randn((n * self.world, *shape), generator=self.generator, device=self.generator.device))
 
     def rand(self, n: int, *shape) -> torch.Tensor:
-        return self._rows(torch.rand((n * self.world, *shape), generator=self.generator))
+        return self._rows(torch.rand((n * self.world, *shape), generator=self.generator, device=self.generator.device))
 
     def randint(self, low: int, high: int, n: int) -> torch.Tensor:
-        return self._rows(torch.randint(low, high, (n * self.world,), generator=self.generator))
+        return self._rows(torch.randint(low, high, (n * self.world,), generator=self.generator,
+                                        device=self.generator.device))
 
 
 @dataclass

@@ -487,16 +487,16 @@ class ConsistencyDistiller(CriticHeadState):
             pred, target, t_end = self.consistency_pair(nets, batch, k)
         cons = self.distance(pred, target)
         loss = w_cons * cons
-        logs = {"consistency_loss": float(cons.detach().mean()), "k": float(k)}
+        logs = {"consistency_loss": cons.detach().mean(), "k": float(k)}
         samples, inputs = None, None
         if w_adv > 0:
             fake, real, t_adv = self._adv_inputs(nets, batch, pred, target, t_end, k)
             g = through_frozen_nets(lambda x: hinge_generator_loss(self._logits(nets, x, t_adv, batch.data_cond)), fake)
             loss = loss + w_adv * g
-            logs["adv_g_loss"] = float(g.detach().mean())
+            logs["adv_g_loss"] = g.detach().mean()
             samples = fake.detach()
             inputs = CriticInputs(samples, (samples, real, t_adv))
-        logs["loss"] = float(loss.detach().mean())
+        logs["loss"] = loss.detach().mean()
         return LossOut(loss, logs, samples=samples, critic_inputs=inputs), extra_out
 
     def critic_loss(self, nets: Nets, batch: Batch, inputs: CriticInputs | None) -> LossOut | None:
@@ -520,7 +520,7 @@ class ConsistencyDistiller(CriticHeadState):
         n = real.shape[0]
         maps = self.head(feats)  # per head, a logit at every location of real then fake rows
         loss = hinge_discriminator_loss([m[:n] for m in maps], [m[n:] for m in maps])
-        return LossOut(loss, {"adv_d_loss": float(loss.detach().mean())})
+        return LossOut(loss, {"adv_d_loss": loss.detach().mean()})
 
     def _data_x0(self, nets: Nets, batch: Batch):
         """Clean latents x0 to noise: real data when the run has images (data.images), else a teacher sample.
@@ -656,7 +656,7 @@ class UnifiedDistiller(ConsistencyDistiller):
         eps = batch.randn(*x0.shape[1:], device=device)
         dm = dm_loss(x0, self._dm_teacher(nets, batch), nets.fake_score, batch.cond, self.schedule, t, eps)
         loss = out.loss + w_dm * dm
-        logs = {**out.logs, "dm_loss": float(dm.detach().mean()), "loss": float(loss.detach().mean())}
+        logs = {**out.logs, "dm_loss": dm.detach().mean(), "loss": loss.detach().mean()}
         samples = x0.detach()
         adv = out.critic_inputs.adv if out.critic_inputs else None
         return LossOut(loss, logs, samples=samples, critic_inputs=CriticInputs(samples, adv))
@@ -671,7 +671,7 @@ class UnifiedDistiller(ConsistencyDistiller):
         t = batch.randint(0, self.T, device=device)
         eps = batch.randn(*x0.shape[1:], device=device)
         loss = fake_score_loss(nets.fake_score, x0, batch.cond, self.schedule, t, eps)
-        logs = {"fake_score_loss": float(loss.detach().mean())}
+        logs = {"fake_score_loss": loss.detach().mean()}
         d = self._discriminator_loss(nets, batch, inputs.adv if inputs else None)
         if d is not None:
             loss = loss + d.loss

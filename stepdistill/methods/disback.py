@@ -264,7 +264,7 @@ class DisBackDistiller(DMDDistiller):
         self.nodes: dict[int, dict] = {}  # node -> {"file", "step" (recorded after this update), "tensors_sha256"}
         self.targets: list[dict] = []  # [{"node", "since_step"}]: since_step = first update (log step) against it
         self._step = 0
-        self._dm_losses: list[float] = []  # this update's DM loss per micro-batch (adaptive rule)
+        self._dm_losses: list[torch.Tensor] = []  # this update's DM loss per micro-batch (adaptive rule)
         self._budget_checked = False
         self.nets: Nets | None = None
 
@@ -410,7 +410,7 @@ class DisBackDistiller(DMDDistiller):
         eps = batch.randn(*x0.shape[1:], device=device)
         loss = fake_score_loss(nets.fake_score, x0, cond, self.schedule, t, eps)
         recording = (self._step - self.path.record_start) // self.cfg.interval + 1
-        return LossOut(loss, {"aux_loss": float(loss.detach().mean()), "disback_stage": 1.0,
+        return LossOut(loss, {"aux_loss": loss.detach().mean(), "disback_stage": 1.0,
                               "recording_node": float(recording)})
 
     def after_step(self, nets: Nets, step: int) -> list[Event]:
@@ -435,7 +435,7 @@ class DisBackDistiller(DMDDistiller):
         if self.cfg.switch == "fixed":
             node = self.path.fixed_target(step + 1)
         else:
-            stalled = bool(losses) and self.rule.update(self.ctx.dist.mean(sum(losses) / len(losses)))
+            stalled = bool(losses) and self.rule.update(self.ctx.dist.mean(float(torch.stack(losses).mean())))
             done = step + 2 - self.targets[-1]["since_step"]
             node = self.target_node - 1 if stalled or done >= self.cfg.steps_per_node else self.target_node
         if node != self.target_node:

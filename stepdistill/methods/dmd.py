@@ -195,7 +195,9 @@ class DMDDistiller(CriticHeadState):
         k = batch.randint(0, len(ts), device=device) if len(ts) > 1 else torch.zeros(n, dtype=torch.long, device=device)
         x = noise[0]
         with torch.no_grad():
-            for i in range(int(k.max())):
+            # Every stage but the last runs on the whole batch, rows past their own k_i keep x (torch.where): reading
+            # k.max() back would be a sync per call; the stages it would skip are no-grad and each holds most rows.
+            for i in range(len(ts) - 1):
                 x_next = self._next(nets, x, ts[i].expand(n), ts[i + 1].expand(n), noise[i + 1], batch.cond)
                 x = torch.where((k > i).reshape(-1, *([1] * len(shape))), x_next, x)
         with torch.set_grad_enabled(grad):
@@ -224,7 +226,7 @@ class DMDDistiller(CriticHeadState):
         cfg, device = self.cfg, nets.device
         if step < cfg.regression_steps:
             loss, _ = self._regression(nets, batch)
-            value = float(loss.detach().mean())
+            value = loss.detach().mean()
             # No samples for the critic: the pair batch's prompts are not the batch's, so it draws its own.
             return LossOut(loss, {"regression_loss": value, "loss": value})
         x0 = self._generate(nets, batch, grad=True)
@@ -236,17 +238,17 @@ class DMDDistiller(CriticHeadState):
             sid = partial(sid_generator_loss, teacher=self._teacher(nets), fake_score=nets.fake_score, cond=batch.cond,
                           schedule=self.schedule, t=t, eps=eps, alpha=cfg.sid_alpha)
             loss = through_frozen_nets(sid, x0)
-        logs = {f"{cfg.generator_loss}_loss": float(loss.detach().mean())}
+        logs = {f"{cfg.generator_loss}_loss": loss.detach().mean()}
         if cfg.gan:
             self._real_latents(batch)
             gan_g = through_frozen_nets(lambda x: gan_generator_loss(self._logits(nets, [(x, batch.cond)], batch)[0]), x0)
             loss = loss + cfg.gan_generator_weight * gan_g
-            logs["gan_g_loss"] = float(gan_g.detach().mean())
+            logs["gan_g_loss"] = gan_g.detach().mean()
         if cfg.regression_weight > 0:
             reg, _ = self._regression(nets, batch)
             loss = loss + cfg.regression_weight * reg
-            logs["regression_loss"] = float(reg.detach().mean())
-        logs["loss"] = float(loss.detach().mean())
+            logs["regression_loss"] = reg.detach().mean()
+        logs["loss"] = loss.detach().mean()
         samples = x0.detach()
         return LossOut(loss, logs, samples=samples, critic_inputs=samples)
 
@@ -285,7 +287,7 @@ class DMDDistiller(CriticHeadState):
         t = batch.randint(0, self.T, device=device)
         eps = batch.randn(*samples.shape[1:], device=device)
         loss = fake_score_loss(nets.fake_score, samples, batch.cond, self.schedule, t, eps)
-        logs = {"fake_score_loss": float(loss.detach().mean())}
+        logs = {"fake_score_loss": loss.detach().mean()}
         if cfg.gan:
             real = self._real_latents(batch).to(device)
             # Both sides get the run's conditioning (as DMD2 does): with each image's own size ids (batch.data_cond) on
@@ -293,7 +295,7 @@ class DMDDistiller(CriticHeadState):
             gan_d = gan_discriminator_loss(*self._logits(nets, [(real, batch.cond), (samples.detach(), batch.cond)],
                                                          batch))
             loss = loss + cfg.gan_discriminator_weight * gan_d
-            logs["gan_d_loss"] = float(gan_d.detach().mean())
+            logs["gan_d_loss"] = gan_d.detach().mean()
         return LossOut(loss, logs)
 
     def _logits(self, nets: Nets, inputs: list, batch: Batch) -> list:

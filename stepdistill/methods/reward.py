@@ -143,8 +143,8 @@ class RewardDistiller(Distiller):
         # Gradient to x0 only: the VAE and the reward model stay frozen and collect no .grad.
         loss = through_frozen_nets(hinge, x0)
         r = rewards["r"]
-        logs = {"loss": float(loss.detach().mean()), "reward": float(r.mean()),
-                "above_threshold": float((r >= self.threshold).float().mean())}
+        logs = {"loss": loss.detach().mean(), "reward": r.detach().mean(),
+                "above_threshold": (r >= self.threshold).float().mean()}
         return LossOut(loss, logs)
 
     def recipe(self, family) -> dict:

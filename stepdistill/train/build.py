@@ -18,7 +18,7 @@ from ..config import Config, ConfigError
 from ..core.denoiser import Denoiser, GuidedDenoiser, checkpoint_under_adapter
 from ..core.dist import Dist
 from ..core.dtypes import dtype_from_name
-from ..core.lora import add_adapter
+from ..core.lora import add_adapter, use_fused_lora
 from ..data.prompts import PromptData
 from ..data.stream import open_data
 from ..methods.base import Distiller, Nets, RunContext
@@ -99,6 +99,8 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     for n, p in unet.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
+    # One autograd node per LoRA layer, bf16 compute copies of the fp32 masters (core/lora.py, issue 33).
+    use_fused_lora(unet, cfg.model.lora_kernel == "fused")
     if cfg.model.shard == "fsdp2":
         # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
         shard_base(unet, family.shard_units(), Dist(world, rank, device))

@@ -98,25 +98,44 @@ def sync_gradients(params, dist: Dist) -> None:
 # ---- one update ----------------------------------------------------------------------------------------------
 
 def make_optimizer(params, lr, cfg: Config):
-    fused = bool(params) and params[0].is_cuda
+    """AdamW, fused wherever torch has the kernel (CUDA, and the CPU since torch 2.4): one kernel for every tensor
+    instead of ~10 ops and a value read per tensor, and a skip decided on the device (apply_update)."""
     return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                             eps=cfg.optim.eps, fused=fused)
+                             eps=cfg.optim.eps, fused=_fusable(params))
+
+
+def _fusable(params) -> bool:
+    return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
 
 
 def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
 
 
-def apply_update(params, optimizer, loss_finite: bool, cfg: Config, dist: Dist) -> tuple[bool, float]:
-    """Sync, check, clip and step. Returns (stepped, grad_norm); a non-finite step changes nothing."""
+def apply_update(params, optimizer, loss_finite: torch.Tensor, cfg: Config, dist: Dist):
+    """Sync, check, clip and step. Returns (stepped, grad_norm) as device tensors: a non-finite step changes nothing.
+
+    The skip is decided on the device: a fused optimizer is told through its `found_inf` (what GradScaler uses),
+    so no value is read back here; the loop reads the flag once per iteration, with the logs.
+    """
     sync_gradients(params, dist)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")) if params else torch.tensor(0.0)
-    finite = loss_finite and bool(torch.isfinite(grad_norm))
-    finite = not dist.any(not finite)
-    if finite:
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"), foreach=True)
+                 if params else torch.zeros((), device=loss_finite.device))
+    finite = loss_finite & torch.isfinite(grad_norm)
+    if dist.world > 1:  # skip on every process when any skips: the minimum of the flags
+        flag = finite.float().reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag[0] > 0
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):  # an optimizer without a device-side skip: one read
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite, float(grad_norm)
+    return finite, grad_norm.detach()
 
 
 class Trainer:
@@ -187,8 +206,9 @@ class Trainer:
         ctx = self.built.ctx
         ctx.run_dir, ctx.max_steps, ctx.dist = self.out, cfg.loop.max_steps, dist
         self.autocast = _autocast(cfg, dist.device)
-        # Same seed on every process: draws are made for the global batch and sliced (NoiseSource).
-        self.noise_generator = torch.Generator().manual_seed(cfg.seed)
+        # Same seed on every process: draws are made for the global batch and sliced (NoiseSource). On the training
+        # device, so noise is drawn where it is used (no host draw and copy per call).
+        self.noise_generator = torch.Generator(device=dist.device).manual_seed(cfg.seed)
         self.ema = (StudentEMA(adapter_parameters(self.built.nets.denoiser, "student"), cfg.loop.ema_decay)
                     if cfg.loop.ema_decay else None)
         self._resume()
@@ -240,7 +260,7 @@ class Trainer:
         per_rank = [
             ("data", b.data.state_dict, b.data.load_state_dict),
             ("rng", ckpt.rng_state, ckpt.set_rng_state),
-            ("noise", self.noise_generator.get_state, self.noise_generator.set_state),
+            ("noise", self.noise_generator.get_state, self._resume_noise),
         ]
         return shared, per_rank
 
@@ -276,6 +296,18 @@ class Trainer:
         if self.dist.rank == 0:
             log.info("resumed from %s (step %d)", path, self.step)
 
+    def _resume_noise(self, state: torch.Tensor) -> None:
+        path = self._resuming
+        try:
+            self.noise_generator.set_state(state)
+        except RuntimeError:
+            # A checkpoint written when the noise was drawn on the host (before issue 33): its generator state does
+            # not fit a device generator. Training goes on with fresh draws, said aloud.
+            log.warning("checkpoint %s holds a host noise-generator state; the device generator restarts from seed %d "
+                        "+ step %d, so later draws differ from an uninterrupted run of the older version",
+                        path, self.cfg.seed, self.step)
+            self.noise_generator.manual_seed(self.cfg.seed + self.step)
+
     def _resume_ema(self, state: dict | None) -> None:
         if self.ema is None:
             return
@@ -287,20 +319,26 @@ class Trainer:
 
     # -- one iteration --
     def _phase(self, phase: str, loss_fn, batches):
-        """Accumulate `loss_fn` over micro-batches, then one optimizer step for `phase`."""
-        cfg, logs, outs, finite = self.cfg, {}, [], True
+        """Accumulate `loss_fn` over micro-batches, then one optimizer step for `phase`.
+
+        Nothing is read back to the host here (on a GPU each read is a sync): logs stay tensors and the non-finite
+        skip is decided on the device; `iteration` reads them all at once. `logs["<phase>_stepped"]` is the flag.
+        """
+        cfg, logs, outs = self.cfg, {}, []
+        finite = torch.ones((), dtype=torch.bool, device=self.dist.device)
         for batch in batches:
             with self.autocast:
                 out = loss_fn(batch)
             if out is None:
                 return None, {}
             loss = out.loss.float().mean() / len(batches)
-            finite &= bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
+            finite = finite & torch.isfinite(loss)
+            # A non-finite loss still back-propagates (its NaN gradients are never applied: the step is skipped).
+            loss.backward()
             outs.append(out)
             for k, v in out.logs.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
+                v = v.detach() if torch.is_tensor(v) else v
+                logs[k] = logs.get(k, 0.0) + v / len(batches)
         opt = self.optimizers.get(phase)
         if opt is None:
             return outs, logs
@@ -311,8 +349,7 @@ class Trainer:
             g["lr"] = lr
         stepped, gnorm = apply_update(self.built.params[phase], opt, finite, cfg, self.dist)
         logs[f"{phase}_grad_norm"] = gnorm
-        if not stepped:
-            logs[f"{phase}_skipped"] = 1.0
+        logs[f"{phase}_stepped"] = stepped
         return outs, logs
 
     def _batches(self):
@@ -327,13 +364,15 @@ class Trainer:
                              real_cond=real_cond))
         return out
 
-    def iteration(self) -> dict:
+    def iteration(self, read_logs: bool = True) -> dict:
+        """One student update and its critic updates. Reads one tensor back to the host: whether each update was
+        skipped (non-finite), and with `read_logs` every log value with it (otherwise the logs hold only those)."""
         b, step = self.built, self.step
         batches = self._batches()
         outs, logs = self._phase("student", lambda batch: b.distiller.student_loss(b.nets, batch, step), batches)
         maybe_kill("mid-step", step + 1)
         outs = outs or [None] * len(batches)  # None: the method froze the student this step (e.g. DisBack stage 1)
-        skipped = "student_skipped" in logs
+        stepped = [("student", logs.pop("student_stepped"))] if "student_stepped" in logs else []
         # Critic updates: the first gets what each micro-batch's student update left for it (its detached samples),
         # later ones draw fresh batches.
         for i in range(self.ratio):
@@ -341,14 +380,22 @@ class Trainer:
             pairs = list(zip(batches, first)) if i == 0 else [(bt, None) for bt in self._batches()]
             it = iter(pairs)
             _, clogs = self._phase("critic", lambda batch, it=it: b.distiller.critic_loss(b.nets, *next(it)), [p[0] for p in pairs])
-            skipped |= "critic_skipped" in clogs
+            if "critic_stepped" in clogs:
+                stepped.append(("critic", clogs.pop("critic_stepped")))
             for k, v in clogs.items():
                 logs[k] = logs.get(k, 0.0) + v / self.ratio
         if self.ema is not None:  # before after_step: a stage export there writes the average
             self.ema.update()
         for event in b.distiller.after_step(b.nets, step):
             self._carry_out(event)
+        flags, logs = _read_once([flag for _, flag in stepped], logs if read_logs else {})
         logs = self.dist.mean_logs(logs)
+        # <phase>_skipped: the share of that phase's updates skipped this iteration (absent when none was).
+        for phase in dict.fromkeys(p for p, _ in stepped):
+            oks = [ok for (p, _), ok in zip(stepped, flags) if p == phase]
+            if not all(oks):
+                logs[f"{phase}_skipped"] = oks.count(False) / len(oks)
+        skipped = not all(flags)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         self.nonfinite_total += int(skipped)
         logs["nonfinite_steps"] = self.nonfinite_total
@@ -391,7 +438,10 @@ class Trainer:
         first_step = self.step
         t0, steps0 = time.perf_counter(), self.step
         while self.step < cfg.loop.max_steps:
-            logs = self.iteration()
+            # Logs are read back (a sync on a GPU) only when something shows them; the same choice on every process.
+            upcoming = self.step + 1
+            logs = self.iteration(read_logs=cfg.loop.progress or upcoming % cfg.loop.log_every == 0
+                                  or upcoming == cfg.loop.max_steps)
             self.step += 1
             maybe_kill("step", self.step)
             if self.nonfinite_in_a_row >= cfg.loop.max_nonfinite_in_a_row:
@@ -559,6 +609,17 @@ def _is_write_failure(e: RuntimeError) -> bool:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _read_once(flags: list, logs: dict) -> tuple[list[bool], dict]:
+    """The update flags and the tensor logs, read back to the host in ONE transfer (one sync on a GPU)."""
+    keys = [k for k, v in logs.items() if torch.is_tensor(v)]
+    tensors = [torch.as_tensor(f).reshape(()).double() for f in flags] + [logs[k].reshape(()).double() for k in keys]
+    if not tensors:
+        return [], logs
+    values = torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+    read = {**logs, **dict(zip(keys, values[len(flags):]))}
+    return [v > 0 for v in values[: len(flags)]], read
 
 
 def _jsonable(logs: dict) -> dict:

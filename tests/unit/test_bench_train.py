@@ -227,3 +227,33 @@ def test_launcher_precision_and_dynamo_settings_are_not_ignored_silently():
         check_launcher({"ACCELERATE_MIXED_PRECISION": "bf16"}, cfg)
     with pytest.raises(ConfigError, match="model.compile=true"):
         check_launcher({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, cfg)
+
+
+def test_op_count_sees_aten_ops_and_every_kind_of_value_read():
+    x = torch.arange(6.0)
+    counter = bench.OpCount()
+    with counter():
+        y = x * 2 + 1
+        float(y.sum())  # _local_scalar_dense
+        y.tolist()  # no aten op on the CPU: counted where Python calls it
+        y.nonzero()
+    assert counter.total >= 6
+    assert counter.reads() == {"_local_scalar_dense": 1, "tolist": 1, "nonzero": 1}
+
+
+@pytest.mark.parametrize("method", ["lcm", "dmd"])
+def test_an_iteration_reads_one_value_back_and_a_skip_reads_no_more(method):
+    """Issue 33: the loop reads the update flags and logs in one transfer; the methods, the optimizer step and the
+    non-finite check read nothing (each read is a sync on a GPU)."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = tiny_trainer(method, [], out)
+        try:
+            trainer.step = getattr(trainer.cfg.method, "regression_steps", 0)
+            bench.run_iteration(trainer)
+            counter = bench.count_ops(lambda: bench.run_iteration(trainer), trainer.built.nets.unet)
+        finally:
+            trainer.close()
+    reads = counter.reads()
+    reads.pop("tolist", None)  # the loop's one transfer (and the data order's, once per epoch)
+    assert reads == {}, reads
+    assert counter.ops["tolist"] <= 2

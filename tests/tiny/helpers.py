@@ -187,8 +187,15 @@ def lora_file_digests(folder) -> dict[str, str]:
 
 def assert_matches_reference(run: str, folder):
     """The exported files of a tiny run are byte-identical to those the same run wrote before the package's
-    files were moved (issue 32): a refactor that changes what training writes must say so and refresh the digest."""
+    files were moved (issue 32): a refactor that changes what training writes must say so and refresh the digests
+    (STEPDISTILL_REFRESH_REFERENCES=1). Refreshed once since: issue 33's fused AdamW and fused LoRA path round in
+    another order (same maths, other last bits)."""
     import json
+    import os
 
-    expected = json.loads(REFERENCE_LORAS.read_text())[run]
+    references = json.loads(REFERENCE_LORAS.read_text())
+    if os.environ.get("STEPDISTILL_REFRESH_REFERENCES") == "1":  # after a change meant to alter what training writes
+        references[run] = lora_file_digests(folder)
+        REFERENCE_LORAS.write_text(json.dumps(references, indent=1, sort_keys=True) + "\n")
+    expected = references[run]
     assert lora_file_digests(folder) == expected, f"{run}: the exported LoRA files differ from {REFERENCE_LORAS.name}"

@@ -116,10 +116,10 @@ def _spied_run(config, sets, out, monkeypatch):
         self.built.nets.denoiser.register_forward_pre_hook(spy, with_kwargs=True)
         return result
 
-    def spied_iteration(self):
+    def spied_iteration(self, **kwargs):
         inside[0] = True
         try:
-            return iteration(self)
+            return iteration(self, **kwargs)
         finally:
             inside[0] = False
 

@@ -87,6 +87,9 @@ def bench_config(method: str, family: str, batch: int, overrides=(), resolution:
     random-init models with cached latents in place of model.path and data, then `overrides`."""
     if method not in method_names():
         raise ValueError(f"method {method!r} is not registered (registered: {', '.join(method_names())})")
+    if hasattr(get_family(family), "default_frames"):
+        raise ValueError(f"bench train does not build random-init {family} models yet (a video family): train the "
+                         f"tiny {family} presets in configs/tiny/ to exercise it")
     overrides = [o for o in overrides if applies(o, method)]
     base = preset or {"method": {"name": method, **method_preset(method, family)}}
     run = {

@@ -49,7 +49,7 @@ class PassCounter:
         self.unet, self.passes, self._open, self._handles = unet, [], [], []
 
     def _pre(self, module, args, kwargs):
-        x = args[0] if args else kwargs.get("sample")
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # a UNet, or a transformer
         self._open.append(len(self.passes))
         self.passes.append(Pass(_active(self.unet), int(x.shape[0]), torch.is_grad_enabled(), full=False))
 

@@ -21,7 +21,7 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from .families.qwenimage import PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP, QWENIMAGE_SCHEDULER_CONFIG, TINY_ARCH
+from .qwenimage_spec import PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP, QWENIMAGE_SCHEDULER_CONFIG, TINY_ARCH
 from .tokenizer import TINY_WORDS, _bpe
 
 __all__ = ["PROMPT_TEMPLATE", "PROMPT_TEMPLATE_DROP", "build_qwen_word_tokenizer", "build_tiny_qwenimage_pipeline",

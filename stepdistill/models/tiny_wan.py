@@ -13,8 +13,8 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from .families.wan import TINY_ARCH, WAN_SCHEDULER_CONFIG
 from .tiny_flow import build_t5_word_tokenizer
+from .wan_spec import TINY_ARCH, WAN_SCHEDULER_CONFIG
 
 
 def tiny_wan_configs(arch: dict | None = None, tokenizer=None) -> dict[str, dict]:

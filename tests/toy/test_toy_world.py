@@ -141,7 +141,7 @@ def test_evaluation_sees_a_collapsed_background(judge):
 def test_shipped_teacher_loads_and_generates(family):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.toy.teacher import SD3_TOY_SHIFT
+    from stepdistill.models.toy_recipe import TOY_FLOW_SHIFT
 
     torch.set_num_threads(1)
     path = toy_asset_path(family)
@@ -152,7 +152,7 @@ def test_shipped_teacher_loads_and_generates(family):
     if family == "sd3":
         # A rectified flow on the SD1.5-toy VAE's 4-channel latents, sampled by SD3's flow Euler scheduler.
         assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-        assert pipe.scheduler.config.shift == SD3_TOY_SHIFT
+        assert pipe.scheduler.config.shift == TOY_FLOW_SHIFT
         assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == 4
         assert pipe.vae.config.shift_factor == 0.0
         for word in TOY_WORDS:  # T5: one piece per word, then </s>

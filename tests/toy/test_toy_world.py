@@ -399,8 +399,7 @@ def test_eval_toy_samples_a_teacher_folder_with_its_familys_cfg(tmp_path, monkey
     recorded T5 length with FluxPipeline's true CFG against "" (FLUX-toy has no guidance embedding); a folder of
     another family is refused."""
     from stepdistill.eval import generate
-    from stepdistill.toy import evaluate
-
+    from stepdistill.eval import toy as evaluate
     from stepdistill.train.toy_teacher import train_toy_teacher
 
     torch.set_num_threads(1)

@@ -400,6 +400,7 @@ def test_eval_toy_samples_a_teacher_folder_with_its_familys_cfg(tmp_path, monkey
     another family is refused."""
     from stepdistill.eval import generate
     from stepdistill.eval import toy as evaluate
+
     from stepdistill.train.toy_teacher import train_toy_teacher
 
     torch.set_num_threads(1)

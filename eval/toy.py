@@ -27,9 +27,10 @@ from ..metrics.fid import FeatureStats
 from ..metrics.toy_judge import JUDGE_WEIGHTS, ToyJudge, load_judge, matches
 
 # Guidance of the shipped teachers at their evaluation setting (25 steps of their own sampler: DDIM for SD1.5/SDXL,
-# flow Euler for SD3); see docs/toy_world.md. SD3-toy's 4.0 is SD1.5-toy's value, not yet swept on its own teacher.
+# flow Euler for SD3 and FLUX; FLUX-toy has no guidance embedding and takes it as FluxPipeline's true CFG); see
+# docs/toy_world.md. The flow teachers' 4.0 is SD1.5-toy's value (docs/toy_world.md has their sweeps).
 TEACHER_GUIDANCE_SCALE = 4.0
-TEACHER_GUIDANCE = {"sd15": TEACHER_GUIDANCE_SCALE, "sdxl": TEACHER_GUIDANCE_SCALE, "sd3": 4.0}
+TEACHER_GUIDANCE = {"sd15": TEACHER_GUIDANCE_SCALE, "sdxl": TEACHER_GUIDANCE_SCALE, "sd3": 4.0, "flux": 4.0}
 TEACHER_STEPS = 25
 REF_STATS_FILE = "judge_ref_stats.npz"
 REF_N, REF_SEED = 10_000, 1_000_000  # real images for the reference statistics; a seed no prompt set uses
@@ -156,12 +157,25 @@ def teacher_guidance(family: str) -> float:
     return TEACHER_GUIDANCE[family]
 
 
-def teacher_pipeline(family: str = "sd15", device="cpu"):
-    """The shipped toy teacher (assets/toy/<family>) as a diffusers pipeline with its own scheduler (DDIM for
-    SD1.5/SDXL, FlowMatchEulerDiscreteScheduler for SD3)."""
+def teacher_path(family: str, path=None) -> Path:
+    """The toy teacher folder: `path` (e.g. a snapshot of a training run), checked to be a `family` toy teacher, or
+    the shipped assets/toy/<family>."""
+    if path is None:
+        return toy_asset_path(family)
+    path = Path(path)
+    info = path / "toy_teacher.json"
+    trained = json.loads(info.read_text()).get("family") if info.is_file() else None
+    if trained is not None and trained != family:
+        raise ValueError(f"{path} is a {trained} toy teacher: pass --family {trained}")
+    return path
+
+
+def teacher_pipeline(family: str = "sd15", device="cpu", path=None):
+    """The toy teacher (assets/toy/<family>, or the folder `path`) as a diffusers pipeline with its own scheduler
+    (DDIM for SD1.5/SDXL, FlowMatchEulerDiscreteScheduler for the flow families)."""
     from diffusers import DiffusionPipeline
 
-    path = toy_asset_path(family)
+    path = teacher_path(family, path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"no toy teacher at {path}: train it with `stepdistill toy train-teacher --family {family}`")
     pipe = DiffusionPipeline.from_pretrained(path)
@@ -182,9 +196,9 @@ def with_timestep_spacing(scheduler, spacing: str):
     return type(scheduler).from_config(scheduler.config, timestep_spacing=spacing)
 
 
-def teacher_max_sequence_length(family: str) -> int | None:
-    """The T5 length the shipped toy teacher was trained at (its toy_teacher.json), to sample it at; None = no T5."""
-    info = toy_asset_path(family) / "toy_teacher.json"
+def teacher_max_sequence_length(family: str, path=None) -> int | None:
+    """The T5 length the toy teacher was trained at (its toy_teacher.json), to sample it at; None = no T5."""
+    info = teacher_path(family, path) / "toy_teacher.json"
     if not info.is_file():
         return None
     return json.loads(info.read_text()).get("max_sequence_length")
@@ -192,10 +206,13 @@ def teacher_max_sequence_length(family: str) -> int | None:
 
 def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: int = 500, out=None,
                  guidance_scale: float | None = None, family: str = "sd15", seed: int = 0, batch_size: int = 50,
-                 base=None, device="cpu", progress: bool = True, timestep_spacing: str | None = None) -> dict:
+                 base=None, device="cpu", progress: bool = True, timestep_spacing: str | None = None,
+                 teacher_dir=None) -> dict:
     """Evaluate the shipped toy teacher (teacher=True) or a student LoRA folder on the toy world; write JSON to out.
 
-    Teacher: its scheduler at `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE[family]);
+    Teacher: the shipped one, or the toy teacher folder teacher_dir (e.g. a training snapshot); its scheduler at
+    `steps` (default 25) with guidance_scale (default TEACHER_GUIDANCE[family]) as the family samples a toy teacher
+    (FamilyModel.toy_generate_kwargs: FLUX-toy takes it as true CFG);
     timestep_spacing (leading, trailing, linspace) replaces its scheduler's, e.g. to run it on a student's trailing
     schedule. Student: pipelines.load(base, lora) with its recipe; steps and guidance_scale override the recipe's.
     """
@@ -203,16 +220,22 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
 
     if teacher == (lora is not None):
         raise ValueError("evaluate either the teacher (--teacher) or a student (--lora DIR), not both or neither")
+    if teacher_dir is not None and not teacher:
+        raise ValueError("--teacher-dir names a teacher to evaluate: add --teacher (a student runs on its recipe's base)")
     if teacher:
+        from ..models.registry import get_family
+
         steps = steps or TEACHER_STEPS
         guidance_scale = teacher_guidance(family) if guidance_scale is None else guidance_scale
-        pipe = teacher_pipeline(family, device)
+        pipe = teacher_pipeline(family, device, teacher_dir)
         if timestep_spacing is not None:
             pipe.scheduler = with_timestep_spacing(pipe.scheduler, timestep_spacing)
-        length = teacher_max_sequence_length(family)
-        generate_fn = teacher_generate_fn(pipe, steps, guidance_scale,
+        length = teacher_max_sequence_length(family, teacher_dir)
+        call = get_family(family).toy_generate_kwargs(guidance_scale, IMAGE_SIZE)
+        generate_fn = teacher_generate_fn(pipe, steps, **call,
                                           **({} if length is None else {"max_sequence_length": length}))
-        model = {"model": str(toy_asset_path(family)), "family": family, "scheduler": type(pipe.scheduler).__name__,
+        model = {"model": str(teacher_path(family, teacher_dir)), "family": family,
+                 "scheduler": type(pipe.scheduler).__name__,
                  "guidance_scale": guidance_scale,
                  # DDIM's spacing; the SD3 teacher's flow scheduler has none.
                  **({k: pipe.scheduler.config[k] for k in ("timestep_spacing",) if k in pipe.scheduler.config}),

@@ -7,8 +7,8 @@ import errno
 import logging
 import os
 import sys
-from functools import partial
 import traceback
+from functools import partial
 from pathlib import Path
 
 DEBUG_ENV = "STEPDISTILL_DEBUG"  # =1: show the traceback of a failure besides its one line
@@ -113,9 +113,14 @@ def _toy_teacher(args):
     from .train.toy_teacher import train_toy_teacher
 
     steps = {"steps": args.steps} if args.steps else {}
+    optional = {k: getattr(args, k) for k in ("batch_size", "lr", "ema_decay", "lr_final", "timestep_sampling",
+                                               "init_from") if getattr(args, k) is not None}
+    if args.logit_normal is not None:
+        optional["logit_normal"] = tuple(args.logit_normal)
     out = train_toy_teacher(args.out, family=args.family, seed=args.seed, vae_from=args.vae_from,
                             snapshot_every=args.snapshot_every, max_sequence_length=args.max_sequence_length,
-                            **steps)
+                            lr_schedule=args.lr_schedule, keep_snapshots=args.keep_snapshots,
+                            progress=not args.no_progress, **steps, **optional)
     print(f"toy teacher written to {out}")
 
 
@@ -151,8 +156,9 @@ def _eval_toy(args):
     from .errors import ModelError
 
     try:
-        run_eval_toy(lora=args.lora and _lora_arg(args.lora), base=args.base, teacher=args.teacher, steps=args.steps, n=args.n, out=args.out,
-                     guidance_scale=args.guidance_scale, family=args.family, timestep_spacing=args.timestep_spacing)
+        run_eval_toy(lora=args.lora and _lora_arg(args.lora), base=args.base, teacher=args.teacher, steps=args.steps,
+                     n=args.n, out=args.out, guidance_scale=args.guidance_scale, family=args.family,
+                     timestep_spacing=args.timestep_spacing, teacher_dir=args.teacher_dir)
     except ValueError as e:
         # eval's ValueErrors are about its inputs: the LoRA, its recipe, the flags (as in eval.cli).
         raise ModelError(str(e)) from e
@@ -219,14 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
     tt = toy.add_parser("train-teacher", help="retrain a toy teacher pipeline")
     tt.add_argument("--out", required=True)
     tt.add_argument("--family", default="sd15", choices=families,
-                    help="sd15 | sdxl | sd3 (SD3-toy: a rectified flow; FLUX-toy is not built)")
+                    help="a family with a toy recipe: sd15 | sdxl (eps prediction) | sd3 | flux (rectified flows)")
     tt.add_argument("--steps", type=int, default=None)
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--vae-from", default=None, help="reuse this toy pipeline's VAE (SDXL-toy and SD3-toy reuse "
                     "SD1.5-toy's)")
     tt.add_argument("--snapshot-every", type=int, default=0, help="also save the pipeline every N UNet steps")
     tt.add_argument("--max-sequence-length", type=int, default=None,
-                    help="SD3-toy's T5 prompt length (default 16: every toy caption fits); sample at the same length")
+                    help="a T5 family's prompt length (default 16: every toy caption fits); sample at the same length")
+    tt.add_argument("--batch-size", type=int, default=None, help="default: the family's (128 UNet, 64 flow)")
+    tt.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    tt.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                    help="constant after 200 warm-up steps (default), or cosine decay to --lr-final x lr")
+    tt.add_argument("--lr-final", type=float, default=None, help="cosine's last rate as a fraction of --lr (default 0)")
+    tt.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights that is saved (default 0.999)")
+    tt.add_argument("--timestep-sampling", default=None, choices=("logit-normal", "uniform"),
+                    help="a flow family's sigma sampling (default logit-normal, as SD3 trains)")
+    tt.add_argument("--logit-normal", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+                    help="the logit-normal's location and scale (default 0 1)")
+    tt.add_argument("--init-from", default=None, help="continue from this toy teacher folder (same family and "
+                    "architecture): its denoiser, text encoders and VAE")
+    tt.add_argument("--keep-snapshots", action="store_true", help="keep a copy of every --snapshot-every save in "
+                    "OUT/snapshots/step-N")
+    tt.add_argument("--no-progress", action="store_true", help="no progress bar; one JSON log line per snapshot")
     tt.set_defaults(func=_toy_teacher)
     tp = toy.add_parser("tiny-pipeline", help="write a tiny random-weight pipeline folder (what the tests train on "
                         "in seconds): for configs/tiny/ presets, --set model.path=DIR")
@@ -253,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--lora", help="student LoRA folder (or its pytorch_lora_weights.safetensors)")
     et.add_argument("--base", help="base model folder or hub id (default: the recipe's)")
     et.add_argument("--teacher", action="store_true", help="evaluate the toy teacher instead")
+    et.add_argument("--teacher-dir", default=None, help="with --teacher: this toy teacher folder (e.g. a training "
+                    "snapshot) instead of the shipped assets/toy/<family>")
     et.add_argument("--steps", type=int, default=None)
     et.add_argument("--n", type=int, default=500)
     et.add_argument("--guidance-scale", type=float, default=None)

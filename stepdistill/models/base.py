@@ -167,6 +167,49 @@ class FamilyModel:
 
         return kohya_unet_tensors(state, rank, alpha, dtype)
 
+    # ---- toy-world teacher hooks: train.toy_teacher trains a toy-size teacher of any family through these alone ----
+    # Toy-size architecture (config overrides per part, as tiny_arch); {} = the family has no toy teacher recipe.
+    toy_arch: ClassVar[dict[str, dict]] = {}
+    # The trainer's defaults for this family: denoiser steps and batch size of the shipped toy teacher.
+    toy_defaults: ClassVar[dict] = {"steps": 2000, "batch_size": 128}
+    # Index in text_parts of a T5 encoder, whose prompt length (max_sequence_length) the toy teacher trains at.
+    toy_t5_part: ClassVar[int | None] = None
+
+    @classmethod
+    def toy_scheduler_config(cls) -> dict:
+        """The toy teacher's scheduler config (training schedule and the one saved with it): SD's DDPM schedule."""
+        from .sd_common import SD_SCHEDULER_CONFIG
+
+        return dict(SD_SCHEDULER_CONFIG)
+
+    @classmethod
+    def toy_prepare_vae(cls, vae) -> None:
+        """Adapt a (shared) toy VAE's config to the family's pipeline; SD's pipelines read it as it is."""
+
+    @classmethod
+    def toy_encode_text(cls, pipe, input_ids: list, drop: torch.Tensor):
+        """Conditioning with gradients, as the family's pipeline builds it: (encoder_hidden_states, added kwargs or
+        None). input_ids: one tensor per text part; drop: the captions dropped (tokenized as "")."""
+        raise NotImplementedError(f"the {cls.name} family has no toy teacher recipe")
+
+    @classmethod
+    def toy_loss_fn(cls, pipe, sampling: str | None = None, logit_normal: tuple[float, float] | None = None):
+        """The training loss loss(x0, gen, hidden, added) on one batch: eps prediction on the DDPM schedule, t uniform
+        (sampling and logit_normal are for flow families and refused here)."""
+        from .toy_recipe import ddpm_loss_fn
+
+        return ddpm_loss_fn(pipe, sampling, logit_normal)
+
+    @classmethod
+    def toy_objective(cls, sampling: str | None = None, logit_normal: tuple[float, float] | None = None) -> dict:
+        """What toy_teacher.json records about the objective ({} for the SD recipe, whose record predates this)."""
+        return {}
+
+    @classmethod
+    def toy_generate_kwargs(cls, guidance_scale: float, image_size: int) -> dict:
+        """The pipeline-call arguments that sample a toy teacher at CFG scale guidance_scale."""
+        return {"guidance_scale": guidance_scale}
+
     @classmethod
     def defaults_for(cls, method: str) -> dict:
         """This family's defaults for `method`'s options ({} when it has none)."""

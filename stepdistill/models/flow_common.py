@@ -79,6 +79,44 @@ class FlowFamily(FamilyModel):
     # The T5 sequence length the pipeline encodes prompts at (its max_sequence_length default).
     t5_max_length: ClassVar[int] = 256
 
+    # ---- toy-world teacher hooks: a rectified flow on the shared toy VAE, sampled with a static shift ----
+    # Smaller batches than the UNets': every joint block carries the text tokens beside the 64 image tokens.
+    toy_defaults: ClassVar[dict] = {"steps": 4000, "batch_size": 64}
+
+    @classmethod
+    def toy_scheduler_config(cls) -> dict:
+        """FlowMatchEulerDiscreteScheduler at the toy's static shift (no resolution-dependent shifting)."""
+        from .toy_recipe import TOY_FLOW_SHIFT
+
+        config = {**cls.default_scheduler_config, "shift": TOY_FLOW_SHIFT}
+        if config.get("use_dynamic_shifting"):
+            config["use_dynamic_shifting"] = False  # FLUX.1-schnell's scheduler: a static shift
+        return config
+
+    @classmethod
+    def toy_prepare_vae(cls, vae) -> None:
+        """The flow pipelines decode latents / scaling_factor + shift_factor: the SD1.5-toy VAE has none (None)."""
+        vae.register_to_config(shift_factor=0.0)
+
+    @classmethod
+    def toy_velocity(cls, net, x_t, sigma, hidden, added) -> torch.Tensor:
+        """The transformer's velocity at (x_t, sigma) as the family's pipeline calls it, with gradients."""
+        raise NotImplementedError(f"the {cls.name} family has no toy teacher recipe")
+
+    @classmethod
+    def toy_loss_fn(cls, pipe, sampling=None, logit_normal=None):
+        """Rectified flow |v_theta - (eps - x0)|^2, sigma drawn logit-normal(0, 1) unless told otherwise."""
+        from .toy_recipe import flow_loss_fn
+
+        return flow_loss_fn(pipe, cls.toy_velocity, sampling, logit_normal)
+
+    @classmethod
+    def toy_objective(cls, sampling=None, logit_normal=None) -> dict:
+        from .toy_recipe import TOY_FLOW_SHIFT, sampling_record
+
+        return {"objective": "rectified flow (v = eps - x0)", "sigma_sampling": sampling_record(sampling, logit_normal),
+                "shift": TOY_FLOW_SHIFT}
+
     def noise_schedule(self, resolution: int | None = None) -> FlowSchedule:
         """The teacher's shifted sigmas; a resolution-dependent shift (FLUX's mu) at the training resolution."""
         config = self.scheduler_config

@@ -1,19 +1,22 @@
-"""Train the toy world's teachers: real diffusers SD1.5-, SDXL- and SD3-architecture pipelines, small enough for a CPU.
+"""Train the toy world's teachers: real diffusers pipelines of every family with a toy recipe, small enough for a CPU.
 
 The recipe is Stable Diffusion's, scaled down: an AutoencoderKL (downsampling 2: 32x32 RGB <-> 16x16x4 latents)
-trained first for reconstruction, its latents scaled to unit variance (SD's scaling_factor), then the UNet and
-text encoder(s) trained together with the eps-prediction loss on SD's noise schedule (scaled_linear
-0.00085..0.012, 1000 steps) and 10% caption dropout, so classifier-free guidance works. The result is saved
-with save_pretrained and loads with StableDiffusion(XL)Pipeline.from_pretrained like any SD checkpoint.
+trained first for reconstruction (or reused from another toy teacher), its latents scaled to unit variance (SD's
+scaling_factor), then the denoiser and text encoder(s) trained together with 10% caption dropout, so
+classifier-free guidance works, and an EMA of their weights. The result is saved with save_pretrained and loads with
+the family's pipeline class like any checkpoint of it.
 
-The SD3-toy teacher is a rectified flow instead (SD3's recipe): an MMDiT transformer on the same VAE's latents,
-trained to predict v = eps - x0 at x_t = (1 - sigma) x0 + sigma eps, with sigma drawn logit-normal as SD3 trains; it
-loads with StableDiffusion3Pipeline and samples with its FlowMatchEulerDiscreteScheduler.
+Everything that differs between families comes from the family's toy hooks (models.base.FamilyModel.toy_*): the
+toy-size architecture, how captions become conditioning, the training objective (eps prediction on SD's DDPM
+schedule, or a rectified flow with logit-normal sigma as the flow families train: models.toy_recipe), the scheduler
+saved with it and the default steps and batch size. This module names no family.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,89 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core import flow
 from ..core.ema import ema_update_
-from ..core.schedule import NoiseSchedule
-from ..data.toy_world import IMAGE_SIZE, TOY_WORDS, ToyWorld, to_float
+from ..data.toy_world import TOY_WORDS, ToyWorld, to_float
 from ..errors import ConfigError
 from ..models.registry import get_family
-from ..models.tiny import SD_SCHEDULER_CONFIG, build_tiny_pipeline
+from ..models.tiny import build_tiny_pipeline
 from ..models.tokenizer import save_word_tokenizer
+from ..models.toy_recipe import TOY_T5_LENGTH, flow_loss, logit_normal_sigmas  # noqa: F401  (re-exported)
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
-DEFAULT_STEPS = {"sd15": 2000, "sdxl": 2000, "sd3": 4000}  # UNet steps of the shipped teachers (assets/toy/*/toy_teacher.json)
-# An SD3-toy batch-128 step measured about 2 s on 2 CPU threads (its joint blocks carry T5's 256 padded tokens beside
-# the 64 image tokens, as StableDiffusion3Pipeline feeds them), so it takes smaller batches and more of them.
-DEFAULT_BATCH_SIZE = {"sd15": 128, "sdxl": 128, "sd3": 64}
-# SD3-toy's T5 prompt length (the pipeline's max_sequence_length): every toy caption fits (checked at training), and
-# the joint attention does not spend its work on 240 padding tokens as at the pipeline's default 256.
-DEFAULT_T5_LENGTH = 16
 MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
-# SD3-toy's sampling shift. SD3 shifts by 3 at 1024 px (4096 latent tokens) and trained its 256 px stage (1024
-# tokens) unshifted (Esser et al. 2024, sec. 5.3.2: shift grows with resolution); the toy's 16x16 latents are 64
-# tokens, so no shift. Training draws sigma logit-normal around 0.5 (SD3's best sampler, sec. 5.1) and then shifts
-# it like the scheduler, which at shift 1 is the identity.
-SD3_TOY_SHIFT = 1.0
-
-# Architecture overrides of models.tiny's defaults. The VAE is shared by both families. It downsamples by 2
-# only (32x32x3 <-> 16x16x4): a downsampling-4 VAE (8x8x4 latents) blurred small shapes so much that the judge
-# read only 12% of its reconstructions of real images right. It has no mid-block attention, so it is fully
-# convolutional and can be trained on crops (train_vae); 1000 steps bring the judge's alignment on its
-# reconstructions of real images to 0.96-0.98 (the ceiling of 2x down- and up-sampling is 0.95-0.98). The UNets share
-# one small layout (below); SDXL's adds its conditioning (pooled text and size ids, linear projections).
-_VAE = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4,
-        "mid_block_add_attention": False}
-# Both UNets: three levels (16x16, 8x8, 4x4 latents) with attention only at 8x8 and 4x4, SDXL's own layout. On a
-# CPU, attention over the 256 tokens of the 16x16 level cost two thirds of a training step (head dim 8), while
-# the 8x8 level is fine enough for "left of" and "above"; the third level widens the receptive field cheaply.
-_UNET_LAYOUT = {
-    "block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16, "attention_head_dim": 8,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-}
-TOY_ARCH = {
-    "sd15": {
-        "unet": {
-            **_UNET_LAYOUT,
-        },
-        "vae": _VAE,
-        "text_encoder": {
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "projection_dim": 64,
-        },
-    },
-    "sdxl": {
-        "unet": {
-            **_UNET_LAYOUT,
-            "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-        },
-        "vae": _VAE,
-        # SDXL reads the penultimate hidden states, so each encoder gets one layer more than SD1.5's.
-        "text_encoder": {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "projection_dim": 32,
-        },
-        "text_encoder_2": {
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "projection_dim": 32,
-        },
-    },
-    # An MMDiT (SD3Transformer2DModel) on the shared 4-channel VAE: patch 2 makes the 16x16 latents 64 image tokens,
-    # joined in every block by the text tokens (two CLIPs' 16 and T5's 256, the pipeline's max_sequence_length).
-    # SD3 reads both CLIPs at their penultimate layer (so one layer more each) and pools their projections.
-    "sd3": {
-        "transformer": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4,
-                        "pos_embed_max_size": 16},
-        "vae": {**_VAE, "use_quant_conv": True, "use_post_quant_conv": True, "shift_factor": 0.0},
-        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                         "projection_dim": 32},
-        "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-                           "num_attention_heads": 4, "projection_dim": 32},
-        "text_encoder_3": {"d_model": 96, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
-    },
-}
-FLOW_FAMILIES = ("sd3",)
-
+LR_SCHEDULES = ("constant", "cosine")
+WARMUP_STEPS = 200
 
 # ---------------------------------------------------------------------------------------------------------
 # VAE
@@ -180,45 +112,7 @@ def encode_posterior(vae, images: np.ndarray, batch_size: int = 500) -> tuple[to
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Text conditioning, with gradients (the pipelines' encode_prompt runs without them)
-
-
-def encode_text(pipe, family: str, input_ids: list[torch.Tensor], drop: torch.Tensor):
-    """Conditioning as the family's pipeline builds it: (encoder_hidden_states, added_cond_kwargs or None).
-
-    SD1.5 reads the last hidden state; dropped captions were tokenized as "" (the pipeline's negative prompt).
-    SDXL concatenates both encoders' penultimate hidden states, adds encoder 2's pooled projection and the size
-    ids; a dropped caption is all zeros, the pipeline's force_zeros_for_empty_prompt unconditional input.
-    """
-    if family == "sd15":
-        return pipe.text_encoder(input_ids[0]).last_hidden_state, None
-    if family == "sd3":
-        return encode_text_sd3(pipe, input_ids)
-    hidden, pooled = [], None
-    for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids):
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = getattr(out, "text_embeds", pooled)
-    keep = (~drop).to(pooled.dtype)
-    hidden = torch.cat(hidden, dim=-1) * keep[:, None, None]
-    pooled = pooled * keep[:, None]
-    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=pooled.dtype)
-    return hidden, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
-
-
-def encode_text_sd3(pipe, input_ids: list[torch.Tensor]):
-    """As StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate states side by side, zero-padded to T5's
-    width, then T5's sequence; pooled = both CLIP projections. A dropped caption was tokenized as "", which is what
-    the pipeline encodes for its negative prompt (it has no force_zeros_for_empty_prompt)."""
-    hidden, pooled = [], []
-    for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids[:2]):
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled.append(out.text_embeds)
-    t5 = pipe.text_encoder_3(input_ids[2]).last_hidden_state
-    clip = torch.cat(hidden, dim=-1)
-    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}
+# Denoiser + text encoder(s), through the family's toy hooks (models.base.FamilyModel.toy_*)
 
 
 def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> torch.Tensor:
@@ -226,67 +120,52 @@ def tokenize(tokenizer, captions: list[str], max_length: int | None = None) -> t
                      truncation=True, return_tensors="pt").input_ids
 
 
-# ---------------------------------------------------------------------------------------------------------
-# UNet + text encoder(s)
-
-
-def denoising_loss(unet, schedule: NoiseSchedule, x0, t, eps, encoder_hidden_states, added_cond_kwargs):
-    """The eps-prediction loss E |eps_theta(x_t, t, c) - eps|^2 (DDPM eq. 14), x_t = alpha_t x0 + sigma_t eps."""
-    x_t = schedule.add_noise(x0, eps, t)
-    eps_hat = unet(x_t, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
-    return F.mse_loss(eps_hat, eps)
-
-
-def logit_normal_sigmas(n: int, gen: torch.Generator, shift: float, mean: float = 0.0, std: float = 1.0):
-    """sigma = shift(sigmoid(u)), u ~ N(mean, std): SD3's logit-normal timestep sampling (Esser et al. eq. 19),
-    which spends the training on the middle of the path, then the scheduler's static shift (eq. 23)."""
-    u = torch.sigmoid(mean + std * torch.randn(n, generator=gen, dtype=torch.float64))
-    return flow.shift_sigma(u, shift)
-
-
-def flow_loss(transformer, x0, sigma, eps, encoder_hidden_states, added_cond_kwargs):
-    """Rectified-flow loss |v_theta(x_t, sigma) - (eps - x0)|^2 at x_t = (1 - sigma) x0 + sigma eps, the transformer
-    told t = 1000 sigma as StableDiffusion3Pipeline tells it; x_t in float32 (the maths in float64)."""
-    s = flow.as_sigma(sigma)
-    x_t = flow.add_noise(x0, eps, s).float()
-    v = transformer(hidden_states=x_t, timestep=(1000.0 * sigma).float(), encoder_hidden_states=encoder_hidden_states,
-                    pooled_projections=added_cond_kwargs["pooled_projections"]).sample
-    return flow.flow_matching_loss(v, x0, eps).mean()
-
-
-def _denoise_loss(pipe, family: str, schedule, x0, gen: torch.Generator, hidden, added):
-    """The family's training loss on one batch: eps-prediction (SD1.5, SDXL) or rectified flow (SD3)."""
-    # Noise level first, then the noise: the order the shipped SD1.5/SDXL teachers drew them in.
-    if family in FLOW_FAMILIES:
-        sigma = logit_normal_sigmas(len(x0), gen, pipe.scheduler.config.shift)
-        return flow_loss(pipe.transformer, x0, sigma, torch.randn(x0.shape, generator=gen), hidden, added)
-    t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=gen)
-    return denoising_loss(pipe.unet, schedule, x0, t, torch.randn(x0.shape, generator=gen), hidden, added)
-
-
-def _text_lengths(family: str, tokenizers, t5_length: int | None = None) -> list[int]:
-    """Token lengths the pipeline encodes prompts at: the tokenizers' own, and for SD3's T5 the pipeline's
-    max_sequence_length (t5_length, or the pipeline default 256), which the transformer is trained to read."""
+def text_lengths(family_cls, tokenizers, t5_length: int | None = None) -> list[int]:
+    """Token lengths the pipeline encodes prompts at: the tokenizers' own, and for a T5 part the pipeline's
+    max_sequence_length (t5_length, or the family's pipeline default), which the denoiser is trained to read."""
     lengths = [tok.model_max_length for tok in tokenizers]
-    if family == "sd3":
-        lengths[2] = t5_length or get_family(family).t5_max_length
+    if family_cls.toy_t5_part is not None:
+        lengths[family_cls.toy_t5_part] = t5_length or family_cls.t5_max_length
     return lengths
+
+
+def lr_factor(kind: str, steps: int, warmup: int = WARMUP_STEPS, final: float = 0.0):
+    """The learning rate's multiplier at each step: linear warmup, then constant or a cosine decay to `final`.
+
+    constant: a run stopped at step N equals a run of N steps, so any snapshot of a long run is reproduced exactly by
+    `--steps N`. cosine (Loshchilov & Hutter 2017, without restarts) anneals the rate over the whole run, which lets
+    the weights settle where a constant rate keeps them bouncing; a snapshot before the end is not a shorter run."""
+    if kind not in LR_SCHEDULES:
+        raise ConfigError(f"lr schedule {kind!r} is not one of {list(LR_SCHEDULES)}")
+    if not 0.0 <= final <= 1.0:
+        raise ConfigError(f"lr_final={final} is a fraction of the peak rate: use a value in [0, 1]")
+    if kind == "constant" and final:
+        raise ConfigError(f"lr_final={final} has no effect with a constant learning rate: drop it or use cosine")
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup)
+        if kind == "constant":
+            return warm
+        return warm * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, steps)))))
+
+    return factor
 
 
 def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], steps: int,
                    batch_size: int, lr: float, caption_dropout: float, ema_decay: float, seed: int,
-                   progress: bool, snapshot=None, snapshot_every: int = 0, t5_length: int | None = None) -> float:
-    """Train the denoiser (UNet or transformer) and text encoder(s) jointly; the EMA of their weights is written back
-    at the end.
+                   progress: bool, snapshot=None, snapshot_every: int = 0, t5_length: int | None = None,
+                   loss_fn=None, lr_schedule: str = "constant", lr_final: float = 0.0) -> float:
+    """Train the denoiser (UNet or transformer) and text encoder(s) jointly with the family's toy loss (loss_fn, or
+    the family's default toy_loss_fn); the EMA of their weights is written back at the end.
 
-    snapshot(step), when given, is called every snapshot_every steps with the EMA weights swapped in (to save
+    snapshot(step, loss), when given, is called every snapshot_every steps with the EMA weights swapped in (to save
     and inspect a teacher before training ends).
     """
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     family_cls = get_family(family)
-    schedule = None if family in FLOW_FAMILIES else NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
+    loss_fn = loss_fn or family_cls.toy_loss_fn(pipe)
     encoders = [getattr(pipe, encoder) for encoder, _, _, _ in family_cls.text_parts]
     tokenizers = [getattr(pipe, tokenizer) for _, tokenizer, _, _ in family_cls.text_parts]
     modules = {family_cls.denoiser_prefix: getattr(pipe, family_cls.denoiser_prefix),
@@ -294,28 +173,28 @@ def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor]
     params = {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters()}
     for m in modules.values():
         m.train().requires_grad_(True)
-    lengths = _text_lengths(family, tokenizers, t5_length)
+    lengths = text_lengths(family_cls, tokenizers, t5_length)
     ids = [tokenize(tok, captions, n) for tok, n in zip(tokenizers, lengths)]
     empty_ids = [tokenize(tok, [""], n) for tok, n in zip(tokenizers, lengths)]
     latent_mean, latent_std = latents
     scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0
 
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-    sched = warmup_constant(opt, warmup=200)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(lr_schedule, steps, final=lr_final))
     ema = [p.detach().clone() for p in params.values()]
     loss_avg = None
     bar = tqdm(range(steps), desc=f"{family} {family_cls.denoiser_prefix}", disable=not progress)
     for step in bar:
         # Draw a batch: latents re-sampled from each image's posterior, scaled to unit variance (the pipelines decode
-        # latents / scaling_factor + shift_factor; SD3-toy's shift_factor is 0).
+        # latents / scaling_factor + shift_factor).
         idx = torch.randint(0, len(captions), (batch_size,), generator=gen)
         noise = torch.randn(latent_mean[idx].shape, generator=gen)
         x0 = (latent_mean[idx] + latent_std[idx] * noise - shift) * scale
         # Caption dropout teaches the unconditional model that classifier-free guidance subtracts.
         drop = torch.rand(batch_size, generator=gen) < caption_dropout
         batch_ids = [torch.where(drop[:, None], e, i[idx]) for i, e in zip(ids, empty_ids)]
-        hidden, added = encode_text(pipe, family, batch_ids, drop)
-        loss = _denoise_loss(pipe, family, schedule, x0, gen, hidden, added)
+        hidden, added = family_cls.toy_encode_text(pipe, batch_ids, drop)
+        loss = loss_fn(x0, gen, hidden, added)
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,13 +208,12 @@ def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor]
             bar.set_postfix(loss=f"{loss_avg:.4f}")
         if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
             _swap_(list(params.values()), ema)
-            snapshot(step + 1)
+            snapshot(step + 1, loss_avg)
             _swap_(list(params.values()), ema)
     _swap_(list(params.values()), ema)
     for m in modules.values():
         m.eval().requires_grad_(False)
     return float(loss_avg)
-
 
 @torch.no_grad()
 def _swap_(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
@@ -367,7 +245,7 @@ def flushed_denormals():
 @flushed_denormals()
 def train_toy_teacher(
     out_dir,
-    family: str = "sd15",
+    family: str,
     steps: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -383,87 +261,134 @@ def train_toy_teacher(
     snapshot_every: int = 0,
     progress: bool = True,
     max_sequence_length: int | None = None,
+    lr_schedule: str = "constant",
+    lr_final: float = 0.0,
+    timestep_sampling: str | None = None,
+    logit_normal: tuple[float, float] | None = None,
+    init_from=None,
+    keep_snapshots: bool = False,
 ) -> Path:
     """Train a toy teacher pipeline on the toy world and save it to out_dir (diffusers format).
 
+    Everything family-specific comes from the family's toy hooks (FamilyModel.toy_*): architecture, conditioning,
+    training objective, scheduler, defaults.
+
     Args:
-        out_dir: folder for the pipeline (created; loads with StableDiffusion(XL)Pipeline.from_pretrained).
-        family: "sd15", "sdxl" or "sd3" (architecture, conditioning and training objective of the real family, at
-            toy size; sd3 is a rectified flow sampled by FlowMatchEulerDiscreteScheduler).
-        steps: UNet + text encoder optimisation steps (None: DEFAULT_STEPS[family], what the CLI passes
+        out_dir: folder for the pipeline (created; loads with the family's pipeline class from_pretrained).
+        family: a registered family with a toy recipe (toy_arch).
+        steps: denoiser + text encoder optimisation steps (None: the family's toy_defaults, what the CLI passes
             without --steps).
         seed: seeds the data, the initial weights and every random draw: same arguments, same teacher.
-        vae_from: a toy pipeline folder whose VAE to reuse instead of training one (e.g. SDXL-toy reusing
-            SD1.5-toy's), so the teachers share a latent space and the VAE's CPU time is spent once.
-        snapshot_every: also save the pipeline (EMA weights) to out_dir every this many steps (0: only at the end).
-        max_sequence_length: SD3's T5 prompt length (None: DEFAULT_T5_LENGTH); refused when it would truncate a
+        vae_from: a toy pipeline folder whose VAE to reuse instead of training one (e.g. reusing the first toy
+            teacher's), so the teachers share a latent space and the VAE's CPU time is spent once.
+        snapshot_every: also save the pipeline (EMA weights) to out_dir every this many steps (0: only at the end);
+            keep_snapshots: and a copy of each in out_dir/snapshots/step-N, to evaluate later.
+        max_sequence_length: a T5 family's prompt length (None: TOY_T5_LENGTH); refused when it would truncate a
             toy caption, or for a family without T5. Recorded in toy_teacher.json; sample with the same length.
+        lr_schedule, lr_final: "constant" after warm-up, or "cosine" decay to lr_final x lr at the last step.
+        timestep_sampling, logit_normal: a flow family's sigma sampling, "logit-normal" (default, (mean, std) =
+            logit_normal or (0, 1)) or "uniform"; refused for an eps-prediction family.
+        init_from: a toy teacher folder of the same family and architecture to start from (its denoiser and text
+            encoders, and its VAE unless vae_from is given): a continued run. The optimizer state starts afresh.
     Records the recipe and CPU seconds in out_dir/toy_teacher.json.
     """
     from diffusers import AutoencoderKL
 
-    if family not in TOY_ARCH:
-        raise ConfigError(f"there is no toy teacher recipe for family {family!r}: use one of {sorted(TOY_ARCH)} "
-                         "(the flow recipe is SD3's; a FLUX-toy teacher is not built)")
+    family_cls = get_family(family)
+    if not family_cls.toy_arch:
+        raise ConfigError(f"there is no toy teacher recipe for family {family!r}: give its family class a toy_arch and "
+                          "the toy_* hooks (models.base.FamilyModel)")
+    arch = family_cls.toy_arch
     out_dir = Path(out_dir)
-    steps = DEFAULT_STEPS[family] if steps is None else steps
-    batch_size = DEFAULT_BATCH_SIZE[family] if batch_size is None else batch_size
+    steps = family_cls.toy_defaults["steps"] if steps is None else steps
+    batch_size = family_cls.toy_defaults["batch_size"] if batch_size is None else batch_size
+    if keep_snapshots and not snapshot_every:
+        raise ConfigError("keep_snapshots needs snapshot_every > 0 (the steps to snapshot at)")
     torch.manual_seed(seed)
-    start = time.process_time()
-    pipe = build_tiny_pipeline(family, seed, words=list(TOY_WORDS), sample_size=LATENT_SIZE, arch=TOY_ARCH[family],
+    start, wall_start = time.process_time(), time.time()
+    pipe = build_tiny_pipeline(family, seed, words=list(TOY_WORDS), sample_size=LATENT_SIZE, arch=arch,
                                scheduler="ddim", model_max_length=MAX_TOKENS)
-    if family in FLOW_FAMILIES:
-        pipe.scheduler = type(pipe.scheduler).from_config(toy_scheduler_config(family))
-    images, captions, _ = ToyWorld().sample(num_images, seed=seed)  # uint8: 3 KB an image
+    pipe.scheduler = type(pipe.scheduler).from_config(family_cls.toy_scheduler_config())
+    # The loss first: a sampling option the family's objective cannot take is refused before any training.
+    loss_fn = family_cls.toy_loss_fn(pipe, timestep_sampling, logit_normal)
+    lr_factor(lr_schedule, steps, final=lr_final)  # validates the schedule now, not after the VAE
+    t5_length = _toy_t5_length(family_cls, max_sequence_length, pipe)
     record = {"family": family, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
               "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}
-    t5_length = _toy_t5_length(family, max_sequence_length, pipe)
+    if lr_schedule != "constant":
+        record.update(lr_schedule=lr_schedule, lr_final=lr_final)
     if t5_length is not None:
         record["max_sequence_length"] = t5_length
-    if family in FLOW_FAMILIES:
-        record.update(objective="rectified flow (v = eps - x0)", sigma_sampling="logit-normal(0, 1)",
-                      shift=SD3_TOY_SHIFT)
+    record.update(family_cls.toy_objective(timestep_sampling, logit_normal))
+    if init_from is not None:
+        record.update(init_from=str(init_from), init_steps=_load_weights_(pipe, family_cls, Path(init_from), t5_length))
+        vae_from = init_from if vae_from is None else vae_from
+    images, captions, _ = ToyWorld().sample(num_images, seed=seed)  # uint8: 3 KB an image
 
-    # Stage 1: the autoencoder, and SD's scaling factor 1 / std(latents) so the UNet sees unit-variance data.
+    # Stage 1: the autoencoder, and SD's scaling factor 1 / std(latents) so the denoiser sees unit-variance data.
     if vae_from is not None:
         pipe.vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval().requires_grad_(False)
         record["vae_from"] = str(vae_from)
-        if pipe.vae.config.latent_channels != TOY_ARCH[family]["vae"]["latent_channels"]:
+        if pipe.vae.config.latent_channels != arch["vae"]["latent_channels"]:
             raise ValueError(f"{vae_from}/vae has {pipe.vae.config.latent_channels} latent channels; the toy "
-                             f"{family} denoiser reads {TOY_ARCH[family]['vae']['latent_channels']}: use a toy VAE")
+                             f"{family} denoiser reads {arch['vae']['latent_channels']}: use a toy VAE")
     else:
         record["vae_mse"] = train_vae(pipe.vae, images, vae_steps, vae_batch_size, vae_lr, kl_weight, seed, progress,
                                       full_steps=vae_steps // 5)
         record.update(vae_steps=vae_steps, vae_batch_size=vae_batch_size, vae_lr=vae_lr, kl_weight=kl_weight)
-    if family in FLOW_FAMILIES:
-        # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor: SD1.5-toy's VAE has none (None).
-        pipe.vae.register_to_config(shift_factor=0.0)
+    family_cls.toy_prepare_vae(pipe.vae)
     latent_mean, latent_std = encode_posterior(pipe.vae, images)
     if vae_from is None:
         scaling_factor = float(1.0 / latent_mean.std())
         pipe.vae.register_to_config(scaling_factor=round(scaling_factor, 5))
     record["vae_seconds"] = round(time.process_time() - start, 1)
 
-    # Stage 2: UNet or transformer and text encoder(s), on the eps or flow loss, with caption dropout.
-    def save(step: int, loss: float | None = None) -> None:
+    # Stage 2: denoiser and text encoder(s), on the family's loss, with caption dropout.
+    def save(step: int, loss: float | None = None, final: bool = False) -> None:
         save_toy_pipeline(pipe, out_dir, family)
-        done = {**record, "steps_done": step, "cpu_seconds": round(time.process_time() - start, 1)}
+        done = {**record, "steps_done": step, "cpu_seconds": round(time.process_time() - start, 1),
+                "wall_seconds": round(time.time() - wall_start, 1)}
         if loss is not None:
-            done["final_loss"] = loss
+            done["final_loss" if final else "loss_ema"] = loss
         (out_dir / "toy_teacher.json").write_text(json.dumps(done, indent=2) + "\n")
+        if keep_snapshots and not final:
+            shutil.copytree(out_dir, out_dir / "snapshots" / f"step-{step}",
+                            ignore=shutil.ignore_patterns("snapshots"), dirs_exist_ok=True)
+        if not progress:  # a log line per snapshot for background runs
+            print(json.dumps({"step": step, "loss_ema": loss, "wall_seconds": done["wall_seconds"]}), flush=True)
 
     loss = train_denoiser(pipe, family, (latent_mean, latent_std), captions, steps, batch_size, lr, caption_dropout,
                           ema_decay, seed + 1, progress, snapshot=save, snapshot_every=snapshot_every,
-                          t5_length=t5_length)
-    save(steps, loss)
+                          t5_length=t5_length, loss_fn=loss_fn, lr_schedule=lr_schedule, lr_final=lr_final)
+    save(steps, loss, final=True)
     return out_dir
 
 
+def _load_weights_(pipe, family_cls, folder: Path, t5_length: int | None) -> int | None:
+    """Copy a toy teacher folder's denoiser and text-encoder weights into pipe (same family and architecture, else a
+    one-line error); returns the steps it was trained for (its toy_teacher.json), None when it has no record."""
+    info = folder / "toy_teacher.json"
+    record = json.loads(info.read_text()) if info.is_file() else {}
+    if record.get("family", family_cls.name) != family_cls.name:
+        raise ConfigError(f"init_from {folder} is a {record['family']} toy teacher, not {family_cls.name}: start from "
+                          f"a {family_cls.name} one")
+    if record.get("max_sequence_length") != t5_length:
+        raise ConfigError(f"init_from {folder} was trained at max_sequence_length {record.get('max_sequence_length')}, "
+                          f"this run at {t5_length}: give --max-sequence-length {record.get('max_sequence_length')}")
+    for name in (family_cls.denoiser_prefix, *(encoder for encoder, _, _, _ in family_cls.text_parts)):
+        module = getattr(pipe, name)
+        source = type(module).from_pretrained(folder, subfolder=name)
+        try:
+            module.load_state_dict(source.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(f"{folder}/{name} does not fit the toy {family_cls.name} architecture (toy_arch): "
+                              f"start from a teacher of this architecture ({str(err).splitlines()[0]})") from err
+    return record.get("steps_done")
+
+
 def toy_scheduler_config(family: str) -> dict:
-    """The shipped scheduler's config: SD's DDIM (SD1.5, SDXL) or SD3's flow Euler at the toy's shift."""
-    if family in FLOW_FAMILIES:
-        return {**get_family(family).default_scheduler_config, "shift": SD3_TOY_SHIFT}
-    return SD_SCHEDULER_CONFIG
+    """The shipped scheduler's config: the family's toy hook (SD's DDIM schedule, or flow Euler at the toy's shift)."""
+    return get_family(family).toy_scheduler_config()
 
 
 def save_toy_pipeline(pipe, out_dir: Path, family: str) -> None:
@@ -471,19 +396,19 @@ def save_toy_pipeline(pipe, out_dir: Path, family: str) -> None:
     pipe.scheduler = type(pipe.scheduler).from_config(toy_scheduler_config(family))
     pipe.save_pretrained(out_dir, safe_serialization=True)
     for _, sub, _, tokenizer_class in get_family(family).text_parts:
-        if tokenizer_class == "CLIPTokenizer":  # SD3's T5 tokenizer saved itself (tokenizer.json)
+        if tokenizer_class == "CLIPTokenizer":  # a T5 tokenizer saved itself (tokenizer.json)
             save_word_tokenizer(out_dir / sub, list(TOY_WORDS), MAX_TOKENS)
 
 
-
-def _toy_t5_length(family: str, length: int | None, pipe) -> int | None:
-    """The T5 length a toy teacher trains at: SD3's default DEFAULT_T5_LENGTH; refused if a toy caption would not fit."""
-    if getattr(pipe, "tokenizer_3", None) is None:
+def _toy_t5_length(family_cls, length: int | None, pipe) -> int | None:
+    """The T5 length a toy teacher trains at: TOY_T5_LENGTH by default; refused if a toy caption would not fit."""
+    if family_cls.toy_t5_part is None:
         if length is not None:
-            raise ConfigError(f"max_sequence_length={length}: the {family} toy teacher has no T5 encoder; drop it")
+            raise ConfigError(f"max_sequence_length={length}: the {family_cls.name} toy teacher has no T5 encoder; "
+                              "drop it")
         return None
-    length = DEFAULT_T5_LENGTH if length is None else length
-    need = longest_t5_caption(pipe.tokenizer_3)
+    length = TOY_T5_LENGTH if length is None else length
+    need = longest_t5_caption(getattr(pipe, family_cls.text_parts[family_cls.toy_t5_part][1]))
     if length < need:
         raise ConfigError(f"max_sequence_length={length} truncates toy captions (the longest is {need} T5 tokens "
                           f"with </s>): use at least {need}")

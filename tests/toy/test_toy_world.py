@@ -141,7 +141,7 @@ def test_evaluation_sees_a_collapsed_background(judge):
 def test_shipped_teacher_loads_and_generates(family):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.train.toy_teacher import SD3_TOY_SHIFT
+    from stepdistill.models.toy_recipe import TOY_FLOW_SHIFT
 
     torch.set_num_threads(1)
     path = toy_asset_path(family)
@@ -152,7 +152,7 @@ def test_shipped_teacher_loads_and_generates(family):
     if family == "sd3":
         # A rectified flow on the SD1.5-toy VAE's 4-channel latents, sampled by SD3's flow Euler scheduler.
         assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-        assert pipe.scheduler.config.shift == SD3_TOY_SHIFT
+        assert pipe.scheduler.config.shift == TOY_FLOW_SHIFT
         assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == 4
         assert pipe.vae.config.shift_factor == 0.0
         for word in TOY_WORDS:  # T5: one piece per word, then </s>
@@ -171,33 +171,132 @@ def test_shipped_teacher_loads_and_generates(family):
     assert total < 15 * 2**20
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_toy_teacher_recipe_runs_and_reloads(family, tmp_path):
-    """A few steps of each family's recipe on a few images (SDXL and SD3 reuse the shipped SD1.5-toy VAE): the
-    folder reloads with the family's pipeline, its scheduler and toy_teacher.json, and generates."""
+    """A few steps of each family's recipe on a few images (the others reuse the shipped SD1.5-toy VAE): the folder
+    reloads with the family's pipeline, its scheduler and toy_teacher.json, and generates as eval toy samples it."""
     import json
 
     from diffusers import DiffusionPipeline
 
+    from stepdistill.models.registry import get_family
     from stepdistill.train.toy_teacher import train_toy_teacher
 
     torch.set_num_threads(1)
     vae = {"vae_steps": 2, "vae_batch_size": 4} if family == "sd15" else {"vae_from": toy_asset_path("sd15")}
     out = train_toy_teacher(tmp_path / family, family=family, steps=2, batch_size=4, num_images=16,
-                            snapshot_every=1, progress=False, **vae)
+                            snapshot_every=1, keep_snapshots=True, progress=False, **vae)
     record = json.loads((out / "toy_teacher.json").read_text())
     assert record["family"] == family and record["steps_done"] == 2 and np.isfinite(record["final_loss"])
+    # keep_snapshots: the step-1 EMA pipeline stays beside the final one, with its own record.
+    assert json.loads((out / "snapshots" / "step-1" / "toy_teacher.json").read_text())["steps_done"] == 1
     # Training flushes subnormals (process-wide); it must hand the process back with IEEE subnormals intact.
     assert (torch.tensor([1e-39]) * 1.0).item() > 0
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    flow = family == "sd3"
+    assert type(pipe).__name__ == get_family(family).pipeline_class_name
+    flow = family in ("sd3", "flux")
     assert (type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler") == flow
     assert (record.get("sigma_sampling") == "logit-normal(0, 1)") == flow
-    assert record.get("max_sequence_length") == (16 if flow else None)  # SD3's short T5 length, recorded
-    images = pipe(["a large red circle in the middle"], num_inference_steps=2, guidance_scale=2.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert record.get("max_sequence_length") == (16 if flow else None)  # the short T5 length, recorded
+    if flow:  # a static shift of 1 (64 image tokens), FLUX's dynamic shifting off as in schnell's scheduler
+        assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting
+    if family == "flux":  # schnell's layout: double- and single-stream blocks, packed 4-channel latents, no guidance
+        config = pipe.transformer.config
+        assert config.num_layers >= 1 and config.num_single_layers >= 1 and not config.guidance_embeds
+        assert config.in_channels == 4 * pipe.vae.config.latent_channels
+    call = get_family(family).toy_generate_kwargs(2.0, 32)
+    images = pipe(["a large red circle in the middle"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np", **call, **({"max_sequence_length": 16} if flow else {})).images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_toy_teacher_module_names_no_family():
+    """train/toy_teacher.py trains every family through the FamilyModel.toy_* hooks: no family name appears in it."""
+    import re
+    from pathlib import Path
+
+    from stepdistill.models.registry import family_names
+    from stepdistill.train import toy_teacher as teacher
+
+    source = Path(teacher.__file__).read_text()
+    names = {*family_names(), "sd1.5", "sd 1.5", "stable diffusion 3"}
+    found = sorted({n for n in names if re.search(rf"(?<![a-z0-9_]){re.escape(n)}(?![a-z0-9_])", source, re.IGNORECASE)})
+    assert not found, f"train/toy_teacher.py names families {found}: move that code into the families' toy hooks"
+
+
+def test_flux_toy_velocity_packs_latents_and_tells_sigma():
+    """FLUX-toy's training call is FluxPipeline's: packed 2x2 latents, rotary ids, sigma (not 1000 sigma), no guidance,
+    and the output unpacked to (B, C, h, w)."""
+    from types import SimpleNamespace
+
+    from stepdistill.models.families.flux import FluxModel, pack_latents, unpack_latents
+
+    x_t, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.25, 0.75], dtype=torch.float64)
+    seen = {}
+
+    def net(**kw):
+        seen.update(kw)
+        return SimpleNamespace(sample=kw["hidden_states"] * 2)
+
+    net.config = SimpleNamespace(guidance_embeds=False)
+    hidden = torch.zeros(2, 5, 8)
+    out = FluxModel.toy_velocity(net, x_t, sigma, hidden, {"pooled_projections": torch.zeros(2, 3)})
+    torch.testing.assert_close(out, x_t * 2)
+    torch.testing.assert_close(seen["hidden_states"], pack_latents(x_t))
+    torch.testing.assert_close(unpack_latents(seen["hidden_states"], 8, 8), x_t)
+    torch.testing.assert_close(seen["timestep"], sigma.float())
+    assert seen["guidance"] is None and seen["img_ids"].shape == (16, 3) and seen["txt_ids"].shape == (5, 3)
+    net.config.guidance_embeds = True
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        FluxModel.toy_velocity(net, x_t, sigma, hidden, {"pooled_projections": torch.zeros(2, 3)})
+
+
+def test_toy_teacher_options_are_checked_before_training(tmp_path):
+    """Options the family's objective cannot take are one-line errors before any training: logit-normal sampling for
+    an eps-prediction family, lr_final with a constant rate, snapshots kept without snapshot_every."""
+    from stepdistill.config import ConfigError
+    from stepdistill.train.toy_teacher import train_toy_teacher
+
+    for kwargs, match in [({"family": "sd15", "timestep_sampling": "logit-normal"}, "for flow families"),
+                          ({"family": "sd3", "lr_final": 0.1}, "no effect with a constant"),
+                          ({"family": "sd3", "timestep_sampling": "uniform", "logit_normal": (0.0, 1.0)},
+                           "uniform timestep sampling"),
+                          ({"family": "sd3", "keep_snapshots": True}, "needs snapshot_every")]:
+        with pytest.raises(ConfigError, match=match):
+            train_toy_teacher(tmp_path, steps=1, num_images=4, **kwargs)
+
+
+def test_cosine_lr_decays_to_its_final_fraction_after_warmup():
+    import itertools
+
+    from stepdistill.train.toy_teacher import lr_factor
+
+    cosine, constant = lr_factor("cosine", 1000, warmup=100, final=0.1), lr_factor("constant", 1000, warmup=100)
+    assert cosine(0) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * 2)) and constant(0) == pytest.approx(0.01)
+    assert cosine(500) == pytest.approx(0.1 + 0.9 * 0.5) and constant(500) == 1.0
+    assert cosine(1000) == pytest.approx(0.1)
+    values = [cosine(s) for s in range(100, 1001)]
+    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone after warm-up
+
+
+def test_toy_teacher_continues_from_a_folder(tmp_path):
+    """init_from starts from a toy teacher's weights (a tiny rate keeps them); another family's folder is refused."""
+    from safetensors.torch import load_file
+
+    from stepdistill.config import ConfigError
+    from stepdistill.train.toy_teacher import train_toy_teacher
+
+    torch.set_num_threads(1)
+    shipped = toy_asset_path("sd3")
+    out = train_toy_teacher(tmp_path / "sd3", family="sd3", steps=1, batch_size=2, num_images=4, lr=1e-12,
+                            init_from=shipped, progress=False)
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    before, after = load_file(shipped / name), load_file(out / name)
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="is a sd3 toy teacher"):
+        train_toy_teacher(tmp_path / "flux", family="flux", steps=1, num_images=4, init_from=shipped)
 
 
 @pytest.mark.parametrize("family, length, match", [("sd3", 8, "truncates toy captions"),
@@ -217,10 +316,12 @@ def test_shipped_sd3_toy_teacher_records_the_length_it_was_trained_at():
     assert teacher_max_sequence_length("sd15") is None
 
 
-def test_flux_toy_teacher_is_refused(tmp_path):
+def test_a_family_without_a_toy_recipe_is_refused(tmp_path, monkeypatch):
+    from stepdistill.models.families.flux import FluxModel
     from stepdistill.train.toy_teacher import train_toy_teacher
 
-    with pytest.raises(ValueError, match="FLUX-toy teacher is not built"):
+    monkeypatch.setattr(FluxModel, "toy_arch", {})
+    with pytest.raises(ValueError, match="no toy teacher recipe for family 'flux'"):
         train_toy_teacher(tmp_path, family="flux", steps=1)
 
 
@@ -229,6 +330,7 @@ def test_flow_loss_is_zero_for_the_exact_velocity():
     exactly that velocity scores 0, one that returns x0 - eps does not; the transformer is told 1000 sigma."""
     from types import SimpleNamespace
 
+    from stepdistill.models.families.sd3 import SD3Model
     from stepdistill.train.toy_teacher import flow_loss, logit_normal_sigmas
 
     gen = torch.Generator().manual_seed(0)
@@ -244,10 +346,13 @@ def test_flow_loss_is_zero_for_the_exact_velocity():
         return SimpleNamespace(sample=eps - x0_back)
 
     cond = {"pooled_projections": torch.zeros(6, 1)}
-    assert flow_loss(exact, x0, sigma, eps, None, cond).item() < 1e-8
+
+    def loss(net):
+        return flow_loss(lambda x_t, s: SD3Model.toy_velocity(net, x_t, s, None, cond), x0, sigma, eps).item()
+
+    assert loss(exact) < 1e-8
     torch.testing.assert_close(seen["t"], (1000 * sigma).float())
-    wrong = lambda **kw: SimpleNamespace(sample=x0 - eps)
-    assert flow_loss(wrong, x0, sigma, eps, None, cond).item() > 1.0
+    assert loss(lambda **kw: SimpleNamespace(sample=x0 - eps)) > 1.0
 
 
 @pytest.mark.slow
@@ -287,3 +392,35 @@ def test_teacher_result_records_its_spacing_and_the_flow_teacher_has_none(monkey
     monkeypatch.setattr(evaluate, "evaluate_toy", lambda *a, **k: {})
     result = evaluate.run_eval_toy(teacher=True, family=family, steps=2, n=2, timestep_spacing=spacing, progress=False)
     assert result.get("timestep_spacing") == recorded
+
+
+def test_eval_toy_samples_a_teacher_folder_with_its_familys_cfg(tmp_path, monkeypatch):
+    """`eval toy --teacher --teacher-dir DIR --family flux`: the folder (e.g. a training snapshot) is sampled at its
+    recorded T5 length with FluxPipeline's true CFG against "" (FLUX-toy has no guidance embedding); a folder of
+    another family is refused."""
+    from stepdistill.eval import generate
+    from stepdistill.eval import toy as evaluate
+
+    from stepdistill.train.toy_teacher import train_toy_teacher
+
+    torch.set_num_threads(1)
+    out = train_toy_teacher(tmp_path / "flux", family="flux", steps=1, batch_size=2, num_images=4,
+                            vae_from=toy_asset_path("sd15"), progress=False)
+    seen, real = {}, generate.teacher_generate_fn
+
+    def spy(pipe, steps, **kwargs):
+        seen.update(kwargs)
+        return real(pipe, steps, **kwargs)
+
+    def one_batch(generate_fn, **kw):
+        return {"images": evaluate.as_images(generate_fn(["a large red circle in the middle"], [0]))}
+
+    monkeypatch.setattr(generate, "teacher_generate_fn", spy)
+    monkeypatch.setattr(evaluate, "evaluate_toy", one_batch)
+    result = evaluate.run_eval_toy(teacher=True, family="flux", teacher_dir=out, steps=2, n=1, guidance_scale=3.0,
+                                   progress=False)
+    assert result["model"] == str(out) and result["max_sequence_length"] == 16 and result["guidance_scale"] == 3.0
+    assert seen["true_cfg_scale"] == 3.0 and seen["negative_prompt"] == "" and seen["height"] == seen["width"] == 32
+    assert result["images"].shape == (1, 3, 32, 32) and torch.isfinite(result["images"]).all()
+    with pytest.raises(ValueError, match="is a flux toy teacher"):
+        evaluate.run_eval_toy(teacher=True, family="sd3", teacher_dir=out, n=1, progress=False)

@@ -11,6 +11,7 @@ from ...core.denoiser import Cond
 from ..flow_common import DEFAULT_ARCH, FLOW_VAE, FLUX_SCHEDULER_CONFIG, MMDIT_ATTN, MMDIT_FF, T5_XXL, FlowFamily
 from ..registry import register_family
 from ..sd_common import CLIP_L
+from ..toy_recipe import TOY_FLOW_VAE
 
 # FLUX.1-dev's transformer (11.9 B): 19 double-stream and 38 single-stream blocks, guidance embedding.
 FLUX1_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
@@ -83,6 +84,46 @@ class FluxModel(FlowFamily):
     # The guidance value FLUX.1-dev's guidance embedding gets, in every pass (teacher, student, fake score) and in the
     # exported recipe (FluxPipeline's guidance_scale); its pipeline's default is 3.5.
     default_embedded_guidance: ClassVar[float] = 3.5
+    # The toy world's FLUX-architecture teacher (train.toy_teacher): double-stream then single-stream blocks over 2x2-packed
+    # latents (16x16x4 -> 64 tokens of 16) with rotary image ids, on the shared 4-channel toy VAE; CLIP's pooled output
+    # and T5's sequence. No guidance embedding, as FLUX.1-schnell: it learns CFG from caption dropout instead, and is
+    # sampled with FluxPipeline's true CFG (true_cfg_scale, negative prompt "").
+    toy_arch: ClassVar = {
+        "transformer": {"patch_size": 1, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16,
+                        "num_attention_heads": 4, "axes_dims_rope": (4, 6, 6), "guidance_embeds": False},
+        "vae": TOY_FLOW_VAE,
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "projection_dim": 32},
+        "text_encoder_2": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+    }
+    toy_t5_part: ClassVar = 1
+
+    @classmethod
+    def toy_encode_text(cls, pipe, input_ids, drop):
+        """As FluxPipeline.encode_prompt: T5's sequence, and CLIP's pooled output as the pooled projection. A dropped
+        caption was tokenized as "", what the pipeline encodes for negative_prompt="" under true CFG."""
+        pooled = pipe.text_encoder(input_ids[0], output_hidden_states=False).pooler_output
+        return pipe.text_encoder_2(input_ids[1]).last_hidden_state, {"pooled_projections": pooled}
+
+    @classmethod
+    def toy_velocity(cls, net, x_t, sigma, hidden, added):
+        """FluxTransformer2DModel as FluxPipeline calls it (told sigma; it scales by 1000 inside), on unpacked latents."""
+        if net.config.guidance_embeds:
+            raise ValueError("the toy FLUX recipe trains no guidance embedding: build the transformer with "
+                             "guidance_embeds=False (FLUX.1-schnell's layout)")
+        _, _, h, w = x_t.shape
+        out = net(hidden_states=pack_latents(x_t), timestep=(cls.timestep_scale * sigma).float(), guidance=None,
+                  pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
+                  txt_ids=torch.zeros(hidden.shape[1], 3, dtype=hidden.dtype),
+                  img_ids=image_ids(h, w, dtype=hidden.dtype)).sample
+        return unpack_latents(out, h, w)
+
+    @classmethod
+    def toy_generate_kwargs(cls, guidance_scale, image_size):
+        """CFG without a guidance embedding: FluxPipeline's true CFG against the "" prompt (guidance_scale only feeds an
+        embedding this transformer does not have); FluxPipeline's default size is not the toy's, so it is given."""
+        return {"guidance_scale": 1.0, "true_cfg_scale": guidance_scale, "negative_prompt": "",
+                "height": image_size, "width": image_size}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

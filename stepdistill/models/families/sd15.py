@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ...core.denoiser import Cond
 from ..base import FamilyModel
 from ..registry import register_family
 from ..sd_common import CLIP_L, SD_SCHEDULER_CONFIG, SD_VAE, TINY_CLIP, TINY_VAE
+from ..toy_recipe import TOY_UNET_LAYOUT, TOY_VAE
 
 
 @register_family
@@ -46,6 +49,18 @@ class SD15Model(FamilyModel):
     dmd2_critic_ratio = 10
     # DMD2's released SD1.5 recipe: one step at t = 999, real_guidance_scale 1.75.
     method_defaults = {"dmd": {"timesteps": [999], "guidance_scale": 1.75}}
+    # The toy world's SD1.5-architecture teacher (train.toy_teacher): the shared toy UNet layout, VAE and a 2-layer CLIP.
+    toy_arch: ClassVar = {
+        "unet": {**TOY_UNET_LAYOUT},
+        "vae": TOY_VAE,
+        "text_encoder": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "projection_dim": 64},
+    }
+
+    @classmethod
+    def toy_encode_text(cls, pipe, input_ids, drop):
+        """The last hidden state; a dropped caption was tokenized as "" (the pipeline's negative prompt)."""
+        return pipe.text_encoder(input_ids[0]).last_hidden_state, None
 
     @classmethod
     def link_tiny_configs(cls, cfg: dict[str, dict]) -> None:

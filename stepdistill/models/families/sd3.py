@@ -10,6 +10,7 @@ from ...core.denoiser import Cond
 from ..flow_common import DEFAULT_ARCH, FLOW_VAE, MMDIT_ATTN, MMDIT_FF, SD3_SCHEDULER_CONFIG, T5_XXL, FlowFamily
 from ..registry import register_family
 from ..sd_common import CLIP_L
+from ..toy_recipe import TOY_FLOW_VAE
 
 CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
               "projection_dim": 1280, "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408}
@@ -53,6 +54,40 @@ class SD3Model(FlowFamily):
     # recipe uses a lower real-guidance scale for the DM term than for sampling).
     method_defaults: ClassVar = {"dmd": {"timesteps": [999], "guidance_scale": 4.5}}
     lora_target_presets: ClassVar = {"attn": MMDIT_ATTN, "full": MMDIT_ATTN + MMDIT_FF}
+    # The toy world's SD3-architecture teacher (train.toy_teacher): an MMDiT with patch 2 (the 16x16 latents are 64 image
+    # tokens) on the shared 4-channel toy VAE; SD3's three encoders at toy size, both CLIPs one layer more because SD3
+    # reads their penultimate layer, T5 at least as wide as the CLIP widths it pads.
+    toy_arch: ClassVar = {
+        "transformer": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4,
+                        "pos_embed_max_size": 16},
+        "vae": TOY_FLOW_VAE,
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                         "projection_dim": 32},
+        "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "projection_dim": 32},
+        "text_encoder_3": {"d_model": 96, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+    }
+    toy_t5_part: ClassVar = 2
+
+    @classmethod
+    def toy_encode_text(cls, pipe, input_ids, drop):
+        """As StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate states side by side, zero-padded to T5's
+        width, then T5's sequence; pooled = both CLIP projections. A dropped caption was tokenized as "", which is what
+        the pipeline encodes for its negative prompt (it has no force_zeros_for_empty_prompt)."""
+        hidden, pooled = [], []
+        for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids[:2]):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        t5 = pipe.text_encoder_3(input_ids[2]).last_hidden_state
+        clip = torch.nn.functional.pad(torch.cat(hidden, dim=-1), (0, t5.shape[-1] - sum(h.shape[-1] for h in hidden)))
+        return torch.cat([clip, t5], dim=-2), {"pooled_projections": torch.cat(pooled, dim=-1)}
+
+    @classmethod
+    def toy_velocity(cls, net, x_t, sigma, hidden, added):
+        """SD3Transformer2DModel told t = 1000 sigma, as StableDiffusion3Pipeline tells it."""
+        return net(hidden_states=x_t, timestep=(cls.timestep_scale * sigma).float(), encoder_hidden_states=hidden,
+                   pooled_projections=added["pooled_projections"]).sample
 
     @classmethod
     def tiny_part_configs(cls, sample_size, arch, model_max_length=77):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ...core.denoiser import Cond
 from ..base import FamilyModel
 from ..registry import register_family
 from ..sd_common import CLIP_L, SD_SCHEDULER_CONFIG, SD_VAE, TINY_CLIP, TINY_VAE
+from ..toy_recipe import TOY_UNET_LAYOUT, TOY_VAE
 
 TIME_IDS = 6  # (original H, W, crop top, left, target H, W)
 
@@ -61,6 +64,34 @@ class SDXLModel(FamilyModel):
     dmd2_critic_ratio = 5
     # DMD2's released SDXL recipe: one step at t = 399, real_guidance_scale 8.
     method_defaults = {"dmd": {"timesteps": [399], "guidance_scale": 8.0}}
+    # The toy world's SDXL-architecture teacher (train.toy_teacher): SD1.5-toy's UNet layout plus SDXL's conditioning
+    # (pooled text and size ids, linear projections); each encoder one layer more, as SDXL reads the penultimate one.
+    toy_arch: ClassVar = {
+        "unet": {**TOY_UNET_LAYOUT, "use_linear_projection": True, "addition_embed_type": "text_time",
+                 "addition_time_embed_dim": 8},
+        "vae": TOY_VAE,
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                         "projection_dim": 32},
+        "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "projection_dim": 32},
+    }
+
+    @classmethod
+    def toy_encode_text(cls, pipe, input_ids, drop):
+        """Both encoders' penultimate hidden states side by side, encoder 2's pooled projection and the size ids of an
+        uncropped image at the pipeline's default size; a dropped caption is all zeros, the pipeline's
+        force_zeros_for_empty_prompt unconditional input."""
+        hidden, pooled = [], None
+        for encoder, ids in zip((pipe.text_encoder, pipe.text_encoder_2), input_ids):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", pooled)
+        keep = (~drop).to(pooled.dtype)
+        hidden = torch.cat(hidden, dim=-1) * keep[:, None, None]
+        pooled = pooled * keep[:, None]
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype)
+        return hidden, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(pooled), 1)}
 
     @classmethod
     def link_tiny_configs(cls, cfg: dict[str, dict]) -> None:

@@ -19,6 +19,6 @@ test: setup
 
 setup:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@cd / && $(abspath $(PY)) -c "import pathlib, sys, pytest, stepdistill; \
-	sys.exit(pathlib.Path(stepdistill.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())" \
+	@(cd / && $(abspath $(PY)) -c "import pathlib, sys, pytest, stepdistill; \
+	sys.exit(pathlib.Path(stepdistill.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())") \
 	2>/dev/null || $(VENV)/bin/pip install -c constraints-ci.txt -e ".[dev]"

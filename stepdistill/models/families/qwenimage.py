@@ -26,7 +26,7 @@ from ..qwenimage_spec import (
     TOKENIZER_MAX_LENGTH,
 )
 from ..registry import register_family
-from .flux import pack_latents, unpack_latents
+from .flux import FluxModel, pack_latents, unpack_latents
 
 # The feed-forwards of both streams (Qwen-Image names them img_mlp / txt_mlp, not ff / ff_context).
 QWEN_FF = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
@@ -82,9 +82,9 @@ class QwenImageModel(FlowFamily):
         return out
 
     # ---- schedule and the network call -------------------------------------------------------------------------
-    def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
-        """QwenImagePipeline's timestep: the scheduler's float32 t cast to the latents' dtype, then / 1000 in it."""
-        return schedule.pipeline_timestep(t).to(dtype) / 1000
+    # QwenImagePipeline computes its timestep as FluxPipeline does: the scheduler's float32 t cast to the latents'
+    # dtype, then / 1000 in it.
+    network_timestep = FluxModel.network_timestep
 
     @property
     def denoiser_call(self):

@@ -188,7 +188,7 @@ class Recipe:
             kwargs.update(self.size_kwargs())
             return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
-        if self.scheduler_class.startswith("FlowMatch"):
+        if self.scheduler_class.startswith("FlowMatch") or self.scheduler_config.get("use_flow_sigmas"):
             # A flow pipeline driven by its step count (WanPipeline takes no sigmas) takes no eta either.
             if self.eta:
                 raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")

@@ -122,7 +122,15 @@ def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
     assert torch.equal(calls[0]["hidden_states"], theirs[0]["hidden_states"])
 
 
-def test_off_grid_timesteps_and_sizes_are_refused_in_one_line(wan_dir):
+def test_off_grid_timesteps_and_sizes_are_refused_in_one_line(wan_dir, prompts_file, tmp_path):
+    from stepdistill.config import ConfigError
+
+    # A dmd run whose 4 timesteps are not WanPipeline's 4-step grid stops before any update.
+    cfg = load_config(ROOT / "configs/tiny/dmd_wan_4step.yaml", [f"model.path={wan_dir}", f"data.prompts={prompts_file}",
+                                                               "loop.progress=false", "method.timesteps=[999, 666, 333, 0]"])
+    with pytest.raises(ConfigError, match=r"method.timesteps=\[999, 749, 499, 249\]") as err:
+        Trainer(cfg, tmp_path / "run").run()
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()
     model = load_family(wan_dir)
     assert model.shard_units() == list(model.unet.blocks)  # FSDP2's units: WanTransformer3DModel's `blocks`
     schedule = model.noise_schedule()

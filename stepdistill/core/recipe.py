@@ -145,7 +145,10 @@ class Recipe:
                                  "recipe with num_inference_steps instead of timesteps)")
             if steps < 1:
                 raise ConfigError(f"--steps must be >= 1 (got {steps})")
-            return dataclasses.replace(self, num_inference_steps=steps)
+            config = dict(self.scheduler_config)
+            if "disable_corrector" in config:  # a first-order UniPC recipe (Wan) keeps UniC off at every step
+                config["disable_corrector"] = list(range(steps))
+            return dataclasses.replace(self, num_inference_steps=steps, scheduler_config=config)
         from .solvers import lcm_original_steps, multistep_timesteps  # torch: reading a recipe needs none
 
         config, timesteps = dict(self.scheduler_config), None

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from stepdistill.core.lora import add_adapter
-from stepdistill.models.base import library_class
+from stepdistill.models.base import library_class, size_hw
 from stepdistill.models.registry import get_family
 
 GIB = 2**30
@@ -65,9 +65,12 @@ def main(which: str) -> None:
         from stepdistill.models.families.wan import WAN21_1_3B, WAN21_14B
 
         cfg = WAN21_1_3B if which == "wan1.3b" else WAN21_14B
+        wan = get_family("wan")
+        height, width = size_hw(wan.default_resolution)  # WanPipeline's 480 x 832
+        frames = (wan.default_frames - 1) // 4 + 1  # 81 frames: 21 latent frames (the VAE's temporal factor 4)
 
-        def forward(net):  # 480 x 480 x 81 frames: latents 21 x 60 x 60, 512 text tokens
-            net(hidden_states=torch.zeros(1, 16, 21, 60, 60, dtype=bf16), timestep=torch.zeros(1),
+        def forward(net):  # latents 21 x 60 x 104 (VAE factor 8), 512 text tokens
+            net(hidden_states=torch.zeros(1, 16, frames, height // 8, width // 8, dtype=bf16), timestep=torch.zeros(1),
                 encoder_hidden_states=torch.zeros(1, 512, 4096, dtype=bf16), return_dict=False)
         family = "wan"
     net, base, lora, vae, text = build(family, cfg)

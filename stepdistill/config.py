@@ -19,7 +19,9 @@ from .methods.config import MethodConfig
 class ModelConfig:
     path: str = ""  # local diffusers folder or hub id
     family: str = "auto"  # auto | a registered family (stepdistill.models.family_names())
-    resolution: int = 0  # pixels; 0 = the model's own sample size
+    # Pixels: one side (a square), or [height, width] where the family takes other sizes (wan: [480, 832], its
+    # pipeline's default); 0 = the model's own size. A square pair [h, h] is read as the side h.
+    resolution: int | list[int] = 0
     dtype: str = "auto"  # frozen base weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     attention: str = "auto"  # auto | sdpa | xformers | triton | math
     gradient_checkpointing: bool = False
@@ -45,6 +47,7 @@ class ModelConfig:
         if self.max_sequence_length is not None:
             _at_least("model.max_sequence_length", self.max_sequence_length, 1)
             _t5_family("model.max_sequence_length", self.family)
+        self.resolution = _size("model.resolution", self.resolution)
         _resolution_for_family("model.resolution", self.resolution, self.family)
         _choice("model.dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
@@ -53,10 +56,11 @@ class ModelConfig:
         if self.shard != "none" and self.compile:
             raise ConfigError("model.shard=fsdp2 with model.compile=true is not supported (untested together): set "
                               "one of them off")
-        _at_least("model.resolution", self.resolution, 0)
-        if self.resolution % 8:
-            raise ConfigError(f"model.resolution must be a multiple of 8, the VAE's downsampling (got {self.resolution}); "
-                              "0 uses the model's own size")
+        for side in self.resolution if isinstance(self.resolution, list) else [self.resolution]:
+            _at_least("model.resolution", side, 0)
+            if side % 8:
+                raise ConfigError(f"model.resolution must be a multiple of 8, the VAE's downsampling (got "
+                                  f"{self.resolution}); 0 uses the model's own size")
 
 
 @dataclass
@@ -245,6 +249,19 @@ def _resolution_for_family(key, resolution, family):
         check_resolution(get_family(family), resolution)
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def _size(key, value):
+    """model.resolution in its one form: an int side, or [height, width] when the sides differ."""
+    if not isinstance(value, list):
+        return value
+    from .models.base import normal_size
+
+    try:
+        size = normal_size(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return list(size) if isinstance(size, tuple) else size
 
 
 def _at_least(key, value, low):

@@ -219,11 +219,13 @@ class GuidedDenoiser:
     """CFG on x0 and eps, conditional and unconditional halves run in one batched call.
 
     x0_w = x0_u + w (x0_c - x0_u), and eps_w likewise; since x0 and eps are affine in the network output
-    at fixed t, this equals guiding the raw output (diffusers' convention) exactly.
+    at fixed t, this equals guiding the raw output (diffusers' convention) exactly. A family whose pipeline guides
+    otherwise (Qwen-Image's norm-rescaled true CFG) supplies `rule(x_t, t, cond_out, uncond_out, w) -> DenoiserOut`
+    (FamilyModel.guidance_rule); every teacher call of every method then guides as that pipeline does.
     """
 
-    def __init__(self, denoiser: Denoiser, uncond: Cond, guidance_scale: float):
-        self.denoiser, self.uncond, self.guidance_scale = denoiser, uncond, guidance_scale
+    def __init__(self, denoiser: Denoiser, uncond: Cond, guidance_scale: float, rule=None):
+        self.denoiser, self.uncond, self.guidance_scale, self.rule = denoiser, uncond, guidance_scale, rule
 
     def __call__(self, x_t, t, cond: Cond, guidance_scale: float | torch.Tensor | None = None) -> DenoiserOut:
         rows, combine = self.plan(x_t, t, cond, guidance_scale)
@@ -231,7 +233,7 @@ class GuidedDenoiser:
 
     def with_scale(self, guidance_scale: float | torch.Tensor) -> GuidedDenoiser:
         """The same denoiser at another default CFG scale (per-sample when a tensor)."""
-        return GuidedDenoiser(self.denoiser, self.uncond, guidance_scale)
+        return GuidedDenoiser(self.denoiser, self.uncond, guidance_scale, self.rule)
 
     def plan(self, x_t, t, cond: Cond, guidance_scale=None):
         """[(denoiser, x_t, t, cond)] rows and their combination: one call of 2B rows, then CFG (denoise_together)."""
@@ -248,7 +250,10 @@ class GuidedDenoiser:
 
         def combine(outs):
             (both,) = outs
-            return DenoiserOut(cfg_combine(both.x0[:n], both.x0[n:], w), cfg_combine(both.eps[:n], both.eps[n:], w))
+            c, u = DenoiserOut(both.x0[:n], both.eps[:n]), DenoiserOut(both.x0[n:], both.eps[n:])
+            if self.rule is not None:
+                return self.rule(x_t, t, c, u, w)
+            return DenoiserOut(cfg_combine(c.x0, u.x0, w), cfg_combine(c.eps, u.eps, w))
 
         return [(self.denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))], combine
 

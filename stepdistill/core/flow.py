@@ -174,6 +174,15 @@ def scheduler_float32_timesteps(config, mu: float | None, T: int = 1000) -> torc
     return torch.from_numpy(np.asarray(shifted)).to(torch.float32) * int(config.get("num_train_timesteps", T))
 
 
+def norm_rescaled_cfg(v_cond, v_uncond, guidance_scale):
+    """CFG, then each vector along the last axis rescaled to the conditional one's norm: c = v_u + w (v_c - v_u),
+    v = c |v_c| / |c| (QwenImagePipeline's true CFG, per packed token). float64; a zero |c| counts as tiny."""
+    v_cond, v_uncond = v_cond.double(), v_uncond.double()
+    comb = v_uncond + guidance_scale * (v_cond - v_uncond)
+    norm = comb.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    return comb * (v_cond.norm(dim=-1, keepdim=True) / norm)
+
+
 # --- sampling --------------------------------------------------------------------------------------------------
 
 def euler_step(x_t, v, sigma, sigma_next):

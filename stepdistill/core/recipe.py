@@ -145,7 +145,10 @@ class Recipe:
                                  "recipe with num_inference_steps instead of timesteps)")
             if steps < 1:
                 raise ConfigError(f"--steps must be >= 1 (got {steps})")
-            return dataclasses.replace(self, num_inference_steps=steps)
+            config = dict(self.scheduler_config)
+            if "disable_corrector" in config:  # a first-order UniPC recipe (Wan) keeps UniC off at every step
+                config["disable_corrector"] = list(range(steps))
+            return dataclasses.replace(self, num_inference_steps=steps, scheduler_config=config)
         from .solvers import lcm_original_steps, multistep_timesteps  # torch: reading a recipe needs none
 
         config, timesteps = dict(self.scheduler_config), None
@@ -188,7 +191,7 @@ class Recipe:
             kwargs.update(self.size_kwargs())
             return kwargs
         kwargs = {"guidance_scale": self.guidance_scale, "eta": self.eta}
-        if self.scheduler_class.startswith("FlowMatch"):
+        if self.scheduler_class.startswith("FlowMatch") or self.scheduler_config.get("use_flow_sigmas"):
             # A flow pipeline driven by its step count (WanPipeline takes no sigmas) takes no eta either.
             if self.eta:
                 raise ValueError(f"the recipe has eta={self.eta} but flow pipelines sample without eta: set it to 0")

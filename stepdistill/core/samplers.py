@@ -117,14 +117,21 @@ def recipe_timesteps(recipe, steps: int | None = None, T: int = 1000) -> list[in
     raise ValueError(f"no training-time sampler for {name}: use DDIMScheduler (trailing), LCMScheduler or TCDScheduler")
 
 
+# Flow schedulers a step-count recipe (no sigmas, no timesteps) may name: FlowMatchEuler, or UniPC at first order.
+STEP_COUNT_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
+
+
 @torch.no_grad()
 def recipe_sample(denoiser, x_T, cond, schedule, recipe, generator=None, steps: int | None = None):
     """Sample as the recipe's diffusers scheduler would (recipe: the dict a distiller's recipe() returns)."""
     T = schedule.num_train_timesteps
     config = recipe.get("scheduler_config") or {}
     name = recipe["scheduler_class"]
-    if name == "FlowMatchEulerDiscreteScheduler" and not recipe.get("sigmas") and not recipe.get("timesteps"):
-        # A pipeline driven by its step count alone (WanPipeline): the schedule knows that count's grid.
+    if name in STEP_COUNT_FLOW_SCHEDULERS and not recipe.get("sigmas") and not recipe.get("timesteps"):
+        # A pipeline driven by its step count alone (WanPipeline): the schedule knows that count's grid, and the
+        # recipe's first-order step there is the Euler (= DDIM) step.
+        if name == "UniPCMultistepScheduler" and (config.get("solver_order") != 1 or not config.get("use_flow_sigmas")):
+            raise ValueError("no training-time sampler for a multistep UniPC recipe: use solver_order=1 on flow sigmas")
         return ddim_sample(denoiser, x_T, schedule.grid(steps or recipe["num_inference_steps"]), cond, schedule,
                            final_t=-1)
     timesteps = recipe_timesteps(recipe, steps, T)

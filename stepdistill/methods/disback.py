@@ -373,7 +373,7 @@ class DisBackDistiller(DMDDistiller):
         w = node_guidance_scale(cfg.node_guidance, self.guidance_scale, self.target_node, cfg.num_nodes)
         if cfg.node_guidance == "teacher_uncond":
             return partial(guided_by_teacher_uncond, nets.target, nets.teacher.denoiser, uncond, w)
-        return GuidedDenoiser(nets.target, uncond, w)
+        return GuidedDenoiser(nets.target, uncond, w, nets.teacher.rule)
 
     def student_loss(self, nets: Nets, batch: Batch, step: int) -> LossOut | None:
         self._step = step

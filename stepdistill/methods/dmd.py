@@ -165,6 +165,13 @@ class DMDDistiller(CriticHeadState):
         super().setup(nets, ctx)
         # Resolves self.guidance_scale, which the builder then makes the teacher's default.
         self._resolve(ctx.family)
+        if is_flow(self.schedule):
+            # The export's recipe must be one the family's stock pipeline runs (WanPipeline: only its own step-count
+            # grids): refused now, not after training.
+            try:
+                self.schedule.pipeline_sampling(self.timesteps)
+            except ValueError as err:
+                raise ConfigError(f"method.timesteps {list(self.timesteps)}: {err}") from None
         if self.cfg.gan:
             self.features = feature_reader(nets.denoiser)
             self.head = self.features.head(nets.fake_score, ctx.latent_shape, ctx.uncond).to(nets.device)

@@ -99,6 +99,9 @@ class FamilyModel:
     attention_backends: ClassVar[bool] = True
     # What model.resolution must be a multiple of: the VAE's downsampling (8), times a transformer's packing.
     resolution_multiple: ClassVar[int] = 8
+    # Whether model.resolution may be [height, width] with height != width (the family's latents, size conditioning
+    # and recipe carry both sides); the others train square and refuse a pair in one line.
+    non_square: ClassVar[bool] = False
     # LoRA target presets by name (lora.targets); {} = the UNet presets of core.lora.LORA_TARGETS.
     lora_target_presets: ClassVar[dict[str, list[str]]] = {}
 
@@ -137,6 +140,12 @@ class FamilyModel:
         up blocks; what is left (embeddings, conv_in / conv_out) is sharded with the root."""
         unet = self.unet
         return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+
+    def guidance_rule(self, schedule):
+        """How the teacher's CFG combines its conditional and unconditional outputs, as this family's pipeline does:
+        None for plain CFG (uncond + w (cond - uncond)), else rule(x_t, t, cond_out, uncond_out, w) -> DenoiserOut
+        (core.denoiser.GuidedDenoiser), used wherever a method asks the teacher for a guided prediction."""
+        return
 
     def recipe_guidance_scale(self) -> float:
         """The guidance_scale a distilled student's pipeline call gets: 0, no CFG (CFG is baked into the student)."""
@@ -272,8 +281,8 @@ class FamilyModel:
         return self._resolution or self.native_resolution
 
     @resolution.setter
-    def resolution(self, value: int | None) -> None:
-        self._resolution = int(value) if value else None
+    def resolution(self, value) -> None:
+        self._resolution = normal_size(value)
 
     def size_conditioning(self, resolution: int | None = None) -> dict | None:
         """The pipeline call arguments that carry the size conditioning the denoiser got at `resolution` (None: the
@@ -295,7 +304,9 @@ class FamilyModel:
         return cond
 
     def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
-        resolution = resolution or self.resolution
+        resolution = normal_size(resolution) or self.resolution
+        if isinstance(resolution, tuple):
+            check_resolution(type(self), resolution)  # refuses the pair: this family is square
         if resolution % self.vae_scale_factor:
             raise ValueError(
                 f"resolution {resolution} is not a multiple of the VAE's scale factor {self.vae_scale_factor}: "
@@ -386,9 +397,35 @@ class FamilyModel:
         return f"{type(self).__name__}(name={self.name!r}, path={self.path!r}, resolution={self.resolution})"
 
 
-def check_resolution(cls, resolution: int) -> None:
-    """Refuse a resolution the family's pipeline cannot take, in one line (cls.resolution_multiple)."""
+def normal_size(value):
+    """A model.resolution value in its one form: None for 0 / None, the side (int) for a square, else (height, width).
+
+    model.resolution is a side (square, every family) or [height, width] (families with non_square, e.g. wan)."""
+    if not value:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ValueError(f"resolution {list(value)} must be one side or [height, width] in pixels, e.g. [480, 832]")
+        height, width = (int(v) for v in value)
+        return height if height == width else (height, width)
+    return int(value)
+
+
+def size_hw(resolution) -> tuple[int, int]:
+    """(height, width) of a resolution (a side or a [height, width] pair)."""
+    size = normal_size(resolution)
+    return size if isinstance(size, tuple) else (size, size)
+
+
+def check_resolution(cls, resolution) -> None:
+    """Refuse a resolution the family's pipeline cannot take, in one line (cls.resolution_multiple, cls.non_square)."""
+    size = normal_size(resolution)
+    if isinstance(size, tuple) and not cls.non_square:
+        raise ValueError(f"{cls.name} trains square images: set model.resolution to one side (got {list(size)}); "
+                         "[height, width] is for families such as wan")
     m = cls.resolution_multiple
-    if resolution % m:
+    bad = [side for side in size_hw(size) if side % m]
+    if bad:
+        fix = [max(m, side // m * m) for side in size_hw(size)]
         raise ValueError(f"{cls.name} needs a resolution that is a multiple of {m} (got {resolution}): "
-                         f"use e.g. model.resolution={max(m, resolution // m * m)}")
+                         f"use e.g. model.resolution={fix[0] if fix[0] == fix[1] else fix}")

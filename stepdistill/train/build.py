@@ -82,7 +82,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         unet.enable_gradient_checkpointing(checkpoint_under_adapter)
 
     # Flow vs DDPM parameterisation: a method declares what it can distil (Distiller.parameterisations).
-    resolution = cfg.model.resolution or family.resolution
+    resolution = _run_size(cfg, family)
     schedule = family.noise_schedule(resolution)
     distiller_cls.check_parameterisation(cfg.method, schedule.prediction_type, _families_with)
     targets = family.lora_targets(cfg.lora.targets)
@@ -112,7 +112,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     # The network call is the family's (UNet, or a transformer with pooled text, packing, ids, embedded guidance).
     view = partial(Denoiser, unet, schedule, dtype=run_dtype, call=family.denoiser_call,
                    network_timestep=family.network_timestep)
-    teacher = GuidedDenoiser(view(None), uncond, Distiller.guidance_scale)
+    teacher = GuidedDenoiser(view(None), uncond, Distiller.guidance_scale, family.guidance_rule(schedule))
     nets = Nets(
         denoiser=unet, schedule=schedule, teacher=teacher, student=view("student"),
         fake_score=view("fake_score") if "fake_score" in distiller_cls.extra_adapters else None,
@@ -189,6 +189,22 @@ def _set_attention(unet, backend: str, device):
             raise
         return
     set_attention_backend(unet, backend, device=device)
+
+
+def _run_size(cfg: Config, family):
+    """model.resolution (a side, or (height, width) for a family that takes non-square sizes), else the model's own."""
+    from ..models.base import check_resolution, normal_size
+
+    size = normal_size(cfg.model.resolution) or family.resolution
+    if isinstance(size, tuple):
+        try:
+            check_resolution(type(family), size)  # model.family=auto: the square families refuse the pair here
+        except ValueError as e:
+            raise ConfigError(f"model.resolution: {e}") from None
+        if cfg.data.images:
+            raise ConfigError(f"data.images with model.resolution={list(size)}: image-caption data is cropped square; "
+                              "set one side, or train from prompts alone")
+    return size
 
 
 def _set_t5_length(family, length):

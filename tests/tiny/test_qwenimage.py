@@ -158,3 +158,48 @@ def test_training_call_sees_the_pipelines_sigmas_and_timesteps(qwen_dir, dtype):
         n = b["encoder_hidden_states"].shape[1]
         assert torch.equal(a["encoder_hidden_states"][:, :n], b["encoder_hidden_states"])
     assert torch.equal(calls[0]["hidden_states"], theirs[0]["hidden_states"])  # the packed x_T, same layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_cfg_is_the_pipelines_true_cfg(qwen_dir, prompts_file, dtype):
+    """The teacher the builder hands every method (dmd's real score, tscd's guided ODE step) guides as
+    QwenImagePipeline(true_cfg_scale=w, negative_prompt="") does: comb = v_u + w (v_c - v_u), rescaled per packed token
+    to |v_c| / |comb|. Compared with the velocity the stock pipeline hands its scheduler at the same sigma and latents."""
+    from stepdistill.methods.base import flow_euler_recipe
+    from stepdistill.train.build import build
+
+    from .helpers import ROOT
+
+    w, t = 4.0, 749
+    cfg = load_config(ROOT / "configs/tiny/dmd_qwenimage.yaml", [f"model.path={qwen_dir}", f"data.prompts={prompts_file}",
+                      f"model.dtype={'bf16' if dtype == torch.bfloat16 else 'fp32'}", "loop.progress=false"])
+    built = build(cfg, torch.device("cpu"), progress=False)
+    model, schedule = built.family, built.nets.schedule
+    x_t = torch.randn((1, *built.ctx.latent_shape), generator=torch.Generator().manual_seed(0))
+    ours = built.nets.teacher(x_t, torch.tensor([t]), model.encode_prompts([PROMPT]), guidance_scale=w)
+    v_ours = ours.eps - ours.x0
+
+    pipe = QwenImagePipeline.from_pretrained(qwen_dir, torch_dtype=dtype)
+    recipe = Recipe(base_model=str(qwen_dir), family="qwenimage", method="dmd", **flow_euler_recipe(schedule, [t], model),
+                    size_conditioning=model.size_conditioning(), max_sequence_length=16)
+    pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seen, step = [], pipe.scheduler.step
+    pipe.scheduler.step = lambda out, *a, **k: (seen.append(out.clone()), step(out, *a, **k))[1]
+    kwargs = {**recipe.call_kwargs(pipe.scheduler), "guidance_scale": None}
+    pipe(prompt=[PROMPT], negative_prompt="", true_cfg_scale=w, latents=model.to_pipeline_latents(x_t).to(dtype),
+         output_type="latent", **kwargs)
+    assert torch.isclose(pipe.scheduler.sigmas[0].double(), schedule.sigma(t)[0], atol=1e-6)
+    v_pipe = model.from_pipeline_latents(seen[0], *x_t.shape[-2:]).double()
+    # fp32: the two runs differ only in batching and the text padding the mask hides; bf16: the pipeline guides and
+    # rescales in bf16 (each of its 2 w + 1 terms rounds to 2^-8 relative), we in float64 from bf16 network outputs.
+    scale = float(v_pipe.abs().max())
+    atol = 1e-5 * scale if dtype == torch.float32 else (2 * w + 1) * 2**-8 * scale
+    torch.testing.assert_close(v_ours, v_pipe, rtol=0, atol=atol)
+    if dtype == torch.float32:
+        # Plain CFG (what the teacher did before) is another velocity, by over 1e3 x the fp32 tolerance here (in bf16 the
+        # tiny model's rescale, about 2 % of |v|, is within the pipeline's own bf16 rounding, so only fp32 can tell).
+        plain = built.nets.teacher.with_scale(w)
+        plain.rule = None
+        linear = plain(x_t, torch.tensor([t]), model.encode_prompts([PROMPT]))
+        assert (linear.eps - linear.x0 - v_pipe).abs().max() > 100 * atol

@@ -1,7 +1,8 @@
-"""The wan family on a tiny stock WanPipeline (text to video): dmd at 4 steps trains from the CLI on (B, C, frames, h, w)
-latents, and the exported LoRA with its recipe (scheduler shift, step count, size, frames, prompt length) reproduces
-the training-time student in the stock pipeline to 1e-4 (fp32); the training call's timestep and sigmas are the
-pipeline's at every recipe step (fp32 and bf16)."""
+"""The wan family on a tiny stock WanPipeline (text to video): dmd at 4 steps (non-square, height x width as
+WanPipeline's 480 x 832 default) and tscd with two segment stages train from the CLI on (B, C, frames, h, w) latents,
+and the exported LoRA with its recipe (WanPipeline's UniPC scheduler at first order, step count, size, frames, prompt
+length) reproduces the training-time student in the stock pipeline to 1e-4 (fp32); the training call's timestep and
+sigmas are the pipeline's at every recipe step (fp32 and bf16)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from diffusers import WanPipeline
 from stepdistill import pipelines
 from stepdistill.config import load_config
 from stepdistill.core.recipe import Recipe
+from stepdistill.core.solvers import trailing_timesteps
 from stepdistill.export import DIFFUSERS_WEIGHT_NAME
 from stepdistill.models import load_family
 from stepdistill.models.tiny import save_tiny_pipeline
@@ -44,12 +46,21 @@ def _run(pipe, recipe, x_T):
 def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan_dir):
     trainer, final = trained
     recipe = Recipe.load(final)
-    # WanPipeline takes no sigmas: the recipe is the shift and the step count whose grid the student was trained on.
-    steps = 4 if recipe.method == "dmd" else 1
-    assert recipe.sigmas is None and recipe.num_inference_steps == steps and recipe.scheduler_config == {"shift": 3.0}
-    assert recipe.size_conditioning == {"height": 16, "width": 16, "num_frames": 5}
+    # WanPipeline takes no sigmas: the recipe is its UniPC scheduler made first order (Euler) and the step count whose
+    # trailing grid the student was trained on (tscd: the last stage's 2 segments).
+    steps = 4 if recipe.method == "dmd" else 2
+    assert recipe.sigmas is None and recipe.num_inference_steps == steps
+    assert recipe.scheduler_class == "UniPCMultistepScheduler"
+    assert {k: recipe.scheduler_config[k] for k in ("flow_shift", "solver_order", "disable_corrector")} == {
+        "flow_shift": 3.0, "solver_order": 1, "disable_corrector": list(range(steps))}
+    # dmd trains non-square (height x width), as WanPipeline's default 480 x 832; the recipe carries both sides.
+    height, width = (16, 32) if recipe.method == "dmd" else (16, 16)
+    assert recipe.size_conditioning == {"height": height, "width": width, "num_frames": 5}
+    if recipe.method == "tscd":  # the first stage's export: 4 segments, WanPipeline's 4-step grid
+        stage = Recipe.load(trainer.out / "stages" / "stage1-k4")
+        assert stage.num_inference_steps == 4 and stage.scheduler_config["disable_corrector"] == [0, 1, 2, 3]
     ours, _, x_T = student_latents(trainer.built, PROMPT)
-    assert x_T.shape == (1, 16, 3, 8, 8)  # (C, latent frames, h, w): one sample is the whole clip
+    assert x_T.shape == (1, 16, 3, height // 2, width // 2)  # (C, latent frames, h, w): one sample is the whole clip
     pipe, recipe = fresh_pipeline(WanPipeline, wan_dir, final)
     assert applied_lora_layers(pipe.transformer) == len(lora_file_modules(final / DIFFUSERS_WEIGHT_NAME)) > 0
     theirs = _run(pipe, recipe, x_T)
@@ -66,27 +77,35 @@ def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
+    """The stock WanPipeline's UniPC scheduler (first order) at k steps visits the training table's sigmas at the
+    trailing timesteps, for every k that divides 1000, and tells the transformer the same int64 timestep, latents and
+    text as the training call (a non-square clip)."""
     from stepdistill.core.denoiser import Denoiser
 
     model = load_family(wan_dir, dtype=dtype)
-    model.resolution, model.frames, model.t5_max_length = 16, 5, 16
+    model.resolution, model.frames, model.t5_max_length = (32, 16), 5, 16
     schedule = model.noise_schedule()
+    for k in (1, 2, 4, 5, 8, 10, 20, 25, 40, 50):
+        scheduler = Recipe(base_model=str(wan_dir), family="wan", method="dmd",
+                           **schedule.pipeline_sampling(schedule.grid(k))).make_scheduler(model.scheduler_config)
+        scheduler.set_timesteps(k)
+        timesteps = torch.tensor(trailing_timesteps(k, 1000))
+        assert torch.allclose(scheduler.sigmas[:-1].double(), schedule.sigma(timesteps), rtol=0, atol=1e-6), k
+        assert torch.equal(scheduler.timesteps, schedule.pipeline_timestep(timesteps)), k
     timesteps = schedule.grid(4)
-    assert timesteps == [999, 666, 333, 0]
+    assert timesteps == [999, 749, 499, 249]
     sampling = schedule.pipeline_sampling(timesteps)
-    pipe = model.pipeline(Recipe(base_model=str(wan_dir), family="wan", method="dmd",
-                                 scheduler_class="FlowMatchEulerDiscreteScheduler", **sampling).make_scheduler(
-                                     model.scheduler_config))
+    pipe = model.pipeline(Recipe(base_model=str(wan_dir), family="wan", method="dmd", **sampling).make_scheduler(
+        model.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     calls = []
     hook = model.unet.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True)
     try:
         x_T = torch.randn((1, *model.latent_shape(1)[1:]), generator=torch.Generator().manual_seed(0))
+        assert x_T.shape == (1, 16, 3, 16, 8)
         pipe(prompt=[PROMPT], latents=x_T, output_type="latent", guidance_scale=0.0, max_sequence_length=16,
-             num_inference_steps=4, height=16,
-             width=16, num_frames=5)
+             num_inference_steps=4, **model.size_conditioning())
         theirs, calls[:] = list(calls), []
-        assert torch.allclose(pipe.scheduler.sigmas[:-1].double(), schedule.sigma(torch.tensor(timesteps)), atol=1e-6)
         denoiser = Denoiser(model.unet, schedule, dtype=dtype, call=model.denoiser_call,
                             network_timestep=model.network_timestep)
         cond = model.encode_prompts([PROMPT])
@@ -96,32 +115,55 @@ def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
         hook.remove()
     assert len(theirs) == len(calls) == 4
     for a, b in zip(calls, theirs):
-        # WanPipeline hands the transformer the scheduler's float32 t, whatever the network's dtype.
-        assert a["timestep"].dtype == b["timestep"].dtype == torch.float32
+        # WanPipeline hands the transformer its UniPC scheduler's int64 t, whatever the network's dtype.
+        assert a["timestep"].dtype == b["timestep"].dtype == torch.int64
         assert torch.equal(a["timestep"], b["timestep"]), (a["timestep"], b["timestep"])
         assert torch.equal(a["encoder_hidden_states"], b["encoder_hidden_states"].to(dtype))
     assert torch.equal(calls[0]["hidden_states"], theirs[0]["hidden_states"])
 
 
-def test_off_grid_timesteps_are_refused_in_one_line(wan_dir):
+def test_off_grid_timesteps_and_sizes_are_refused_in_one_line(wan_dir, prompts_file, tmp_path):
+    from stepdistill.config import ConfigError
+
+    # A dmd run whose 4 timesteps are not WanPipeline's 4-step grid stops before any update.
+    cfg = load_config(ROOT / "configs/tiny/dmd_wan_4step.yaml", [f"model.path={wan_dir}", f"data.prompts={prompts_file}",
+                                                               "loop.progress=false", "method.timesteps=[999, 666, 333, 0]"])
+    with pytest.raises(ConfigError, match=r"method.timesteps=\[999, 749, 499, 249\]") as err:
+        Trainer(cfg, tmp_path / "run").run()
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()
     model = load_family(wan_dir)
     assert model.shard_units() == list(model.unet.blocks)  # FSDP2's units: WanTransformer3DModel's `blocks`
     schedule = model.noise_schedule()
-    with pytest.raises(ValueError, match=r"method.timesteps=\[999, 666, 333, 0\]") as err:
-        schedule.pipeline_sampling([999, 749, 499, 249])
-    assert "\n" not in str(err.value)
+    refusals = [(lambda: schedule.pipeline_sampling([999, 666, 333, 0]), r"method.timesteps=\[999, 749, 499, 249\]"),
+                (lambda: schedule.grid(3), "a step count dividing 1000"),
+                (lambda: model.latent_shape(1, (16, 24)), r"multiple of 16 x 16 .*model.resolution=\[16, 16\]"),
+                (lambda: setattr(model, "frames", 6) or model.latent_shape(1, 16), "model.frames=5")]
+    for call, message in refusals:
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
 
 
-def test_tscd_segments_off_the_pipelines_grids_are_refused_in_one_line(wan_dir):
+def test_resolution_is_a_side_or_height_and_width(wan_dir, prompts_file, tiny_sd15_dir, tmp_path):
+    """model.resolution: one side (square) for every family, [height, width] where the family takes it (wan); a square
+    family refuses a pair in one line, from the config or once an auto-detected model is loaded."""
     from stepdistill.config import ConfigError
-    from stepdistill.registry import get_method
+    from stepdistill.models.base import normal_size
 
-    spec = get_method("tscd")
-    schedule = load_family(wan_dir).noise_schedule()
-    with pytest.raises(ConfigError, match=r"use segments \[1\]") as err:
-        spec.distiller_cls(spec.config_cls(segments=[8, 4, 2, 1], stage_steps=[1, 1, 1, 1]), schedule)
-    assert "\n" not in str(err.value)
-    spec.distiller_cls(spec.config_cls(segments=[1], stage_steps=[1]), schedule)  # one segment: the 1-step grid
+    base = [f"model.path={wan_dir}", f"data.prompts={prompts_file}"]
+    assert load_config(ROOT / "configs/tiny/dmd_wan.yaml", [*base, "model.resolution=[16, 32]"]).model.resolution == [16, 32]
+    assert load_config(ROOT / "configs/tiny/dmd_wan.yaml", [*base, "model.resolution=[16, 16]"]).model.resolution == 16
+    assert normal_size([480, 832]) == (480, 832) and normal_size(480) == 480 and normal_size(0) is None
+    with pytest.raises(ConfigError, match=r"sd15 trains square images.*\[height, width\] is for families such as wan"):
+        load_config(ROOT / "configs/tiny/dmd_sd15.yaml", ["model.resolution=[16, 32]"])
+    with pytest.raises(ConfigError, match="one side or \\[height, width\\]"):
+        load_config(ROOT / "configs/tiny/dmd_wan.yaml", [*base, "model.resolution=[16, 32, 8]"])
+    auto = load_config(ROOT / "configs/tiny/dmd_sd15.yaml", [f"model.path={tiny_sd15_dir}", f"data.prompts={prompts_file}",
+                                                               "model.family=auto", "model.resolution=[16, 32]",
+                                                               "loop.progress=false"])
+    with pytest.raises(ConfigError, match="sd15 trains square images") as err:
+        Trainer(auto, tmp_path / "run").run()
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path, monkeypatch):
@@ -138,7 +180,7 @@ def test_generate_writes_an_animated_webp_and_the_frames(trained, tmp_path, monk
         pytest.skip("one run is enough for the file format")
     out = generate_image(final, PROMPT, tmp_path / "clip.webp", seed=0)
     with Image.open(out) as im:
-        assert im.format == "WEBP" and getattr(im, "n_frames", 1) == 5 and im.size == (16, 16)
+        assert im.format == "WEBP" and getattr(im, "n_frames", 1) == 5 and im.size == (32, 16)  # width x height
     frames = sorted((tmp_path / "clip_frames").glob("*.png"))
     assert len(frames) == 5
     namespace = {}

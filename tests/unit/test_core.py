@@ -211,3 +211,7 @@ def test_recipe_with_steps_is_the_one_way_to_change_steps():
     assert two.timesteps == [399, 199] and two.num_inference_steps == 2
     assert two.scheduler_config["original_inference_steps"] == 5  # the smallest LCM grid holding 399 and 199
     assert fixed.with_steps(4, respace=True).timesteps == [399, 299, 199, 99]
+    # A Wan recipe (first-order UniPC, corrector off at each of its steps) keeps the corrector off at every new step.
+    wan = Recipe(base_model="b", family="wan", method="dmd", scheduler_class="UniPCMultistepScheduler",
+                 scheduler_config={"solver_order": 1, "disable_corrector": [0, 1, 2, 3]}, num_inference_steps=4)
+    assert wan.with_steps(8).scheduler_config["disable_corrector"] == list(range(8))

@@ -13,6 +13,7 @@ from stepdistill.cli import build_parser
 from stepdistill.config import ConfigError, ModelConfig, load_config
 from stepdistill.core.recipe import Recipe
 from stepdistill.models import FamilyModel, family_names, get_family, register_family, registry
+from stepdistill.models.base import size_hw
 from stepdistill.models.families.sd15 import SD15Model
 from stepdistill.models.tiny import tiny_configs
 from stepdistill.registry import method_names
@@ -52,7 +53,9 @@ def check_family(cls) -> None:
         import transformers
 
         assert isinstance(getattr(transformers, encoder), type) and isinstance(getattr(transformers, tokenizer), type)
-    assert cls.default_resolution > 0 and cls.default_resolution % 8 == 0
+    # A side, or (height, width) for a family that takes non-square sizes (wan: WanPipeline's 480 x 832).
+    assert isinstance(cls.default_resolution, int) or (cls.non_square and len(cls.default_resolution) == 2)
+    assert all(side > 0 and side % cls.resolution_multiple == 0 for side in size_hw(cls.default_resolution))
     assert cls.bench_batch >= 1 and cls.dmd2_critic_ratio >= 1
     assert cls.default_scheduler_config.get("num_train_timesteps")
     parts = {cls.denoiser_prefix, "vae", *(e for e, _, _, _ in cls.text_parts)}

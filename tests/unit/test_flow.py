@@ -22,6 +22,7 @@ from stepdistill.core.flow import (
     image_seq_len,
     mu_from_config,
     network_timestep,
+    norm_rescaled_cfg,
     scheduler_sigmas,
     scheduler_timesteps,
     shift_sigma,
@@ -309,3 +310,17 @@ def test_flow_schedule_is_the_schedulers_training_table_and_ddim_is_euler():
     a_next, s_next = schedule.alpha_sigma(t_next, 2)
     torch.testing.assert_close(ddim_step(x0, eps, a_next, s_next), euler_step(x_t, v, sigma, s_next))
     assert schedule.unshifted_sigmas([999, 249]) == [1.0, 0.25]
+
+
+def test_norm_rescaled_cfg_keeps_the_direction_and_takes_the_conditional_norm():
+    """QwenImagePipeline's true CFG: each token's guided vector points along plain CFG's and has the conditional
+    vector's length; at w = 1 it is the conditional vector."""
+    g = torch.Generator().manual_seed(0)
+    v_c, v_u = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    w = torch.tensor([4.0, 2.5]).reshape(-1, 1, 1)
+    out = norm_rescaled_cfg(v_c, v_u, w)
+    comb = (v_u + w * (v_c - v_u)).double()
+    torch.testing.assert_close(out.norm(dim=-1), v_c.double().norm(dim=-1), rtol=1e-12, atol=0)
+    cos = (out * comb).sum(-1) / (out.norm(dim=-1) * comb.norm(dim=-1))
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm_rescaled_cfg(v_c, v_u, 1.0), v_c.double(), rtol=1e-12, atol=1e-12)

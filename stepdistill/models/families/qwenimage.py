@@ -8,11 +8,13 @@ to the latents' dtype, then divided by 1000) and the VAE's `latents / (1 / std) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
 
-from ...core.denoiser import Cond
+from ...core.denoiser import Cond, DenoiserOut
+from ...core.flow import norm_rescaled_cfg, x0_eps_from_velocity
 from ..flow_common import MMDIT_ATTN, FlowFamily
 from ..qwenimage_spec import (
     DEFAULT_SAMPLE_SIZE,
@@ -30,6 +32,18 @@ from .flux import FluxModel, pack_latents, unpack_latents
 
 # The feed-forwards of both streams (Qwen-Image names them img_mlp / txt_mlp, not ff / ff_context).
 QWEN_FF = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+
+
+def true_cfg(schedule, x_t, t, cond: DenoiserOut, uncond: DenoiserOut, guidance_scale) -> DenoiserOut:
+    """The teacher's guided (x0, eps) as QwenImagePipeline guides its velocity: comb = v_u + w (v_c - v_u), then
+    comb |v_c| / |comb| with norms over each packed token's 4 C values (its noise_pred's last axis). At w <= 1 the
+    pipeline runs no CFG at all: the conditional prediction."""
+    h, w = x_t.shape[-2:]
+    sigma = schedule.alpha_sigma(t, x_t.ndim)[1].to(x_t.device)
+    v_c, v_u = cond.eps - cond.x0, uncond.eps - uncond.x0  # flow: v = eps - x0
+    scale = torch.as_tensor(guidance_scale, dtype=torch.float64, device=x_t.device).reshape(-1, 1, 1)
+    v = torch.where(scale > 1, norm_rescaled_cfg(pack_latents(v_c), pack_latents(v_u), scale), pack_latents(v_c))
+    return DenoiserOut(*x0_eps_from_velocity(x_t, unpack_latents(v, h, w), sigma))
 
 
 @register_family
@@ -98,6 +112,11 @@ class QwenImageModel(FlowFamily):
                   guidance=None, encoder_hidden_states_mask=mask, encoder_hidden_states=cond.encoder_hidden_states,
                   img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
         return unpack_latents(out, h, w)
+
+    def guidance_rule(self, schedule):
+        """QwenImagePipeline's true CFG (true_cfg_scale with a negative prompt): the guided velocity rescaled, per packed
+        2x2 token, to the conditional velocity's norm (core.flow.norm_rescaled_cfg), then read as (x0, eps)."""
+        return partial(true_cfg, schedule)
 
     # ---- text -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -2,21 +2,25 @@
 VAE with per-channel latent mean / std, UMT5 text, and flow matching with the model's `flow_shift`.
 
 A video is one sample: the latent is (B, C, F, h, w), so noise, the DM gradient's normaliser and every loss reduce
-over the whole clip (the methods reduce over all non-batch axes). WanPipeline takes no `sigmas`: its scheduler spaces
-n steps itself (shift(linspace(1, shift(1/T), n))), so the training table here is that grid at T steps and a
-student's timesteps must be the n-step grid's (1 step: [999]; 4 steps: [999, 666, 333, 0]; any n with (T - 1) / (n - 1)
-whole), which its recipe reproduces with FlowMatchEulerDiscreteScheduler(shift=flow_shift) and n steps.
+over the whole clip (the methods reduce over all non-batch axes). WanPipeline takes no `sigmas`, only a step count:
+the training table is its own UniPC scheduler's flow ladder (WanGridSchedule), on which every trailing n-step grid
+(n dividing 1000: 1 step [999]; 4 steps [999, 749, 499, 249]) is that scheduler's n-step grid, so a recipe is
+UniPCMultistepScheduler(flow_shift, first order, no corrector) and n steps; tscd's segment edges are such grids.
+Sizes are WanPipeline's: height x width (model.resolution [480, 832], its default) and frames (81).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import ClassVar
 
 import torch
 
 from ...core.denoiser import Cond
-from ...core.flow import FlowSchedule, scheduler_sigmas
+from ...core.flow import FlowSchedule
+from ...core.solvers import trailing_timesteps
+from ..base import normal_size, size_hw
 from ..flow_common import FlowFamily
 from ..registry import register_family
 from ..wan_spec import (
@@ -43,28 +47,58 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# The recipe's scheduler: WanPipeline's own UniPCMultistepScheduler over flow sigmas, made a plain first-order step
+# (solver_order 1, no UniC corrector), which on flow sigmas is DDIM's, i.e. the Euler step every method samples with.
+UNIPC_EULER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "solver_order": 1,
+               "final_sigmas_type": "zero", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+               "use_beta_sigmas": False, "use_dynamic_shifting": False, "thresholding": False, "shift_terminal": None}
+
+
+def unipc_flow_grid(n: int, shift: float, num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas, timesteps) WanPipeline's UniPC scheduler visits at n steps, from the scheduler itself: sigmas float32
+    shift(linspace(1, 1/T, n + 1)[:-1]) (the first 1 - 1e-6), timesteps int64 trunc(T sigma) (what the transformer is
+    told). Not on the table for other n than divisors of T."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, flow_shift=shift,
+                                        **{k: v for k, v in UNIPC_EULER.items() if v is not None})
+    scheduler.set_timesteps(n)
+    return scheduler.sigmas[:-1].clone(), scheduler.timesteps.clone()
+
+
 class WanGridSchedule(FlowSchedule):
-    """The sigmas WanPipeline's scheduler visits at T steps (ascending in t), shift(linspace(1, shift(1/T), T)): every
-    n-step grid with (T - 1) / (n - 1) whole lies on it, at t = T - 1 - k (T - 1) / (n - 1)."""
+    """WanPipeline's UniPC flow ladder at T steps as the training table (ascending in t): sigma_t = shift(1 - (T - 1 -
+    t)(T - 1) / T^2), told the int64 trunc(1000 sigma_t). WanPipeline takes no `sigmas`, only a step count, and this
+    scheduler's n-step grid is linspace(1, 1/T, n + 1)[:-1] before the shift: for n dividing T it is exactly this table
+    at the trailing timesteps T - 1 - k T / n (1 step [999]; 2 [999, 499]; 4 [999, 749, 499, 249]; 8...), so every
+    trailing grid, and so every tscd segment edge, is a recipe the stock pipeline runs. (FlowMatchEulerDiscreteScheduler
+    spaces n steps to its own sigma_min instead, so its grids for different n do not nest on one table.)"""
 
     def __init__(self, shift: float, num_train_timesteps: int = 1000):
-        config = {"num_train_timesteps": num_train_timesteps, "shift": shift}
-        super().__init__(scheduler_sigmas(num_train_timesteps, config)[:-1].flip(0), 1000.0)
+        sigmas, told = unipc_flow_grid(num_train_timesteps, shift, num_train_timesteps)
+        super().__init__(sigmas.double().flip(0), 1000.0)
         self.shift = float(shift)
+        self._told = told.flip(0)
 
     def pipeline_timestep(self, t) -> torch.Tensor:
-        """The scheduler's t = 1000 sigma as WanPipeline holds it: float32."""
-        index = torch.as_tensor(t).reshape(-1).long()
-        return self.sigma(index).to(index.device).float() * self.num_train_timesteps
+        """The scheduler's int64 trunc(1000 sigma_t), as WanPipeline hands it to the transformer."""
+        t = torch.as_tensor(t).reshape(-1).long()
+        return self._told.to(t.device)[t.clamp(min=0)]
 
     def grid(self, n: int) -> list[int]:
-        """The table indices of the pipeline's n-step grid (ValueError when it is not on the table)."""
+        """The table indices of the pipeline's n-step grid: the trailing timesteps (ValueError off the table)."""
         T = self.num_train_timesteps
-        if n == 1:
-            return [T - 1]
-        if (T - 1) % (n - 1):
-            raise ValueError(f"WanPipeline's {n}-step grid is not on the {T}-step table: use 1, 2, 4 or 10 steps")
-        return [T - 1 - k * (T - 1) // (n - 1) for k in range(n)]
+        if n < 1 or T % n:
+            raise ValueError(f"WanPipeline's {n}-step grid is not on the {T}-step table: use a step count dividing {T} "
+                             "(1, 2, 4, 5, 8, 10...)")
+        timesteps = trailing_timesteps(n, T)
+        sigmas, told = unipc_flow_grid(n, self.shift, T)
+        index = torch.tensor(timesteps)
+        if not (torch.allclose(sigmas.double(), self.sigma(index), rtol=0, atol=1e-6)
+                and torch.equal(told, self.pipeline_timestep(index))):
+            raise ValueError(f"WanPipeline's {n}-step timesteps {told.tolist()} are not the table's at {timesteps} "
+                             f"(shift {self.shift}): use another step count")
+        return timesteps
 
     def pipeline_sampling(self, timesteps) -> dict:
         timesteps = [int(t) for t in timesteps]
@@ -72,7 +106,10 @@ class WanGridSchedule(FlowSchedule):
         if timesteps != grid:
             raise ValueError(f"timesteps {timesteps} are not WanPipeline's {len(timesteps)}-step grid: set "
                              f"method.timesteps={grid} (the pipeline takes no sigmas, only a step count)")
-        return {"scheduler_config": {"shift": self.shift}, "sigmas": None, "num_inference_steps": len(timesteps)}
+        # disable_corrector lists every step: UniC would fold the next model output into each step.
+        config = {**UNIPC_EULER, "flow_shift": self.shift, "disable_corrector": list(range(len(timesteps)))}
+        return {"scheduler_class": "UniPCMultistepScheduler", "scheduler_config": config, "sigmas": None,
+                "num_inference_steps": len(timesteps)}
 
 
 @register_family
@@ -85,7 +122,9 @@ class WanModel(FlowFamily):
     denoiser_class_name = "WanTransformer3DModel"
     vae_class_name = "AutoencoderKLWan"
     default_scheduler_config: ClassVar = WAN_SCHEDULER_CONFIG
-    default_resolution = 480  # WanPipeline's default is 480 x 832; training is square at this side
+    default_resolution = (480, 832)  # WanPipeline's default height x width
+    non_square = True
+    resolution_multiple = 16  # WanPipeline's check_inputs: height and width divisible by 16
     default_frames = 81  # WanPipeline's num_frames default
     t5_max_length = 512  # WanPipeline's max_sequence_length default
     tiny_arch: ClassVar = TINY_ARCH
@@ -146,8 +185,13 @@ class WanModel(FlowFamily):
 
     @property
     def latent_frames(self) -> int:
-        """WanPipeline's (num_frames - 1) // temporal factor + 1."""
-        return (self.frames - 1) // int(self.vae.config.scale_factor_temporal) + 1
+        """WanPipeline's (num_frames - 1) // temporal factor + 1; frames it would round (with a warning) are refused."""
+        factor = int(self.vae.config.scale_factor_temporal)
+        if (self.frames - 1) % factor:
+            fix = (self.frames - 1) // factor * factor + 1
+            raise ValueError(f"model.frames={self.frames}: WanPipeline needs frames - 1 divisible by the VAE's temporal "
+                             f"factor {factor}: use e.g. model.frames={max(1, fix)}")
+        return (self.frames - 1) // factor + 1
 
     @property
     def vae_scale_factor(self) -> int:
@@ -158,24 +202,30 @@ class WanModel(FlowFamily):
         return int(self.vae.config.z_dim)
 
     @property
-    def native_resolution(self) -> int:
-        return self.default_resolution
+    def native_resolution(self):
+        return normal_size(self.default_resolution)
 
-    def latent_shape(self, batch: int, resolution: int | None = None) -> tuple[int, ...]:
-        resolution = resolution or self.resolution
-        if resolution % 16:
-            raise ValueError(f"resolution {resolution} is not a multiple of 16 (WanPipeline's rule): use e.g. "
-                             f"{max(16, resolution // 16 * 16)}")
-        side = resolution // self.vae_scale_factor
-        return (batch, self.latent_channels, self.latent_frames, side, side)
+    def latent_shape(self, batch: int, resolution=None) -> tuple[int, ...]:
+        """(B, C, latent frames, height / f, width / f); height and width multiples of 16 and of the VAE factor times
+        the transformer's patch (what WanPipeline would otherwise round down with a warning)."""
+        height, width = size_hw(normal_size(resolution) or self.resolution)
+        patch = self.unet.config.patch_size
+        steps = (math.lcm(16, self.vae_scale_factor * patch[1]), math.lcm(16, self.vae_scale_factor * patch[2]))
+        if height % steps[0] or width % steps[1]:
+            fix = [max(m, side // m * m) for side, m in zip((height, width), steps)]
+            raise ValueError(f"resolution {height} x {width} is not a multiple of {steps[0]} x {steps[1]} (WanPipeline: 16, "
+                             f"VAE factor x patch): use e.g. model.resolution={fix}")
+        f = self.vae_scale_factor
+        return (batch, self.latent_channels, self.latent_frames, height // f, width // f)
 
-    def size_conditioning(self, resolution: int | None = None) -> dict:
-        side = int(resolution or self.resolution)
-        return {"height": side, "width": side, "num_frames": self.frames}
+    def size_conditioning(self, resolution=None) -> dict:
+        """The pipeline call's height, width and num_frames (its defaults 480, 832, 81 whatever the training)."""
+        height, width = size_hw(normal_size(resolution) or self.resolution)
+        return {"height": height, "width": width, "num_frames": self.frames}
 
     # ---- schedule and the network call ------------------------------------------------------------------------
     def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
-        """WanPipeline's timestep: the scheduler's float32 t = 1000 sigma, not cast to the run dtype."""
+        """WanPipeline's timestep: its UniPC scheduler's int64 trunc(1000 sigma), in every run dtype."""
         return schedule.pipeline_timestep(t)
 
     def noise_schedule(self, resolution: int | None = None) -> WanGridSchedule:
@@ -189,8 +239,8 @@ class WanModel(FlowFamily):
         return self._call
 
     def _call(self, net, x_t, timestep, cond: Cond) -> torch.Tensor:
-        """WanTransformer3DModel as WanPipeline calls it: latents in the network's dtype, the scheduler's float32
-        t = 1000 sigma (not cast), the UMT5 sequence."""
+        """WanTransformer3DModel as WanPipeline calls it: latents in the network's dtype, the scheduler's int64
+        trunc(1000 sigma) (not cast), the UMT5 sequence."""
         return net(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.encoder_hidden_states,
                    return_dict=False)[0]
 

@@ -117,11 +117,32 @@ def _toy_teacher(args):
                                                "init_from") if getattr(args, k) is not None}
     if args.logit_normal is not None:
         optional["logit_normal"] = tuple(args.logit_normal)
+    if args.arch:
+        optional["arch"] = _arch_arg(args.arch)
     out = train_toy_teacher(args.out, family=args.family, seed=args.seed, vae_from=args.vae_from,
                             snapshot_every=args.snapshot_every, max_sequence_length=args.max_sequence_length,
                             lr_schedule=args.lr_schedule, keep_snapshots=args.keep_snapshots,
                             progress=not args.no_progress, **steps, **optional)
     print(f"toy teacher written to {out}")
+
+
+def _arch_arg(items: list[str]) -> dict[str, dict]:
+    """--arch PART.KEY=VALUE items as {part: {key: value}}; a value is read as JSON (6, 0.1, true), else a string."""
+    import json
+
+    from .errors import ConfigError
+
+    arch: dict[str, dict] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        part, dot, key = name.partition(".")
+        if not (sep and dot and part and key):
+            raise ConfigError(f"--arch {item!r}: write PART.KEY=VALUE, e.g. transformer.num_attention_heads=6")
+        try:
+            arch.setdefault(part, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            arch[part][key] = value
+    return arch
 
 
 def _toy_random_pipeline(args):
@@ -248,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--keep-snapshots", action="store_true", help="keep a copy of every --snapshot-every save in "
                     "OUT/snapshots/step-N")
     tt.add_argument("--no-progress", action="store_true", help="no progress bar; one JSON log line per snapshot")
+    tt.add_argument("--arch", action="append", default=None, metavar="PART.KEY=VALUE",
+                    help="override the family's toy architecture, e.g. transformer.num_attention_heads=6 (repeatable; "
+                    "recorded in toy_teacher.json; a run continued with --init-from keeps its teacher's)")
     tt.set_defaults(func=_toy_teacher)
     tp = toy.add_parser("tiny-pipeline", help="write a tiny random-weight pipeline folder (what the tests train on "
                         "in seconds): for configs/tiny/ presets, --set model.path=DIR")

@@ -267,6 +267,7 @@ def train_toy_teacher(
     logit_normal: tuple[float, float] | None = None,
     init_from=None,
     keep_snapshots: bool = False,
+    arch: dict[str, dict] | None = None,
 ) -> Path:
     """Train a toy teacher pipeline on the toy world and save it to out_dir (diffusers format).
 
@@ -290,6 +291,8 @@ def train_toy_teacher(
             logit_normal or (0, 1)) or "uniform"; refused for an eps-prediction family.
         init_from: a toy teacher folder of the same family and architecture to start from (its denoiser and text
             encoders, and its VAE unless vae_from is given): a continued run. The optimizer state starts afresh.
+        arch: overrides of the family's toy architecture, {part: {config key: value}} (e.g. a wider transformer);
+            recorded in toy_teacher.json, and taken from init_from's record when not given.
     Records the recipe and CPU seconds in out_dir/toy_teacher.json.
     """
     from diffusers import AutoencoderKL
@@ -298,7 +301,8 @@ def train_toy_teacher(
     if not family_cls.toy_arch:
         raise ConfigError(f"there is no toy teacher recipe for family {family!r}: give its family class a toy_arch and "
                           "the toy_* hooks (models.base.FamilyModel)")
-    arch = family_cls.toy_arch
+    overrides = _arch_overrides(family_cls, arch, init_from)
+    arch = {part: {**config, **overrides.get(part, {})} for part, config in family_cls.toy_arch.items()}
     out_dir = Path(out_dir)
     steps = family_cls.toy_defaults["steps"] if steps is None else steps
     batch_size = family_cls.toy_defaults["batch_size"] if batch_size is None else batch_size
@@ -306,8 +310,12 @@ def train_toy_teacher(
         raise ConfigError("keep_snapshots needs snapshot_every > 0 (the steps to snapshot at)")
     torch.manual_seed(seed)
     start, wall_start = time.process_time(), time.time()
-    pipe = build_tiny_pipeline(family, seed, words=list(TOY_WORDS), sample_size=LATENT_SIZE, arch=arch,
-                               scheduler="ddim", model_max_length=MAX_TOKENS)
+    try:
+        pipe = build_tiny_pipeline(family, seed, words=list(TOY_WORDS), sample_size=LATENT_SIZE, arch=arch,
+                                   scheduler="ddim", model_max_length=MAX_TOKENS)
+    except TypeError as err:  # a diffusers part given a key its constructor does not take
+        raise ConfigError(f"arch {overrides}: {str(err).splitlines()[0]}") from err
+    _check_arch_keys(pipe, overrides)
     pipe.scheduler = type(pipe.scheduler).from_config(family_cls.toy_scheduler_config())
     # The loss first: a sampling option the family's objective cannot take is refused before any training.
     loss_fn = family_cls.toy_loss_fn(pipe, timestep_sampling, logit_normal)
@@ -317,6 +325,8 @@ def train_toy_teacher(
               "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}
     if lr_schedule != "constant":
         record.update(lr_schedule=lr_schedule, lr_final=lr_final)
+    if overrides:
+        record["arch"] = overrides
     if t5_length is not None:
         record["max_sequence_length"] = t5_length
     record.update(family_cls.toy_objective(timestep_sampling, logit_normal))
@@ -362,6 +372,40 @@ def train_toy_teacher(
                           t5_length=t5_length, loss_fn=loss_fn, lr_schedule=lr_schedule, lr_final=lr_final)
     save(steps, loss, final=True)
     return out_dir
+
+
+def _arch_overrides(family_cls, arch: dict[str, dict] | None, init_from) -> dict[str, dict]:
+    """The toy-architecture overrides of this run: `arch`, or those recorded by the init_from teacher (a continued run
+    keeps its architecture); giving other ones than the teacher was trained with is refused."""
+    recorded = {}
+    info = Path(init_from) / "toy_teacher.json" if init_from is not None else None
+    if info is not None and info.is_file():
+        recorded = json.loads(info.read_text()).get("arch", {})
+    if arch is None:
+        arch = recorded
+    elif init_from is not None and arch != recorded:
+        raise ConfigError(f"arch {arch} differs from the {recorded or 'default'} architecture init_from {init_from} was "
+                          "trained with: drop arch (a continued run keeps its teacher's)")
+    unknown = sorted(set(arch) - set(family_cls.toy_arch))
+    if unknown:
+        raise ConfigError(f"arch names parts {unknown} the {family_cls.name} toy teacher does not have: use "
+                          f"{sorted(family_cls.toy_arch)}")
+    return {part: dict(config) for part, config in arch.items() if config}
+
+
+def _check_arch_keys(pipe, overrides: dict[str, dict]) -> None:
+    """An override key its part's class does not take is refused (transformers configs would keep it unused)."""
+    import inspect
+
+    for part, config in overrides.items():
+        module = getattr(pipe, part)
+        if hasattr(module, "config_class") and module.config_class is not None:  # transformers
+            known = set(module.config_class().to_dict())
+        else:  # diffusers: the constructor's arguments are the config
+            known = set(inspect.signature(type(module).__init__).parameters) - {"self"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"arch {part}: {type(module).__name__} has no config key(s) {unknown}")
 
 
 def _load_weights_(pipe, family_cls, folder: Path, t5_length: int | None) -> int | None:

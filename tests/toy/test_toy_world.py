@@ -299,6 +299,37 @@ def test_toy_teacher_continues_from_a_folder(tmp_path):
         train_toy_teacher(tmp_path / "flux", family="flux", steps=1, num_images=4, init_from=shipped)
 
 
+def test_toy_teacher_arch_overrides_are_built_recorded_and_kept_by_a_continued_run(tmp_path):
+    """arch overrides the family's toy architecture (a wider SD3-toy transformer), is recorded in toy_teacher.json, and
+    a run continued from that folder builds the same architecture without being told; another arch, an unknown part or
+    an unknown config key is a one-line error."""
+    import json
+
+    from stepdistill.cli import _arch_arg
+    from stepdistill.config import ConfigError
+    from stepdistill.train.toy_teacher import train_toy_teacher
+
+    torch.set_num_threads(1)
+    wide = _arch_arg(["transformer.num_attention_heads=6", "transformer.num_layers=2"])
+    assert wide == {"transformer": {"num_attention_heads": 6, "num_layers": 2}}
+    common = {"family": "sd3", "steps": 1, "batch_size": 2, "num_images": 4, "progress": False,
+              "vae_from": toy_asset_path("sd15")}
+    first = train_toy_teacher(tmp_path / "wide", arch=wide, **common)
+    config = json.loads((first / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_layers"]) == (6, 2)
+    assert json.loads((first / "toy_teacher.json").read_text())["arch"] == wide
+    again = train_toy_teacher(tmp_path / "again", init_from=first, **common)
+    assert json.loads((again / "toy_teacher.json").read_text())["arch"] == wide
+    with pytest.raises(ConfigError, match="drop arch"):
+        train_toy_teacher(tmp_path / "x", init_from=first, arch={"transformer": {"num_layers": 3}}, **common)
+    with pytest.raises(ConfigError, match="does not have"):
+        train_toy_teacher(tmp_path / "x", arch={"unet": {"num_layers": 3}}, **common)
+    with pytest.raises(ConfigError, match="no config key"):
+        train_toy_teacher(tmp_path / "x", arch={"text_encoder_3": {"widthh": 3}}, **common)
+    with pytest.raises(ConfigError, match="PART.KEY=VALUE"):
+        _arch_arg(["num_layers=3"])
+
+
 @pytest.mark.parametrize("family, length, match", [("sd3", 8, "truncates toy captions"),
                                                    ("sd15", 16, "no T5 encoder")])
 def test_toy_teacher_t5_length_is_refused_when_it_cannot_apply(family, length, match, tmp_path):

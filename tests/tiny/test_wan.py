@@ -74,9 +74,12 @@ def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan
 
 
 def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(trained, wan_dir):
-    """Base and adapters in bf16: at each step of the recipe (dmd's 4-step grid, tscd's one step), the stock
-    WanPipeline's transformer output equals the training-time student's on the same latents, to bf16 rounding."""
+    """Base and adapters in bf16: at each step of dmd's 4-step grid, the stock WanPipeline's transformer output equals
+    the training-time student's on the same latents, to bf16 rounding (helpers). The old cast of 1000 sigma to bf16
+    misses at t = 666."""
     trainer, final = trained
+    if Recipe.load(final).num_inference_steps == 1:
+        pytest.skip("one step: test_contract.py's tscd-wan case")
     visited = assert_bf16_student_equals_the_pipeline(trainer.built, wan_dir, final, PROMPT)
     assert visited == trainer.built.nets.schedule.grid(Recipe.load(final).num_inference_steps)
 

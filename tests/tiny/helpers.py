@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from ..unit.tolerances import rounding_atol
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -199,3 +202,98 @@ def assert_matches_reference(run: str, folder):
         REFERENCE_LORAS.write_text(json.dumps(references, indent=1, sort_keys=True) + "\n")
     expected = references[run]
     assert lora_file_digests(folder) == expected, f"{run}: the exported LoRA files differ from {REFERENCE_LORAS.name}"
+
+
+def schedule_index(schedule, t: torch.Tensor) -> int:
+    """The training-table index of a timestep the pipeline's scheduler stepped at: a DDPM scheduler's integer t as it
+    is; a flow scheduler's float32 t = T sigma found, bit for bit, among the pipeline timesteps of the student's
+    schedule (FlowSchedule.pipeline_timestep) -- a pipeline step off that table is one the student was never trained at."""
+    t = torch.as_tensor(t).reshape(())
+    if not t.is_floating_point():
+        return int(t)
+    table = schedule.pipeline_timestep(torch.arange(schedule.num_train_timesteps))
+    hits = (table == t.float()).nonzero().flatten()
+    assert len(hits) == 1, f"the pipeline stepped at t = {float(t)!r}, not on the student's schedule"
+    return int(hits[0])
+
+
+def network_cond(kwargs: dict):
+    """The Cond of one recorded pipeline call to the denoiser: the text sequence and the family's added inputs
+    (SDXL's added_cond_kwargs, SD3 / FLUX pooled projections, Qwen-Image's text mask)."""
+    from stepdistill.core.denoiser import Cond
+
+    text = kwargs["encoder_hidden_states"]
+    added = kwargs.get("added_cond_kwargs")
+    if added is None:
+        added = {k: kwargs[k] for k in ("pooled_projections", "encoder_hidden_states_mask") if kwargs.get(k) is not None}
+    if "encoder_hidden_states_mask" in kwargs and kwargs["encoder_hidden_states_mask"] is None:
+        # QwenImagePipeline drops a mask that keeps every token; the family's call always passes one.
+        added["encoder_hidden_states_mask"] = torch.ones(text.shape[:2], dtype=torch.long, device=text.device)
+    return Cond(text, added or None)
+
+
+def assert_bf16_student_equals_the_pipeline(built, base_dir, lora_dir, prompt: str) -> list[int]:
+    """Base and adapters in bf16: at each step of the recipe, the stock pipeline's denoiser output equals the
+    training-time student's (a Denoiser as train/build.py makes it, in bf16, with the family's network call and
+    network timestep) on the latents, conditioning and schedule step the pipeline has there, and those steps are the
+    ones the training-time sampler runs the student at. Returns them.
+
+    Both sides run the LoRA through PEFT (the fused training path rounds the low-rank product in its own order:
+    tests/unit/test_fused_lora.py) and the pipeline's attention kernels, so only the timestep and the conditioning
+    the network is told can differ, and those move a bf16 output by many rounding units."""
+    from stepdistill.core.denoiser import Denoiser
+    from stepdistill.core.lora import use_fused_lora
+
+    bf16, family = torch.bfloat16, built.family
+    pipe, recipe = fresh_pipeline(family.pipeline_class, base_dir, lora_dir)
+    pipe.to(bf16)
+    calls, steps = [], []
+
+    def record(module, args, kwargs, out):
+        sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        calls.append((sample.detach(), kwargs, out[0].detach()))
+
+    net = getattr(pipe, family.denoiser_prefix)
+    net.register_forward_hook(record, with_kwargs=True)
+    scheduler_step = pipe.scheduler.step
+
+    def step(model_output, timestep, *args, **kwargs):
+        steps.append(timestep)
+        return scheduler_step(model_output, timestep, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    # The timesteps the training-time sampler runs the student at (its Denoiser's every network call).
+    trained_at, view = [], built.nets.student
+    inputs = view.network_inputs
+
+    def spy(x_t, t, cond):
+        trained_at.append(int(torch.as_tensor(t).reshape(-1)[0]))
+        return inputs(x_t, t, cond)
+
+    view.network_inputs = spy
+    try:
+        _, _, x_T = student_latents(built, prompt)
+    finally:
+        del view.network_inputs
+    run_pipeline(pipe, recipe, prompt, x_T.to(bf16))
+    assert len(calls) == len(steps) == recipe.num_inference_steps, (len(calls), len(steps), recipe.num_inference_steps)
+
+    unet = copy.deepcopy(built.nets.denoiser).to(bf16)
+    use_fused_lora(unet, False)
+    if family.attention_backends:
+        unet.set_attn_processor(dict(net.attn_processors))
+    student = Denoiser(unet, built.nets.schedule, "student", dtype=bf16, call=family.denoiser_call,
+                       network_timestep=family.network_timestep)
+    h, w = x_T.shape[-2:]
+    visited = []
+    for (sample, kwargs, theirs), t_pipe in zip(calls, steps):
+        t = schedule_index(built.nets.schedule, t_pipe)
+        visited.append(t)
+        with torch.no_grad():
+            ours = student.raw(family.from_pipeline_latents(sample, h, w), t, network_cond(kwargs))
+        theirs = family.from_pipeline_latents(theirs, h, w).float()
+        tol = rounding_atol(bf16, theirs.abs().max().item())
+        err = (ours.float() - theirs).abs().max().item()
+        assert err <= tol, f"t={t}: the student's bf16 output is {err:.3g} from the pipeline's (> {tol:.3g})"
+    assert visited == trained_at, (visited, trained_at)
+    return visited

@@ -19,10 +19,20 @@ from stepdistill.models import load_family
 from stepdistill.models.tiny import TINY_PROMPTS, save_tiny_pipeline
 from stepdistill.train.loop import Trainer
 
-from .helpers import applied_lora_layers, fresh_pipeline, lora_file_modules, run_cli, student_latents, train_args
+from .helpers import (
+    ROOT,
+    applied_lora_layers,
+    assert_bf16_student_equals_the_pipeline,
+    fresh_pipeline,
+    lora_file_modules,
+    run_cli,
+    student_latents,
+    train_args,
+)
 
 torch.set_num_threads(1)
 PROMPT = "a red cat on the sea"
+EIGHT_STEPS = [999, 874, 749, 624, 499, 374, 249, 124]  # trailing_timesteps(8, 1000)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +100,29 @@ def test_comfyui_layout_loads_with_every_tensor_applied(trained, qwen_dir):
     family = trainer.built.family
     torch.testing.assert_close(_run(pipe_k, recipe, x_T, family), _run(pipe_d, recipe, x_T, family), atol=1e-5,
                                rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eight_step(qwen_dir, prompts_file, tmp_path_factory):
+    """An 8-step dmd student (one update): the multi-step Qwen-Image case of the bf16 tier (test_contract's tiny
+    presets give one-step Qwen-Image recipes). Its steps 874 and 124 are where the pipeline's bf16 timestep,
+    bf16(bf16(1000 sigma) / 1000), differs from bf16(sigma); at 749, 499 and 249 the two agree."""
+    cfg = load_config(ROOT / "configs/tiny/dmd_qwenimage.yaml", [
+        f"model.path={qwen_dir}", f"data.prompts={prompts_file}", "loop.progress=false", "loop.max_steps=1",
+        f"method.timesteps={EIGHT_STEPS}".replace(" ", "")])
+    trainer = Trainer(cfg, tmp_path_factory.mktemp("dmd_8step") / "run")
+    try:
+        return trainer, trainer.run()
+    finally:
+        trainer.close()
+
+
+def test_bf16_eight_step_student_equals_the_bf16_pipeline_at_every_recipe_timestep(eight_step, qwen_dir):
+    """Base and adapters in bf16: at each of the 8 steps the stock QwenImagePipeline's transformer output equals the
+    training-time student's on the same latents and text, to bf16 rounding (helpers). Telling the network bf16(sigma)
+    instead of the pipeline's bf16(bf16(1000 sigma) / 1000) misses at t = 874 and 124."""
+    trainer, final = eight_step
+    assert assert_bf16_student_equals_the_pipeline(trainer.built, qwen_dir, final, PROMPT) == EIGHT_STEPS
 
 
 def test_prompt_encoding_equals_the_pipelines_encode_prompt(qwen_dir):

@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from stepdistill.config import ConfigError, load_config
 from stepdistill.core.denoiser import Denoiser, checkpoint_under_adapter
-from stepdistill.core.lora import adapter_parameters, adapter_state_dict, use_fused_lora
+from stepdistill.core.lora import adapter_parameters, adapter_state_dict
 from stepdistill.core.recipe import Recipe
 from stepdistill.core.samplers import ddim_sample
 from stepdistill.core.solvers import trailing_timesteps
@@ -28,15 +28,14 @@ from stepdistill.train.loop import Trainer
 from .helpers import (
     ROOT,
     assert_base_unchanged,
+    assert_bf16_student_equals_the_pipeline,
     assert_gan_gradients_reach_only_their_phase,
     assert_same_lora,
-    fresh_pipeline,
     gan_batch,
     lora_tensors,
     pipeline_latents,
     randomise_lora_b,
     run_cli,
-    run_pipeline,
     student_latents,
     train_args,
 )
@@ -125,40 +124,12 @@ def test_fresh_diffusers_pipeline_reproduces_the_student(trained, tiny_sd15_dir)
 
 def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(trained, tiny_sd15_dir):
     """Base and adapters in bf16: at each step of the recipe's LCMScheduler, the stock pipeline's UNet output equals
-    the training-time student's (the Denoiser train/build.py makes, in bf16) on the same latents, timestep and text.
-    A DDPM UNet pipeline tells the network the integer t, so nothing is lost to bf16 arithmetic here (docs/flow.md
-    has the flow families' case)."""
-    import copy
-
-    from stepdistill.core.denoiser import Cond
-
+    the training-time student's on the same latents, timestep and text, to bf16 rounding (helpers). A DDPM UNet
+    pipeline tells the network the integer t, so nothing is lost to bf16 arithmetic here (docs/flow.md has the flow
+    families' case); both sides run the pipeline's attention kernel, which bf16 rounds differently from training's."""
     trainer, final = trained
-    b, bf16 = trainer.built, torch.bfloat16
-    pipe, recipe = fresh_pipeline(StableDiffusionPipeline, tiny_sd15_dir, final)
-    pipe.to(bf16)
-    calls = []
-
-    def record(module, args, kwargs, out):
-        calls.append((args[0].detach(), args[1], kwargs["encoder_hidden_states"].detach(), out[0].detach()))
-
-    pipe.unet.register_forward_hook(record, with_kwargs=True)
-    _, _, x_T = student_latents(b, b.data.prompts[0])
-    run_pipeline(pipe, recipe, b.data.prompts[0], x_T.to(bf16))
-    assert [int(t) for _, t, _, _ in calls] == list(b.distiller.timesteps)
-    unet = copy.deepcopy(b.nets.denoiser).to(bf16)
-    # The pipeline runs the LoRA through PEFT: so does this copy, so that only the timestep and conditioning are
-    # compared (the fused training path rounds the low-rank product in its own order: test_fused_lora.py).
-    use_fused_lora(unet, False)
-    # The pipeline's attention kernel (training picks its own, model.attention): bf16 rounds each differently.
-    unet.set_attn_processor(dict(pipe.unet.attn_processors))
-    student = Denoiser(unet, b.nets.schedule, "student", dtype=bf16, call=b.family.denoiser_call,
-                       network_timestep=b.family.network_timestep)
-    for x_t, t, text, theirs in calls:
-        with torch.no_grad():
-            ours = student.raw(x_t, t, Cond(text))
-        # Same weights, inputs, shapes and kernels: up to one bf16 rounding unit (8 bits) at the output's scale.
-        tol = 2.0 ** -8 * theirs.float().abs().max().item()
-        assert (ours.float() - theirs.float()).abs().max().item() <= tol, int(t)
+    b = trainer.built
+    assert assert_bf16_student_equals_the_pipeline(b, tiny_sd15_dir, final, b.data.prompts[0]) == list(b.distiller.timesteps)
 
 
 def test_sdxl_run_end_to_end(tiny_sdxl_dir, prompts_file, tmp_path):

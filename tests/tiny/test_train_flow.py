@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from stepdistill import pipelines
 from stepdistill.card import CARD_FILE
 from stepdistill.config import ConfigError, load_config
-from stepdistill.core.lora import adapter_state_dict, use_fused_lora
+from stepdistill.core.lora import adapter_state_dict
 from stepdistill.core.recipe import Recipe
 from stepdistill.export import (
     DIFFUSERS_WEIGHT_NAME,
@@ -31,7 +31,15 @@ from stepdistill.registry import get_method
 from stepdistill.train.build import _families_with
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, applied_lora_layers, fresh_pipeline, lora_file_modules, run_pipeline, student_latents
+from .helpers import (
+    ROOT,
+    applied_lora_layers,
+    assert_bf16_student_equals_the_pipeline,
+    fresh_pipeline,
+    lora_file_modules,
+    run_pipeline,
+    student_latents,
+)
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 RUNS = {
@@ -101,48 +109,11 @@ def test_export_reproduces_the_student_in_a_stock_pipeline(trained):
 
 def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(trained):
     """Base and adapters in bf16: at each step of the recipe, the stock pipeline's transformer output equals the
-    training-time student's (the Denoiser train/build.py makes, in bf16) on the same latents and text, to bf16
-    tolerance. A student told another timestep than the pipeline tells it (a bf16 cast of 1000 sigma) misses."""
-    import copy
-
-    from stepdistill.core.denoiser import Cond, Denoiser
-
-    family, model, trainer, final = trained
-    bf16 = torch.bfloat16
-    pipe, recipe = fresh_pipeline(PIPELINES[family], model, final)
-    pipe.to(bf16)
-    calls = []
-
-    def record(module, args, kwargs, out):
-        calls.append(({k: kwargs[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections")},
-                      out[0].detach()))
-
-    pipe.transformer.register_forward_hook(record, with_kwargs=True)
-    _, _, x_T = student_latents(trainer.built, PROMPT)
-    h, w = x_T.shape[-2:]
-    kwargs = {"height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor,
-              **recipe.call_kwargs(pipe.scheduler), "guidance_scale": recipe.guidance_scale if family == "flux" else 1.0}
-    fam = trainer.built.family
-    pipe(prompt=[PROMPT], latents=fam.to_pipeline_latents(x_T.clone()).to(bf16), output_type="latent", **kwargs)
-    timesteps = [round(u * 1000) - 1 for u in recipe.sigmas]
-    assert len(calls) == len(timesteps)
-    unet = copy.deepcopy(trainer.built.nets.denoiser).to(bf16)
-    # The pipeline runs the LoRA through PEFT: so does this copy, so that only the timestep and conditioning are
-    # compared (the fused training path rounds the low-rank product in its own order: test_fused_lora.py).
-    use_fused_lora(unet, False)
-    student = Denoiser(unet, trainer.built.nets.schedule, "student", dtype=bf16, call=fam.denoiser_call,
-                       network_timestep=fam.network_timestep)
-    for t, (inputs, theirs) in zip(timesteps, calls):
-        x_t = fam.from_pipeline_latents(inputs["hidden_states"], h, w) if family == "flux" else inputs["hidden_states"]
-        cond = Cond(inputs["encoder_hidden_states"], {"pooled_projections": inputs["pooled_projections"]})
-        with torch.no_grad():
-            ours = student.raw(x_t, t, cond)
-        theirs = fam.from_pipeline_latents(theirs, h, w) if family == "flux" else theirs
-        # Same weights, inputs, shapes and kernels: equal up to one bf16 rounding unit (8 bits) at the output's scale
-        # (measured: bit-equal; the old bf16 cast of 1000 sigma missed by 4-10 units at t = 749 / 499).
-        tol = 2.0 ** -8 * theirs.float().abs().max().item()
-        err = (ours.float() - theirs.float()).abs().max().item()
-        assert err <= tol, f"t={t}: {err:.3g} > {tol:.3g}"
+    training-time student's on the same latents and text, to bf16 rounding (helpers). A student told another timestep
+    than the pipeline tells it (the old bf16 cast of 1000 sigma) misses by 4-10 rounding units at t = 749 / 499."""
+    _, model, trainer, final = trained
+    visited = assert_bf16_student_equals_the_pipeline(trainer.built, model, final, PROMPT)
+    assert visited == [round(u * 1000) - 1 for u in Recipe.load(final).sigmas]
 
 
 def test_pipelines_load_fused_and_merged_export_reproduce_the_student(trained, tmp_path):

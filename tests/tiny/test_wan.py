@@ -19,7 +19,16 @@ from stepdistill.models import load_family
 from stepdistill.models.tiny import save_tiny_pipeline
 from stepdistill.train.loop import Trainer
 
-from .helpers import ROOT, applied_lora_layers, fresh_pipeline, lora_file_modules, run_cli, student_latents, train_args
+from .helpers import (
+    ROOT,
+    applied_lora_layers,
+    assert_bf16_student_equals_the_pipeline,
+    fresh_pipeline,
+    lora_file_modules,
+    run_cli,
+    student_latents,
+    train_args,
+)
 
 torch.set_num_threads(1)
 PROMPT = "a red cat on the sea"
@@ -73,6 +82,17 @@ def test_video_dmd_export_runs_as_the_student_in_the_stock_pipeline(trained, wan
     loaded = pipelines.load(None, final)
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_run(loaded, recipe, x_T).float(), ours.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(trained, wan_dir):
+    """Base and adapters in bf16: at each step of dmd's 4-step grid, the stock WanPipeline's transformer output equals
+    the training-time student's on the same latents, to bf16 rounding (helpers). The old cast of 1000 sigma to bf16
+    misses at t = 666."""
+    trainer, final = trained
+    if Recipe.load(final).num_inference_steps == 1:
+        pytest.skip("one step: test_contract.py's tscd-wan case")
+    visited = assert_bf16_student_equals_the_pipeline(trainer.built, wan_dir, final, PROMPT)
+    assert visited == trainer.built.nets.schedule.grid(Recipe.load(final).num_inference_steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

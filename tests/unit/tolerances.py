@@ -29,3 +29,11 @@ def reduction_atol(dtype: torch.dtype, reduction: int, scale: float, depth: int 
     (a network's layers) add up, and a factor 4 keeps the rare tail inside.
     """
     return 4.0 * depth * torch.finfo(dtype).eps * math.sqrt(reduction) * scale
+
+
+def rounding_atol(dtype: torch.dtype, scale: float, units: float = 1.0) -> float:
+    """Absolute tolerance for two computations of values of magnitude `scale` that run the same kernels on the same
+    inputs in the same order, so that they may differ only by `units` final roundings: the unit roundoff eps / 2
+    (Higham, sec. 2.1) at that scale. A difference in what either computes (another timestep, another conditioning)
+    moves a bf16 output by many such units."""
+    return units * torch.finfo(dtype).eps / 2 * scale

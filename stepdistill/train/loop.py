@@ -453,7 +453,9 @@ class Trainer:
                 )
             rate = (self.step - steps0) / max(time.perf_counter() - t0, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", it_s=f"{rate:.2f}")
+            # An update without a student loss (tscd_unified's critic-only warm-up) shows its critic loss, not NaN.
+            shown = next(((k, logs[k]) for k in ("loss", "fake_score_loss", "critic_loss") if k in logs), None)
+            bar.set_postfix(**({shown[0]: f"{shown[1]:.4g}"} if shown else {}), it_s=f"{rate:.2f}")
             if self.step == first_step + 1:
                 bar.close()
                 bar = self._bar(f"train {cfg.method.name}")

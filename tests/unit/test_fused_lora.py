@@ -250,3 +250,26 @@ def test_unknown_lora_kernel_is_a_config_error():
 
     with pytest.raises(ConfigError, match="model.lora_kernel"):
         build_config({"method": {"name": "lcm"}, "model": {"lora_kernel": "triton"}})
+
+
+def test_compute_copies_follow_the_loops_fused_optimizer_step():
+    """torch's fused AdamW updates the fp32 masters without bumping their version counters: the loop bumps them, or
+    the bf16 copies (keyed on those counters) would keep the first forward's weights for the whole run."""
+    from stepdistill.core.lora import _compute_weights
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("lcm", "sd15", BF16, out)
+        try:
+            assert trainer.optimizers["student"].defaults.get("fused")
+            for _ in range(2):
+                bench.run_iteration(trainer)
+            layers = lora_layer_modules(trainer.built.nets.denoiser)
+            moved = 0
+            for layer in layers:
+                A, B = layer.lora_A["student"].weight, layer.lora_B["student"].weight
+                a, b = _compute_weights(layer, "student", torch.bfloat16)[:2]
+                assert torch.equal(a, A.detach().bfloat16()) and torch.equal(b, B.detach().bfloat16())
+                moved += int(b.abs().sum() > 0)
+            assert moved, "no adapter moved"
+        finally:
+            trainer.close()

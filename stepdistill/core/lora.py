@@ -362,8 +362,9 @@ class _ComputeCopies:
             if hit is not None and hit[0] == key:
                 continue
             if hit is None or hit[1][0].shape != A.shape or hit[1][1].shape != B.shape or hit[1][0].device != A.device:
-                a = torch.empty(A.shape, dtype=dtype, device=A.device)
-                b = torch.empty(B.shape, dtype=dtype, device=B.device)
+                with torch.inference_mode(False):  # buffers outlive a first call under inference_mode
+                    a = torch.empty(A.shape, dtype=dtype, device=A.device)
+                    b = torch.empty(B.shape, dtype=dtype, device=B.device)
                 hit = (None, (a, b, _t(a), _t(b)))
             dst += hit[1][:2]
             src += [A, B]

@@ -22,7 +22,8 @@ class ModelConfig:
     # Pixels: one side (a square), or [height, width] where the family takes other sizes (wan: [480, 832], its
     # pipeline's default); 0 = the model's own size. A square pair [h, h] is read as the side h.
     resolution: int | list[int] = 0
-    dtype: str = "auto"  # frozen base weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    # frozen base weights: auto (bf16 on GPU, fp32 on CPU; bf16 under loop.mixed_precision=bf16_pure) | fp32 | bf16 | fp16
+    dtype: str = "auto"
     attention: str = "auto"  # auto | sdpa | xformers | triton | math
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet (compiles once per adapter and shape: minutes at start)
@@ -143,7 +144,12 @@ class LoopConfig:
     sample_every: int = 0  # write a sample grid every N steps; 0 = off
     checkpoint_every: int = 500
     keep_last: int = 2
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16
+    # auto (bf16 on GPU, none on CPU) | no | bf16 | bf16_pure. bf16: autocast, matmuls and convolutions in bf16, norms
+    # and the casts around them in fp32. bf16_pure: no autocast; the base (model.dtype bf16, or auto) and every
+    # activation, norms included, in bf16 (torch's norm kernels accumulate in fp32 inside), the LoRA term from bf16
+    # copies of its fp32 masters (model.lora_kernel=peft: PEFT's own fp32 term); losses reduced, the DM normaliser
+    # and AdamW in fp32 (docs/training-speed.md).
+    mixed_precision: str = "auto"
     max_nonfinite_in_a_row: int = 20
     progress: bool = True
     report_to: list[str] = field(default_factory=lambda: ["none"])  # none | tensorboard | wandb (a list: both)
@@ -161,7 +167,7 @@ class LoopConfig:
         _at_least("loop.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, 1)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"loop.ema_decay must be in [0, 1) (got {self.ema_decay}); 0 exports the last iterate")
-        _choice("loop.mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
+        _choice("loop.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "bf16_pure"))
         for name in self._report_names():
             _choice("loop.report_to", name, ("none", *TRACKERS))
 
@@ -201,6 +207,11 @@ class Config:
                 section.validate()
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32) (got {self.seed})")
+        if self.loop.mixed_precision == "bf16_pure" and self.model.dtype not in ("auto", "bf16"):
+            raise ConfigError(
+                f"loop.mixed_precision=bf16_pure runs the base in bf16 without autocast, but model.dtype={self.model.dtype}:"
+                " set model.dtype=bf16 (or auto), or loop.mixed_precision=bf16 (autocast over this base)"
+            )
         if not self.model.path:
             raise ConfigError("model.path is empty: pass --set model.path=DIR (a local diffusers folder or a hub id)")
         if not self.data.prompts and not self.data.images:

@@ -263,16 +263,28 @@ class FlowSchedule:
     def num_train_timesteps(self) -> int:
         return self.sigmas.numel()
 
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha table, sigma table) on `device`, made once per device (not a host-to-device copy per call), with one
+        more entry at the END for t = -1 (clean data: alpha 1, sigma 0), which a tensor index of -1 reads (tensor
+        indexing wraps negative indices): a lookup is one index, without a clamp, a comparison and a select."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if device not in cache:
+            sigma = torch.cat([self.sigmas, torch.zeros(1, dtype=self.sigmas.dtype)])
+            cache[device] = ((1.0 - sigma).to(device), sigma.to(device))
+        return cache[device]
+
     def sigma(self, t) -> torch.Tensor:
         """sigma_t per sample (float64, flat); 0 for t = -1."""
         t = torch.as_tensor(t).reshape(-1).long()
-        s = self.sigmas.to(t.device)[t.clamp(min=0)]
-        return torch.where(t < 0, torch.zeros_like(s), s)
+        return self._tables(t.device)[1][t]
 
     def alpha_sigma(self, t, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - sigma_t, sigma_t), float64, shaped to broadcast over x."""
-        sigma = self.sigma(t).reshape((-1,) + (1,) * (ndim - 1))
-        return 1.0 - sigma, sigma
+        t = torch.as_tensor(t).reshape(-1).long()
+        alpha, sigma = self._tables(t.device)
+        shape = (-1,) + (1,) * (ndim - 1)
+        return alpha[t].reshape(shape), sigma[t].reshape(shape)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         """x_t = (1 - sigma_t) x0 + sigma_t eps (rectified flow)."""

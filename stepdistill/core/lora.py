@@ -299,22 +299,80 @@ class _LoraConv2d(torch.autograd.Function):
 
 def _compute_weights(layer, adapter: str, dtype) -> tuple[torch.Tensor, ...]:
     """Adapter `adapter`'s (a, b, a^T, b^T) as the fused path multiplies them: views of the fp32 masters when
-    `dtype` is theirs, else copies in `dtype` made once per change of the masters (an optimizer step, a load, an EMA
-    update: each bumps the tensor's version counter), not once per call."""
+    `dtype` is theirs, else copies in `dtype` refreshed once per change of the masters (an optimizer step, a load, an
+    EMA update: each bumps the tensor's version counter), not once per call; every stale layer of the network in one
+    foreach copy (_ComputeCopies)."""
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if torch.compiler.is_compiling():  # traced into the graph, where the cast fuses with its neighbours
         a, b = A.detach().to(dtype), B.detach().to(dtype)
         return a, b, _t(a), _t(b)
-    same = A.dtype == dtype and B.dtype == dtype
-    # Views of a master follow its in-place updates: only a new storage (or dtype) makes them stale.
-    key = (A.data_ptr(), B.data_ptr()) if same else (A._version, B._version, A.data_ptr(), B.data_ptr())
-    cache = layer.__dict__.setdefault("_stepdistill_compute", {})
-    hit = cache.get((adapter, dtype))
-    if hit is None or hit[0] != key:
-        a, b = (A.detach(), B.detach()) if same else (A.detach().to(dtype), B.detach().to(dtype))
-        hit = (key, (a, b, _t(a), _t(b)))
-        cache[(adapter, dtype)] = hit
-    return hit[1]
+    if A.dtype == dtype and B.dtype == dtype:
+        # Views of a master follow its in-place updates: only a new storage makes them stale.
+        key = (A.data_ptr(), B.data_ptr())
+        cache = layer.__dict__.setdefault("_stepdistill_compute", {})
+        hit = cache.get((adapter, dtype))
+        if hit is None or hit[0] != key:
+            a, b = A.detach(), B.detach()
+            hit = (key, (a, b, _t(a), _t(b)))
+            cache[(adapter, dtype)] = hit
+        return hit[1]
+    copies = layer.__dict__.get("_stepdistill_copies")
+    if copies is None:  # a layer outside use_fused_lora's network: a group of its own
+        copies = layer.__dict__["_stepdistill_copies"] = _ComputeCopies([layer])
+    return copies.get(layer, adapter, dtype)
+
+
+def _version_key(A: torch.Tensor, B: torch.Tensor) -> tuple:
+    return A._version, B._version, A.data_ptr(), B.data_ptr()
+
+
+class _ComputeCopies:
+    """The low-precision compute copies of every adapter's A and B on one network, in buffers made once.
+
+    When a layer finds its copy stale (the masters' version counters moved), every stale layer of that adapter is
+    refreshed at once with ONE `_foreach_copy_` (fp32 -> bf16 in a multi-tensor kernel on a GPU) instead of a cast,
+    a detach and two transposes per tensor: the transposes are views of the buffers, made once. Buffers are written in
+    place, so a graph that saved them and is back-propagated after a refresh fails loudly (version check), never
+    silently; the loop never does that (every backward precedes its optimizer step).
+    """
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.entries: dict = {}  # (id(layer), adapter, dtype) -> (version key, (a, b, a^T, b^T))
+
+    def get(self, layer, adapter: str, dtype):
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        hit = self.entries.get((id(layer), adapter, dtype))
+        if hit is None or hit[0] != _version_key(A, B):
+            self.refresh(adapter, dtype, also=layer)
+            hit = self.entries[(id(layer), adapter, dtype)]
+        return hit[1]
+
+    @torch.no_grad()
+    def refresh(self, adapter: str, dtype, also=None) -> None:
+        """Bring every stale copy of `adapter` in `dtype` up to its masters (`also`: a layer outside self.layers)."""
+        dst, src, fresh = [], [], []
+        layers = self.layers if also is None or any(m is also for m in self.layers) else [*self.layers, also]
+        for m in layers:
+            if adapter not in m.lora_A:
+                continue
+            A, B = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+            key = _version_key(A, B)
+            hit = self.entries.get((id(m), adapter, dtype))
+            if hit is not None and hit[0] == key:
+                continue
+            if hit is None or hit[1][0].shape != A.shape or hit[1][1].shape != B.shape or hit[1][0].device != A.device:
+                with torch.inference_mode(False):  # buffers outlive a first call under inference_mode
+                    a = torch.empty(A.shape, dtype=dtype, device=A.device)
+                    b = torch.empty(B.shape, dtype=dtype, device=B.device)
+                hit = (None, (a, b, _t(a), _t(b)))
+            dst += hit[1][:2]
+            src += [A, B]
+            fresh.append((m, key, hit[1]))
+        if dst:
+            torch._foreach_copy_(dst, src)
+        for m, key, tensors in fresh:
+            self.entries[(id(m), adapter, dtype)] = (key, tensors)
 
 
 def _t(w: torch.Tensor):
@@ -343,6 +401,13 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor):
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return weight.dtype
+
+
+def _low_precision_lora(layer, x: torch.Tensor) -> bool:
+    """Whether the low-rank term may compute in the base's low precision: under autocast (as autocast computes it), or
+    when the run asked for it without autocast (use_fused_lora(low_precision=True): loop.mixed_precision=bf16_pure).
+    Otherwise a low-precision base without autocast keeps PEFT's forward, which computes the term in fp32."""
+    return torch.is_autocast_enabled(x.device.type) or layer.__dict__.get("_stepdistill_low_precision", False)
 
 
 def _fusable(layer, adapter: str) -> bool:
@@ -394,7 +459,7 @@ def _fused_forward(layer, x, *args, **kwargs):
         y = _base_linear(base, x) if _plain_linear(base) else base(x)
         dtype = y.dtype
         if any(n in layer.lora_A and layer.lora_A[n].weight.dtype != dtype for n, *_ in segments) and \
-                not torch.is_autocast_enabled(x.device.type):
+                not _low_precision_lora(layer, x):
             return peft_forward(layer, x, *args, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
         for name, start, stop in segments:
             if name in layer.lora_A:
@@ -409,7 +474,7 @@ def _fused_forward(layer, x, *args, **kwargs):
     (adapter,) = active
     dtype = _compute_dtype(x, base.weight)
     A = layer.lora_A[adapter].weight
-    if dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
+    if dtype != A.dtype and not _low_precision_lora(layer, x):
         return peft_forward(layer, x, *args, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
     a, b, a_t, b_t = _compute_weights(layer, adapter, dtype)
     weight, bias, weight_t = _base_weights(base, dtype)
@@ -426,20 +491,27 @@ def lora_layer_modules(unet) -> list:
             and hasattr(m, "_disable_adapters")]
 
 
-def use_fused_lora(unet, on: bool = True) -> int:
+def use_fused_lora(unet, on: bool = True, low_precision: bool = False) -> int:
     """Run every LoRA layer of `unet` through the fused path (on) or PEFT's own forward (off); returns the count.
 
     Per instance, so PEFT's classes, parameters and keys are untouched; layers the fused kernels do not cover (DoRA,
     dropout, a LoRA bias, grouped or dilated convolutions, several active adapters at once) keep PEFT's forward at
-    call time.
+    call time. `low_precision`: on a low-precision base without autocast (bf16 end to end), compute the low-rank term
+    from compute copies in the base's dtype, as autocast would, instead of falling back to PEFT's fp32 term.
     """
+    if low_precision and not on:
+        raise ValueError("low-precision LoRA compute is a mode of the fused path: set model.lora_kernel=fused, or "
+                         "loop.mixed_precision=bf16 (autocast) with model.lora_kernel=peft")
     layers = lora_layer_modules(unet)
+    copies = _ComputeCopies(layers)  # shared: one refresh brings every layer's copies up to date
     for m in layers:
         if on:
             m.forward = _fused_forward.__get__(m)
+            m.__dict__["_stepdistill_low_precision"] = low_precision
+            m.__dict__["_stepdistill_copies"] = copies
         else:
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("_stepdistill_compute", None)
+            for key in ("forward", "_stepdistill_compute", "_stepdistill_low_precision", "_stepdistill_copies"):
+                m.__dict__.pop(key, None)
     return len(layers)
 
 

@@ -63,10 +63,20 @@ class NoiseSchedule:
 
     def table(self, device) -> torch.Tensor:
         """alphas_cumprod on `device`, copied there once (a copy per call is a host-to-device transfer each time)."""
+        return self._on(device)[0]
+
+    def _on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alphas_cumprod, alpha table, sigma table) on `device`, made once per device: alpha_t = sqrt(alpha_bar_t)
+        and sigma_t = sqrt(1 - alpha_bar_t) computed once, not per call, with one more entry at the END for t = -1
+        (clean data: alpha 1, sigma 0), which a tensor index of -1 reads (tensor indexing wraps negative indices),
+        so a lookup is one index per table, without a clamp, a comparison and a select per call."""
         device = torch.device(device)
         tables = self.__dict__.setdefault("_tables", {})  # frozen dataclass: a cache beside the fields
         if device not in tables:
-            tables[device] = self.alphas_cumprod.to(device)
+            abar = self.alphas_cumprod
+            one, zero = torch.ones(1, dtype=abar.dtype), torch.zeros(1, dtype=abar.dtype)
+            tables[device] = tuple(v.to(device) for v in (abar, torch.cat([abar.sqrt(), one]),
+                                                          torch.cat([(1.0 - abar).sqrt(), zero])))
         return tables[device]
 
     @property
@@ -79,10 +89,9 @@ class NoiseSchedule:
         t = -1 stands for clean data (alpha 1, sigma 0): the end of every sampler.
         """
         t = torch.as_tensor(t).reshape(-1).long()
-        abar = self.table(t.device)[t.clamp(min=0)]
-        abar = torch.where(t < 0, torch.ones_like(abar), abar)
+        _, alpha, sigma = self._on(t.device)
         shape = (-1,) + (1,) * (ndim - 1)
-        return abar.sqrt().reshape(shape), (1.0 - abar).sqrt().reshape(shape)
+        return alpha[t].reshape(shape), sigma[t].reshape(shape)  # t = -1: the tables' last entry, clean data
 
     def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """What the network is told at t: the integer timestep itself (a flow schedule tells a scaled sigma)."""

@@ -40,7 +40,8 @@ class Built:
 
 def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        pure = cfg.loop.mixed_precision == "bf16_pure"  # bf16 end to end: the base too (Config.validate)
+        return torch.bfloat16 if device.type == "cuda" or pure else torch.float32
     return dtype_from_name(cfg.model.dtype)
 
 
@@ -99,8 +100,10 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     for n, p in unet.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
-    # One autograd node per LoRA layer, bf16 compute copies of the fp32 masters (core/lora.py, issue 33).
-    use_fused_lora(unet, cfg.model.lora_kernel == "fused")
+    # One autograd node per LoRA layer, bf16 compute copies of the fp32 masters (core/lora.py, issue 33); without
+    # autocast (bf16_pure) the low-rank term computes in the base's dtype too, not in the masters' fp32.
+    fused = cfg.model.lora_kernel == "fused"
+    use_fused_lora(unet, fused, low_precision=fused and cfg.loop.mixed_precision == "bf16_pure")
     if cfg.model.shard == "fsdp2":
         # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
         shard_base(unet, family.shard_units(), Dist(world, rank, device))

@@ -69,7 +69,7 @@ def check_launcher(environ, cfg: Config) -> None:
     if precision not in ("no", "bf16") or (precision == "bf16" and cfg.loop.mixed_precision == "no"):
         raise ConfigError(
             f"accelerate mixed_precision={precision} is not applied by stepdistill: launch with --mixed_precision no "
-            "and set loop.mixed_precision (bf16 autocast) and model.dtype (frozen base) in the config"
+            "and set loop.mixed_precision (bf16 autocast, or bf16_pure) and model.dtype (frozen base) in the config"
         )
     if environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no":
         raise ConfigError(
@@ -132,6 +132,10 @@ def apply_update(params, optimizer, loss_finite: torch.Tensor, cfg: Config, dist
             optimizer.step()
         finally:
             del optimizer.found_inf
+        # torch's fused AdamW writes the parameters without bumping their version counters (torch 2.14; foreach and
+        # per-tensor steps do bump them). The fused LoRA path keys its bf16 compute copies on those counters: without
+        # this the copies would keep the weights of the first forward for the whole run (no op, no sync).
+        torch.autograd.graph.increment_version(params)
     elif bool(finite):  # an optimizer without a device-side skip: one read
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -640,6 +644,8 @@ def _seed_everything(seed: int):
 
 
 def _autocast(cfg: Config, device):
+    """bf16 autocast for loop.mixed_precision bf16 (auto on a GPU); none for no, and none for bf16_pure, where the base
+    and the activations are bf16 themselves (build.base_dtype) and autocast would only add casts around the norms."""
     import contextlib
 
     mp = cfg.loop.mixed_precision

@@ -22,19 +22,24 @@ class Count(TorchDispatchMode):
         super().__init__()
         self.ops, self.where, self.sites = collections.Counter(), where, collections.Counter()
         self.trace = ()
+        self.deep = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
-        if self.where and (name in READS or name in self.trace):
+        if self.where and (name in READS or name in self.trace or "*" in self.trace):
             self.note()
         return func(*args, **(kwargs or {}))
 
     def note(self):
         import traceback
 
-        frames = [f for f in traceback.extract_stack() if "stepdistill" in f.filename and "count_ops" not in f.filename]
+        frames = [f for f in traceback.extract_stack() if self.ours(f.filename) and "count_ops" not in f.filename]
         self.sites[" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames[::-1][:4])] += 1
+
+    def ours(self, filename):
+        """Frames worth naming: stepdistill's, and with --deep also the libraries' (diffusers, peft, torch.nn)."""
+        return "stepdistill" in filename or (self.deep and any(k in filename for k in ("diffusers", "peft", "torch/nn")))
 
 
 def main(argv=None):
@@ -45,7 +50,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=0)
     p.add_argument("--where", action="store_true", help="print where the value reads come from")
-    p.add_argument("--trace", nargs="*", default=[], help="with --where: also where these ops come from")
+    p.add_argument("--trace", nargs="*", default=[], help="with --where: also where these ops come from ('*': every op)")
+    p.add_argument("--deep", action="store_true", help="with --where: name diffusers', peft's and torch.nn's frames too")
     a = p.parse_args(argv)
     from stepdistill.bench.train import TINY_BATCH, bench_run, make_trainer, run_iteration
 
@@ -57,6 +63,7 @@ def main(argv=None):
             run_iteration(trainer)
         mode = Count(a.where)
         mode.trace = tuple(a.trace)
+        mode.deep = a.deep
         # tolist() and numpy() read a CPU tensor without dispatching an aten op (on a GPU they copy to the host):
         # count them at the Python level.
         originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}

@@ -222,19 +222,32 @@ def test_mixed_adapter_call_matches_peft_per_sample_path(sdxl_tiny, autocast):
 
 
 def test_compute_copies_follow_the_masters_once_per_change(sdxl_tiny):
-    """bf16 copies of A and B are made once per optimizer step, and a step (in place) makes new ones."""
+    """bf16 copies of A and B are made once per change of the masters, and a change (in place) refreshes every stale
+    layer's copies in ONE foreach copy, not a cast per tensor."""
     from stepdistill.core.lora import _compute_weights
 
-    layer = lora_layer_modules(sdxl_tiny.built.nets.denoiser)[0]
+    layers = lora_layer_modules(sdxl_tiny.built.nets.denoiser)
+    layer = layers[0]
     first = _compute_weights(layer, "student", torch.bfloat16)
-    assert _compute_weights(layer, "student", torch.bfloat16)[0] is first[0]  # cached, no new cast
+    counter = bench.OpCount()
+    with counter():
+        assert _compute_weights(layer, "student", torch.bfloat16)[0] is first[0]  # cached, no new cast
+    assert counter.total == 0
     with torch.no_grad():
-        layer.lora_A["student"].weight.add_(1.0)
-    again = _compute_weights(layer, "student", torch.bfloat16)
-    assert again[0] is not first[0]
-    torch.testing.assert_close(again[0].float(), layer.lora_A["student"].weight.bfloat16().float())
+        for m in layers:
+            m.lora_A["student"].weight.add_(1.0)
+    counter = bench.OpCount()
+    with counter():
+        again = _compute_weights(layer, "student", torch.bfloat16)
+        others = [_compute_weights(m, "student", torch.bfloat16) for m in layers[1:]]
+    assert dict(counter.ops) == {"_foreach_copy_": 1}, dict(counter.ops)
+    for m, copies in zip(layers, [again, *others]):
+        torch.testing.assert_close(copies[0].float(), m.lora_A["student"].weight.bfloat16().float(), rtol=0, atol=0)
+        if copies[2] is not None:  # a Linear's transpose: a view of the refreshed copy
+            assert torch.equal(copies[2], copies[0].t())
     with torch.no_grad():
-        layer.lora_A["student"].weight.sub_(1.0)
+        for m in layers:
+            m.lora_A["student"].weight.sub_(1.0)
 
 
 def test_fused_path_leaves_parameter_names_and_state_dict_unchanged(sdxl_tiny):
@@ -250,3 +263,26 @@ def test_unknown_lora_kernel_is_a_config_error():
 
     with pytest.raises(ConfigError, match="model.lora_kernel"):
         build_config({"method": {"name": "lcm"}, "model": {"lora_kernel": "triton"}})
+
+
+def test_compute_copies_follow_the_loops_fused_optimizer_step():
+    """torch's fused AdamW updates the fp32 masters without bumping their version counters: the loop bumps them, or
+    the bf16 copies (keyed on those counters) would keep the first forward's weights for the whole run."""
+    from stepdistill.core.lora import _compute_weights
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("lcm", "sd15", BF16, out)
+        try:
+            assert trainer.optimizers["student"].defaults.get("fused")
+            for _ in range(2):
+                bench.run_iteration(trainer)
+            layers = lora_layer_modules(trainer.built.nets.denoiser)
+            moved = 0
+            for layer in layers:
+                A, B = layer.lora_A["student"].weight, layer.lora_B["student"].weight
+                a, b = _compute_weights(layer, "student", torch.bfloat16)[:2]
+                assert torch.equal(a, A.detach().bfloat16()) and torch.equal(b, B.detach().bfloat16())
+                moved += int(b.abs().sum() > 0)
+            assert moved, "no adapter moved"
+        finally:
+            trainer.close()

@@ -352,8 +352,17 @@ def _coerce(value, tp, key):
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool) and key in _YAML_BOOL_WORDS:  # YAML 1.1 reads an unquoted `no` as false
+            return _YAML_BOOL_WORDS[key][value]
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string (got {value!r}: YAML reads unquoted yes/no/on/off as booleans; "
+                              f"quote the word, e.g. {key}='no')")
         raise ConfigError(f"{key} must be a string (got {value!r})")
     raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+# String settings whose documented values YAML 1.1 reads as booleans when unquoted (`--set loop.mixed_precision=no`).
+_YAML_BOOL_WORDS = {"loop.mixed_precision": {False: "no"}}
 
 
 def from_dict(cls, data: dict, prefix: str = ""):

@@ -76,3 +76,12 @@ def test_every_shipped_preset_parses():
     for p in presets:
         cfg = load_config(p, ["model.path=x", "data.prompts=y"])
         assert cfg.method.name
+
+
+def test_an_unquoted_yaml_no_is_the_word_where_a_setting_means_it(tmp_path):
+    """YAML 1.1 reads `no` as false: `--set loop.mixed_precision=no` (a documented value) failed as 'not a string'."""
+    p = _write(tmp_path, "method: {name: lcm}\nmodel: {path: m}\ndata: {prompts: p}\nloop: {mixed_precision: no}\n")
+    assert load_config(p).loop.mixed_precision == "no"
+    assert load_config(p, ["loop.mixed_precision=no"]).loop.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="quote the word"):
+        load_config(p, ["model.attention=off"])

@@ -20,6 +20,7 @@ the same rows on a GPU, inside torch.cuda.set_per_process_memory_fraction, to ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -81,6 +82,20 @@ def _tracker_class():
                     del self.memory_tracking[module]
             super()._pre_fw_hook(module, inputs)
 
+        def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+            # Gradient hooks only on trainable parameters: the frozen base cannot take one (MemTracker assumes every
+            # parameter trains).
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+                for p in module.parameters():
+                    if p.requires_grad and self._param_to_grad_hook_handles.get(p, None) is None:
+                        def hook(grad):
+                            self._update_and_maybe_create_winfos(grad, mem_tracker._MemRefType.GRAD)
+
+                        self._param_to_grad_hook_handles[p] = (
+                            p.register_hook(hook), p.register_post_accumulate_grad_hook(lambda q: hook(q.grad)))
+            return out
+
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap[mem_tracker._TOTAL_KEY]:
@@ -88,6 +103,28 @@ def _tracker_class():
                     self._peak_mem_snap[dev] = dict(snap)
 
     return PeakTracker
+
+
+@contextlib.contextmanager
+def _castable(mode):
+    """Let nn.Module.to / .float() cast fake parameters (the builder, PEFT and the family move and cast modules).
+
+    Module._apply swaps a fake parameter with its cast copy (torch.utils.swap_tensors), which refuses tensors that have
+    weak references, and the fake mode's converter memo holds one to every fake tensor: the memo (which maps real
+    tensors to their fakes, only needed when the same real tensor is converted twice) is cleared before each swap."""
+    original = torch.utils.swap_tensors
+    converter = mode.fake_tensor_converter.meta_converter
+
+    def swap(t1, t2):
+        converter.tensor_memo.clear()
+        converter.storage_memo.clear()
+        return original(t1, t2)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
 
 
 def _by_category(snapshot: dict) -> dict:
@@ -110,7 +147,8 @@ def estimate_row(method: str, family: str, levers: Levers, batch: int, resolutio
 
     cfg = bench_config(method, family, batch, [*COMMON, *levers.overrides(), *sets], resolution)
     t0 = time.perf_counter()
-    with FakeTensorMode(allow_non_fake_inputs=True), tempfile.TemporaryDirectory(prefix="mem-estimate-") as out:
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _castable(mode), \
+            tempfile.TemporaryDirectory(prefix="mem-estimate-") as out:
         model = build_family_model(family, tiny, "full", "cpu", torch.bfloat16)
         model.vae.to(dtype=type(model).default_vae_dtype(torch.bfloat16))  # as from_pretrained loads it
         data = bench_data(cfg, model)

@@ -1,8 +1,8 @@
 """`stepdistill bench memory` (bench/mem_estimate.py): one training iteration's GPU memory on fake tensors, checked on
 the tiny SDXL model against what can be counted by hand: the weights on the GPU, AdamW's two fp32 moments per
 trainable parameter, and the levers' direction (checkpointing lowers the activations, offloading removes the text
-encoders' bytes). Each row builds and runs a dmd iteration twice on fake tensors: tens of seconds on 2 loaded cores,
-so the lever comparison (three rows) is opt-in."""
+encoders' bytes). Each row builds and runs a dmd iteration twice on fake tensors: minutes on 2 loaded cores, so the
+rows are opt-in (pytest -m slow); the default suite checks the tracker itself on a small network.""" 
 
 from __future__ import annotations
 
@@ -28,6 +28,36 @@ def _check_counts(r):
     assert peak["Total"] > static["Total"] + peak["Optstate"]
 
 
+def test_tracker_follows_a_frozen_base_called_twice_per_iteration_and_counts_exactly():
+    """What the estimate adapts in MemTracker: one frozen network called several times per iteration (teacher,
+    student, fake score), whose parameters take no gradient hook; and fake parameters cast with Module.to."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from stepdistill.bench.mem_estimate import _by_category, _castable, _tracker_class
+
+    n, r = 256, 4
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _castable(mode):
+        base = torch.nn.Linear(n, n).to(torch.bfloat16).requires_grad_(False)
+        lora = torch.nn.Parameter(torch.zeros(n, r))
+        opt = torch.optim.AdamW([lora], fused=True)
+        tracker = _tracker_class()()
+        tracker.track_external(base, lora)
+        x = torch.randn(64, n, dtype=torch.bfloat16)
+        for _ in range(2):  # the first step creates AdamW's states; the second is the steady state
+            with tracker:
+                teacher = base(x)
+                loss = (base(x).float() @ lora - teacher.float() @ lora).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        peak = _by_category(tracker.get_tracker_snapshot("peak"))
+    assert peak["Parameter"] + peak["Other"] == (n * n + n) * 2 + n * r * 4
+    assert peak["Optstate"] == 2 * n * r * 4 + 4  # exp_avg, exp_avg_sq and the step count, fp32
+    assert peak["Gradient"] == n * r * 4
+    assert peak["Activation"] >= 2 * 64 * n * 2  # both bf16 outputs of the base are alive together
+
+
+@pytest.mark.slow
 def test_weights_and_optimizer_states_are_counted_exactly():
     r = estimate_row("dmd", "sdxl", Levers(True, True), 1, tiny=True)
     _check_counts(r)

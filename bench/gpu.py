@@ -53,17 +53,31 @@ PARTS = {
     "max_batch": Part(0.12, 85, 15, "largest SDXL 1024 px dmd batch in --memory-gb (OOM caught)"),
     "infer": Part(0.30, 180, 30, "SDXL (compiled, CUDA graphs) / SD1.5 / FLUX 1- and 4-step latency, tiny / full VAE, "
                   "prompt cache cold / warm"),
+    "memory": Part(0.15, 120, 30, "SDXL dmd in 24 GiB and FLUX.1-dev dmd in 80 GiB (set_per_process_memory_fraction), "
+                   "with the levers of docs/memory.md's rows: fits, peak allocated and reserved"),
     "profile": Part(0.20, 90, 60, "torch.profiler on one SDXL dmd iteration: peft / fused / compiled / channels_last / "
                     "batch 6: time by kernel kind, busy fraction, syncs, top kernels"),
 }
 # Rows of the profile part: (name, config overrides, batch or None for the family's). Each is one real SDXL dmd
-# iteration after warm-up; peft against fused is the LoRA path, the others the levers on top of fused.
+# iteration after warm-up; peft against fused is the LoRA path, the others one lever each on top of eager fused.
+# model.compile is pinned: its default (auto) compiles by region on CUDA, and only the compiled row should pay for it
+# (its first iteration, with the compilation, is recorded as first_iteration_s in every row).
+EAGER = "model.compile=off"
 PROFILE_ROWS = (
-    ("peft", ["model.lora_kernel=peft"], None),
-    ("fused", [], None),
-    ("compiled", ["model.compile=true"], None),
-    ("channels_last", ["model.channels_last=true"], None),
-    ("batch6", [], 6),
+    ("peft", ["model.lora_kernel=peft", EAGER], None),
+    ("fused", [EAGER], None),
+    ("compiled", ["model.compile=regional"], None),
+    ("channels_last", ["model.channels_last=true", EAGER], None),
+    ("batch6", [EAGER], 6),
+)
+# Rows of the memory part, the claims of docs/memory.md: (family, GiB the process may use, checkpointing, text encoders
+# offloaded, batch). The smallest lever set that the CPU estimate (bench/mem_estimate.py) says fits comes first.
+MEMORY_ROWS = (
+    ("sdxl", 24, True, True, 1),
+    ("sdxl", 24, True, False, 1),
+    ("sdxl", 24, True, True, 4),
+    ("flux", 80, True, True, 1),
+    ("flux", 80, True, True, 2),
 )
 DEFAULT_BUDGET_S = 420  # the GPU session is 15 minutes with start-up; the command must end within 8
 H100_80GB_GIB = 79.2  # torch.cuda.get_device_properties(0).total_memory of an "80 GB" H100, in GiB
@@ -73,7 +87,7 @@ GRACE_S = 10  # a part's subprocess is killed this long after its cap; its JSON 
 GOALS = {
     "sdxl_dmd_utilisation": 0.35, "sd15_dmd_utilisation": 0.25, "sdxl_dmd_batch_per_80gb": 4,
     "triton_bf16_err_vs_sdpa": 1e-2, "triton_time_vs_sdpa": 1.2, "sdxl_1step_full_vae_ms": 170.0,
-    "sdxl_1step_tiny_vae_ms": 45.0,
+    "sdxl_1step_tiny_vae_ms": 45.0, "sdxl_dmd_gib": 24, "flux_dmd_gib": 80,
 }
 
 # name: (B, H, Lq, Lk, D). SD1.5 @ 512 px: 4096 / 1024 / 256 tokens, head dims 40 / 80 / 160; SDXL @ 1024 px: 4096
@@ -300,7 +314,10 @@ def part_train(plog: PartLog, tiny: bool, device: str):
     plog.data["ceiling"] = ceiling
     plog.write()
     iters, warmup = (1, 0) if tiny else (3, 1)
-    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
+    # Eager: six rows compiling by region (model.compile's CUDA default) would not fit the part's cap; the profile
+    # part's compiled row measures what compiling gains.
+    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else [EAGER]
+    plog.note("train rows run eagerly (model.compile=off); the compiled figure is the profile part's row")
     for method, family in TRAIN_ROWS:
         if not plog.wanted(f"{method}:{family}"):
             continue
@@ -344,10 +361,16 @@ def part_profile(plog: PartLog, tiny: bool, device: str):
                 trainer = make_trainer(cfg, model, data, out, device)
                 try:
                     trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
+                    warmup = []
                     for _ in range(1 if tiny else 2):  # warm-up (compilation, optimizer moments)
+                        t0 = time.perf_counter()
                         run_iteration(trainer)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        warmup.append(time.perf_counter() - t0)
                     row = {"row": name, "method": "dmd", "family": family, "batch": b, "overrides": overrides,
-                           **profile_iteration(trainer)}
+                           "compiled": trainer.built.compiled, "first_iteration_s": warmup[0],
+                           "warmup_iteration_s": warmup, **profile_iteration(trainer)}
                 finally:
                     trainer.close()
         except torch.cuda.OutOfMemoryError as e:
@@ -380,7 +403,8 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
     else:
         limit = 4
         plog.note("CPU: no out-of-memory to catch; the search runs to its limit (4)")
-    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
+    # Eager: each new batch size would compile new graphs; compiled code uses no more memory than eager.
+    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else [EAGER]
     cfg, model, data = bench_run("dmd", "sdxl", tiny, device, 1, sets)
     probes = []
 
@@ -410,6 +434,62 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
             plog.note("time cap reached during the search: max_batch is a lower bound")
         finally:
             trainer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Part: memory within a consumer card's size (docs/memory.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def part_memory(plog: PartLog, tiny: bool, device: str):
+    """MEMORY_ROWS: each run built with its levers inside a per-process memory cap, two iterations (the second holds
+    the optimizer states), the peak allocated and reserved; an out-of-memory error is the row's answer, not a failure.
+    The rows use the CPU estimate's settings (bench/mem_estimate.COMMON), so the two tables compare row by row."""
+    import tempfile
+
+    from .mem_estimate import COMMON, Levers, estimate_row
+    from .train import TINY_BATCH, _free_cuda, bench_run, make_trainer, run_iteration
+
+    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
+    # --tiny rehearses the first row of each family (the code path; a CPU has no memory cap to test)
+    rows = MEMORY_ROWS if not tiny else [r for i, r in enumerate(MEMORY_ROWS) if r[0] not in
+                                         {q[0] for q in MEMORY_ROWS[:i]}]
+    for family, gib, checkpointing, offload, batch in rows:
+        levers = Levers(checkpointing, offload)
+        what = f"memory:{family}:{batch}:{'ckpt' if checkpointing else 'no-ckpt'}:{'offload' if offload else 'text-on-gpu'}"
+        if not plog.wanted(what) or not plog.has_time(5 if tiny else 45, what):
+            continue
+        b = min(batch, TINY_BATCH) if tiny else batch
+        row = {"family": family, "batch": b, "levers": levers.name, "limit_gib": gib, "tiny": tiny}
+        if device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+            torch.cuda.reset_peak_memory_stats()
+        trainer = None
+        try:
+            cfg, model, data = bench_run("dmd", family, tiny, device, b, [*COMMON, *levers.overrides()])
+            with tempfile.TemporaryDirectory(prefix="bench-memory-") as out:
+                trainer = make_trainer(cfg, model, data, out, device)
+                trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
+                if device == "cuda":
+                    row["static_gib"] = torch.cuda.memory_allocated() / 2**30
+                for _ in range(2):
+                    run_iteration(trainer)
+                row["fits"] = True
+        except torch.cuda.OutOfMemoryError as e:
+            row.update(fits=False, error=str(e).splitlines()[0][:200])
+        finally:
+            if trainer is not None:
+                trainer.close()
+            trainer = model = data = None
+        if device == "cuda":
+            row.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+        elif tiny:  # the rehearsal also runs the CPU estimate of the same tiny row (seconds)
+            row["estimate_peak_gib"] = estimate_row("dmd", family, levers, b, tiny=True)["peak"]["Total"] / 2**30
+        _free_cuda()
+        plog.add(row)
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,7 +534,7 @@ def part_infer(plog: PartLog, tiny: bool, device: str):
 
 
 PART_FUNCTIONS = {"attention": part_attention, "train": part_train, "max_batch": part_max_batch, "infer": part_infer,
-                  "profile": part_profile}
+                  "memory": part_memory, "profile": part_profile}
 
 
 def run_part(part: str, out: Path, tiny: bool, deadline: float, memory_gb: float = H100_80GB_GIB, only=()) -> None:
@@ -486,7 +566,9 @@ def sub_steps(tiny: bool) -> list[str]:
     shapes = TINY_ATTENTION_SHAPES if tiny else ATTENTION_SHAPES
     return [*shapes, *(f"{m}:{f}" for m, f in TRAIN_ROWS),
             *(f"{family}:{'compiled' if compiled and not tiny else 'eager'}" for family, compiled, _ in INFER_CASES),
-            *(f"profile:{name}" for name, *_ in PROFILE_ROWS)]
+            *(f"profile:{name}" for name, *_ in PROFILE_ROWS),
+            *(f"memory:{f}:{b}:{'ckpt' if c else 'no-ckpt'}:{'offload' if o else 'text-on-gpu'}"
+              for f, _, c, o, b in MEMORY_ROWS)]
 
 
 def plan(parts, budget_s: float, tiny: bool) -> list[dict]:
@@ -613,6 +695,14 @@ def goal_rows(results: dict, tiny: bool) -> list[tuple[str, str, str, str]]:
     shown = "-" if best is None else f"{best}{'' if mb.get('complete', True) else ' (lower bound)'}"
     rows.append(("sdxl 1024 px dmd batch per 80 GB", f">= {GOALS['sdxl_dmd_batch_per_80gb']}", shown,
                  _goal(best, GOALS["sdxl_dmd_batch_per_80gb"], True, tiny)))
+    mem = results.get("memory", {}).get("rows", [])
+    for family, key, res in (("sdxl", "sdxl_dmd_gib", 1024), ("flux", "flux_dmd_gib", 1024)):
+        fit = [r for r in mem if r["family"] == family and r.get("fits") and r["limit_gib"] == GOALS[key]]
+        best = min(fit, key=lambda r: r.get("peak_allocated_gib") or 0, default=None)
+        shown = "-" if best is None else (f"batch {best['batch']}, {best['levers']}, peak "
+                                          f"{best.get('peak_allocated_gib') or float('nan'):.1f} GiB")
+        verdict = "not measured" if not mem else ("n/a (tiny)" if tiny else ("met" if fit else "missed"))
+        rows.append((f"{family} {res} px dmd at batch >= 1 within {GOALS[key]} GiB", "fits", shown, verdict))
     att = [r for r in results.get("attention", {}).get("rows", []) if r["kernel"] == "triton" and "fwd_ms" in r]
     err = max((r.get("max_err_out_vs_sdpa", 0.0) for r in att), default=None)
     ratio = max((r.get("fwd_bwd_ratio_vs_sdpa", 0.0) for r in att), default=None)
@@ -680,14 +770,26 @@ def format_summary(results: dict, tiny: bool, budget_s: float) -> str:
     if prof:
         kinds = list(dict.fromkeys(k for r in prof for k in r["share_by_kind"]))
         lines += ["", "## Profile (one SDXL dmd iteration)", "",
-                  "| row | batch | wall ms | kernel ms | busy | syncs | " + " | ".join(kinds) + " |",
-                  "|---" * (6 + len(kinds)) + "|"]
+                  "| row | batch | first iteration s | wall ms | kernel ms | busy | syncs | " + " | ".join(kinds) + " |",
+                  "|---" * (7 + len(kinds)) + "|"]
         for r in prof:
             shares = " | ".join(f"{100 * r['share_by_kind'].get(k, 0):.1f}%" for k in kinds)
-            lines.append(f"| {r['row']} | {r['batch']} | {r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | "
+            lines.append(f"| {r['row']} | {r['batch']} | {r.get('first_iteration_s', float('nan')):.1f} | "
+                         f"{r['wall_ms']:.1f} | {r['kernel_ms']:.1f} | "
                          f"{100 * r['busy_fraction']:.0f}% | {r['syncs_per_iteration']} | {shares} |")
         lines += ["", "Top kernels (fused row): " + "; ".join(
             f"{n[:60]} {ms:.1f} ms" for n, ms in next((r for r in prof if r["row"] == "fused"), prof[0])["top_kernels"])]
+    mem = results.get("memory", {}).get("rows", [])
+    if mem:
+        lines += ["", "## Memory (one dmd iteration after one to warm up, inside set_per_process_memory_fraction)", "",
+                  "| family | batch | levers | limit GiB | fits | static GiB | peak allocated GiB | peak reserved GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in mem:
+            def gib(key, r=r):
+                return "-" if r.get(key) is None else f"{r[key]:.2f}"
+            lines.append(f"| {r['family']} | {r['batch']} | {r['levers']} | {r['limit_gib']} | "
+                         f"{'yes' if r.get('fits') else 'no'} | {gib('static_gib')} | {gib('peak_allocated_gib')} | "
+                         f"{gib('peak_reserved_gib')} |")
     infer = results.get("infer", {}).get("rows", [])
     if infer:
         lines += _generation_table(infer)

@@ -56,7 +56,9 @@ LEVERS = {
     "baseline": {},
     "fp32_base": {"model.dtype": "fp32"},
     "channels_last": {"model.channels_last": True},
-    "compile": {"model.compile": True},
+    "compile": {"model.compile": "regional"},  # the default on CUDA (auto); on the CPU the baseline is eager
+    "compile_full": {"model.compile": "full"},
+    "eager": {"model.compile": "off"},
     "grad_ckpt": {"model.gradient_checkpointing": True},
     "attention_math": {"model.attention": "math"},
     "attention_triton": {"model.attention": "triton"},
@@ -275,7 +277,7 @@ def unet_forward_flops(trainer) -> int:
         with torch.no_grad(), trainer.autocast:
             b.nets.teacher.denoiser(x, t, cond)
 
-    return count_flops(forward, b.nets.denoiser, trainer.cfg.model.attention, trainer.cfg.model.compile).total
+    return count_flops(forward, b.nets.denoiser, trainer.cfg.model.attention, b.compiled != "off").total
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -540,10 +542,10 @@ def measure(trainer, iters: int, warmup: int, ceiling: dict | None = None) -> di
     trainer.step = max(trainer.step, getattr(cfg.method, "regression_steps", 0))
     for _ in range(warmup):
         run_iteration(trainer)  # also compiles, when model.compile is on
+    compiled = trainer.built.compiled != "off"
     with PassCounter(trainer.built.nets.denoiser) as passes:  # the same iteration: its UNet calls (core/passes.py)
-        flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention,
-                            cfg.model.compile)
-    ops = count_ops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention, cfg.model.compile)
+        flops = count_flops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention, compiled)
+    ops = count_ops(lambda: run_iteration(trainer), trainer.built.nets.denoiser, cfg.model.attention, compiled)
     unit = unet_forward_flops(trainer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

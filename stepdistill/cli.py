@@ -310,13 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     et.set_defaults(func=_eval_toy)
     _optional_commands(ev, "stepdistill.eval.cli", "add_eval_commands", ("generate", "fid", "clip", "preference", "report"))
 
-    bench = sub.add_parser("bench", help="benchmarks: infer | train | eval | data | gpu").add_subparsers(
+    bench = sub.add_parser("bench", help="benchmarks: infer | train | eval | data | gpu | memory").add_subparsers(
         dest="bench_command", required=True)
     _optional_commands(bench, "stepdistill.bench.infer", "add_bench_infer_command", ("infer",))
     _optional_commands(bench, "stepdistill.bench.eval", "add_bench_eval_command", ("eval",))
     _optional_commands(bench, "stepdistill.bench.train", "add_bench_train_command", ("train",))
     _optional_commands(bench, "stepdistill.bench.data", "add_bench_data_command", ("data",))
     _optional_commands(bench, "stepdistill.bench.gpu", "add_bench_gpu_command", ("gpu",))
+    _optional_commands(bench, "stepdistill.bench.mem_estimate", "add_bench_memory_command", ("memory",))
     return p
 
 

@@ -14,6 +14,8 @@ import yaml
 from .errors import ConfigError
 from .methods.config import MethodConfig
 
+COMPILE_MODES = ("auto", "off", "regional", "full")
+
 
 @dataclass
 class ModelConfig:
@@ -26,7 +28,11 @@ class ModelConfig:
     dtype: str = "auto"
     attention: str = "auto"  # auto | sdpa | xformers | triton | math
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet (compiles once per adapter and shape: minutes at start)
+    # auto | off | regional | full (true = regional, false = off). regional: torch.compile each repeated block the family
+    # names (FamilyModel.compile_units: a UNet's resnets and transformer blocks, a DiT's blocks), so one block's graph
+    # serves all its repeats and compiling takes about a block's time; full: the whole denoiser as one graph (minutes per
+    # adapter and shape). auto: regional on CUDA, off elsewhere (and off under model.shard=fsdp2). docs/training-speed.md
+    compile: bool | str = "auto"
     channels_last: bool = False  # NHWC UNet weights: the fast cuDNN convolution layout on tensor cores
     # fused | peft: how LoRA layers run. fused: base op and low-rank term in one autograd node per layer, compute
     # copies of A and B made once per optimizer step, per-sample adapters by row slices (core/lora.py); peft: PEFT's
@@ -35,6 +41,10 @@ class ModelConfig:
     # none | fsdp2: shard the frozen base over the processes with FSDP2 (fully_shard per block); LoRA stays whole
     # on every process. For a base that does not fit one GPU next to its activations (docs/memory.md sec. 7).
     shard: str = "none"
+    # Text encoders once every prompt is encoded (the embedding cache): true = moved to the CPU (frees their memory on
+    # the GPU: SDXL's two CLIPs 1.5 GiB in bf16; a prompt encoded later runs there, slowly), false = kept on the device,
+    # null = the family's choice (the flow and video families' T5 / Qwen / UMT5 encoders go, SD1.5's and SDXL's stay).
+    offload_text_encoders: bool | None = None
     # T5 prompt length of the flow families (SD3/FLUX); null = the family's pipeline default (SD3 256, FLUX 512).
     # Prompts are padded to it, so a short one saves joint-attention work on padding (docs/architecture.md).
     max_sequence_length: int | None = None
@@ -54,9 +64,12 @@ class ModelConfig:
         _choice("model.attention", self.attention, ("auto", "sdpa", "xformers", "triton", "math"))
         _choice("model.shard", self.shard, ("none", "fsdp2"))
         _choice("model.lora_kernel", self.lora_kernel, ("fused", "peft"))
-        if self.shard != "none" and self.compile:
-            raise ConfigError("model.shard=fsdp2 with model.compile=true is not supported (untested together): set "
-                              "one of them off")
+        if isinstance(self.compile, bool):  # the older true / false switch: true is the recommended compile
+            self.compile = "regional" if self.compile else "off"
+        _choice("model.compile", self.compile, COMPILE_MODES)
+        if self.shard != "none" and self.compile in ("regional", "full"):
+            raise ConfigError(f"model.shard=fsdp2 with model.compile={self.compile} is not supported (untested together): "
+                              "set model.compile=off (or auto, which is off under fsdp2) or model.shard=none")
         for side in self.resolution if isinstance(self.resolution, list) else [self.resolution]:
             _at_least("model.resolution", side, 0)
             if side % 8:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
+from .compile import compiled_mode
 from .lora import segments_of
 from .param import x0_eps_from_output
 from .schedule import NoiseSchedule
@@ -271,7 +272,8 @@ def denoise_together(calls) -> list[DenoiserOut]:
     A denoiser is a Denoiser or GuidedDenoiser (or anything with their `plan`); rows of different adapters share the
     call through PEFT's per-sample adapters (mixed_adapters), e.g. DMD's teacher (CFG, 2B rows, base) and fake score
     (B rows, its adapter) on the same x_t. Equal to calling each in turn up to float rounding. Falls back to one call
-    each where that cannot apply: grad on, a compiled UNet (its graphs guard on the adapter flags), a callable
+    each where that cannot apply: grad on, a compiled UNet, whole or by region (its graphs guard on the adapter flags: a
+    mixed call would add a graph per block shape and row split), a callable
     without a plan, or denoisers on different UNets or dtypes.
     """
     plans = [d.plan(*args) if hasattr(d, "plan") else None for d, *args in calls]
@@ -280,7 +282,7 @@ def denoise_together(calls) -> list[DenoiserOut]:
         all(p is not None for p in plans) and len(rows) > 1 and not torch.is_grad_enabled()
         and all(isinstance(r[0], Denoiser) for r in rows)
         and len({(id(r[0].unet), r[0].dtype, r[0].call, r[0].network_timestep, id(r[0].schedule)) for r in rows}) == 1
-        and getattr(rows[0][0].unet, "_compiled_call_impl", None) is None
+        and compiled_mode(rows[0][0].unet) == "off"
     )
     if not joint:
         return [d(*args) for d, *args in calls]

@@ -147,6 +147,19 @@ class FamilyModel:
         (core.denoiser.GuidedDenoiser), used wherever a method asks the teacher for a guided prediction."""
         return
 
+    def compile_units(self) -> list:
+        """The repeated blocks model.compile=regional compiles one by one (core/compile.py): every resnet and every
+        transformer block of the UNet's down, mid and up blocks. These are also what gradient checkpointing wraps, so a
+        compiled block runs inside the checkpoint (its recomputation reuses the graph) and the adapter switching of
+        core.denoiser.checkpoint_under_adapter stays eager, outside the graphs."""
+        unet = self.unet
+        units = []
+        for block in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]:
+            units += list(getattr(block, "resnets", None) or [])
+            for attention in getattr(block, "attentions", None) or []:
+                units += list(getattr(attention, "transformer_blocks", None) or [attention])
+        return units
+
     def recipe_guidance_scale(self) -> float:
         """The guidance_scale a distilled student's pipeline call gets: 0, no CFG (CFG is baked into the student)."""
         return 0.0

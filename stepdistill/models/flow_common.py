@@ -161,6 +161,10 @@ class FlowFamily(FamilyModel):
         """The MMDiT's joint transformer blocks (model.shard=fsdp2)."""
         return list(self.unet.transformer_blocks)
 
+    def compile_units(self) -> list:
+        """The transformer's blocks, as for sharding (model.compile=regional; core/compile.py)."""
+        return self.shard_units()
+
     def offload_text_encoders(self) -> None:
         """T5-XXL alone is 9.5 GB in bf16: once the prompts are encoded, every text encoder goes to the CPU (encoding
         a new prompt still works there, slowly)."""

@@ -9,6 +9,7 @@ and the fake score, two adapters of one module, are updated in separate phases.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +26,8 @@ from ..methods.base import Distiller, Nets, RunContext
 from ..registry import get_method
 from .shard import move_unsharded, require_processes, shard_base
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Built:
@@ -36,6 +39,7 @@ class Built:
     params: dict  # phase -> list of trainable parameters
     targets: list[str]
     ctx: RunContext  # the run facts the distiller reads; the loop fills in run_dir, max_steps and dist
+    compiled: str = "off"  # how the denoiser was compiled: off | regional | full (model.compile, resolved)
 
 
 def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -144,14 +148,14 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
             for p in adapter_parameters(unet, a):
                 p.requires_grad_(False)
 
-    if cfg.model.compile:
-        _compile(unet)
+    compiled = compile_denoiser(family, cfg.model.compile, device, cfg.model.shard)
     if data is None:
         data = build_data(cfg, family, resolution, rank, world, progress=progress and rank == 0)
-        # Every prompt is encoded now (the embedding cache): the text encoders (T5-XXL: 9.5 GB) leave the GPU.
-        family.offload_text_encoders()
+    # Every prompt is encoded now (the embedding cache, also when the caller brought `data`): the text encoders
+    # (T5-XXL: 9.5 GB) leave the GPU where model.offload_text_encoders or the family says so.
+    _offload_text_encoders(family, cfg.model.offload_text_encoders)
     ctx.prompt_data = data
-    return Built(cfg, family, nets, distiller, data, params, targets, ctx)
+    return Built(cfg, family, nets, distiller, data, params, targets, ctx, compiled)
 
 
 def _families_with(parameterisations) -> list[str]:
@@ -166,22 +170,61 @@ def build_data(cfg: Config, family, resolution: int, rank: int, world: int, prog
     return open_data(family, cfg.data, resolution, cfg.seed, rank, world, progress=progress)
 
 
-# torch.compile options of the UNet; tests swap in a cheap backend (e.g. {"backend": "eager"}).
+# torch.compile options of the denoiser or its blocks; tests swap in a cheap backend (e.g. {"backend": "aot_eager"}).
 COMPILE_OPTIONS: dict = {"dynamic": False}
 
 
-def _compile(unet) -> None:
-    """Compile the UNet in place (parameter names unchanged, so checkpoints and exports are the same).
+def resolve_compile(setting: str, device: torch.device, shard: str = "none") -> tuple[str, str]:
+    """(off | regional | full, why) for model.compile on `device`. auto: regional on CUDA, where the iteration is
+    launch-bound (docs/training-speed.md); off on the CPU (inductor compiles for minutes there and gained nothing
+    measurable at the tiny sizes, docs/benchmarks.md) and under FSDP2 sharding (not tested together)."""
+    if setting == "auto":
+        if shard != "none":
+            return "off", "auto: off under model.shard=fsdp2 (compile and sharding are not tested together)"
+        if device.type == "cuda":
+            return "regional", "auto: regional on CUDA"
+        return "off", f"auto: off on {device.type} (compiling pays on CUDA; set model.compile=regional to force it)"
+    if setting in ("regional", "full") and device.type == "cpu" and not _cxx_compiler():
+        raise ConfigError(f"model.compile={setting} on the CPU needs a C++ compiler for inductor (none found on PATH): "
+                          "install g++ or set model.compile=off")
+    return setting, f"model.compile={setting}"
 
-    Dynamo guards on the PEFT layers' active-adapter flags, so each adapter gets its own graph, as does each
-    batch shape and grad mode: a dmd iteration compiles five (teacher at 2B, student and fake score with and
-    without grad), DisBack's target adds more; past dynamo's default limit of 8 per frame it would fall back to
-    eager with only a log line.
-    """
-    config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), 64))
-    unet.compile(**COMPILE_OPTIONS)
+
+def _cxx_compiler() -> str | None:
+    import shutil
+
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def compile_denoiser(family, setting: str, device: torch.device, shard: str = "none") -> str:
+    """Compile the family's denoiser in place as model.compile says (core/compile.py) and log what was compiled;
+    returns the mode applied. Graphs are built at the first call of each adapter, grad mode and shape."""
+    from ..core.compile import compile_regions, compile_whole, describe_units
+
+    mode, why = resolve_compile(setting, device, shard)
+    net = family.unet
+    if mode == "regional":
+        units = family.compile_units()
+        compile_regions(net, units, **COMPILE_OPTIONS)
+        log.info("%s: torch.compile per block, %s of the %s (graphs are built at the first iteration)", why,
+                 describe_units(units), type(net).__name__)
+    elif mode == "full":
+        compile_whole(net, **COMPILE_OPTIONS)
+        log.info("%s: torch.compile of the whole %s (graphs are built at the first iteration: minutes)", why,
+                 type(net).__name__)
+    else:
+        log.info("%s: the %s runs eagerly", why if setting != "off" else "model.compile=off", type(net).__name__)
+    return mode
+
+
+def _offload_text_encoders(family, setting: bool | None) -> None:
+    """model.offload_text_encoders: None = the family's choice (FamilyModel.offload_text_encoders), True = every text
+    encoder to the CPU, False = kept where they are."""
+    if setting is None:
+        family.offload_text_encoders()
+    elif setting:
+        for encoder in family.text_encoders:
+            encoder.to("cpu")
 
 
 def _set_attention(unet, backend: str, device):

@@ -371,6 +371,23 @@ class Trainer:
     def iteration(self, read_logs: bool = True) -> dict:
         """One student update and its critic updates. Reads one tensor back to the host: whether each update was
         skipped (non-finite), and with `read_logs` every log value with it (otherwise the logs hold only those)."""
+        stepped, logs = self.updates()
+        flags, logs = _read_once([flag for _, flag in stepped], logs if read_logs else {})
+        logs = self.dist.mean_logs(logs)
+        # <phase>_skipped: the share of that phase's updates skipped this iteration (absent when none was).
+        for phase in dict.fromkeys(p for p, _ in stepped):
+            oks = [ok for (p, _), ok in zip(stepped, flags) if p == phase]
+            if not all(oks):
+                logs[f"{phase}_skipped"] = oks.count(False) / len(oks)
+        skipped = not all(flags)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        self.nonfinite_total += int(skipped)
+        logs["nonfinite_steps"] = self.nonfinite_total
+        return logs
+
+    def updates(self) -> tuple[list, dict]:
+        """The updates of one iteration, nothing read back: ([(phase, stepped flag)], logs), all device tensors (the
+        memory estimate, bench/mem_estimate.py, runs this on fake tensors, whose values cannot be read)."""
         b, step = self.built, self.step
         batches = self._batches()
         outs, logs = self._phase("student", lambda batch: b.distiller.student_loss(b.nets, batch, step), batches)
@@ -392,18 +409,7 @@ class Trainer:
             self.ema.update()
         for event in b.distiller.after_step(b.nets, step):
             self._carry_out(event)
-        flags, logs = _read_once([flag for _, flag in stepped], logs if read_logs else {})
-        logs = self.dist.mean_logs(logs)
-        # <phase>_skipped: the share of that phase's updates skipped this iteration (absent when none was).
-        for phase in dict.fromkeys(p for p, _ in stepped):
-            oks = [ok for (p, _), ok in zip(stepped, flags) if p == phase]
-            if not all(oks):
-                logs[f"{phase}_skipped"] = oks.count(False) / len(oks)
-        skipped = not all(flags)
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
-        self.nonfinite_total += int(skipped)
-        logs["nonfinite_steps"] = self.nonfinite_total
-        return logs
+        return stepped, logs
 
     # -- the run --
     def run(self) -> Path:

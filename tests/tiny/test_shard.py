@@ -89,7 +89,7 @@ def test_sharding_a_single_process_is_refused(tiny_sd15_dir, prompts_file, tmp_p
 def test_shard_setting_is_checked():
     with pytest.raises(ConfigError, match="model.shard must be one of"):
         ModelConfig(path="x", shard="fsdp").validate()
-    with pytest.raises(ConfigError, match="model.shard=fsdp2 with model.compile=true"):
+    with pytest.raises(ConfigError, match="model.shard=fsdp2 with model.compile=regional"):
         ModelConfig(path="x", shard="fsdp2", compile=True).validate()
 
 

@@ -173,8 +173,9 @@ def test_channels_last_lever_lays_out_the_base_and_keeps_the_maths():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "regional"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compile_lever_keeps_one_graph_per_adapter(checkpointing, monkeypatch):
+def test_compile_lever_keeps_one_graph_per_adapter(checkpointing, mode, monkeypatch):
     """Under torch.compile the teacher, student and fake score must not share a graph: dynamo has to guard on
     the PEFT layers' active-adapter flags. The eager backend traces like inductor, without code generation
     (still minutes on a loaded 2-core machine: dmd needs five graphs). With checkpointing, the recomputation
@@ -182,8 +183,9 @@ def test_compile_lever_keeps_one_graph_per_adapter(checkpointing, monkeypatch):
     sets = [f"model.gradient_checkpointing={str(checkpointing).lower()}"]
     _, reference = _one_iteration("dmd", sets)
     monkeypatch.setattr(build_module, "COMPILE_OPTIONS", {"dynamic": False, "backend": "eager"})
-    trainer, logs = _one_iteration("dmd", [*sets, "model.compile=true"])
-    assert trainer.built.nets.denoiser._compiled_call_impl is not None
+    trainer, logs = _one_iteration("dmd", [*sets, f"model.compile={mode}"])
+    assert trainer.built.compiled == mode
+    assert (trainer.built.nets.denoiser._compiled_call_impl is not None) == (mode == "full")
     _assert_same_maths(logs, reference)
     assert logs["critic_grad_norm"] == pytest.approx(reference["critic_grad_norm"], rel=1e-4)
 

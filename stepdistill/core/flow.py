@@ -254,7 +254,7 @@ class FlowSchedule:
         if config.get("shift_terminal"):
             raise ValueError("shift_terminal is not supported for distillation: remove it from the scheduler config")
         T = int(config.get("num_train_timesteps", 1000))
-        unshifted = torch.arange(1, T + 1, dtype=torch.float64).numpy() / T
+        unshifted = np.arange(1, T + 1, dtype=np.float64) / T  # numpy: also under a fake-tensor mode (bench memory)
         sigmas = scheduler_sigmas(T, {k: v for k, v in config.items() if k != "stochastic_sampling"}, mu,
                                   sigmas=unshifted)[:-1]
         return cls(sigmas, timestep_scale, config, mu)

@@ -204,15 +204,20 @@ def assert_matches_reference(run: str, folder):
     assert lora_file_digests(folder) == expected, f"{run}: the exported LoRA files differ from {REFERENCE_LORAS.name}"
 
 
-def schedule_index(schedule, t: torch.Tensor) -> int:
+def schedule_index(schedule, t: torch.Tensor, among: int | None = None) -> int:
     """The training-table index of a timestep the pipeline's scheduler stepped at: a DDPM scheduler's integer t as it
     is; a flow scheduler's float32 t = T sigma found, bit for bit, among the pipeline timesteps of the student's
     schedule (FlowSchedule.pipeline_timestep) -- a pipeline step off that table is one the student was never trained at."""
     t = torch.as_tensor(t).reshape(())
-    if not t.is_floating_point():
+    if not hasattr(schedule, "pipeline_timestep"):  # a DDPM table: the scheduler's integer t is the index
         return int(t)
+    # Flow: SD3 / FLUX step at float32 T sigma; Wan's UniPC at an int64 trunc(T sigma), not the table index.
     table = schedule.pipeline_timestep(torch.arange(schedule.num_train_timesteps))
-    hits = (table == t.float()).nonzero().flatten()
+    hits = (table.to(t.dtype) == t).nonzero().flatten() if not t.is_floating_point() else (
+        table == t.float()).nonzero().flatten()
+    if len(hits) > 1 and among is not None:  # Wan's truncated timesteps repeat near t = T: the one trained at, if on it
+        assert among in hits.tolist(), f"the pipeline stepped at t = {float(t)!r}, which index {among} does not map to"
+        return among
     assert len(hits) == 1, f"the pipeline stepped at t = {float(t)!r}, not on the student's schedule"
     return int(hits[0])
 
@@ -286,8 +291,8 @@ def assert_bf16_student_equals_the_pipeline(built, base_dir, lora_dir, prompt: s
                        network_timestep=family.network_timestep)
     h, w = x_T.shape[-2:]
     visited = []
-    for (sample, kwargs, theirs), t_pipe in zip(calls, steps):
-        t = schedule_index(built.nets.schedule, t_pipe)
+    for i, ((sample, kwargs, theirs), t_pipe) in enumerate(zip(calls, steps)):
+        t = schedule_index(built.nets.schedule, t_pipe, among=trained_at[i] if i < len(trained_at) else None)
         visited.append(t)
         with torch.no_grad():
             ours = student.raw(family.from_pipeline_latents(sample, h, w), t, network_cond(kwargs))

@@ -101,6 +101,8 @@ ATTENTION_SHAPES = {
     "sdxl_self_1024_d64": (2, 20, 1024, 1024, 64),
     "sdxl_cross_1024x77_d64": (2, 20, 1024, 77, 64),
 }
+# The --tiny rehearsal's training settings (every part that trains): small adapters, two critic updates.
+TINY_SETS = ["lora.rank=4", "method.critic_updates_per_student_update=2"]
 TINY_ATTENTION_SHAPES = {"tiny_self_64_d32": (1, 2, 64, 64, 32), "tiny_cross_64x8_d32": (1, 2, 64, 8, 32)}
 TRAIN_ROWS = [("dmd", "sdxl"), ("dmd", "sd15"), ("tscd", "sdxl"), ("tscd", "sd15"), ("lcm", "sdxl"), ("lcm", "sd15")]
 
@@ -316,7 +318,7 @@ def part_train(plog: PartLog, tiny: bool, device: str):
     iters, warmup = (1, 0) if tiny else (3, 1)
     # Eager: six rows compiling by region (model.compile's CUDA default) would not fit the part's cap; the profile
     # part's compiled row measures what compiling gains.
-    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else [EAGER]
+    sets = TINY_SETS if tiny else [EAGER]
     plog.note("train rows run eagerly (model.compile=off); the compiled figure is the profile part's row")
     for method, family in TRAIN_ROWS:
         if not plog.wanted(f"{method}:{family}"):
@@ -344,7 +346,7 @@ def part_profile(plog: PartLog, tiny: bool, device: str):
     from .train import TINY_BATCH, _free_cuda, bench_run, make_trainer, profile_iteration, run_iteration
 
     family = "sdxl"
-    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else []
+    sets = TINY_SETS if tiny else []
     for name, overrides, batch in PROFILE_ROWS:
         if not plog.wanted(f"profile:{name}"):
             continue
@@ -404,7 +406,7 @@ def part_max_batch(plog: PartLog, tiny: bool, device: str, memory_gb: float = H1
         limit = 4
         plog.note("CPU: no out-of-memory to catch; the search runs to its limit (4)")
     # Eager: each new batch size would compile new graphs; compiled code uses no more memory than eager.
-    sets = ["lora.rank=4", "method.critic_updates_per_student_update=2"] if tiny else [EAGER]
+    sets = TINY_SETS if tiny else [EAGER]
     cfg, model, data = bench_run("dmd", "sdxl", tiny, device, 1, sets)
     probes = []
 

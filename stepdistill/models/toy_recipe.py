@@ -40,6 +40,15 @@ TOY_UNET_LAYOUT = {
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 }
 
+# SDXL's two CLIP encoders at toy size (SDXL-toy and SD3-toy): each one layer more than it needs, as both families read
+# the penultimate layer.
+TOY_CLIP_PAIR = {
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                     "projection_dim": 32},
+    "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                       "projection_dim": 32},
+}
+
 SAMPLINGS = ("uniform", "logit-normal")
 
 

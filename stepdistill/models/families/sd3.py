@@ -10,7 +10,7 @@ from ...core.denoiser import Cond
 from ..flow_common import DEFAULT_ARCH, FLOW_VAE, MMDIT_ATTN, MMDIT_FF, SD3_SCHEDULER_CONFIG, T5_XXL, FlowFamily
 from ..registry import register_family
 from ..sd_common import CLIP_L
-from ..toy_recipe import TOY_FLOW_VAE
+from ..toy_recipe import TOY_CLIP_PAIR, TOY_FLOW_VAE
 
 CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
               "projection_dim": 1280, "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408}
@@ -61,10 +61,7 @@ class SD3Model(FlowFamily):
         "transformer": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4,
                         "pos_embed_max_size": 16},
         "vae": TOY_FLOW_VAE,
-        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                         "projection_dim": 32},
-        "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-                           "num_attention_heads": 4, "projection_dim": 32},
+        **TOY_CLIP_PAIR,
         "text_encoder_3": {"d_model": 96, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
     }
     toy_t5_part: ClassVar = 2

@@ -10,7 +10,7 @@ from ...core.denoiser import Cond
 from ..base import FamilyModel
 from ..registry import register_family
 from ..sd_common import CLIP_L, SD_SCHEDULER_CONFIG, SD_VAE, TINY_CLIP, TINY_VAE
-from ..toy_recipe import TOY_UNET_LAYOUT, TOY_VAE
+from ..toy_recipe import TOY_CLIP_PAIR, TOY_UNET_LAYOUT, TOY_VAE
 
 TIME_IDS = 6  # (original H, W, crop top, left, target H, W)
 
@@ -70,10 +70,7 @@ class SDXLModel(FamilyModel):
         "unet": {**TOY_UNET_LAYOUT, "use_linear_projection": True, "addition_embed_type": "text_time",
                  "addition_time_embed_dim": 8},
         "vae": TOY_VAE,
-        "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                         "projection_dim": 32},
-        "text_encoder_2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-                           "num_attention_heads": 4, "projection_dim": 32},
+        **TOY_CLIP_PAIR,
     }
 
     @classmethod

@@ -95,7 +95,7 @@ def test_bf16_student_output_equals_the_bf16_pipelines_at_every_recipe_timestep(
     assert visited == trainer.built.nets.schedule.grid(Recipe.load(final).num_inference_steps)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_training_call_sees_the_pipelines_sigmas_and_timesteps(wan_dir, dtype):
     """The stock WanPipeline's UniPC scheduler (first order) at k steps visits the training table's sigmas at the
     trailing timesteps, for every k that divides 1000, and tells the transformer the same int64 timestep, latents and

@@ -2,8 +2,8 @@
 diffusers pipeline tells its transformer at that step: in fp32, bf16 and fp16, at every one of the teacher's 1000
 timesteps (so at every timestep of every shipped recipe), at the token counts of the shipped resolutions.
 
-SD3's pipeline passes the scheduler's float32 t = 1000 sigma in every dtype; FLUX's casts t to the latents' dtype and
-divides by 1000 there. Telling the network float(sigma) * 1000 cast to the run dtype (the old rule) gives bf16 t = 752
+SD3's pipeline passes the scheduler's float32 t = 1000 sigma in every dtype; FLUX's and Qwen-Image's cast t to the
+latents' dtype and divide by 1000 there. Telling the network float(sigma) * 1000 cast to the run dtype (the old rule) gives bf16 t = 752
 where the pipeline says 750: a multi-step student trained at timesteps it is never run at.
 """
 
@@ -15,16 +15,21 @@ import torch
 from stepdistill.core.denoiser import Cond, Denoiser
 from stepdistill.core.flow import FlowSchedule
 from stepdistill.models.families.flux import FluxModel
+from stepdistill.models.families.qwenimage import QwenImageModel
 from stepdistill.models.families.sd3 import SD3Model
 from stepdistill.models.tiny_flow import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from stepdistill.models.tiny_qwenimage import build_tiny_qwenimage_pipeline
 
 torch.set_num_threads(1)
 
-FAMILIES = {"sd3": (SD3Model, build_tiny_sd3_pipeline), "flux": (FluxModel, build_tiny_flux_pipeline)}
+FAMILIES = {"sd3": (SD3Model, build_tiny_sd3_pipeline), "flux": (FluxModel, build_tiny_flux_pipeline),
+            "qwenimage": (QwenImageModel, lambda seed: build_tiny_qwenimage_pipeline(seed))}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Tiny VAEs downsample by 2, the real ones by 8: tiny 32 / 128 / 256 px have the image-token counts of 128 / 512 /
-# 1024 px (the shipped FLUX presets train at 1024; FLUX's shift depends on the count, SD3's does not).
-SIZES = {"sd3": [32], "flux": [32, 128, 256]}
+# 1024 px (the shipped FLUX presets train at 1024; FLUX's shift depends on the count, SD3's does not). Qwen-Image's
+# tiny VAE downsamples by 8 as the real one does; its shift also follows the count. (Wan's timestep is its UniPC
+# scheduler's int64 in every dtype: tests/tiny/test_wan.py checks every step count dividing 1000.)
+SIZES = {"sd3": [32], "flux": [32, 128, 256], "qwenimage": [32, 128]}
 T = 1000
 
 
@@ -46,7 +51,7 @@ def pipeline_timesteps(pipe, name, size, dtype) -> torch.Tensor:
     pipe.transformer.forward = stub
     pipe.set_progress_bar_config(disable=True)
     sigmas = [(t + 1) / T for t in reversed(range(T))]
-    extra = {"guidance_scale": 3.5} if name == "flux" else {"guidance_scale": 1.0}
+    extra = {"flux": {"guidance_scale": 3.5}, "sd3": {"guidance_scale": 1.0}}.get(name, {})
     pipe("a red cat", sigmas=sigmas, num_inference_steps=T, height=size, width=size, output_type="latent",
          generator=torch.Generator().manual_seed(0), **extra)
     return torch.cat(told).flip(0)  # ascending t

@@ -73,12 +73,70 @@ def _resolve_auto(kind: str) -> str:
     return MEASURED
 
 
+class SDPAAttnProcessor:
+    """diffusers' AttnProcessor2_0 contract (self and cross attention, spatial / group norm, q/k norm, residual,
+    output rescale, masks), without the ops that do nothing: AttnProcessor2_0 divides every output by
+    `rescale_output_factor` (1.0 in every SD1.5 / SDXL UNet and VAE), a division forward and another backward per
+    attention call. `attend` is the one step a subclass runs on another kernel (core.triton_attention)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if attention_mask is None:
+            hidden_states = self.attend(query, key, value, attn.scale)
+        else:
+            hidden_states = self.masked_attend(attn, query, key, value, attention_mask, batch_size)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        if attn.rescale_output_factor != 1.0:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+    def attend(self, query, key, value, scale: float) -> torch.Tensor:
+        """softmax(q k^T scale) v over (B, H, L, D) heads."""
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+
+    def masked_attend(self, attn, query, key, value, attention_mask, batch_size) -> torch.Tensor:
+        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
+        mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+
+
 def attention_processor(backend: str):
     """A fresh diffusers attention processor for a concrete backend (see `resolve_backend`)."""
     from diffusers.models import attention_processor as ap
 
     if backend == "sdpa":
-        return ap.AttnProcessor2_0()
+        return SDPAAttnProcessor()
     if backend == "math":
         return ap.AttnProcessor()
     if backend == "xformers":

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import SDPAAttnProcessor
+
 log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
@@ -504,70 +506,26 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return _EagerFlash.apply(q, k, v, float(scale))
 
 
-class TritonAttnProcessor:
-    """diffusers attention processor running `flash_attention` (the contract of diffusers' AttnProcessor2_0).
-
-    Handles self and cross attention, spatial / group norm, q/k norm, residual and output rescale, as
-    the SD1.5 and SDXL UNets and VAEs use them. An attention mask is not supported by the kernel: such a
-    call runs PyTorch SDPA instead and says so once in the log.
+class TritonAttnProcessor(SDPAAttnProcessor):
+    """diffusers attention processor running `flash_attention` (the contract of diffusers' AttnProcessor2_0, as
+    core.attention.SDPAAttnProcessor runs it). An attention mask is not supported by the kernel: such a call runs
+    PyTorch SDPA instead and says so once in the log.
     """
 
     _mask_notice_given = False
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        if attention_mask is None:
-            hidden_states = self.attend(query, key, value, attn.scale)
-        else:
-            hidden_states = self._masked_sdpa(attn, query, key, value, attention_mask, batch_size)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
 
     def attend(self, query, key, value, scale: float) -> torch.Tensor:
         """softmax(q k^T scale) v over (B, H, L, D) heads: the one step a subclass may run on another kernel."""
         return flash_attention(query, key, value, scale)
 
-    def _masked_sdpa(self, attn, query, key, value, attention_mask, batch_size):
+    def masked_attend(self, attn, query, key, value, attention_mask, batch_size):
         if not TritonAttnProcessor._mask_notice_given:
             log.warning(
                 "attention=triton: an attention mask was passed, which the triton kernel does not support; "
                 "those calls run PyTorch SDPA instead"
             )
             TritonAttnProcessor._mask_notice_given = True
-        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
-        mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+        return super().masked_attend(attn, query, key, value, attention_mask, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -324,6 +324,8 @@ def test_triton_refuses_heads_wider_than_the_kernel(monkeypatch):
 def test_set_attention_backend_installs_processor_everywhere_and_sdpa_equals_math():
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    from stepdistill.core.attention import SDPAAttnProcessor
+
     torch.set_num_threads(1)
     unet = tiny_unet()
     x_t, t, encoder_hidden_states = unet_inputs()
@@ -335,9 +337,13 @@ def test_set_attention_backend_installs_processor_everywhere_and_sdpa_equals_mat
         out_math = unet(x_t, t, encoder_hidden_states).sample
         assert set_attention_backend(unet, "auto") == "sdpa"
         assert set_attention_backend(unet, "sdpa") == "sdpa"
-        assert all(type(m.processor) is AttnProcessor2_0 for m in modules)
+        assert all(type(m.processor) is SDPAAttnProcessor for m in modules)
         out_sdpa = unet(x_t, t, encoder_hidden_states).sample
+        for m in modules:  # ours is diffusers' AttnProcessor2_0 less its no-op division
+            m.set_processor(AttnProcessor2_0())
+        out_theirs = unet(x_t, t, encoder_hidden_states).sample
     torch.testing.assert_close(out_sdpa, out_math, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out_sdpa, out_theirs)
 
 
 def test_set_attention_backend_on_vae_mid_block():

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .lora import fused_linears
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "xformers", "triton", "math")
@@ -92,15 +94,10 @@ class SDPAAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
+        if encoder_hidden_states is not None and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states, batch_size)
+        head_dim = key.shape[-1]
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -129,6 +126,33 @@ class SDPAAttnProcessor:
         mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
         mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+
+
+def project_heads(attn, hidden_states, encoder_hidden_states, batch_size: int):
+    """q, k, v of one attention call in (B, H, L, D) heads. The projections that read one input (self-attention: all
+    three; cross-attention: k and v, from the text) run as one fused projection where the fused LoRA path runs them
+    (core.lora.fused_linears: one base GEMM, one LoRA node), else as one call each."""
+    heads = attn.heads
+    if encoder_hidden_states is None:
+        qkv = fused_linears((attn.to_q, attn.to_k, attn.to_v), hidden_states)
+        if qkv is not None:
+            return _split_heads(qkv, batch_size, 3, heads)
+        query, encoder_hidden_states = attn.to_q(hidden_states), hidden_states
+    else:
+        query = attn.to_q(hidden_states)
+        kv = fused_linears((attn.to_k, attn.to_v), encoder_hidden_states)
+        if kv is not None:
+            key, value = _split_heads(kv, batch_size, 2, heads)
+            return query.view(batch_size, -1, heads, key.shape[-1]).transpose(1, 2), key, value
+    key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // heads
+    return tuple(x.view(batch_size, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+
+
+def _split_heads(fused: torch.Tensor, batch_size: int, m: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """[B, L, m H D] (m projections side by side) -> m tensors (B, H, L, D): one view, one permute, one unbind."""
+    head_dim = fused.shape[-1] // (m * heads)
+    return fused.view(batch_size, -1, m, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def attention_processor(backend: str):

@@ -339,6 +339,7 @@ class _ComputeCopies:
     def __init__(self, layers):
         self.layers = list(layers)
         self.entries: dict = {}  # (id(layer), adapter, dtype) -> (version key, (a, b, a^T, b^T))
+        self.groups: dict = {}  # (ids of layers, adapter, dtype) -> (a_cat, a_cat^T, b3, b3^T, (each layer's a))
 
     def get(self, layer, adapter: str, dtype):
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -347,6 +348,33 @@ class _ComputeCopies:
             self.refresh(adapter, dtype, also=layer)
             hit = self.entries[(id(layer), adapter, dtype)]
         return hit[1]
+
+    def group(self, layers, adapter: str, dtype) -> tuple[torch.Tensor, ...]:
+        """(a_cat, a_cat^T, b3, b3^T) of `layers` (equal ranks and widths), up to date: A_1..A_m stacked by rows
+        ([m r, in]) and B_1..B_m stacked ([m, out, r]). Each layer's own compute copies are views into these buffers
+        (dense, so the one refresh stays on the foreach kernel's fast path), so the refresh that brings the layers up
+        to date brings the group up to date too."""
+        key = (tuple(id(m) for m in layers), adapter, dtype)
+        hit = self.groups.get(key)
+        if hit is None or any(self.entries.get((id(m), adapter, dtype), (None, (None,)))[1][0] is not a
+                              for m, a in zip(layers, hit[4])):
+            hit = self.groups[key] = self._allocate_group(layers, adapter, dtype)
+        for m in layers:
+            self.get(m, adapter, dtype)  # the first stale layer refreshes every stale one, in one foreach copy
+        return hit[:4]
+
+    def _allocate_group(self, layers, adapter: str, dtype) -> tuple:
+        A, B = layers[0].lora_A[adapter].weight, layers[0].lora_B[adapter].weight
+        (r, n_in), n_out, m = A.shape, B.shape[0], len(layers)
+        with torch.inference_mode(False):  # buffers outlive a first call under inference_mode
+            a_cat = torch.empty(m * r, n_in, dtype=dtype, device=A.device)
+            b3 = torch.empty(m, n_out, r, dtype=dtype, device=B.device)
+        views = []
+        for i, layer in enumerate(layers):
+            a, b = a_cat[i * r:(i + 1) * r], b3[i]
+            self.entries[(id(layer), adapter, dtype)] = (None, (a, b, a.t(), b.t()))  # stale until refreshed
+            views.append(a)
+        return a_cat, a_cat.t(), b3, b3.transpose(1, 2), tuple(views)
 
     @torch.no_grad()
     def refresh(self, adapter: str, dtype, also=None) -> None:
@@ -442,47 +470,221 @@ def _lora_term(layer, adapter: str, x, y, dtype):
         y.view(-1, y.shape[-1]).addmm_(torch.mm(x.reshape(-1, x.shape[-1]), a_t), b_t, alpha=scale)
 
 
-def _fused_forward(layer, x, *args, **kwargs):
-    """The replacement of a PEFT LoRA layer's forward (installed per instance by use_fused_lora)."""
-    adapter_names = kwargs.get("adapter_names")
-    peft_forward = type(layer).forward
+# How _fused_forward runs one call of one layer (_route): PEFT's own forward, the bare base (the teacher, or no adapter
+# of this layer active), the per-adapter rows of a mixed-adapter call, or ("lora", adapter, dtype): the fused node.
+_PEFT, _BASE, _MIXED = ("peft",), ("base",), ("mixed",)
+
+
+def _route(layer, x, args=(), kwargs=None) -> tuple:
+    """The fused path's decision for one call of `layer` on `x` (shared by _fused_forward and fused_linears, so a
+    group of layers fuses exactly where each layer alone would take the fused path)."""
+    kwargs = kwargs or {}
     if args or layer.merged or (set(kwargs) - {"adapter_names"}):
-        return peft_forward(layer, x, *args, **kwargs)
-    base = layer.base_layer
-    if layer.disable_adapters:  # the teacher: the bare base, nothing else
-        return _base_linear(base, x) if _plain_linear(base) else base(x)
-    if adapter_names is not None:
-        segments = layer.__dict__.get("_stepdistill_segments")
-        if segments is None or torch.is_grad_enabled() or not all(
-                _fusable(layer, n) for n, *_ in segments if n in layer.lora_A):
-            return peft_forward(layer, x, *args, **kwargs)
-        y = _base_linear(base, x) if _plain_linear(base) else base(x)
-        dtype = y.dtype
-        if any(n in layer.lora_A and layer.lora_A[n].weight.dtype != dtype for n, *_ in segments) and \
-                not _low_precision_lora(layer, x):
-            return peft_forward(layer, x, *args, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
-        for name, start, stop in segments:
-            if name in layer.lora_A:
-                _lora_term(layer, name, x[start:stop], y[start:stop], dtype)
-        return y
+        return _PEFT
+    if layer.disable_adapters:
+        return _BASE
+    if kwargs.get("adapter_names") is not None:
+        return _MIXED
     active = [n for n in layer.active_adapters if n in layer.lora_A]
     if not active:
-        return _base_linear(base, x) if _plain_linear(base) else base(x)
-    if len(active) > 1 or not _fusable(layer, active[0]) or base.weight.requires_grad or (
-            base.bias is not None and base.bias.requires_grad):
-        return peft_forward(layer, x, *args, **kwargs)
-    (adapter,) = active
+        return _BASE
+    base = layer.base_layer
+    if len(active) > 1 or not _fusable(layer, active[0]) or _trainable_base(base):
+        return _PEFT
     dtype = _compute_dtype(x, base.weight)
-    A = layer.lora_A[adapter].weight
-    if dtype != A.dtype and not _low_precision_lora(layer, x):
-        return peft_forward(layer, x, *args, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
+    if dtype != layer.lora_A[active[0]].weight.dtype and not _low_precision_lora(layer, x):
+        return _PEFT  # a low-precision base without autocast: PEFT's fp32 LoRA
+    return ("lora", active[0], dtype)
+
+
+def _trainable_base(base) -> bool:
+    return base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+
+
+def _mixed_forward(layer, x, kwargs):
+    """A mixed-adapter call: the base once on every row, each adapter's low-rank term on its own contiguous rows."""
+    peft_forward = type(layer).forward
+    segments = layer.__dict__.get("_stepdistill_segments")
+    if segments is None or torch.is_grad_enabled() or not all(
+            _fusable(layer, n) for n, *_ in segments if n in layer.lora_A):
+        return peft_forward(layer, x, **kwargs)
+    base = layer.base_layer
+    y = _base_linear(base, x) if _plain_linear(base) else base(x)
+    dtype = y.dtype
+    if any(n in layer.lora_A and layer.lora_A[n].weight.dtype != dtype for n, *_ in segments) and \
+            not _low_precision_lora(layer, x):
+        return peft_forward(layer, x, **kwargs)  # a low-precision base without autocast: PEFT's fp32 LoRA
+    for name, start, stop in segments:
+        if name in layer.lora_A:
+            _lora_term(layer, name, x[start:stop], y[start:stop], dtype)
+    return y
+
+
+def _fused_forward(layer, x, *args, **kwargs):
+    """The replacement of a PEFT LoRA layer's forward (installed per instance by use_fused_lora)."""
+    route = _route(layer, x, args, kwargs)
+    if route is _PEFT:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    base = layer.base_layer
+    if route is _BASE:  # the teacher: the bare base, nothing else
+        return _base_linear(base, x) if _plain_linear(base) else base(x)
+    if route is _MIXED:
+        return _mixed_forward(layer, x, kwargs)
+    _, adapter, dtype = route
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     a, b, a_t, b_t = _compute_weights(layer, adapter, dtype)
     weight, bias, weight_t = _base_weights(base, dtype)
     scale = float(layer.scaling[adapter])
-    B = layer.lora_B[adapter].weight
     if isinstance(base, torch.nn.Conv2d):
         return _LoraConv2d.apply(x.to(dtype), weight, bias, A, B, a, b, scale, tuple(base.stride), tuple(base.padding))
     return _LoraLinear.apply(x.to(dtype), weight, bias, A, B, a, b, scale, weight_t, a_t, b_t)
+
+
+# ---- several projections of one input as one (an attention's q, k, v) -------------------------------------------
+
+
+class _LoraProjections(torch.autograd.Function):
+    """[y_1 | ... | y_m] = x W_cat^T + bias_cat + scale [h_1 b_1^T | ... | h_m b_m^T], h = x a_cat^T: the m LoRA
+    Linear layers that read one input (an attention's q, k and v) as one node. The base GEMM and the down-projection
+    are one GEMM each over the concatenated weights; the up-projections are one batched GEMM written into the output's
+    column blocks (a block-diagonal B would multiply m - 1 zero blocks per block, in every pass). Gradients for x and
+    each layer's own fp32 masters (A_1, B_1, ..., A_m, B_m)."""
+
+    @staticmethod
+    def forward(ctx, x, w, w_t, bias, a_cat, a_cat_t, b3, b3_t, scale, *masters):
+        x2 = _rows(x)
+        n, (m, r, n_out) = x2.shape[0], b3_t.shape
+        h = torch.mm(x2, a_cat_t)  # [n, m r]
+        y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t)  # [n, m out]
+        y.view(n, m, n_out).transpose(0, 1).baddbmm_(h.view(n, m, r).transpose(0, 1), b3_t, alpha=scale)
+        ctx.save_for_backward(x2, w, a_cat, b3, h)
+        ctx.scale, ctx.x_shape, ctx.dtypes = scale, x.shape, [t.dtype for t in masters]
+        return _unrows(y, x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w, a_cat, b3, h = ctx.saved_tensors
+        (m, n_out, r), scale = b3.shape, ctx.scale
+        need_x, need_masters = ctx.needs_input_grad[0], ctx.needs_input_grad[9:]
+        g2 = _rows(g)
+        if not g2.is_contiguous():  # the column blocks below are views of a row-major matrix
+            g2 = g2.contiguous()
+        n = g2.shape[0]
+        g3 = g2.view(n, m, n_out).transpose(0, 1)  # [m, n, out]: each layer's output gradient
+        grad_x, grads = None, [None] * (2 * m)
+        if not (need_x or any(need_masters)):
+            return grad_x, *[None] * 8, *grads
+        gh3 = torch.bmm(g3, b3)  # [m, n, r]: d loss / d h, per layer
+        if scale != 1.0:
+            gh3.mul_(scale)
+        gh = gh3.transpose(0, 1).reshape(n, m * r)
+        if need_x:
+            grad_x = _unrows(torch.mm(g2, w).addmm_(gh, a_cat), ctx.x_shape)
+        if any(need_masters[0::2]):
+            grad_a = torch.mm(gh.t(), x2).to(ctx.dtypes[0]).view(m, r, -1).unbind(0)
+            grads[0::2] = [ga if need else None for ga, need in zip(grad_a, need_masters[0::2])]
+        if any(need_masters[1::2]):
+            grad_b = torch.bmm(g3.transpose(1, 2), h.view(n, m, r).transpose(0, 1))  # [m, out, r]
+            if scale != 1.0:
+                grad_b.mul_(scale)
+            grad_b = grad_b.to(ctx.dtypes[1]).unbind(0)
+            grads[1::2] = [gb if need else None for gb, need in zip(grad_b, need_masters[1::2])]
+        return grad_x, *[None] * 8, *grads
+
+
+def _hooked(module) -> bool:
+    """Hooks that module.__call__ would run (a mixed-adapter call injects adapter_names with one): calling a layer's
+    weights directly would skip them."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+                or nn_module._global_backward_pre_hooks)
+
+
+def _on_fused_path(layer) -> bool:
+    """A LoRA Linear whose forward is the fused path's (use_fused_lora on), called as module.__call__ would call it."""
+    forward = layer.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _fused_forward and not _hooked(layer) and \
+        _plain_linear(layer.base_layer) and "forward" not in layer.base_layer.__dict__
+
+
+def _concat_base(layers, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(W_cat, W_cat^T, bias_cat) of the frozen bases of `layers` in `dtype`, concatenated once (cached on the first
+    layer, keyed on the bases' storages and version counters: a load or a move makes a new one); None when the
+    bases differ in dtype or device. Stored in the bases' dtype: the cast to another compute dtype is per call, one
+    cast for the group, as _base_weights does per layer."""
+    bases = [m.base_layer for m in layers]
+    W0 = bases[0].weight
+    if any(b.weight.dtype != W0.dtype or b.weight.device != W0.device for b in bases):
+        return None
+    key = tuple((b.weight.data_ptr(), b.weight._version, None if b.bias is None else (b.bias.data_ptr(), b.bias._version))
+                for b in bases)
+    cache = layers[0].__dict__.setdefault("_stepdistill_concat", {})
+    hit = cache.get(tuple(id(m) for m in layers))
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            w = torch.cat([b.weight for b in bases])
+            bias = None
+            if any(b.bias is not None for b in bases):
+                bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+        hit = (key, (w, w.t(), bias))
+        cache[tuple(id(m) for m in layers)] = hit
+    w, w_t, bias = hit[1]
+    if w.dtype != dtype:
+        w = w.to(dtype)
+        w_t, bias = w.t(), bias.to(dtype) if bias is not None else None
+    return w, w_t, bias
+
+
+def _group_lora(layers, adapter: str, dtype) -> tuple[torch.Tensor, ...]:
+    """(a_cat, a_cat^T, b3, b3^T) of `adapter` on `layers` in `dtype`: compute copies in one buffer each
+    (_ComputeCopies.group), or, in the masters' own dtype, the masters stacked per call."""
+    As = [m.lora_A[adapter].weight for m in layers]
+    Bs = [m.lora_B[adapter].weight for m in layers]
+    if all(t.dtype == dtype for t in (*As, *Bs)):
+        a_cat, b3 = torch.cat([A.detach() for A in As]), torch.stack([B.detach() for B in Bs])
+        return a_cat, a_cat.t(), b3, b3.transpose(1, 2)
+    return layers[0].__dict__["_stepdistill_copies"].group(layers, adapter, dtype)
+
+
+def fused_linears(layers, x: torch.Tensor) -> torch.Tensor | None:
+    """x through several LoRA Linear layers that read the same input (an attention's q, k and v) as ONE projection:
+    the layers' outputs side by side along the last dimension, [layer_1(x) | ... | layer_m(x)], from one GEMM over
+    their concatenated frozen bases and, when their adapter is on, one down-projection and one batched up-projection
+    (_LoraProjections). None, for the caller to call each layer, wherever the fused path would not run every layer
+    the same way: a layer on PEFT's forward, in a mixed-adapter call or with hooks, different adapters, ranks,
+    scales or widths, a trainable base, and under torch.compile (whose graphs keep the separate projections)."""
+    if torch.compiler.is_compiling() or not all(_on_fused_path(m) for m in layers):
+        return None
+    routes = {_route(m, x) for m in layers}
+    if len(routes) != 1:
+        return None
+    (route,) = routes
+    if route is not _BASE and route[0] != "lora" or any(_trainable_base(m.base_layer) for m in layers):
+        return None
+    if len({m.base_layer.out_features for m in layers}) != 1:
+        return None
+    dtype = _compute_dtype(x, layers[0].base_layer.weight) if route is _BASE else route[2]
+    base = _concat_base(layers, dtype)
+    if base is None:
+        return None
+    w, w_t, bias = base
+    if route is _BASE:  # the teacher: the bare bases as one GEMM, nothing else
+        x2 = _rows(x.to(dtype))
+        return _unrows(torch.mm(x2, w_t) if bias is None else torch.addmm(bias, x2, w_t), x.shape)
+    adapter = route[1]
+    copies = {id(m.__dict__.get("_stepdistill_copies")) for m in layers}
+    if len({float(m.scaling[adapter]) for m in layers}) != 1 or len(copies) != 1 or \
+            len({m.lora_A[adapter].weight.shape for m in layers}) != 1:
+        return None
+    masters = [t for m in layers for t in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)]
+    if len({t.dtype for t in masters[0::2]}) != 1 or len({t.dtype for t in masters[1::2]}) != 1:
+        return None
+    a_cat, a_cat_t, b3, b3_t = _group_lora(layers, adapter, dtype)
+    return _LoraProjections.apply(x.to(dtype), w, w_t, bias, a_cat, a_cat_t, b3, b3_t,
+                                  float(layers[0].scaling[adapter]), *masters)
 
 
 def lora_layer_modules(unet) -> list:

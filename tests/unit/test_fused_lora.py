@@ -7,6 +7,7 @@ ones have B = 0, where the gradient of A vanishes and a mix-up would not show).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 import pytest
@@ -286,3 +287,258 @@ def test_compute_copies_follow_the_loops_fused_optimizer_step():
             assert moved, "no adapter moved"
         finally:
             trainer.close()
+
+
+# ---- q, k and v as one projection (core.lora.fused_linears, used by core.attention.SDPAAttnProcessor) -------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_tiny_bf16():
+    """A bf16 base without autocast, the low-rank term in bf16 too (loop.mixed_precision=bf16_pure)."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer("dmd", "sdxl", ["model.dtype=bf16", "loop.mixed_precision=bf16_pure"], out)
+        yield trainer
+        trainer.close()
+
+
+MODES = ["fp32", "bf16-autocast", "bf16-pure"]
+
+
+def _qkv_layers(unet, kind: str):
+    """The projections that read one input: self-attention's q, k, v or cross-attention's k, v (first of each)."""
+    from stepdistill.core.attention import attention_modules
+
+    attn = next(a for a in attention_modules(unet) if a.is_cross_attention == (kind == "cross"))
+    return (attn.to_k, attn.to_v) if kind == "cross" else (attn.to_q, attn.to_k, attn.to_v)
+
+
+def _project(layers, x, fused: bool, autocast: bool, weights):
+    """[layer_1(x) | ... ] fused or one call each, and the gradients of a weighted sum for x and every LoRA master."""
+    from stepdistill.core.lora import fused_linears
+
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = fused_linears(layers, x) if fused else torch.cat([m(x) for m in layers], -1)
+    assert y is not None, "the fused projection did not apply"
+    masters = {f"{i}.{n}": p for i, m in enumerate(layers) for n, p in m.named_parameters() if "lora_" in n}
+    grads = torch.autograd.grad((y.float() * weights).sum(), [x, *masters.values()], allow_unused=True)
+    return y.detach(), dict(zip(["x", *masters], grads))
+
+
+def _bf16_tol(terms: int) -> dict:
+    """Relative to the largest element: `terms` bf16 roundings (2^-8 each) that differ between the two ways; a sum
+    split into m partial products adds m roundings (the separate path rounds each projection's share of dx)."""
+    return {"rtol": 0.0, "atol": terms * 2.0**-8}
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+@pytest.mark.parametrize("adapter", ["student", "fake_score", None])
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_qkv_equals_separate_projections_outputs_and_every_gradient(sdxl_tiny, sdxl_tiny_bf16, mode, adapter,
+                                                                          kind):
+    """One fused projection against one call per layer (the per-layer fused path, itself tested against PEFT's):
+    the output and the gradient of x and of every LoRA master (A and B of q, k, v); the teacher (adapters off) fuses
+    the bare bases."""
+    trainer = sdxl_tiny_bf16 if mode == "bf16-pure" else sdxl_tiny
+    unet = trainer.built.nets.denoiser
+    use_fused_lora(unet, low_precision=mode == "bf16-pure")
+    layers = _qkv_layers(unet, kind)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, layers[0].in_features, generator=g).to(unet.dtype)
+    weights = torch.randn(2, 7, sum(m.out_features for m in layers), generator=g)
+    with active_adapter(unet, adapter):
+        ref, ref_grads = _project(layers, x, False, mode == "bf16-autocast", weights)
+        out, grads = _project(layers, x, True, mode == "bf16-autocast", weights)
+    assert out.dtype == ref.dtype
+    assert {k for k, v in grads.items() if v is None} == {k for k, v in ref_grads.items() if v is None}
+    trained = {k for k, v in ref_grads.items() if v is not None and k != "x"}
+    if adapter is None:
+        assert not trained  # the teacher: no adapter takes part
+    else:
+        assert len(trained) == 2 * len(layers) and all(f".{adapter}." in k for k in trained), trained
+        assert all(ref_grads[k].abs().sum() > 0 for k in trained)
+    m = len(layers)
+    out_tol, grad_tol = (TOL["fp32"], TOL["fp32"]) if mode == "fp32" else (_bf16_tol(2), _bf16_tol(m + 2))
+    scale = ref.float().abs().max()
+    _close(out / scale, ref / scale, out_tol, "output")
+    _close_grads({k: v for k, v in grads.items() if v is not None},
+                 {k: v for k, v in ref_grads.items() if v is not None}, grad_tol, mode)
+
+
+def _fuses(layers, x, autocast=False) -> bool:
+    from stepdistill.core.lora import fused_linears
+
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        return fused_linears(layers, x) is not None
+
+
+@contextlib.contextmanager
+def _changed(obj, name, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def _fallbacks(unet, layers, x):
+    """Each case where one of the layers alone would not take the fused path, or the layers would not take it the
+    same way: (name, context manager, input). The base-only (teacher) cases are in the list too."""
+    q, k, v = layers
+    dropout = torch.nn.Dropout(0.0)
+    wide = torch.nn.Linear(q.in_features, 2, bias=False), torch.nn.Linear(2, q.out_features, bias=False)
+    return [
+        ("PEFT's forward (use_fused_lora off)", lambda: _unfused(unet), x),
+        ("a mixed-adapter call", lambda: mixed_adapters(unet, ["student", "fake_score"]), x),
+        ("several active adapters", lambda: _changed(k, "_active_adapter", ["student", "fake_score"]), x),
+        ("k on another adapter", lambda: _changed(k, "_active_adapter", ["fake_score"]), x),
+        ("v as the bare base, q and k with the student", lambda: _changed(v, "_disable_adapters", True), x),
+        ("a trainable base", lambda: _requires_grad(k.base_layer.weight), x),
+        ("a trainable base, adapters off", lambda: _both(_requires_grad(k.base_layer.weight),
+                                                         active_adapter(unet, None)), x),
+        ("merged adapters", lambda: _changed(v, "merged_adapters", ["student"]), x),
+        ("dropout", lambda: _item(v.lora_dropout, "student", dropout), x),
+        ("another scale", lambda: _item(k.scaling, "student", 2.0 * k.scaling["student"]), x),
+        ("another rank", lambda: _both(_item(v.lora_A, "student", wide[0]), _item(v.lora_B, "student", wide[1])), x),
+        ("a forward hook", lambda: _hook(q), x),
+        ("a forward hook, adapters off", lambda: _both(_hook(q), active_adapter(unet, None)), x),
+        ("under torch.compile", lambda: _changed(torch.compiler, "is_compiling", lambda: True), x),
+        ("fp32 adapters on a bf16 base without autocast or low_precision", lambda: _bf16_base(unet, layers),
+         x.bfloat16()),
+    ]
+
+
+@contextlib.contextmanager
+def _unfused(unet):
+    use_fused_lora(unet, False)
+    try:
+        yield
+    finally:
+        use_fused_lora(unet)
+
+
+@contextlib.contextmanager
+def _requires_grad(p):
+    p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
+
+
+@contextlib.contextmanager
+def _item(container, key, value):
+    saved = container[key]
+    container[key] = value
+    try:
+        yield
+    finally:
+        container[key] = saved
+
+
+@contextlib.contextmanager
+def _hook(module):
+    handle = module.register_forward_hook(lambda m, a, out: out)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _bf16_base(unet, layers):
+    saved = [(m.base_layer.weight.data, m.base_layer.bias) for m in layers]
+    for m in layers:
+        m.base_layer.weight.data = m.base_layer.weight.data.bfloat16()
+    try:
+        yield
+    finally:
+        for m, (w, _) in zip(layers, saved):
+            m.base_layer.weight.data = w
+
+
+def test_fused_qkv_falls_back_to_one_call_each_wherever_one_layer_would_not_fuse(sdxl_tiny):
+    """fused_linears answers None (the processor then calls q, k and v one by one, as before) in every case where a
+    layer alone would take PEFT's forward or the mixed-adapter path, or the layers would not run alike."""
+    unet = sdxl_tiny.built.nets.denoiser
+    use_fused_lora(unet)
+    layers = _qkv_layers(unet, "self")
+    x = torch.randn(2, 5, layers[0].in_features, generator=torch.Generator().manual_seed(6))
+    with active_adapter(unet, "student"):
+        assert _fuses(layers, x) and _fuses(layers, x, autocast=True)
+        for name, case, inp in _fallbacks(unet, layers, x):
+            with case():
+                assert not _fuses(layers, inp), name
+            assert _fuses(layers, x), f"{name}: the case did not undo itself"
+    with active_adapter(unet, None):
+        assert _fuses(layers, x)  # the teacher: the bare bases, fused
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("adapter", ["student", None])
+def test_attention_processor_runs_qkv_fused_and_computes_the_separate_result(sdxl_tiny, monkeypatch, adapter,
+                                                                              autocast):
+    """A whole UNet call (every self- and cross-attention): each attention call projects through ONE fused
+    projection, with fewer aten ops forward and backward than one call per projection, and the same output and
+    gradients as the processor with the fusion turned off."""
+    from stepdistill.core import attention
+
+    unet = sdxl_tiny.built.nets.denoiser
+    use_fused_lora(unet)
+    x = torch.randn(2, *sdxl_tiny.built.ctx.latent_shape, generator=torch.Generator().manual_seed(8))
+    real, fused_calls = attention.fused_linears, []
+
+    def counted(layers, inp):
+        out = real(layers, inp)
+        fused_calls.append(out is not None)
+        return out
+
+    results, ops = {}, {}
+    for fused in (False, True):
+        monkeypatch.setattr(attention, "fused_linears", counted if fused else lambda layers, inp: None)
+        counter = bench.OpCount()
+        with counter():
+            results[fused] = _call(sdxl_tiny, adapter, x, True, autocast)
+        ops[fused] = counter.total
+    n_attention = len(attention.attention_modules(unet))
+    assert len(fused_calls) == n_attention and all(fused_calls), fused_calls
+    assert ops[True] < ops[False] - 10 * n_attention, ops
+    tol = TOL["bf16" if autocast else "fp32"]
+    _close(results[True][0], results[False][0], tol, "output")
+    assert set(results[True][1]) == set(results[False][1])
+    _close_grads(results[True][1], results[False][1], tol, "fused qkv")
+
+
+def test_group_copies_are_the_layers_copies_refreshed_by_one_foreach_copy(sdxl_tiny):
+    """The bf16 compute copies of a q/k/v group live in one buffer for A and one for B, each layer's own copies being
+    views of them: a change of the masters is one foreach copy for the group and the layers alike."""
+    from stepdistill.core.lora import _compute_weights, _group_lora
+
+    unet = sdxl_tiny.built.nets.denoiser
+    use_fused_lora(unet)
+    layers = _qkv_layers(unet, "self")
+    a_cat, a_cat_t, b3, b3_t = _group_lora(layers, "student", torch.bfloat16)
+    for i, m in enumerate(layers):
+        a, b = _compute_weights(m, "student", torch.bfloat16)[:2]
+        assert a.data_ptr() == a_cat[i * a.shape[0]].data_ptr() and b.data_ptr() == b3[i].data_ptr()
+        assert a.is_contiguous() and b.is_contiguous()  # the foreach kernel's fast path on a GPU
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B["student"].weight.add_(1.0)
+    counter = bench.OpCount()
+    with counter():
+        again = _group_lora(layers, "student", torch.bfloat16)
+    assert dict(counter.ops) == {"_foreach_copy_": 1}, dict(counter.ops)
+    assert again[2] is b3
+    expected = torch.stack([m.lora_B["student"].weight.detach().bfloat16() for m in layers])
+    assert torch.equal(b3, expected) and torch.equal(a_cat_t, a_cat.t()) and torch.equal(b3_t, b3.transpose(1, 2))
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B["student"].weight.sub_(1.0)

@@ -24,6 +24,11 @@ BF16 = ["model.dtype=bf16", "loop.mixed_precision=bf16"]
 # Float tolerances from the dtype: fp32 sums reordered (addmm with alpha vs. multiply then add); bf16 rounds the
 # low-rank term once where PEFT rounds it three times (h B^T, * scale, + base): a few bf16 ulps of the result.
 TOL = {"fp32": {"rtol": 1e-4, "atol": 1e-5}, "bf16": {"rtol": 5e-2, "atol": 5e-2}}
+# A whole loss's fp32 gradients, relative to the largest: fp32 itself is only this accurate on these tiny random
+# networks. Against a float64 run of PEFT's path, lcm's student gradients are off by up to 1.1e-4 (sd15) and 2.0e-5
+# (sdxl) of the largest in PEFT's own fp32 run; the fused path (its q/k/v projection one GEMM over the concatenated
+# bases, another float order) by 6.1e-5 and 3.5e-5: both are rounding, and 1e-5 would test float order, not maths.
+FP32_LOSS_GRADS = {"rtol": 1e-4, "atol": 1e-4}
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +147,7 @@ def test_fused_path_equals_peft_losses_and_every_gradient(method, family):
     for phase, ref in ref_grads.items():
         assert ref and set(grads[phase]) == set(ref), phase
         assert any(g.abs().sum() > 0 for g in ref.values()), f"{phase}: no gradient reached the adapters"
-        _close_grads(grads[phase], ref, TOL["fp32"], phase)
+        _close_grads(grads[phase], ref, FP32_LOSS_GRADS, phase)
 
     (peft16_losses, peft16_grads), (fused16_losses, fused16_grads) = _run_both(method, family, BF16)
     for k in ref_losses:

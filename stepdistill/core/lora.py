@@ -699,7 +699,9 @@ def use_fused_lora(unet, on: bool = True, low_precision: bool = False) -> int:
     Per instance, so PEFT's classes, parameters and keys are untouched; layers the fused kernels do not cover (DoRA,
     dropout, a LoRA bias, grouped or dilated convolutions, several active adapters at once) keep PEFT's forward at
     call time. `low_precision`: on a low-precision base without autocast (bf16 end to end), compute the low-rank term
-    from compute copies in the base's dtype, as autocast would, instead of falling back to PEFT's fp32 term.
+    from compute copies in the base's dtype, as autocast would, instead of falling back to PEFT's fp32 term. With the
+    fused path on, our attention processor (core.attn_processor) runs an attention's q, k and v as one projection
+    (fused_linears) wherever each of them alone would take the fused path.
     """
     if low_precision and not on:
         raise ValueError("low-precision LoRA compute is a mode of the fused path: set model.lora_kernel=fused, or "
@@ -712,7 +714,8 @@ def use_fused_lora(unet, on: bool = True, low_precision: bool = False) -> int:
             m.__dict__["_stepdistill_low_precision"] = low_precision
             m.__dict__["_stepdistill_copies"] = copies
         else:
-            for key in ("forward", "_stepdistill_compute", "_stepdistill_low_precision", "_stepdistill_copies"):
+            for key in ("forward", "_stepdistill_compute", "_stepdistill_low_precision", "_stepdistill_copies",
+                        "_stepdistill_concat"):
                 m.__dict__.pop(key, None)
     return len(layers)
 

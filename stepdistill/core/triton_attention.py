@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import SDPAAttnProcessor
+from .attn_processor import SDPAAttnProcessor
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +508,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 class TritonAttnProcessor(SDPAAttnProcessor):
     """diffusers attention processor running `flash_attention` (the contract of diffusers' AttnProcessor2_0, as
-    core.attention.SDPAAttnProcessor runs it). An attention mask is not supported by the kernel: such a call runs
+    core.attn_processor.SDPAAttnProcessor runs it). An attention mask is not supported by the kernel: such a call runs
     PyTorch SDPA instead and says so once in the log.
     """
 

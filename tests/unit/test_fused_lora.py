@@ -294,7 +294,7 @@ def test_compute_copies_follow_the_loops_fused_optimizer_step():
             trainer.close()
 
 
-# ---- q, k and v as one projection (core.lora.fused_linears, used by core.attention.SDPAAttnProcessor) -------------
+# ---- q, k and v as one projection (core.lora.fused_linears, used by core.attn_processor.SDPAAttnProcessor) ---
 
 
 @pytest.fixture(scope="module")
@@ -493,12 +493,12 @@ def test_attention_processor_runs_qkv_fused_and_computes_the_separate_result(sdx
     """A whole UNet call (every self- and cross-attention): each attention call projects through ONE fused
     projection, with fewer aten ops forward and backward than one call per projection, and the same output and
     gradients as the processor with the fusion turned off."""
-    from stepdistill.core import attention
+    from stepdistill.core import attention, attn_processor
 
     unet = sdxl_tiny.built.nets.denoiser
     use_fused_lora(unet)
     x = torch.randn(2, *sdxl_tiny.built.ctx.latent_shape, generator=torch.Generator().manual_seed(8))
-    real, fused_calls = attention.fused_linears, []
+    real, fused_calls = attn_processor.fused_linears, []
 
     def counted(layers, inp):
         out = real(layers, inp)
@@ -507,7 +507,7 @@ def test_attention_processor_runs_qkv_fused_and_computes_the_separate_result(sdx
 
     results, ops = {}, {}
     for fused in (False, True):
-        monkeypatch.setattr(attention, "fused_linears", counted if fused else lambda layers, inp: None)
+        monkeypatch.setattr(attn_processor, "fused_linears", counted if fused else lambda layers, inp: None)
         counter = bench.OpCount()
         with counter():
             results[fused] = _call(sdxl_tiny, adapter, x, True, autocast)

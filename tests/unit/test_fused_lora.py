@@ -337,13 +337,13 @@ def _bf16_tol(terms: int) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["self", "cross"])
-@pytest.mark.parametrize("adapter", ["student", "fake_score", None])
+@pytest.mark.parametrize("adapter,scale", [("student", None), ("student", 0.375), ("fake_score", None), (None, None)])
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_qkv_equals_separate_projections_outputs_and_every_gradient(sdxl_tiny, sdxl_tiny_bf16, mode, adapter,
-                                                                          kind):
+                                                                          scale, kind):
     """One fused projection against one call per layer (the per-layer fused path, itself tested against PEFT's):
-    the output and the gradient of x and of every LoRA master (A and B of q, k, v); the teacher (adapters off) fuses
-    the bare bases."""
+    the output and the gradient of x and of every LoRA master (A and B of q, k, v), at the adapters' scale (1) and
+    another; the teacher (adapters off) fuses the bare bases."""
     trainer = sdxl_tiny_bf16 if mode == "bf16-pure" else sdxl_tiny
     unet = trainer.built.nets.denoiser
     use_fused_lora(unet, low_precision=mode == "bf16-pure")
@@ -351,7 +351,11 @@ def test_fused_qkv_equals_separate_projections_outputs_and_every_gradient(sdxl_t
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 7, layers[0].in_features, generator=g).to(unet.dtype)
     weights = torch.randn(2, 7, sum(m.out_features for m in layers), generator=g)
-    with active_adapter(unet, adapter):
+    scaled = contextlib.ExitStack()
+    if scale is not None:
+        for m in layers:
+            scaled.enter_context(_item(m.scaling, adapter, scale))
+    with active_adapter(unet, adapter), scaled:
         ref, ref_grads = _project(layers, x, False, mode == "bf16-autocast", weights)
         out, grads = _project(layers, x, True, mode == "bf16-autocast", weights)
     assert out.dtype == ref.dtype

@@ -619,8 +619,7 @@ def _concat_base(layers, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     W0 = bases[0].weight
     if any(b.weight.dtype != W0.dtype or b.weight.device != W0.device for b in bases):
         return None
-    key = tuple((b.weight.data_ptr(), b.weight._version, None if b.bias is None else (b.bias.data_ptr(), b.bias._version))
-                for b in bases)
+    key = tuple((t.data_ptr(), t._version) if t is not None else None for b in bases for t in (b.weight, b.bias))
     cache = layers[0].__dict__.setdefault("_stepdistill_concat", {})
     hit = cache.get(tuple(id(m) for m in layers))
     if hit is None or hit[0] != key:

@@ -551,3 +551,27 @@ def test_group_copies_are_the_layers_copies_refreshed_by_one_foreach_copy(sdxl_t
     with torch.no_grad():
         for m in layers:
             m.lora_B["student"].weight.sub_(1.0)
+
+
+def test_concatenated_bases_follow_a_change_of_the_base_weights(sdxl_tiny):
+    """The cached concatenation of the frozen bases is made once, and made again when a base changes in place (a
+    load: its version counter moves), so the fused projection never runs stale base weights."""
+    from stepdistill.core.lora import fused_linears
+
+    unet = sdxl_tiny.built.nets.denoiser
+    use_fused_lora(unet)
+    layers = _qkv_layers(unet, "self")
+    x = torch.randn(2, 5, layers[0].in_features, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), active_adapter(unet, None):
+        fused_linears(layers, x)
+        cached = layers[0].__dict__["_stepdistill_concat"]
+        first = next(iter(cached.values()))[1][0]
+        fused_linears(layers, x)
+        assert next(iter(cached.values()))[1][0] is first  # made once
+        saved = layers[1].base_layer.weight.clone()
+        layers[1].base_layer.weight.mul_(2.0)
+        try:
+            out = fused_linears(layers, x)
+            torch.testing.assert_close(out, torch.cat([m(x) for m in layers], -1), rtol=1e-5, atol=1e-6)
+        finally:
+            layers[1].base_layer.weight.copy_(saved)

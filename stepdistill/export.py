@@ -22,8 +22,8 @@ from .core.lora import check_canonical_keys, resolve_targets
 from .core.lora_layout import (  # noqa: F401 (the file names and layouts are part of this module's interface)
     DIFFUSERS_WEIGHT_NAME,
     KOHYA_WEIGHT_NAME,
+    kohya_layout_tensors,
     kohya_module_name,
-    kohya_unet_tensors,
     lora_modules,
 )
 from .core.lora_layout import cast as _cast
@@ -111,7 +111,7 @@ def save_kohya_lora(state: dict[str, torch.Tensor], path, rank: int, alpha: floa
     """One kohya file, in `layout(state, rank, alpha, dtype)`'s key layout (a family's kohya_tensors; default the UNet
     layout `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha` for every module)."""
     _check_state(state, rank, None)
-    tensors = (layout or kohya_unet_tensors)(state, rank, alpha, dtype)
+    tensors = (layout or kohya_layout_tensors)(state, rank, alpha, dtype)
     if tensors is None:
         raise ValueError("this model family's pipeline loads no kohya-format LoRA: export the diffusers format")
     metadata = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha))}

@@ -24,13 +24,14 @@ def kohya_module_name(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def kohya_unet_tensors(state: dict[str, torch.Tensor], rank: int, alpha: float,
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """UNet kohya layout: `lora_unet_<module>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` per module."""
+def kohya_layout_tensors(state: dict[str, torch.Tensor], rank: int, alpha: float, dtype: torch.dtype | None = None,
+                       name=kohya_module_name) -> dict[str, torch.Tensor]:
+    """Kohya layout: `<name(module)>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` per module; `name` is the
+    UNet's `lora_unet_<module>` unless a family's ComfyUI loader reads other names (Qwen-Image, Wan)."""
     tensors = {}
     for module in lora_modules(state):
-        name = kohya_module_name(module)
-        tensors[f"{name}.lora_down.weight"] = cast(state[f"{module}.lora_A.weight"], dtype)
-        tensors[f"{name}.lora_up.weight"] = cast(state[f"{module}.lora_B.weight"], dtype)
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        name_ = name(module)
+        tensors[f"{name_}.lora_down.weight"] = cast(state[f"{module}.lora_A.weight"], dtype)
+        tensors[f"{name_}.lora_up.weight"] = cast(state[f"{module}.lora_B.weight"], dtype)
+        tensors[f"{name_}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
     return tensors

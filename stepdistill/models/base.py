@@ -185,9 +185,9 @@ class FamilyModel:
     @classmethod
     def kohya_tensors(cls, state: dict, rank: int, alpha: float, dtype=None) -> dict | None:
         """This family's LoRA in the kohya / ComfyUI key layout; None when its pipeline loads no such file."""
-        from ..core.lora_layout import kohya_unet_tensors
+        from ..core.lora_layout import kohya_layout_tensors
 
-        return kohya_unet_tensors(state, rank, alpha, dtype)
+        return kohya_layout_tensors(state, rank, alpha, dtype)
 
     # ---- toy-world teacher hooks: train.toy_teacher trains a toy-size teacher of any family through these alone ----
     # Toy-size architecture (config overrides per part, as tiny_arch); {} = the family has no toy teacher recipe.

@@ -15,7 +15,8 @@
 #
 # Environment: OUT (runs/bf16_vs_fp32), STEPS (empty = the preset's length), SEEDS ("0 1 2"), PRESETS ("demo tscd4"),
 # PRECISIONS ("fp32 bf16_pure"; bf16 = autocast over a bf16 base, a third leg if wanted), N (500 eval images),
-# STEPDISTILL (the command, default .venv/bin/stepdistill), NICE (15), EXTRA (more --set overrides, for smoke tests only). A run whose final LoRA exists is not trained
+# STEPDISTILL (the command, default .venv/bin/stepdistill), NICE (15), CHECKPOINT_EVERY (the preset's; a bf16 leg on these
+# CPUs takes over an hour, and a smaller interval lets a killed leg resume where it stopped, bit-identically), EXTRA (more --set overrides, for smoke tests only). A run whose final LoRA exists is not trained
 # again and an evaluation whose JSON exists is not redone, so rerunning the script continues where it stopped.
 set -euo pipefail
 
@@ -28,6 +29,7 @@ STEPS=${STEPS:-}
 STEPDISTILL=${STEPDISTILL:-.venv/bin/stepdistill}
 NICE=${NICE:-15}
 EXTRA=${EXTRA:-}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 preset_file() {  # preset name -> YAML and the steps its student is evaluated at
@@ -59,7 +61,8 @@ for preset in $PRESETS; do
       if [ ! -f "$run/final/stepdistill.json" ]; then
         # shellcheck disable=SC2046
         nice -n "$NICE" "$STEPDISTILL" train --config "$config" --output-dir "$run" --set seed="$seed" \
-          --set loop.progress=false $(precision_sets "$precision") ${length:+--set loop.max_steps=$length} $EXTRA
+          --set loop.progress=false $(precision_sets "$precision") ${length:+--set loop.max_steps=$length} \
+          ${CHECKPOINT_EVERY:+--set loop.checkpoint_every=$CHECKPOINT_EVERY} $EXTRA
       fi
       if [ ! -f "$run/eval.json" ]; then
         nice -n "$NICE" "$STEPDISTILL" eval toy --lora "$run/final" --steps "$eval_steps" --n "$N" --out "$run/eval.json"

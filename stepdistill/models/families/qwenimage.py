@@ -85,15 +85,9 @@ class QwenImageModel(FlowFamily):
     def kohya_tensors(cls, state, rank, alpha, dtype=None):
         """The ComfyUI layout QwenImagePipeline.load_lora_weights converts (_convert_non_diffusers_qwen_lora_to_diffusers):
         `diffusion_model.<module>.lora_down / lora_up / alpha`, the diffusers module names unchanged."""
-        from ...export import lora_modules
+        from ...core.lora_layout import kohya_layout_tensors
 
-        out = {}
-        for module in lora_modules(state):
-            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-            out[f"diffusion_model.{module}.lora_down.weight"] = a if dtype is None else a.to(dtype)
-            out[f"diffusion_model.{module}.lora_up.weight"] = b if dtype is None else b.to(dtype)
-            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
-        return out
+        return kohya_layout_tensors(state, rank, alpha, dtype, name=lambda module: f"diffusion_model.{module}")
 
     # ---- schedule and the network call -------------------------------------------------------------------------
     # QwenImagePipeline computes its timestep as FluxPipeline does: the scheduler's float32 t cast to the latents'

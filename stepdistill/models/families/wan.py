@@ -154,20 +154,16 @@ class WanModel(FlowFamily):
         """The ComfyUI layout WanPipeline.load_lora_weights converts (_convert_non_diffusers_wan_lora_to_diffusers):
         `diffusion_model.blocks.N.<Wan's own name>.lora_down / lora_up / alpha`, Wan's names being self_attn.q|k|v|o,
         cross_attn.q|k|v|o and ffn.0 / ffn.2 for diffusers' attn1, attn2 and ffn.net.0.proj / ffn.net.2."""
-        from ...export import lora_modules
+        from ...core.lora_layout import kohya_layout_tensors
 
-        out = {}
-        for module in lora_modules(state):
+        def comfy_name(module):
             found = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
             name = _COMFY_NAMES.get(found.group(2)) if found else None
             if name is None:
                 raise ValueError(f"no ComfyUI (Wan) name for the module {module}: export the diffusers format")
-            key = f"diffusion_model.blocks.{found.group(1)}.{name}"
-            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-            out[f"{key}.lora_down.weight"] = a if dtype is None else a.to(dtype)
-            out[f"{key}.lora_up.weight"] = b if dtype is None else b.to(dtype)
-            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
-        return out
+            return f"diffusion_model.blocks.{found.group(1)}.{name}"
+
+        return kohya_layout_tensors(state, rank, alpha, dtype, name=comfy_name)
 
     def shard_units(self) -> list:
         """The DiT's blocks (model.shard=fsdp2): WanTransformer3DModel calls them `blocks`."""

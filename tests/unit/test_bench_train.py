@@ -93,6 +93,15 @@ def test_refuses_what_it_cannot_measure():
         bench.bench_train(["tscd"], ["sd4"], tiny=True, device="cpu")
     with pytest.raises(ValueError, match="method 'dmd2' is not registered"):
         bench.bench_config("dmd2", "sdxl", 4)
+    with pytest.raises(ValueError, match="needs a square clip: pass --set model.resolution=N --set model.frames=F"):
+        bench.bench_config("dmd", "wan", 2)
+
+
+def test_a_video_family_benchmarks_at_the_clip_it_is_given():
+    """Wan at its tiny presets' square clip (its 480 x 832 default is refused above); the fused-path equality test
+    (tests/unit/test_fused_lora.py) trains it."""
+    cfg = bench.bench_config("dmd", "wan", 2, ["model.resolution=16", "model.frames=5"])
+    assert cfg.model.resolution == 16 and cfg.model.frames == 5 and cfg.data.images == bench.RANDOM_LATENTS
 
 
 def test_method_overrides_go_only_to_methods_that_have_the_option():

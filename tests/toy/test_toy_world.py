@@ -340,6 +340,23 @@ def test_toy_teacher_t5_length_is_refused_when_it_cannot_apply(family, length, m
         train_toy_teacher(tmp_path, family=family, steps=1, num_images=4, max_sequence_length=length)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_shipped_toy_teacher_has_the_default_recipes_architecture(family):
+    """Every shipped teacher's denoiser config has its family's toy_arch (SD3-toy: 6 heads of 16 since 2026-12-07), so
+    `stepdistill toy train-teacher --family F` with no --arch retrains the architecture that ships."""
+    import json
+
+    from stepdistill.models.registry import get_family
+
+    family_cls = get_family(family)
+    part = family_cls.denoiser_prefix
+    config = json.loads((toy_asset_path(family) / part / "config.json").read_text())
+    for key, value in family_cls.toy_arch[part].items():
+        shipped = config[key]
+        assert (list(shipped) if isinstance(shipped, (list, tuple)) else shipped) == \
+            (list(value) if isinstance(value, (list, tuple)) else value), (family, key)
+
+
 def test_shipped_sd3_toy_teacher_records_the_length_it_was_trained_at():
     from stepdistill.eval.toy import teacher_max_sequence_length
 

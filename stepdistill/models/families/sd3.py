@@ -56,9 +56,10 @@ class SD3Model(FlowFamily):
     lora_target_presets: ClassVar = {"attn": MMDIT_ATTN, "full": MMDIT_ATTN + MMDIT_FF}
     # The toy world's SD3-architecture teacher (train.toy_teacher): an MMDiT with patch 2 (the 16x16 latents are 64 image
     # tokens) on the shared 4-channel toy VAE; SD3's three encoders at toy size, both CLIPs one layer more because SD3
-    # reads their penultimate layer, T5 at least as wide as the CLIP widths it pads.
+    # reads their penultimate layer, T5 at least as wide as the CLIP widths it pads. Width 96 (6 heads of 16): at width
+    # 64 the transformer drew the small shapes near chance (docs/toy_world.md, "SD3-toy").
     toy_arch: ClassVar = {
-        "transformer": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4,
+        "transformer": {"patch_size": 2, "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 6,
                         "pos_embed_max_size": 16},
         "vae": TOY_FLOW_VAE,
         **TOY_CLIP_PAIR,

@@ -90,19 +90,19 @@ def bench_config(method: str, family: str, batch: int, overrides=(), resolution:
     if method not in method_names():
         raise ValueError(f"method {method!r} is not registered (registered: {', '.join(method_names())})")
     overrides = [o for o in overrides if applies(o, method)]
-    video = hasattr(get_family(family), "default_frames")
-    if video and not resolution and not any(o.split("=", 1)[0].strip() == "model.resolution" for o in overrides):
-        # Its pipeline's default clip (480 x 832, 81 frames) is not square, and the cached random latents stand in
-        # for square-cropped images.
-        raise ValueError(f"bench train on the video family {family} needs a square clip: pass --set "
-                         "model.resolution=N --set model.frames=F (the tiny presets in configs/tiny/ use 16 and 5)")
     base = preset or {"method": {"name": method, **method_preset(method, family)}}
     run = {
         "model": {"path": f"random-init:{family}", "family": family, **({"resolution": resolution} if resolution else {})},
         "data": {"prompts": "in-memory", "batch_size": batch, "images": RANDOM_LATENTS},
         "loop": {"progress": False},
     }
-    return build_config(_merge(_merge(base, run), parse_overrides(list(overrides))))
+    cfg = build_config(_merge(_merge(base, run), parse_overrides(list(overrides))))
+    if hasattr(get_family(family), "default_frames") and not cfg.model.resolution:
+        # Its pipeline's default clip (480 x 832, 81 frames) is not square, and the cached random latents stand in
+        # for square-cropped images.
+        raise ValueError(f"bench train on the video family {family} needs a square clip: pass --set "
+                         "model.resolution=N --set model.frames=F (the tiny presets in configs/tiny/ use 16 and 5)")
+    return cfg
 
 
 def read_preset(path) -> tuple[dict, str, str]:
@@ -157,10 +157,10 @@ def bench_data(cfg: Config, model, seed: int = 0):
     from ..data.images import uncropped_sizes
     from ..data.prompts import PromptData
     from ..models.tiny import TINY_PROMPTS
+    from ..train.build import set_sample_shape
 
+    set_sample_shape(model, cfg)  # the prompts and latents cached here have the run's T5 length and frames
     latents = sizes = None
-    if getattr(cfg.model, "frames", None):  # a video family's latents have the run's frames (train/build.py sets them too)
-        model.frames = cfg.model.frames
     if cfg.data.images:
         shape = model.latent_shape(len(TINY_PROMPTS), cfg.model.resolution or None)
         latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))

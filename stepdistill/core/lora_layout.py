@@ -25,13 +25,13 @@ def kohya_module_name(module: str) -> str:
 
 
 def kohya_layout_tensors(state: dict[str, torch.Tensor], rank: int, alpha: float, dtype: torch.dtype | None = None,
-                       name=kohya_module_name) -> dict[str, torch.Tensor]:
+                         name=kohya_module_name) -> dict[str, torch.Tensor]:
     """Kohya layout: `<name(module)>.lora_down.weight` (A), `.lora_up.weight` (B), `.alpha` per module; `name` is the
     UNet's `lora_unet_<module>` unless a family's ComfyUI loader reads other names (Qwen-Image, Wan)."""
     tensors = {}
     for module in lora_modules(state):
-        name_ = name(module)
-        tensors[f"{name_}.lora_down.weight"] = cast(state[f"{module}.lora_A.weight"], dtype)
-        tensors[f"{name_}.lora_up.weight"] = cast(state[f"{module}.lora_B.weight"], dtype)
-        tensors[f"{name_}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        key = name(module)
+        tensors[f"{key}.lora_down.weight"] = cast(state[f"{module}.lora_A.weight"], dtype)
+        tensors[f"{key}.lora_up.weight"] = cast(state[f"{module}.lora_B.weight"], dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
     return tensors

@@ -71,8 +71,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
         require_processes(world)  # before minutes of loading
         load_device = torch.device("cpu")
     family = model or load_family(cfg.model.path, cfg.model.family, device=load_device, dtype=dtype)
-    _set_t5_length(family, cfg.model.max_sequence_length)
-    _set_frames(family, cfg.model.frames)
+    set_sample_shape(family, cfg)
     unet = family.unet
     unet.requires_grad_(False)
     if family.attention_backends:
@@ -251,6 +250,13 @@ def _run_size(cfg: Config, family):
             raise ConfigError(f"data.images with model.resolution={list(size)}: image-caption data is cropped square; "
                               "set one side, or train from prompts alone")
     return size
+
+
+def set_sample_shape(family, cfg: Config) -> None:
+    """The run's T5 length and video frames on the family instance (what its prompts and latents are shaped by): set
+    before anything is encoded or drawn (bench/train.py sets them before caching its prompts and latents)."""
+    _set_t5_length(family, cfg.model.max_sequence_length)
+    _set_frames(family, cfg.model.frames)
 
 
 def _set_t5_length(family, length):

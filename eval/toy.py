@@ -107,6 +107,13 @@ def diversity(features: torch.Tensor, counts: dict, judge: ToyJudge, n_real: int
     return out
 
 
+def _another_world(shape: tuple) -> ValueError:
+    """The judge reads 32x32 toy images: anything else is a model of another world (a LoRA of another base)."""
+    return ValueError(f"the model makes {shape} images and the toy judge reads (3, {IMAGE_SIZE}, {IMAGE_SIZE}): eval "
+                      "toy scores students of the shipped toy teachers (assets/toy/<family>); pass --base with the toy "
+                      "teacher the LoRA was trained on")
+
+
 def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None, seed: int = 0,
                  batch_size: int = 50, judge: ToyJudge | None = None, progress: bool = True) -> dict:
     """Generate n images for toy prompts and score them.
@@ -131,10 +138,7 @@ def evaluate_toy(generate_fn: GenerateFn, n: int = 500, steps: int | None = None
         images = as_images(generate_fn(prompts[batch], seeds[batch]))
         seconds += time.perf_counter() - tick
         if tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
-            # The judge reads 32x32 toy images: anything else is a model of another world (a LoRA of another base).
-            raise ValueError(f"the model makes {tuple(images.shape[1:])} images and the toy judge reads "
-                             f"(3, {IMAGE_SIZE}, {IMAGE_SIZE}): eval toy scores students of the shipped toy teachers "
-                             "(assets/toy/<family>); pass --base with the toy teacher the LoRA was trained on")
+            raise _another_world(tuple(images.shape[1:]))
         stats.update(judge.features(images))
         labels = judge.predict(images)
         aligned += int(matches(labels, prompts[batch]).sum())
@@ -249,6 +253,8 @@ def run_eval_toy(lora=None, teacher: bool = False, steps: int | None = None, n: 
         from ..pipelines import Recipe
 
         recipe = Recipe.load(lora)
+        if recipe.height is not None and (recipe.height, recipe.width) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise _another_world((3, recipe.height, recipe.width))  # before generating a batch at that size
         changes = {}
         if steps is not None and steps != recipe.num_inference_steps:
             if recipe.timesteps is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,8 +126,6 @@ def other_base(tmp_path_factory):
 ], ids=["method", "rank", "targets", "base"])
 def test_reused_folder_with_another_config_is_refused_before_any_write(change, key, lone_run, other_base,
                                                                       tiny_sd15_dir, prompts_file, tmp_path, capsys):
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(lone_run, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -139,8 +138,6 @@ def test_reused_folder_with_another_config_is_refused_before_any_write(change, k
 
 
 def test_reused_folder_with_the_same_settings_resumes(lone_run, tiny_sd15_dir, prompts_file, tmp_path):
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(lone_run, out)
     assert main(_argv(out, tiny_sd15_dir, prompts_file, "loop.max_steps=3", "loop.checkpoint_every=1")) == 0
@@ -316,3 +313,19 @@ def test_eval_toy_of_a_lora_of_another_world_is_one_line(lone_run, tmp_path, cap
     base = json.loads((lone_run / "final" / "stepdistill.json").read_text())["base_model"]
     assert main(["eval", "toy", "--lora", str(lone_run / "final"), "--base", base, "--n", "2", "--out", str(out)]) == 2
     assert "toy judge reads" in _one_line_error(capsys)
+
+
+def test_eval_toy_refuses_a_recipe_of_another_size_before_loading_anything(lone_run, tmp_path, capsys, monkeypatch):
+    """A recipe that fixes its size (FLUX's) to something other than the judge's 32 px is refused from the recipe
+    alone: before, the first batch was generated at that size (minutes on a CPU) and then refused."""
+    from stepdistill import pipelines
+
+    final = tmp_path / "final"
+    shutil.copytree(lone_run / "final", final)
+    recipe = json.loads((final / "stepdistill.json").read_text())
+    (final / "stepdistill.json").write_text(json.dumps({**recipe, "height": 256, "width": 256}))
+    monkeypatch.setattr(pipelines, "load", lambda *a, **k: pytest.fail("the pipeline was loaded"))
+    out = tmp_path / "m.json"
+    assert main(["eval", "toy", "--lora", str(final), "--n", "2", "--out", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert "makes (3, 256, 256) images" in line and "--base" in line and not out.exists()

@@ -329,3 +329,22 @@ def test_guidance_distilled_teacher_defaults_to_cfg_1_and_refuses_more(tiny_flux
     with pytest.raises(ConfigError, match=f"^{setting}=3: .*guidance-distilled.*set {setting}=1") as e:
         build(load_config(None, [*base, *method_sets, f"{setting}=3"]), torch.device("cpu"), 0, 1, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_flux_recipe_keeps_the_trained_size_without_a_dynamic_shift(tiny_flux_dir, tmp_path):
+    """FluxPipeline's default size is a fixed 128-latent side whatever the transformer: a schnell-layout teacher (no
+    resolution-dependent shift, as the toy FLUX teacher) still needs the trained size in its students' recipes, or
+    they are sampled at 256 px instead of the 32 px they learnt (eval toy refused such a student after generating)."""
+    import shutil
+
+    from stepdistill.models import load_family
+
+    folder = tmp_path / "flux_fixed_shift"
+    shutil.copytree(tiny_flux_dir, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "use_dynamic_shifting": False}))
+    family = load_family(folder)
+    assert not family.scheduler_config.get("use_dynamic_shifting")
+    assert family.recipe_size(32) == {"height": 32, "width": 32}
+    assert family.recipe_size() == {"height": family.resolution, "width": family.resolution}

@@ -340,10 +340,10 @@ def test_toy_teacher_t5_length_is_refused_when_it_cannot_apply(family, length, m
         train_toy_teacher(tmp_path, family=family, steps=1, num_images=4, max_sequence_length=length)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
 def test_shipped_toy_teacher_has_the_default_recipes_architecture(family):
-    """Every shipped teacher's denoiser config has its family's toy_arch (SD3-toy: 6 heads of 16 since 2026-12-07), so
-    `stepdistill toy train-teacher --family F` with no --arch retrains the architecture that ships."""
+    """Every shipped teacher's denoiser config has its family's toy_arch (SD3-toy and FLUX-toy: 6 heads of 16 since
+    2026-12-07), so `stepdistill toy train-teacher --family F` with no --arch retrains the architecture that ships."""
     import json
 
     from stepdistill.models.registry import get_family
@@ -470,3 +470,33 @@ def test_eval_toy_samples_a_teacher_folder_with_its_familys_cfg(tmp_path, monkey
     assert result["images"].shape == (1, 3, 32, 32) and torch.isfinite(result["images"]).all()
     with pytest.raises(ValueError, match="is a flux toy teacher"):
         evaluate.run_eval_toy(teacher=True, family="sd3", teacher_dir=out, n=1, progress=False)
+
+
+# One update of each flow family's toy presets on its shipped teacher, then eval toy's own student path: the recipe
+# must sample the judge's 32 px images (FLUX's recipe once lost its size: FluxPipeline sampled the student at 256 px).
+@pytest.mark.parametrize("preset", ["dmd_1step_flux", "tscd_4step_sd3"])
+def test_flow_toy_preset_trains_on_its_shipped_teacher_and_eval_toy_samples_it(preset, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from stepdistill.eval import toy as evaluate
+
+    from stepdistill.config import load_config
+    from stepdistill.train.loop import Trainer
+
+    root = Path(__file__).resolve().parents[2]
+    torch.set_num_threads(1)
+    monkeypatch.chdir(root)  # the presets name their teacher as assets/toy/<family>
+    cfg = load_config(root / "configs" / "toy" / f"{preset}.yaml", [
+        "loop.max_steps=1", "loop.progress=false", "data.images=toy:8", "data.batch_size=2",
+        *(["method.regression_weight=0", "method.regression_steps=0"] if preset.startswith("dmd") else [])])
+    trainer = Trainer(cfg, tmp_path / "run")
+    final = trainer.run()
+    trainer.close()
+
+    def one_batch(generate_fn, steps=None, **kw):
+        return {"images": evaluate.as_images(generate_fn(["a large red circle in the middle"], [0])), "steps": steps}
+
+    monkeypatch.setattr(evaluate, "evaluate_toy", one_batch)
+    result = evaluate.run_eval_toy(lora=final, n=1, progress=False)
+    assert result["images"].shape == (1, 3, 32, 32) and torch.isfinite(result["images"]).all()
+    assert result["steps"] == (1 if preset.startswith("dmd") else 4) and result["family"] == cfg.model.family

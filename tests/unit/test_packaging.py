@@ -34,6 +34,8 @@ def test_wheel_installs_only_stepdistill_names(wheel):
                    "stepdistill/assets/toy/sd3/transformer/diffusion_pytorch_model.safetensors",
                    "stepdistill/assets/toy/sd3/tokenizer_3/tokenizer.json",
                    "stepdistill/assets/toy/sd3/scheduler/scheduler_config.json",
+                   "stepdistill/assets/toy/flux/transformer/diffusion_pytorch_model.safetensors",
+                   "stepdistill/assets/toy/flux/tokenizer_2/tokenizer.json",
                    "stepdistill/configs/toy/dmd_1step_sd3.yaml"):
         assert needed in names, needed
     presets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}

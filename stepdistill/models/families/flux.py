@@ -90,7 +90,7 @@ class FluxModel(FlowFamily):
     # sampled with FluxPipeline's true CFG (true_cfg_scale, negative prompt "").
     toy_arch: ClassVar = {
         "transformer": {"patch_size": 1, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16,
-                        "num_attention_heads": 4, "axes_dims_rope": (4, 6, 6), "guidance_embeds": False},
+                        "num_attention_heads": 6, "axes_dims_rope": (4, 6, 6), "guidance_embeds": False},
         "vae": TOY_FLOW_VAE,
         "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                          "projection_dim": 32},

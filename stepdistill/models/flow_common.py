@@ -126,12 +126,14 @@ class FlowFamily(FamilyModel):
             mu = mu_from_config(config, image_seq_len(side, side, self.vae_scale_factor, self.token_patch))
         return FlowSchedule.from_scheduler_config(config, mu, self.timestep_scale)
 
-    def recipe_size(self, resolution: int | None = None) -> dict:
-        """A resolution-dependent shift (FLUX) takes its mu from the image size: the recipe keeps the trained one."""
-        if not self.scheduler_config.get("use_dynamic_shifting"):
-            return {}
+    def trained_size(self, resolution: int | None = None) -> dict:
+        """The trained square side as a pipeline call's height and width."""
         side = int(resolution or self.resolution)
         return {"height": side, "width": side}
+
+    def recipe_size(self, resolution: int | None = None) -> dict:
+        """A resolution-dependent shift takes its mu from the image size: the recipe keeps the trained one."""
+        return self.trained_size(resolution) if self.scheduler_config.get("use_dynamic_shifting") else {}
 
     def network_timestep(self, schedule, t, dtype) -> torch.Tensor:
         """StableDiffusion3Pipeline's timestep: the scheduler's float32 t = 1000 sigma, passed as is in every run dtype

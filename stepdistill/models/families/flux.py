@@ -170,8 +170,7 @@ class FluxModel(FlowFamily):
     def recipe_size(self, resolution: int | None = None) -> dict:
         """Always the trained size: FluxPipeline's default (a fixed 128-latent side, 1024 px) follows neither the
         transformer's config nor the training, and its resolution-dependent shift reads the size too."""
-        side = int(resolution or self.resolution)
-        return {"height": side, "width": side}
+        return self.trained_size(resolution)
 
     def recipe_guidance_scale(self) -> float:
         """dev: FluxPipeline's guidance_scale feeds the guidance embedding, so the recipe carries the trained value."""

@@ -161,8 +161,7 @@ class QwenImageModel(FlowFamily):
 
     def size_conditioning(self, resolution: int | None = None) -> dict:
         """The trained size as the pipeline call's height and width (its default is 1024 whatever the training)."""
-        side = int(resolution or self.resolution)
-        return {"height": side, "width": side}
+        return self.trained_size(resolution)
 
     @staticmethod
     def to_pipeline_latents(x):

@@ -76,6 +76,19 @@ def dm_timestep_bounds(t_min: float, t_max: float, T: int) -> tuple[int, int]:
     return int(t_min * T), min(int(t_max * T) + 1, T)
 
 
+def shift_timesteps(t, shift: float, T: int, bounds: tuple[int, int]):
+    """The DM term's t moved toward high noise as SD3 shifts its sigmas: t/T -> s (t/T) / (1 + (s - 1) t/T), rounded
+    and kept in the randint bounds [lo, hi). shift = 1 returns t itself (the uniform draw of DMD2). Rectified-flow
+    distillers draw this term's time from a shifted density (NVlabs FastGen's "shifted" sample_t). On a flow teacher
+    with shift 1 the uniform draw puts half of the DM term below sigma = 0.5; on SD1.5's DDPM schedule the same uniform
+    t puts 35 % below the equivalent noise level (alpha_bar = 0.5), and shift 2 on the flow teacher 33 %."""
+    if shift == 1.0:
+        return t
+    u = t.double() / T
+    shifted = torch.round(T * shift * u / (1.0 + (shift - 1.0) * u)).long()
+    return shifted.clamp(bounds[0], bounds[1] - 1)
+
+
 def through_frozen_nets(loss_fn, x0):
     """loss_fn(x0) with its gradient w.r.t. x0 only: the value and d/dx0 of loss_fn, but no gradient for any parameter
     inside it (the fake score's belong to the critic phase), and its graph is freed before the student's backward."""

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..registry import register_method
 from .base import Batch, CriticHeadState, LossOut, Nets, RunContext, flow_euler_recipe, is_flow
 from .config import MethodConfig
-from .dm import dm_loss, dm_timestep_bounds, fake_score_loss, sid_generator_loss, through_frozen_nets
+from .dm import dm_loss, dm_timestep_bounds, fake_score_loss, shift_timesteps, sid_generator_loss, through_frozen_nets
 from .gan import feature_reader, gan_discriminator_loss, gan_generator_loss
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class DMDConfig(MethodConfig):
     sid_alpha: float = 1.2  # SiD's alpha (1.2 in SiD, 1.0 in SiD-LSG)
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2 min/max_step_percent)
     dm_t_max: float = 0.98
+    dm_t_shift: float = 1.0  # DM term: t/T shifted toward high noise like SD3's sigmas (methods.dm.shift_timesteps)
     critic_updates_per_student_update: int = 5  # DMD2 dfake_gen_update_ratio: 5 SDXL, 10 SD1.5
     gan: bool = False  # GAN head on the fake score's middle features; needs real latents (data.images)
     gan_generator_weight: float = 5e-3  # DMD2 gen_cls_loss_weight: 5e-3 SDXL, 1e-3 SD1.5
@@ -71,6 +72,8 @@ class DMDConfig(MethodConfig):
             raise ConfigError(f"method.generator_loss must be 'dmd' or 'sid' (got {self.generator_loss!r})")
         if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
             raise ConfigError(f"need 0 <= method.dm_t_min < method.dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
+        if self.dm_t_shift <= 0:
+            raise ConfigError(f"method.dm_t_shift must be > 0 (1 = DMD2's uniform t; got {self.dm_t_shift})")
         if not 0 < self.gan_t_max <= 1:
             raise ConfigError(f"method.gan_t_max must be in (0, 1] (got {self.gan_t_max})")
         for key in ("critic_updates_per_student_update", "regression_teacher_steps", "regression_pairs"):
@@ -237,7 +240,8 @@ class DMDDistiller(CriticHeadState):
             # No samples for the critic: the pair batch's prompts are not the batch's, so it draws its own.
             return LossOut(loss, {"regression_loss": value, "loss": value})
         x0 = self._generate(nets, batch, grad=True)
-        t = batch.randint(*dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T), device=device)
+        bounds = dm_timestep_bounds(cfg.dm_t_min, cfg.dm_t_max, self.T)
+        t = shift_timesteps(batch.randint(*bounds, device=device), cfg.dm_t_shift, self.T, bounds)
         eps = batch.randn(*x0.shape[1:], device=device)
         if cfg.generator_loss == "dmd":
             loss = dm_loss(x0, self._teacher(nets), nets.fake_score, batch.cond, self.schedule, t, eps)

@@ -9,8 +9,9 @@ import torch
 from stepdistill.core.denoiser import Cond, DenoiserOut, GuidedDenoiser
 from stepdistill.core.param import v_from_x0_eps, x0_eps_from_output
 from stepdistill.core.schedule import NoiseSchedule
+from stepdistill.errors import ConfigError
 from stepdistill.methods.base import Batch, Nets
-from stepdistill.methods.dm import dm_timestep_bounds, fake_score_loss
+from stepdistill.methods.dm import dm_timestep_bounds, fake_score_loss, shift_timesteps
 from stepdistill.methods.dmd import DMDConfig, DMDDistiller
 
 SD = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -66,3 +67,22 @@ def test_dmd_student_loss_draws_t_up_to_980(monkeypatch):
     monkeypatch.setattr(Batch, "randint", recording)
     distiller.student_loss(nets, Batch(cond, cond, ["p"], (1, 4, 2, 2)), step=0)
     assert (20, 981) in drawn
+
+
+def test_dm_t_shift_moves_the_dm_term_toward_high_noise_and_keeps_its_bounds():
+    bounds = dm_timestep_bounds(0.02, 0.98, 1000)
+    t = torch.arange(*bounds)
+    assert torch.equal(shift_timesteps(t, 1.0, 1000, bounds), t)  # DMD2's uniform draw, untouched
+    for shift in (2.0, 3.0):
+        shifted = shift_timesteps(t, shift, 1000, bounds)
+        assert shifted.dtype == torch.long and int(shifted.min()) >= 20 and int(shifted.max()) <= 980
+        assert bool((shifted[1:] >= shifted[:-1]).all())  # monotone: the shift reweights, never reorders
+        assert bool((shifted >= t).all()) and float((shifted < 500).double().mean()) < 0.34  # uniform: 0.50
+    # SD3's sigma shift at s = 3 sends t/T = 0.5 to 0.75.
+    assert int(shift_timesteps(torch.tensor([500]), 3.0, 1000, bounds)) == 750
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0])
+def test_dm_t_shift_must_be_positive(shift):
+    with pytest.raises(ConfigError, match="dm_t_shift"):
+        DMDConfig(dm_t_shift=shift).validate()

@@ -69,7 +69,7 @@ def test_dmd_student_loss_draws_t_up_to_980(monkeypatch):
     assert (20, 981) in drawn
 
 
-def test_dm_t_shift_moves_the_dm_term_toward_high_noise_and_keeps_its_bounds():
+def test_dm_t_shift_moves_the_dm_term_toward_high_or_low_noise_and_keeps_its_bounds():
     bounds = dm_timestep_bounds(0.02, 0.98, 1000)
     t = torch.arange(*bounds)
     assert torch.equal(shift_timesteps(t, 1.0, 1000, bounds), t)  # DMD2's uniform draw, untouched
@@ -78,6 +78,8 @@ def test_dm_t_shift_moves_the_dm_term_toward_high_noise_and_keeps_its_bounds():
         assert shifted.dtype == torch.long and int(shifted.min()) >= 20 and int(shifted.max()) <= 980
         assert bool((shifted[1:] >= shifted[:-1]).all())  # monotone: the shift reweights, never reorders
         assert bool((shifted >= t).all()) and float((shifted < 500).double().mean()) < 0.34  # uniform: 0.50
+    low = shift_timesteps(t, 0.5, 1000, bounds)  # s < 1: toward low noise
+    assert int(low.min()) >= 20 and bool((low <= t).all()) and float((low < 500).double().mean()) > 0.66
     # SD3's sigma shift at s = 3 sends t/T = 0.5 to 0.75.
     assert int(shift_timesteps(torch.tensor([500]), 3.0, 1000, bounds)) == 750
 

@@ -58,7 +58,8 @@ ROWS = {
     "sdxl": [(Levers(False, False), 1), (Levers(True, False), 1), (Levers(True, True), 1), (Levers(True, True), 4)],
     "flux": [(Levers(False, True), 1), (Levers(True, True), 1), (Levers(True, True), 2)],
 }
-# Every row: the frozen base in bf16 under bf16 autocast (the GPU default), the fused LoRA path, eager (compiled code
+# Every row: the frozen base in bf16 under bf16 autocast (the rows of docs/memory.md; auto is bf16_pure on a GPU
+# since), the fused LoRA path, eager (compiled code
 # holds no more), one critic update per student update (a phase frees its graph at its backward, so the peak of one
 # critic update is that of five), no sample grids.
 COMMON = ["model.dtype=bf16", "loop.mixed_precision=bf16", "model.compile=off", "model.attention=sdpa",

@@ -42,9 +42,25 @@ class Built:
     compiled: str = "off"  # how the denoiser was compiled: off | regional | full (model.compile, resolved)
 
 
+def precision_mode(cfg: Config, device: torch.device) -> str:
+    """loop.mixed_precision resolved: no | bf16 (autocast) | bf16_pure (bf16 end to end, no autocast).
+
+    auto is bf16_pure on a GPU, where the base is bf16 and the fused LoRA path runs (the toy-world check of issue 33,
+    docs/training-speed.md: level with fp32 within the seed spread on the demo preset and tscd_4step, three seeds
+    each, on the fused LoRA path); autocast over an fp32/fp16 base (kept as the user asked) or with PEFT's own LoRA
+    forward (not the path measured); none on the CPU."""
+    mode = cfg.loop.mixed_precision
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "no"
+    pure_ok = cfg.model.dtype in ("auto", "bf16") and cfg.model.lora_kernel == "fused"
+    return "bf16_pure" if pure_ok else "bf16"
+
+
 def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        pure = cfg.loop.mixed_precision == "bf16_pure"  # bf16 end to end: the base too (Config.validate)
+        pure = precision_mode(cfg, device) == "bf16_pure"  # bf16 end to end: the base too (Config.validate)
         return torch.bfloat16 if device.type == "cuda" or pure else torch.float32
     return dtype_from_name(cfg.model.dtype)
 
@@ -106,7 +122,7 @@ def build(cfg: Config, device: torch.device, rank: int = 0, world: int = 1, prog
     # One autograd node per LoRA layer, bf16 compute copies of the fp32 masters (core/lora.py, issue 33); without
     # autocast (bf16_pure) the low-rank term computes in the base's dtype too, not in the masters' fp32.
     fused = cfg.model.lora_kernel == "fused"
-    use_fused_lora(unet, fused, low_precision=fused and cfg.loop.mixed_precision == "bf16_pure")
+    use_fused_lora(unet, fused, low_precision=fused and precision_mode(cfg, device) == "bf16_pure")
     if cfg.model.shard == "fsdp2":
         # After the adapters exist (their tensors stay whole, see train/shard.py) and before any forward.
         shard_base(unet, family.shard_units(), Dist(world, rank, device))

@@ -26,7 +26,7 @@ from ..data.prompts import collect_reports, summarize_reports
 from ..errors import TrainingError
 from ..methods.base import Batch, ExportStage, NoiseSource, ResetOptimizer
 from . import checkpoint as ckpt
-from .build import Built, build
+from .build import Built, build, precision_mode
 from .faults import maybe_kill
 from .rundir import RunLock, base_reference, check_reuse, record_run, timestamp, trim_log
 from .shard import is_sharded
@@ -650,12 +650,12 @@ def _seed_everything(seed: int):
 
 
 def _autocast(cfg: Config, device):
-    """bf16 autocast for loop.mixed_precision bf16 (auto on a GPU); none for no, and none for bf16_pure, where the base
-    and the activations are bf16 themselves (build.base_dtype) and autocast would only add casts around the norms."""
+    """bf16 autocast where loop.mixed_precision resolves to bf16 (build.precision_mode); none for no, and none for
+    bf16_pure (auto on a GPU), where the base and the activations are bf16 themselves and autocast would only add casts
+    around the norms."""
     import contextlib
 
-    mp = cfg.loop.mixed_precision
-    if mp == "bf16" or (mp == "auto" and device.type == "cuda"):
+    if precision_mode(cfg, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -16,7 +16,7 @@ from stepdistill.bench import train as bench
 
 from stepdistill.config import ConfigError, build_config
 from stepdistill.core.lora import lora_layer_modules
-from stepdistill.train.build import base_dtype
+from stepdistill.train.build import base_dtype, precision_mode
 
 PURE = ["model.dtype=bf16", "loop.mixed_precision=bf16_pure"]
 AUTOCAST = ["model.dtype=bf16", "loop.mixed_precision=bf16"]
@@ -61,7 +61,7 @@ def _losses_and_grads(method, family, sets):
                 inputs = out_.critic_inputs
                 loss = out_.loss.float().mean()
                 loss.backward()
-                losses[phase] = float(loss)
+                losses[phase] = float(loss.detach())
                 grads[phase] = torch.cat([p.grad.float().flatten() for _, p in sorted(
                     (n, p) for n, p in b.nets.denoiser.named_parameters() if p.grad is not None)])
                 for p in b.nets.denoiser.parameters():
@@ -131,6 +131,24 @@ def test_bf16_pure_needs_a_bf16_base_and_makes_auto_one():
     assert base_dtype(cfg, torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError, match="model.dtype=bf16"):
         build_config({**base, "model": {"path": "x", "dtype": "fp32"}, "loop": {"mixed_precision": "bf16_pure"}})
+
+
+@pytest.mark.parametrize("model_sets, expected", [
+    ({}, "bf16_pure"),  # the GPU default: level with fp32 on the toy world (docs/training-speed.md)
+    ({"dtype": "bf16"}, "bf16_pure"),
+    ({"dtype": "fp32"}, "bf16"),  # autocast over a base the user keeps in fp32
+    ({"lora_kernel": "peft"}, "bf16"),  # PEFT's own forward: not the path the toy-world check measured
+])
+def test_auto_precision_is_bf16_end_to_end_on_a_gpu_and_off_on_the_cpu(model_sets, expected):
+    cfg = build_config({"model": {"path": "x", **model_sets}, "data": {"prompts": "p.txt"}, "method": {"name": "lcm"}})
+    assert cfg.loop.mixed_precision == "auto"
+    cuda = torch.device("cuda")  # a device object only: nothing is allocated on it
+    assert precision_mode(cfg, cuda) == expected
+    assert base_dtype(cfg, cuda) == (torch.float32 if model_sets.get("dtype") == "fp32" else torch.bfloat16)
+    assert precision_mode(cfg, torch.device("cpu")) == "no"
+    assert base_dtype(cfg, torch.device("cpu")) == (torch.bfloat16 if model_sets.get("dtype") == "bf16" else torch.float32)
+    cfg.loop.mixed_precision = "bf16"  # an explicit setting is kept as it is, on any device
+    assert precision_mode(cfg, cuda) == precision_mode(cfg, torch.device("cpu")) == "bf16"
 
 
 def _ops(method, family, sets) -> int:

@@ -161,7 +161,7 @@ def test_tscd_discriminator_reads_real_and_fake_in_one_teacher_call():
             feats_fake = gan.teacher_features(nets.teacher.denoiser, fake, t_adv, batch.cond)
         old = gan.hinge_discriminator_loss(d.head(feats_real), d.head(feats_fake))
         fan = max(max_fan_in(nets.denoiser), max_fan_in(d.head))
-        torch.testing.assert_close(new, old, rtol=0, atol=reduction_atol(torch.float32, fan, float(old.abs().max())))
+        torch.testing.assert_close(new, old, rtol=0, atol=reduction_atol(torch.float32, fan, float(old.detach().abs().max())))
         g_new = torch.autograd.grad(new.sum(), list(d.head.parameters()))
         g_old = torch.autograd.grad(old.sum(), list(d.head.parameters()))
         _assert_close_in_norm(g_new, g_old)

@@ -159,10 +159,10 @@ class LoopConfig:
     keep_last: int = 2
     # auto | no | bf16 | bf16_pure. auto: bf16_pure on a GPU (bf16 autocast there over an fp32/fp16 base or with
     # model.lora_kernel=peft), none on the CPU (train/build.py precision_mode). bf16: autocast, matmuls and
-    # convolutions in bf16, norms and the casts around them in fp32. bf16_pure: no autocast; the base (model.dtype bf16, or auto) and every
-    # activation, norms included, in bf16 (torch's norm kernels accumulate in fp32 inside), the LoRA term from bf16
-    # copies of its fp32 masters (model.lora_kernel=peft: PEFT's own fp32 term); losses reduced, the DM normaliser
-    # and AdamW in fp32 (docs/training-speed.md).
+    # convolutions in bf16, norms and the casts around them in fp32. bf16_pure: no autocast; the base (model.dtype
+    # bf16, or auto) and every activation, norms included, in bf16 (torch's norm kernels accumulate in fp32 inside),
+    # the LoRA term from bf16 copies of its fp32 masters (model.lora_kernel=peft: PEFT's own fp32 term); losses
+    # reduced, the DM normaliser and AdamW in fp32 (docs/training-speed.md).
     mixed_precision: str = "auto"
     max_nonfinite_in_a_row: int = 20
     progress: bool = True

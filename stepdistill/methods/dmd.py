@@ -52,7 +52,7 @@ class DMDConfig(MethodConfig):
     sid_alpha: float = 1.2  # SiD's alpha (1.2 in SiD, 1.0 in SiD-LSG)
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2 min/max_step_percent)
     dm_t_max: float = 0.98
-    dm_t_shift: float = 1.0  # DM term: t/T shifted like SD3's sigmas, > 1 to high noise, < 1 to low (dm.shift_timesteps)
+    dm_t_shift: float = 1.0  # DM term's t/T shifted like SD3's sigmas: > 1 high noise, < 1 low (dm.shift_timesteps)
     critic_updates_per_student_update: int = 5  # DMD2 dfake_gen_update_ratio: 5 SDXL, 10 SD1.5
     gan: bool = False  # GAN head on the fake score's middle features; needs real latents (data.images)
     gan_generator_weight: float = 5e-3  # DMD2 gen_cls_loss_weight: 5e-3 SDXL, 1e-3 SD1.5

@@ -88,3 +88,33 @@ def test_dm_t_shift_moves_the_dm_term_toward_high_or_low_noise_and_keeps_its_bou
 def test_dm_t_shift_must_be_positive(shift):
     with pytest.raises(ConfigError, match="dm_t_shift"):
         DMDConfig(dm_t_shift=shift).validate()
+
+
+def test_dmd_student_loss_feeds_the_shifted_t_to_the_dm_term(monkeypatch):
+    """method.dm_t_shift reaches the DM term: the t its networks see is the uniform draw, shifted (methods.dm)."""
+    schedule = NoiseSchedule.from_scheduler_config(SD)
+    net = RawNet(schedule, torch.zeros(4, 4, 2, 2))
+    seen = []
+
+    class Recording(RawNet):
+        def __call__(self, x_t, t, cond, guidance_scale=None):
+            seen.append(t.clone())
+            return super().__call__(x_t, t, cond, guidance_scale)
+
+    fake = Recording(schedule, torch.zeros(4, 4, 2, 2))
+    cond = Cond(torch.zeros(4, 3, 8))
+    draws = []
+    original = Batch.randint
+
+    def recording(self, low, high, device=None):
+        out = original(self, low, high, device)
+        draws.append(((low, high), out.clone()))
+        return out
+
+    monkeypatch.setattr(Batch, "randint", recording)
+    monkeypatch.setattr("stepdistill.methods.dm.denoise_together", lambda calls: [f(x, t, c) for f, x, t, c in calls])
+    distiller = DMDDistiller(DMDConfig(timesteps=[999], guidance_scale=1.0, dm_t_shift=0.5), schedule)
+    nets = Nets(denoiser=None, schedule=schedule, teacher=GuidedDenoiser(net, cond, 1.0), student=net, fake_score=fake)
+    distiller.student_loss(nets, Batch(cond, cond, ["p"] * 4, (4, 4, 2, 2)), step=0)
+    (uniform,) = [t for bounds, t in draws if bounds == (20, 981)]
+    assert len(seen) == 1 and torch.equal(seen[0], shift_timesteps(uniform, 0.5, 1000, (20, 981)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..core.denoiser import denoise_together
-from ..core.flow import dm_gradient, flow_matching_loss
+from ..core.flow import dm_gradient, flow_matching_loss, shift_sigma
 from ..core.param import target_of
 
 # ---- the maths, for any denoiser callables ------------------------------------------------------------------
@@ -85,8 +85,7 @@ def shift_timesteps(t, shift: float, T: int, bounds: tuple[int, int]):
     (alpha_bar = 0.5); s = 2 on the flow teacher puts 33 %, s = 0.5 67 %."""
     if shift == 1.0:
         return t
-    u = t.double() / T
-    shifted = torch.round(T * shift * u / (1.0 + (shift - 1.0) * u)).long()
+    shifted = torch.round(T * shift_sigma(t.double() / T, shift)).long()
     return shifted.clamp(bounds[0], bounds[1] - 1)
 
 

@@ -53,6 +53,7 @@ class DMDConfig(MethodConfig):
     dm_t_min: float = 0.02  # DM term: t ~ U{dm_t_min T, ..., dm_t_max T} (DMD2 min/max_step_percent)
     dm_t_max: float = 0.98
     dm_t_shift: float = 1.0  # DM term's t/T shifted like SD3's sigmas: > 1 high noise, < 1 low (dm.shift_timesteps)
+    critic_t_shift: float = 1.0  # the same shift for the fake score's denoising t ~ U[0, T) (1 = uniform, as DMD2)
     critic_updates_per_student_update: int = 5  # DMD2 dfake_gen_update_ratio: 5 SDXL, 10 SD1.5
     gan: bool = False  # GAN head on the fake score's middle features; needs real latents (data.images)
     gan_generator_weight: float = 5e-3  # DMD2 gen_cls_loss_weight: 5e-3 SDXL, 1e-3 SD1.5
@@ -72,8 +73,9 @@ class DMDConfig(MethodConfig):
             raise ConfigError(f"method.generator_loss must be 'dmd' or 'sid' (got {self.generator_loss!r})")
         if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
             raise ConfigError(f"need 0 <= method.dm_t_min < method.dm_t_max <= 1 (got {self.dm_t_min}, {self.dm_t_max})")
-        if self.dm_t_shift <= 0:
-            raise ConfigError(f"method.dm_t_shift must be > 0 (1 = DMD2's uniform t; got {self.dm_t_shift})")
+        for key in ("dm_t_shift", "critic_t_shift"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"method.{key} must be > 0 (1 = DMD2's uniform t; got {getattr(self, key)})")
         if not 0 < self.gan_t_max <= 1:
             raise ConfigError(f"method.gan_t_max must be in (0, 1] (got {self.gan_t_max})")
         for key in ("critic_updates_per_student_update", "regression_teacher_steps", "regression_pairs"):
@@ -295,7 +297,9 @@ class DMDDistiller(CriticHeadState):
         cfg, device = self.cfg, nets.device
         if samples is None:
             samples = self._generate(nets, batch, grad=False)
-        t = batch.randint(0, self.T, device=device)
+        # The fake score is only read where the DM term reads it; critic_t_shift = dm_t_shift trains it on that density
+        # (FastGen's default: one sample_t for both phases).
+        t = shift_timesteps(batch.randint(0, self.T, device=device), cfg.critic_t_shift, self.T, (0, self.T))
         eps = batch.randn(*samples.shape[1:], device=device)
         loss = fake_score_loss(nets.fake_score, samples, batch.cond, self.schedule, t, eps)
         logs = {"fake_score_loss": loss.detach().mean()}

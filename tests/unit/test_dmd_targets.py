@@ -118,3 +118,40 @@ def test_dmd_student_loss_feeds_the_shifted_t_to_the_dm_term(monkeypatch):
     distiller.student_loss(nets, Batch(cond, cond, ["p"] * 4, (4, 4, 2, 2)), step=0)
     (uniform,) = [t for bounds, t in draws if bounds == (20, 981)]
     assert len(seen) == 1 and torch.equal(seen[0], shift_timesteps(uniform, 0.5, 1000, (20, 981)))
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0])
+def test_critic_t_shift_must_be_positive(shift):
+    with pytest.raises(ConfigError, match="critic_t_shift"):
+        DMDConfig(critic_t_shift=shift).validate()
+
+
+@pytest.mark.parametrize("shift", [1.0, 0.5])
+def test_critic_loss_trains_the_fake_score_at_the_shifted_t(monkeypatch, shift):
+    """method.critic_t_shift reaches the fake score's denoising loss: its t is the U[0, T) draw, shifted (1 = as is)."""
+    schedule = NoiseSchedule.from_scheduler_config(SD)
+    seen = []
+
+    class Recording(RawNet):
+        def __call__(self, x_t, t, cond, guidance_scale=None):
+            seen.append(t.clone())
+            return super().__call__(x_t, t, cond, guidance_scale)
+
+    fake = Recording(schedule, torch.zeros(8, 4, 2, 2))
+    cond = Cond(torch.zeros(8, 3, 8))
+    draws = []
+    original = Batch.randint
+
+    def recording(self, low, high, device=None):
+        out = original(self, low, high, device)
+        draws.append(((low, high), out.clone()))
+        return out
+
+    monkeypatch.setattr(Batch, "randint", recording)
+    distiller = DMDDistiller(DMDConfig(timesteps=[999], critic_t_shift=shift), schedule)
+    nets = Nets(denoiser=None, schedule=schedule, teacher=None, student=None, fake_score=fake)
+    distiller.critic_loss(nets, Batch(cond, cond, ["p"] * 8, (8, 4, 2, 2)), torch.zeros(8, 4, 2, 2))
+    (uniform,) = [t for bounds, t in draws if bounds == (0, 1000)]
+    assert len(seen) == 1 and torch.equal(seen[0], shift_timesteps(uniform, shift, 1000, (0, 1000)))
+    if shift != 1.0:
+        assert not torch.equal(seen[0], uniform)

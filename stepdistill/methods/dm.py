@@ -77,12 +77,12 @@ def dm_timestep_bounds(t_min: float, t_max: float, T: int) -> tuple[int, int]:
 
 
 def shift_timesteps(t, shift: float, T: int, bounds: tuple[int, int]):
-    """The DM term's t reweighted as SD3 shifts its sigmas: t/T -> s (t/T) / (1 + (s - 1) t/T), rounded and kept in
-    the randint bounds [lo, hi). s > 1 moves the draws toward high noise, s < 1 toward low noise, s = 1 returns t
-    itself (the uniform draw of DMD2). Rectified-flow distillers draw this term's time from a shifted density (NVlabs
-    FastGen's "shifted" sample_t). On a flow teacher with s = 1 the uniform draw puts half of the DM term below
-    sigma = 0.5; on SD1.5's DDPM schedule the same uniform t puts 35 % below the equivalent noise level
-    (alpha_bar = 0.5); s = 2 on the flow teacher puts 33 %, s = 0.5 67 %."""
+    """A drawn t (the DM term's, or the fake score's with critic_t_shift) reweighted as SD3 shifts its sigmas:
+    t/T -> s (t/T) / (1 + (s - 1) t/T), rounded and kept in the randint bounds [lo, hi). s > 1 moves the draws toward
+    high noise, s < 1 toward low noise, s = 1 returns t itself (the uniform draw of DMD2). Rectified-flow distillers
+    draw this term's time from a shifted density (NVlabs FastGen's "shifted" sample_t). On a flow teacher with s = 1
+    the uniform draw puts half of the DM term below sigma = 0.5; on SD1.5's DDPM schedule the same uniform t puts 35 %
+    below the equivalent noise level (alpha_bar = 0.5); s = 2 on the flow teacher puts 33 %, s = 0.5 67 %."""
     if shift == 1.0:
         return t
     shifted = torch.round(T * shift_sigma(t.double() / T, shift)).long()

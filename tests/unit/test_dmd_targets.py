@@ -28,6 +28,32 @@ class RawNet:
         return DenoiserOut(*x0_eps_from_output(self.output, x_t, alpha, sigma, self.schedule.prediction_type))
 
 
+class RecordingNet(RawNet):
+    """A RawNet that keeps every t it is called with (self.seen)."""
+
+    def __init__(self, schedule, output):
+        super().__init__(schedule, output)
+        self.seen = []
+
+    def __call__(self, x_t, t, cond, guidance_scale=None):
+        self.seen.append(t.clone())
+        return super().__call__(x_t, t, cond, guidance_scale)
+
+
+def record_randint(monkeypatch) -> list:
+    """Batch.randint, recorded: the returned list gets ((low, high), draw) for every call."""
+    draws = []
+    original = Batch.randint
+
+    def recording(self, low, high, device=None):
+        out = original(self, low, high, device)
+        draws.append(((low, high), out.clone()))
+        return out
+
+    monkeypatch.setattr(Batch, "randint", recording)
+    return draws
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_fake_score_regresses_the_teachers_own_target(prediction_type):
     schedule = NoiseSchedule.from_scheduler_config({**SD, "prediction_type": prediction_type})
@@ -57,16 +83,9 @@ def test_dmd_student_loss_draws_t_up_to_980(monkeypatch):
     teacher = GuidedDenoiser(net, Cond(torch.zeros(1, 3, 8)), 1.0)  # the loop's teacher type (CFG off)
     nets = Nets(denoiser=None, schedule=schedule, teacher=teacher, student=net, fake_score=net)
     cond = Cond(torch.zeros(1, 3, 8))
-    drawn = []
-    original = Batch.randint
-
-    def recording(self, low, high, device=None):
-        drawn.append((low, high))
-        return original(self, low, high, device)
-
-    monkeypatch.setattr(Batch, "randint", recording)
+    draws = record_randint(monkeypatch)
     distiller.student_loss(nets, Batch(cond, cond, ["p"], (1, 4, 2, 2)), step=0)
-    assert (20, 981) in drawn
+    assert (20, 981) in [bounds for bounds, _ in draws]
 
 
 def test_dm_t_shift_moves_the_dm_term_toward_high_or_low_noise_and_keeps_its_bounds():
@@ -94,30 +113,15 @@ def test_dmd_student_loss_feeds_the_shifted_t_to_the_dm_term(monkeypatch):
     """method.dm_t_shift reaches the DM term: the t its networks see is the uniform draw, shifted (methods.dm)."""
     schedule = NoiseSchedule.from_scheduler_config(SD)
     net = RawNet(schedule, torch.zeros(4, 4, 2, 2))
-    seen = []
-
-    class Recording(RawNet):
-        def __call__(self, x_t, t, cond, guidance_scale=None):
-            seen.append(t.clone())
-            return super().__call__(x_t, t, cond, guidance_scale)
-
-    fake = Recording(schedule, torch.zeros(4, 4, 2, 2))
+    fake = RecordingNet(schedule, torch.zeros(4, 4, 2, 2))
     cond = Cond(torch.zeros(4, 3, 8))
-    draws = []
-    original = Batch.randint
-
-    def recording(self, low, high, device=None):
-        out = original(self, low, high, device)
-        draws.append(((low, high), out.clone()))
-        return out
-
-    monkeypatch.setattr(Batch, "randint", recording)
+    draws = record_randint(monkeypatch)
     monkeypatch.setattr("stepdistill.methods.dm.denoise_together", lambda calls: [f(x, t, c) for f, x, t, c in calls])
     distiller = DMDDistiller(DMDConfig(timesteps=[999], guidance_scale=1.0, dm_t_shift=0.5), schedule)
     nets = Nets(denoiser=None, schedule=schedule, teacher=GuidedDenoiser(net, cond, 1.0), student=net, fake_score=fake)
     distiller.student_loss(nets, Batch(cond, cond, ["p"] * 4, (4, 4, 2, 2)), step=0)
     (uniform,) = [t for bounds, t in draws if bounds == (20, 981)]
-    assert len(seen) == 1 and torch.equal(seen[0], shift_timesteps(uniform, 0.5, 1000, (20, 981)))
+    assert len(fake.seen) == 1 and torch.equal(fake.seen[0], shift_timesteps(uniform, 0.5, 1000, (20, 981)))
 
 
 @pytest.mark.parametrize("shift", [0.0, -1.0])
@@ -130,28 +134,13 @@ def test_critic_t_shift_must_be_positive(shift):
 def test_critic_loss_trains_the_fake_score_at_the_shifted_t(monkeypatch, shift):
     """method.critic_t_shift reaches the fake score's denoising loss: its t is the U[0, T) draw, shifted (1 = as is)."""
     schedule = NoiseSchedule.from_scheduler_config(SD)
-    seen = []
-
-    class Recording(RawNet):
-        def __call__(self, x_t, t, cond, guidance_scale=None):
-            seen.append(t.clone())
-            return super().__call__(x_t, t, cond, guidance_scale)
-
-    fake = Recording(schedule, torch.zeros(8, 4, 2, 2))
+    fake = RecordingNet(schedule, torch.zeros(8, 4, 2, 2))
     cond = Cond(torch.zeros(8, 3, 8))
-    draws = []
-    original = Batch.randint
-
-    def recording(self, low, high, device=None):
-        out = original(self, low, high, device)
-        draws.append(((low, high), out.clone()))
-        return out
-
-    monkeypatch.setattr(Batch, "randint", recording)
+    draws = record_randint(monkeypatch)
     distiller = DMDDistiller(DMDConfig(timesteps=[999], critic_t_shift=shift), schedule)
     nets = Nets(denoiser=None, schedule=schedule, teacher=None, student=None, fake_score=fake)
     distiller.critic_loss(nets, Batch(cond, cond, ["p"] * 8, (8, 4, 2, 2)), torch.zeros(8, 4, 2, 2))
     (uniform,) = [t for bounds, t in draws if bounds == (0, 1000)]
-    assert len(seen) == 1 and torch.equal(seen[0], shift_timesteps(uniform, shift, 1000, (0, 1000)))
+    assert len(fake.seen) == 1 and torch.equal(fake.seen[0], shift_timesteps(uniform, shift, 1000, (0, 1000)))
     if shift != 1.0:
-        assert not torch.equal(seen[0], uniform)
+        assert not torch.equal(fake.seen[0], uniform)

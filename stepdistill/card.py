@@ -24,8 +24,8 @@ ADAPTER_NAME = "stepdistill"  # the adapter name pipelines.load gives the LoRA
 EXAMPLE_PROMPT = "a photo of a cat"
 # Training settings shown in the card (the full config is resolved_config.yaml in the run folder).
 SETTINGS = ("model.resolution", "data.batch_size", "loop.grad_accum", "optim.lr", "optim.critic_lr",
-            "optim.warmup_steps", "optim.grad_clip", "lora.rank", "lora.alpha", "lora.targets", "lora.critic_rank",
-            "loop.mixed_precision", "seed")
+            "optim.warmup_steps", "optim.lr_schedule", "optim.lr_final", "optim.grad_clip", "lora.rank", "lora.alpha",
+            "lora.targets", "lora.critic_rank", "loop.mixed_precision", "seed")
 
 
 def read_front_matter(readme) -> dict:

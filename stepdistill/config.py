@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .core.lr import LR_SCHEDULES, lr_factor
 from .errors import ConfigError
 from .methods.config import MethodConfig
 
@@ -132,6 +133,9 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 10.0  # max global grad norm; 0 = off
     warmup_steps: int = 0
+    # constant | cosine: after the warm-up, cosine anneals every phase's rate to lr_final x its rate at loop.max_steps
+    lr_schedule: str = "constant"
+    lr_final: float = 0.0
 
     def validate(self):
         if not self.lr > 0:
@@ -144,6 +148,12 @@ class OptimConfig:
         if not self.eps > 0:
             raise ConfigError(f"optim.eps must be > 0 (got {self.eps})")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"optim.lr_schedule must be one of {list(LR_SCHEDULES)} (got {self.lr_schedule!r})")
+        try:
+            lr_factor(self.lr_schedule, 1, final=self.lr_final)
+        except ConfigError as err:  # the lr_final checks, named by their config key
+            raise ConfigError(f"optim.{err}") from None
 
 
 TRACKERS = ("tensorboard", "wandb")

@@ -22,6 +22,7 @@ from ..config import Config, ConfigError
 from ..core.dist import Dist
 from ..core.ema import StudentEMA
 from ..core.lora import adapter_parameters
+from ..core.lr import lr_factor
 from ..data.prompts import collect_reports, summarize_reports
 from ..errors import TrainingError
 from ..methods.base import Batch, ExportStage, NoiseSource, ResetOptimizer
@@ -106,10 +107,6 @@ def make_optimizer(params, lr, cfg: Config):
 
 def _fusable(params) -> bool:
     return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
-
-
-def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
-    return base_lr * min(1.0, (step + 1) / warmup) if warmup else base_lr
 
 
 def apply_update(params, optimizer, loss_finite: torch.Tensor, cfg: Config, dist: Dist):
@@ -206,6 +203,9 @@ class Trainer:
             for phase, ps in self.built.params.items() if ps
         }
         self.base_lrs = {phase: opt.param_groups[0]["lr"] for phase, opt in self.optimizers.items()}
+        # A function of the step alone (and of loop.max_steps), so a resumed run continues the same schedule.
+        self.lr_factor = lr_factor(cfg.optim.lr_schedule, cfg.loop.max_steps, cfg.optim.warmup_steps,
+                                   cfg.optim.lr_final)
         # The run facts a method reads (its RunContext): where the run lives, how long it is, the process group.
         ctx = self.built.ctx
         ctx.run_dir, ctx.max_steps, ctx.dist = self.out, cfg.loop.max_steps, dist
@@ -348,7 +348,7 @@ class Trainer:
             return outs, logs
         # Set before every step from the base rate, never carried in the optimizer: a resumed optimizer's saved
         # param_group lr is overwritten here, so the rate follows the step and the method's restored state.
-        lr = warmup_lr(self.base_lrs[phase], self.step, cfg.optim.warmup_steps) * self.built.distiller.lr_scale(phase)
+        lr = self.base_lrs[phase] * self.lr_factor(self.step) * self.built.distiller.lr_scale(phase)
         for g in opt.param_groups:
             g["lr"] = lr
         stepped, gnorm = apply_update(self.built.params[phase], opt, finite, cfg, self.dist)

@@ -211,6 +211,7 @@ def check_reuse(cfg: Config, run_dir) -> None:
             raise RunFolderError(
                 f"{run_dir} holds a run trained with {key}={old}, and this config has {key}={now}: pass another "
                 f"--output-dir for a new run, or --set {key}={old} to resume that one")
+    _warn_if_schedule_moves(recorded, new)
     run_info = _read_json(run_dir / RUN_FILE) or {}
     old_print = run_info.get("base_fingerprint")
     if old_print and old_print != base_fingerprint(cfg.model.path):
@@ -218,6 +219,15 @@ def check_reuse(cfg: Config, run_dir) -> None:
             f"{run_dir} holds a run trained on another base model ({run_info.get('base_model')}) than model.path="
             f"{cfg.model.path}: pass another --output-dir for a new run, or --set model.path="
             f"{run_info.get('base_model')} to resume that one")
+
+
+def _warn_if_schedule_moves(recorded: dict, new: dict) -> None:
+    """A cosine rate anneals to loop.max_steps, so a rerun with another length continues on a different curve."""
+    old_steps, steps = _get(recorded, "loop.max_steps"), _get(new, "loop.max_steps")
+    if _get(new, "optim.lr_schedule") == "cosine" and old_steps is not None and old_steps != steps:
+        log.warning("optim.lr_schedule=cosine: this run was started with loop.max_steps=%s and now anneals to %s, so "
+                    "from the latest checkpoint on it is not the run a %s-step run would have been", old_steps, steps,
+                    steps)
 
 
 def record_run(cfg: Config, run_dir) -> None:

@@ -15,7 +15,6 @@ saved with it and the default steps and batch size. This module names no family.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.ema import ema_update_
+from ..core.lr import lr_factor
 from ..data.toy_world import TOY_WORDS, ToyWorld, to_float
 from ..errors import ConfigError
 from ..models.registry import get_family
@@ -35,7 +35,6 @@ from ..models.toy_recipe import TOY_T5_LENGTH, flow_loss, logit_normal_sigmas  #
 
 LATENT_SIZE = 16  # 32x32 pixels / VAE downsampling 2
 MAX_TOKENS = 16  # the longest toy caption is 13 words, plus start and end tokens
-LR_SCHEDULES = ("constant", "cosine")
 WARMUP_STEPS = 200
 
 # ---------------------------------------------------------------------------------------------------------
@@ -52,9 +51,8 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, torc
 
 
 def warmup_constant(opt, warmup: int):
-    """Linear warmup, then a constant learning rate: a run stopped at step N equals a run of N steps, so any
-    snapshot of a long run is reproduced exactly by `--steps N`."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    """Linear warmup, then a constant learning rate (any snapshot of a long run is a shorter run)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor("constant", 0, warmup))
 
 
 def random_crops(images: np.ndarray, size: int, gen: torch.Generator) -> np.ndarray:
@@ -129,28 +127,6 @@ def text_lengths(family_cls, tokenizers, t5_length: int | None = None) -> list[i
     return lengths
 
 
-def lr_factor(kind: str, steps: int, warmup: int = WARMUP_STEPS, final: float = 0.0):
-    """The learning rate's multiplier at each step: linear warmup, then constant or a cosine decay to `final`.
-
-    constant: a run stopped at step N equals a run of N steps, so any snapshot of a long run is reproduced exactly by
-    `--steps N`. cosine (Loshchilov & Hutter 2017, without restarts) anneals the rate over the whole run, which lets
-    the weights settle where a constant rate keeps them bouncing; a snapshot before the end is not a shorter run."""
-    if kind not in LR_SCHEDULES:
-        raise ConfigError(f"lr schedule {kind!r} is not one of {list(LR_SCHEDULES)}")
-    if not 0.0 <= final <= 1.0:
-        raise ConfigError(f"lr_final={final} is a fraction of the peak rate: use a value in [0, 1]")
-    if kind == "constant" and final:
-        raise ConfigError(f"lr_final={final} has no effect with a constant learning rate: drop it or use cosine")
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup)
-        if kind == "constant":
-            return warm
-        return warm * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, steps)))))
-
-    return factor
-
-
 def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], steps: int,
                    batch_size: int, lr: float, caption_dropout: float, ema_decay: float, seed: int,
                    progress: bool, snapshot=None, snapshot_every: int = 0, t5_length: int | None = None,
@@ -180,7 +156,7 @@ def train_denoiser(pipe, family: str, latents: tuple[torch.Tensor, torch.Tensor]
     scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0
 
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(lr_schedule, steps, final=lr_final))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(lr_schedule, steps, WARMUP_STEPS, lr_final))
     ema = [p.detach().clone() for p in params.values()]
     loss_avg = None
     bar = tqdm(range(steps), desc=f"{family} {family_cls.denoiser_prefix}", disable=not progress)
@@ -319,7 +295,7 @@ def train_toy_teacher(
     pipe.scheduler = type(pipe.scheduler).from_config(family_cls.toy_scheduler_config())
     # The loss first: a sampling option the family's objective cannot take is refused before any training.
     loss_fn = family_cls.toy_loss_fn(pipe, timestep_sampling, logit_normal)
-    lr_factor(lr_schedule, steps, final=lr_final)  # validates the schedule now, not after the VAE
+    lr_factor(lr_schedule, steps, WARMUP_STEPS, lr_final)  # validates the schedule now, not after the VAE
     t5_length = _toy_t5_length(family_cls, max_sequence_length, pipe)
     record = {"family": family, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
               "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}

@@ -267,19 +267,6 @@ def test_toy_teacher_options_are_checked_before_training(tmp_path):
             train_toy_teacher(tmp_path, steps=1, num_images=4, **kwargs)
 
 
-def test_cosine_lr_decays_to_its_final_fraction_after_warmup():
-    import itertools
-
-    from stepdistill.train.toy_teacher import lr_factor
-
-    cosine, constant = lr_factor("cosine", 1000, warmup=100, final=0.1), lr_factor("constant", 1000, warmup=100)
-    assert cosine(0) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5 * 2)) and constant(0) == pytest.approx(0.01)
-    assert cosine(500) == pytest.approx(0.1 + 0.9 * 0.5) and constant(500) == 1.0
-    assert cosine(1000) == pytest.approx(0.1)
-    values = [cosine(s) for s in range(100, 1001)]
-    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone after warm-up
-
-
 def test_toy_teacher_continues_from_a_folder(tmp_path):
     """init_from starts from a toy teacher's weights (a tiny rate keeps them); another family's folder is refused."""
     from safetensors.torch import load_file

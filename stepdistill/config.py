@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .core.lr import LR_SCHEDULES, lr_factor
+from .core.lr import check_lr_schedule
 from .errors import ConfigError
 from .methods.config import MethodConfig
 
@@ -148,12 +148,7 @@ class OptimConfig:
         if not self.eps > 0:
             raise ConfigError(f"optim.eps must be > 0 (got {self.eps})")
         _at_least("optim.warmup_steps", self.warmup_steps, 0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"optim.lr_schedule must be one of {list(LR_SCHEDULES)} (got {self.lr_schedule!r})")
-        try:
-            lr_factor(self.lr_schedule, 1, final=self.lr_final)
-        except ConfigError as err:  # the lr_final checks, named by their config key
-            raise ConfigError(f"optim.{err}") from None
+        check_lr_schedule(self.lr_schedule, self.lr_final, "optim.")
 
 
 TRACKERS = ("tensorboard", "wandb")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.ema import ema_update_
-from ..core.lr import lr_factor
+from ..core.lr import check_lr_schedule, lr_factor
 from ..data.toy_world import TOY_WORDS, ToyWorld, to_float
 from ..errors import ConfigError
 from ..models.registry import get_family
@@ -295,7 +295,7 @@ def train_toy_teacher(
     pipe.scheduler = type(pipe.scheduler).from_config(family_cls.toy_scheduler_config())
     # The loss first: a sampling option the family's objective cannot take is refused before any training.
     loss_fn = family_cls.toy_loss_fn(pipe, timestep_sampling, logit_normal)
-    lr_factor(lr_schedule, steps, WARMUP_STEPS, lr_final)  # validates the schedule now, not after the VAE
+    check_lr_schedule(lr_schedule, lr_final)  # now, not after the VAE
     t5_length = _toy_t5_length(family_cls, max_sequence_length, pipe)
     record = {"family": family, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
               "num_images": num_images, "caption_dropout": caption_dropout, "ema_decay": ema_decay}
